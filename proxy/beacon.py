@@ -1,0 +1,22 @@
+"""A :class:`Beacon` wakes every task waiting for "something changed" (upstream demand).
+
+Pulsing is synchronous and cheap, so sans-I/O code paths can signal without
+awaiting; waiters re-read the state they care about after waking, so a pulse
+that finds nobody waiting is never a lost update.
+"""
+
+from __future__ import annotations
+
+import trio
+
+
+class Beacon:
+    def __init__(self) -> None:
+        self._event = trio.Event()
+
+    def pulse(self) -> None:
+        self._event.set()
+        self._event = trio.Event()
+
+    async def wait(self) -> None:
+        await self._event.wait()

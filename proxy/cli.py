@@ -1,0 +1,67 @@
+"""``trio-run MODULE``: run a module's ``async def main()`` under Trio, shutting down cleanly.
+
+SIGINT (Ctrl-C) and SIGTERM cancel the main task instead of raising through it,
+so a tier closes its clients and upstream in order and the process exits 0
+without a traceback. A :class:`~proxy.config.ConfigError` prints one line and
+exits 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import signal
+import sys
+from typing import Awaitable, Callable
+
+import trio
+
+from .config import ConfigError
+
+USAGE = "usage: trio-run MODULE   (for example: trio-run proxy.firehose)"
+
+
+async def _run_until_signal(main: Callable[[], Awaitable[object]]) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def cancel_on_signal() -> None:
+                async for signum in signals:
+                    print(f"trio-run: {signal.Signals(signum).name} received, shutting down",
+                          file=sys.stderr)
+                    nursery.cancel_scope.cancel()
+                    return
+
+            nursery.start_soon(cancel_on_signal)
+            await main()
+            nursery.cancel_scope.cancel()
+
+
+def run_module_main(main: Callable[[], Awaitable[object]]) -> int:
+    """Run ``main`` until it returns or a signal arrives; the process exit code."""
+    try:
+        trio.run(_run_until_signal, main)
+    except* ConfigError as group:
+        print(group.exceptions[0], file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or args[0] in ("-h", "--help"):
+        print(USAGE, file=sys.stderr)
+        return 0 if args and args[0] in ("-h", "--help") else 2
+    try:
+        module = importlib.import_module(args[0])
+    except ImportError as error:
+        print(f"trio-run: cannot import {args[0]!r}: {error}", file=sys.stderr)
+        return 2
+    entry = getattr(module, "main", None)
+    if entry is None:
+        print(f"trio-run: module {args[0]!r} has no async def main()", file=sys.stderr)
+        return 2
+    return run_module_main(entry)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

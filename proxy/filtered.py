@@ -1,0 +1,34 @@
+"""The filtered proxy tier (``trio-run proxy.filtered``): where users connect.
+
+It takes everything (``*``) from the firehose, forwards its clients' combined
+demand so the firehose subscribes exactly that at Polygon, and gives each
+client exactly the events it subscribed to, as the original bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .config import load_filtered_config, setup_logging
+from .tier import run_tier
+
+log = logging.getLogger("proxy.filtered")
+
+
+async def main() -> None:
+    config = load_filtered_config()
+    setup_logging(config.log_level)
+    log.info("Starting Polygon Filtered WebSocket Proxy")
+    log.info("Firehose URL: %s", config.upstream_url)
+    log.info("Listening port: %d", config.port)
+    if config.allow_any_key:
+        log.warning(
+            "!!! NO CLIENT AUTHENTICATION: FILTERED_PROXY_API_KEYS and POLYGON_API_KEY are both "
+            "empty, so ANY key is accepted. Set FILTERED_PROXY_API_KEYS before exposing this port. !!!"
+        )
+    await run_tier(config)
+
+
+if __name__ == "__main__":
+    from .cli import run_module_main
+    raise SystemExit(run_module_main(main))

@@ -1,0 +1,31 @@
+"""The firehose tier (``trio-run proxy.firehose``): the ONE connection to Polygon.
+
+It subscribes at Polygon the union of ``FIREHOSE_SUBSCRIPTIONS`` and what its
+downstreams ask for, relays every data frame verbatim to downstreams holding
+``*`` and filters for the others. Alone, it is the seed's single proxy.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .config import load_firehose_config, setup_logging
+from .tier import run_tier
+
+log = logging.getLogger("proxy.firehose")
+
+
+async def main() -> None:
+    config = load_firehose_config()
+    setup_logging(config.log_level)
+    log.info("Starting Polygon Firehose Proxy")
+    log.info("Polygon URL: %s", config.upstream_url)
+    log.info("Listening port: %d", config.port)
+    if config.static_channels:
+        log.info("Always subscribed: %s", ",".join(c.text for c in config.static_channels))
+    await run_tier(config)
+
+
+if __name__ == "__main__":
+    from .cli import run_module_main
+    raise SystemExit(run_module_main(main))

@@ -1,0 +1,90 @@
+"""A client's bounded outgoing queue, counted in events, and the coalescing of what it holds.
+
+Pure, no Trio. The router puts runs of raw events (or whole frames) in and
+never waits; the client's send task takes everything queued at once and sends
+it as few frames as the order allows: runs of events are joined into one JSON
+array, whole frames (``*`` data, statuses) go out verbatim. When a put would
+pass the capacity, the slow-client policy decides: ``disconnect`` marks the
+outbox overflowed and empties it, ``drop_oldest`` drops the oldest entries and
+counts the events lost.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+
+import attrs
+
+
+class SlowClientPolicy(enum.Enum):
+    DISCONNECT = "disconnect"
+    DROP_OLDEST = "drop_oldest"
+
+
+@attrs.frozen(slots=True)
+class _Entry:
+    payload: str | bytes
+    events: int
+    verbatim: bool  # a whole frame to send as it is, not a run of events to join
+
+
+@attrs.define
+class Outbox:
+    capacity_events: int
+    policy: SlowClientPolicy = SlowClientPolicy.DISCONNECT
+    queued_events: int = 0
+    dropped_events: int = 0
+    overflowed: bool = False
+    _entries: deque[_Entry] = attrs.field(factory=deque, init=False)
+
+    def put_events(self, joined_events: bytes, count: int) -> bool:
+        """Queue a comma-joined run of raw events; False once the client must be disconnected."""
+        return self._put(_Entry(joined_events, count, verbatim=False))
+
+    def put_frame(self, frame: str | bytes, count: int = 1) -> bool:
+        """Queue a whole frame to be sent byte for byte; ``count`` is how many events it holds."""
+        return self._put(_Entry(frame, max(count, 1), verbatim=True))
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _put(self, entry: _Entry) -> bool:
+        if self.overflowed:
+            return False
+        if self.queued_events + entry.events > self.capacity_events and self._entries:
+            if self.policy is SlowClientPolicy.DISCONNECT:
+                self.overflowed = True
+                self.dropped_events += self.queued_events + entry.events
+                self._entries.clear()
+                self.queued_events = 0
+                return False
+            while self._entries and self.queued_events + entry.events > self.capacity_events:
+                oldest = self._entries.popleft()
+                self.queued_events -= oldest.events
+                self.dropped_events += oldest.events
+        self._entries.append(entry)
+        self.queued_events += entry.events
+        return True
+
+    def take_frames(self) -> list[str | bytes]:
+        """Everything queued, as frames to send in order; runs of events joined into one array."""
+        frames: list[str | bytes] = []
+        run: list[bytes] = []
+        for entry in self._entries:
+            if entry.verbatim:
+                if run:
+                    frames.append(_join(run))
+                    run = []
+                frames.append(entry.payload)
+            else:
+                run.append(entry.payload)  # type: ignore[arg-type]
+        if run:
+            frames.append(_join(run))
+        self._entries.clear()
+        self.queued_events = 0
+        return frames
+
+
+def _join(runs: list[bytes]) -> bytes:
+    return b"[" + b",".join(runs) + b"]"

@@ -1,0 +1,269 @@
+"""The Polygon (Massive) WebSocket wire format, without any I/O.
+
+Parses untrusted client control messages (``auth`` / ``subscribe`` /
+``unsubscribe``) into attrs values through cattrs, parses and validates channel
+lists, builds the exact status frames Polygon sends, and reads an event's type
+and symbol by the per-type field table of ``shared/docs/protocol.md``.
+Every malformed input raises :class:`ProtocolError` with a distinct ``kind`` and
+a sentence a client developer can act on.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final, Iterable
+
+import attrs
+import cattrs
+import msgspec
+
+# --- channels ---------------------------------------------------------------
+
+#: A bare ``*``: the proxy's own extension meaning "every event this proxy receives".
+EVERYTHING: Final = "*"
+MAX_CHANNEL_LENGTH: Final = 64
+_TYPE_RE: Final = re.compile(r"[A-Za-z][A-Za-z0-9]{0,7}")
+_SYMBOL_RE: Final = re.compile(r"[A-Za-z0-9.:/\-]+")
+
+
+@attrs.frozen(slots=True)
+class Channel:
+    """One subscription channel: ``T.AAPL``, ``T.*`` (every symbol of type T) or ``*``."""
+
+    ev_type: str
+    symbol: str
+
+    @property
+    def text(self) -> str:
+        return EVERYTHING if self.is_everything else f"{self.ev_type}.{self.symbol}"
+
+    @property
+    def is_everything(self) -> bool:
+        return self.ev_type == EVERYTHING
+
+    @property
+    def is_type_wildcard(self) -> bool:
+        return self.symbol == "*" and not self.is_everything
+
+    def covers(self, other: Channel) -> bool:
+        """True when holding ``self`` upstream already brings every event of ``other``."""
+        if self == other or self.is_everything:
+            return True
+        return self.is_type_wildcard and self.ev_type == other.ev_type
+
+    def __str__(self) -> str:
+        return self.text
+
+
+EVERYTHING_CHANNEL: Final = Channel(EVERYTHING, EVERYTHING)
+
+
+class ProtocolError(ValueError):
+    """A client message or channel that breaks the protocol; ``kind`` names the case."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+def parse_channel(text: str) -> Channel:
+    """Parse one channel, split at the FIRST dot (``T.BRK.A`` is type ``T``, symbol ``BRK.A``)."""
+    channel = text.strip()
+    if not channel:
+        raise ProtocolError("empty_channel", "empty channel in params (check for a stray comma)")
+    if len(channel) > MAX_CHANNEL_LENGTH:
+        raise ProtocolError(
+            "channel_too_long",
+            f"channel is {len(channel)} characters long; at most {MAX_CHANNEL_LENGTH} are allowed",
+        )
+    if channel == EVERYTHING:
+        return EVERYTHING_CHANNEL
+    ev_type, dot, symbol = channel.partition(".")
+    if not dot or not symbol:
+        raise ProtocolError(
+            "bad_channel", f"bad channel {channel!r}: expected TYPE.SYMBOL, TYPE.* or *"
+        )
+    if not _TYPE_RE.fullmatch(ev_type):
+        raise ProtocolError(
+            "bad_channel", f"bad channel {channel!r}: event type {ev_type!r} is not a Polygon type"
+        )
+    if symbol != "*" and not _SYMBOL_RE.fullmatch(symbol):
+        raise ProtocolError(
+            "bad_channel",
+            f"bad channel {channel!r}: a symbol may hold letters, digits and . : - / only",
+        )
+    return Channel(ev_type, symbol)
+
+
+def parse_channel_list(params: str, *, max_channels: int = 10_000) -> tuple[Channel, ...]:
+    """Parse comma-separated ``params``; whitespace around items is ignored, duplicates dropped."""
+    items = params.split(",")
+    if len(items) > max_channels:
+        raise ProtocolError(
+            "too_many_channels",
+            f"{len(items)} channels in one message; at most {max_channels} are allowed",
+        )
+    return tuple(dict.fromkeys(parse_channel(item) for item in items))
+
+
+def format_channel_list(channels: Iterable[Channel]) -> str:
+    return ",".join(channel.text for channel in channels)
+
+
+# --- client actions -----------------------------------------------------------
+
+
+@attrs.frozen
+class _WireAction:
+    """The shape every client message must have before it means anything."""
+
+    action: str
+    params: str
+
+
+@attrs.frozen
+class Auth:
+    api_key: str
+
+
+@attrs.frozen
+class Subscribe:
+    channels: tuple[Channel, ...]
+
+
+@attrs.frozen
+class Unsubscribe:
+    channels: tuple[Channel, ...]
+
+
+ClientAction = Auth | Subscribe | Unsubscribe
+
+_converter = cattrs.Converter(forbid_extra_keys=False)
+
+
+def _strict_str(value: object, _type: type) -> str:
+    # cattrs' default for str is str(value), which would turn 42 into "42".
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {type(value).__name__}")
+    return value
+
+
+_converter.register_structure_hook(str, _strict_str)
+_json_object_decoder = msgspec.json.Decoder()
+
+
+def parse_client_message(message: str | bytes, *, max_channels: int = 10_000) -> ClientAction:
+    """Turn one untrusted client frame into an action, or raise :class:`ProtocolError`."""
+    if isinstance(message, bytes):
+        raise ProtocolError("binary_frame", "binary frames are not accepted; send JSON as text")
+    try:
+        decoded = _json_object_decoder.decode(message)
+    except msgspec.DecodeError as error:
+        raise ProtocolError("not_json", f"message is not valid JSON ({error})") from None
+    if not isinstance(decoded, dict):
+        raise ProtocolError(
+            "not_object",
+            'message must be one JSON object like {"action":"subscribe","params":"T.AAPL"}',
+        )
+    if "action" not in decoded:
+        raise ProtocolError("missing_action", 'message has no "action"')
+    if "params" not in decoded:
+        raise ProtocolError("missing_params", 'message has no "params"')
+    try:
+        wire = _converter.structure(decoded, _WireAction)
+    except cattrs.ClassValidationError as error:
+        field = "params" if "params" in " ".join(cattrs.transform_error(error)) else "action"
+        raise ProtocolError(f"{field}_not_string", f'"{field}" must be a string') from None
+    if wire.action == "auth":
+        if not wire.params:
+            raise ProtocolError("empty_params", 'auth needs the API key in "params"')
+        return Auth(wire.params)
+    if wire.action in ("subscribe", "unsubscribe"):
+        if not wire.params.strip():
+            raise ProtocolError("empty_params", f'{wire.action} needs channels in "params"')
+        channels = parse_channel_list(wire.params, max_channels=max_channels)
+        return Subscribe(channels) if wire.action == "subscribe" else Unsubscribe(channels)
+    raise ProtocolError(
+        "unknown_action",
+        f"unknown action {wire.action[:40]!r}; expected auth, subscribe or unsubscribe",
+    )
+
+
+def auth_message(api_key: str) -> str:
+    return msgspec.json.encode({"action": "auth", "params": api_key}).decode()
+
+
+def subscription_message(action: str, channels: Iterable[Channel]) -> str:
+    return msgspec.json.encode({"action": action, "params": format_channel_list(channels)}).decode()
+
+
+# --- status frames --------------------------------------------------------------
+
+
+def status_event(status: str, message: str) -> dict[str, str]:
+    return {"ev": "status", "status": status, "message": message}
+
+
+def statuses_frame(events: list[dict[str, str]]) -> str:
+    return msgspec.json.encode(events).decode()
+
+
+def status_frame(status: str, message: str) -> str:
+    """One status as Polygon frames it: ``[{"ev":"status","status":...,"message":...}]``."""
+    return msgspec.json.encode([status_event(status, message)]).decode()
+
+
+CONNECTED: Final = status_frame("connected", "Connected Successfully")
+AUTH_SUCCESS: Final = status_frame("auth_success", "authenticated")
+AUTH_FAILED: Final = status_frame("auth_failed", "authentication failed")
+AUTH_TIMEOUT: Final = status_frame("auth_timeout", "No authentication request received.")
+MAX_CONNECTIONS: Final = status_frame("max_connections", "Maximum number of connections exceeded.")
+
+
+def subscription_frame(verb: str, channels: Iterable[Channel]) -> str:
+    """``subscribed to: X`` / ``unsubscribed to: X``, one success status per channel."""
+    return statuses_frame([status_event("success", f"{verb} to: {channel.text}") for channel in channels])
+
+
+def error_frame(message: str) -> str:
+    return status_frame("error", message)
+
+
+# --- events -----------------------------------------------------------------------
+
+#: The field that holds the symbol, per event type (protocol.md's table).
+SYMBOL_FIELD_BY_TYPE: Final[dict[str, str]] = {
+    **dict.fromkeys(("T", "Q", "A", "AM", "FMV", "LV"), "sym"),
+    **dict.fromkeys(("LULD", "NOI", "V"), "T"),
+    **dict.fromkeys(("XT", "XQ", "XA", "XAS", "XL2", "CA", "CAS"), "pair"),
+    "C": "p",
+}
+#: Where an event type is not in the table, the first of these holding a string is the symbol.
+FALLBACK_SYMBOL_FIELDS: Final = ("sym", "pair", "T")
+
+
+class EventKey(msgspec.Struct):
+    """The only fields routing reads from an event; msgspec skips all others unparsed."""
+
+    ev: object = None
+    sym: object = None
+    T: object = None
+    pair: object = None
+    p: object = None
+
+
+def event_symbol(key: EventKey) -> str | None:
+    """The symbol of an event, or None where its type or symbol cannot be read."""
+    ev = key.ev
+    if not isinstance(ev, str):
+        return None
+    field = SYMBOL_FIELD_BY_TYPE.get(ev)
+    if field is not None:
+        value = getattr(key, field)
+        return value if isinstance(value, str) else None
+    for field in FALLBACK_SYMBOL_FIELDS:
+        value = getattr(key, field)
+        if isinstance(value, str):
+            return value
+    return None

@@ -1,0 +1,82 @@
+"""Routing: one upstream data frame in, per-subscriber batches of original event bytes out.
+
+Pure, no Trio. A frame is parsed once: msgspec splits the JSON array into raw
+event spans in C, and only ``ev`` and the symbol field are read from each.
+Events are never re-encoded: subscribers receive the bytes upstream sent.
+Status events (Polygon's answers to our own subscribe, our upstream's outage
+notices) are taken out of the data path and returned separately.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import msgspec
+
+from .protocol import EventKey, event_symbol
+from .subscriptions import SubscriberId, SubscriptionRegistry
+
+_split_frame = msgspec.json.Decoder(list[msgspec.Raw]).decode
+_read_key = msgspec.json.Decoder(EventKey).decode
+_read_status = msgspec.json.Decoder(dict[str, Any]).decode
+
+
+class FrameError(ValueError):
+    """An upstream frame that is not a JSON array of objects."""
+
+
+@attrs.frozen
+class RoutedFrame:
+    """Where one frame's events go.
+
+    ``whole`` is what ``*`` holders receive: the original frame text when it
+    held data only, otherwise its data events re-joined (still original bytes),
+    or None when the frame held no data. ``batches`` maps every other selected
+    subscriber to a comma-joined run of its events and their count.
+    """
+
+    whole: str | bytes | None
+    event_count: int
+    batches: dict[SubscriberId, tuple[bytes, int]]
+    statuses: list[dict[str, Any]]
+
+
+def route_frame(frame: str | bytes, registry: SubscriptionRegistry) -> RoutedFrame:
+    try:
+        raw_events = _split_frame(frame)
+    except msgspec.DecodeError as error:
+        raise FrameError(f"upstream frame is not a JSON array: {error}") from None
+    statuses: list[dict[str, Any]] = []
+    data: list[msgspec.Raw] = []
+    per_subscriber: dict[SubscriberId, list[msgspec.Raw]] = {}
+    targets_of = registry.channel_targets
+    for raw in raw_events:
+        try:
+            key = _read_key(raw)
+        except msgspec.DecodeError:
+            raise FrameError("upstream frame holds an element that is not a JSON object") from None
+        ev = key.ev
+        if ev == "status":
+            statuses.append(_read_status(raw))
+            continue
+        data.append(raw)
+        symbol = event_symbol(key)
+        if symbol is None:
+            continue  # unreadable: travels to `*` holders only
+        for subscriber in targets_of(ev, symbol):  # type: ignore[arg-type]
+            batch = per_subscriber.get(subscriber)
+            if batch is None:
+                per_subscriber[subscriber] = [raw]
+            else:
+                batch.append(raw)
+    if not data:
+        whole: str | bytes | None = None
+    elif statuses:
+        whole = b"[" + b",".join(data) + b"]"
+    else:
+        whole = frame
+    batches = {
+        subscriber: (b",".join(events), len(events)) for subscriber, events in per_subscriber.items()
+    }
+    return RoutedFrame(whole=whole, event_count=len(data), batches=batches, statuses=statuses)

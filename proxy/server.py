@@ -1,0 +1,243 @@
+"""The downstream side of a tier: accept clients, one reader and one sender each, fan-out.
+
+:class:`Hub` owns the sessions and the registry; the router hands it routed
+frames and it queues them into each client's :class:`~proxy.outbox.Outbox`
+without ever waiting. :func:`serve_clients` runs the accept loop; each
+:class:`ClientSession` lives in its own nursery with a reader (control
+messages through :class:`~proxy.session.SessionState`) and a sender (drains
+the outbox, one frame per run of events). Closing that nursery ends both.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+import math
+from typing import Callable
+from urllib.parse import urlsplit
+
+import attrs
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
+
+from . import protocol
+from .beacon import Beacon
+from .config import TierConfig
+from .outbox import Outbox
+from .routing import RoutedFrame
+from .session import (
+    CLOSE_GOING_AWAY,
+    CLOSE_POLICY_VIOLATION,
+    Reaction,
+    SessionState,
+)
+from .subscriptions import SubscriptionRegistry
+
+log = logging.getLogger("proxy.server")
+SLOW_CONSUMER = protocol.status_frame(
+    "slow_consumer", "Slow consumer: events queued faster than this client read them"
+)
+SHUTDOWN_CLOSE_SECONDS = 2.0
+
+
+@attrs.define(eq=False)
+class ClientSession:
+    """One connected client: its id for logs, its outbox, and what wakes its sender."""
+
+    id: int
+    peer: str
+    outbox: Outbox
+    state: SessionState
+    wakeup: trio.Event = attrs.field(factory=trio.Event)
+    close_request: tuple[int, str] | None = None
+    events_sent: int = 0
+
+    def notify(self) -> None:
+        self.wakeup.set()
+
+    def __repr__(self) -> str:
+        return f"client {self.id} ({self.peer})"
+
+
+@attrs.define(eq=False)
+class Hub:
+    """Sessions, the registry they subscribe through, and the fan-out that never blocks."""
+
+    config: TierConfig
+    registry: SubscriptionRegistry
+    demand_changed: Beacon = attrs.field(factory=Beacon)
+    sessions: set[ClientSession] = attrs.field(factory=set)
+    slow_disconnects: int = 0
+    _ids: itertools.count = attrs.field(factory=lambda: itertools.count(1))
+
+    def open_session(self, peer: str) -> ClientSession:
+        session = ClientSession(
+            id=next(self._ids),
+            peer=peer,
+            outbox=Outbox(self.config.client_queue_events, self.config.slow_client_policy),
+            state=SessionState(
+                accepted_keys=self.config.api_keys,
+                allow_any_key=self.config.allow_any_key,
+                max_channels_per_message=self.config.max_channels_per_message,
+            ),
+        )
+        self.sessions.add(session)
+        self.registry.add_subscriber(session)
+        return session
+
+    def close_session(self, session: ClientSession) -> None:
+        self.sessions.discard(session)
+        self._apply_demand(self.registry.remove_subscriber(session))
+
+    def react(self, session: ClientSession, reaction: Reaction) -> None:
+        """Apply what the session state decided: demand changes first, then answers."""
+        if reaction.subscribe:
+            self._apply_demand(self.registry.subscribe(session, reaction.subscribe))
+        if reaction.unsubscribe:
+            self._apply_demand(self.registry.unsubscribe(session, reaction.unsubscribe))
+        for reply in reaction.replies:
+            session.outbox.put_frame(reply)
+        if reaction.close_code is not None:
+            session.close_request = (reaction.close_code, reaction.close_reason)
+        session.notify()
+
+    def _apply_demand(self, delta: object) -> None:
+        if delta:
+            log.debug("upstream demand changed: %s", delta)
+            self.demand_changed.pulse()
+
+    def deliver(self, routed: RoutedFrame) -> None:
+        """Queue a routed frame for every selected session; never waits on any of them."""
+        touched: list[ClientSession] = []
+        if routed.whole is not None:
+            for session in self.registry.everything_subscribers:
+                if session.outbox.put_frame(routed.whole, routed.event_count):
+                    touched.append(session)
+                else:
+                    self._overflowed(session)
+        for session, (joined, count) in routed.batches.items():
+            if session.outbox.put_events(joined, count):
+                touched.append(session)
+            else:
+                self._overflowed(session)
+        for session in touched:
+            session.wakeup.set()
+
+    def broadcast(self, frame: str) -> None:
+        """A status every client should see (upstream outage and recovery)."""
+        for session in self.sessions:
+            if session.state.phase.value == "authenticated":
+                session.outbox.put_frame(frame)
+                session.notify()
+
+    def _overflowed(self, session: ClientSession) -> None:
+        if session.close_request is None:
+            session.close_request = (CLOSE_POLICY_VIOLATION, "slow consumer")
+            self.slow_disconnects += 1
+            log.warning(
+                "%s is a slow consumer: %d events dropped, disconnecting (SLOW_CLIENT_POLICY=disconnect)",
+                session, session.outbox.dropped_events,
+            )
+            session.notify()
+
+
+async def serve_clients(
+    hub: Hub, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Accept clients on the tier's host and port; reports the bound port when listening."""
+    config = hub.config
+    allowed_paths = {"/", f"/{config.market}"}
+
+    async def handle(request: WebSocketRequest) -> None:
+        path = urlsplit(request.path).path or "/"
+        if path not in allowed_paths:
+            log.info("refused %s: path %r is not served here", _peer(request.remote), path)
+            body = f"this proxy serves the {config.market} market at / and /{config.market}\n"
+            await request.reject(404, body=body.encode())
+            return
+        ws = await request.accept()
+        await _run_session(hub, ws)
+
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(
+            functools.partial(
+                serve_websocket, handle, config.host, config.port, None,
+                max_message_size=config.max_message_bytes,
+            )
+        )
+        task_status.started(server.port)
+
+
+def _peer(remote: object) -> str:
+    address = getattr(remote, "address", None)
+    port = getattr(remote, "port", None)
+    return f"{address}:{port}" if address is not None else str(remote)
+
+
+async def _run_session(hub: Hub, ws: WebSocketConnection) -> None:
+    session = hub.open_session(_peer(ws.remote))
+    log.info("%s connected", session)
+    code: object = None
+    try:
+        await ws.send_message(protocol.CONNECTED)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_send_loop, ws, session, nursery.cancel_scope.cancel)
+            await _read_loop(hub, ws, session)
+            if session.close_request is None:
+                nursery.cancel_scope.cancel()
+    except ConnectionClosed:
+        pass
+    except trio.Cancelled:
+        # The tier is shutting down: tell the client so, briefly, then go on cancelling.
+        with trio.CancelScope(shield=True), trio.move_on_after(SHUTDOWN_CLOSE_SECONDS):
+            await ws.aclose(CLOSE_GOING_AWAY, "proxy shutting down")
+        raise
+    finally:
+        hub.close_session(session)
+        code = ws.closed.code if ws.closed else None
+        log.info("%s disconnected (close code %s), %d events sent, %d dropped",
+                 session, code, session.events_sent, session.outbox.dropped_events)
+
+
+async def _read_loop(hub: Hub, ws: WebSocketConnection, session: ClientSession) -> None:
+    deadline = trio.current_time() + hub.config.auth_timeout_seconds
+    while session.close_request is None:
+        waiting_for_auth = session.state.phase.value == "awaiting_auth"
+        with trio.move_on_at(deadline if waiting_for_auth else math.inf) as scope:
+            try:
+                message = await ws.get_message()
+            except ConnectionClosed:
+                return
+        if scope.cancelled_caught:
+            log.info("%s sent no auth within %ss", session, hub.config.auth_timeout_seconds)
+            hub.react(session, session.state.timed_out())
+            return
+        reaction = session.state.receive(message)
+        if reaction.close_code is not None:
+            log.info("%s: %s", session, reaction.close_reason)
+        hub.react(session, reaction)
+
+
+async def _send_loop(
+    ws: WebSocketConnection, session: ClientSession, stop: Callable[[], None]
+) -> None:
+    try:
+        while True:
+            await session.wakeup.wait()
+            session.wakeup = trio.Event()
+            if session.outbox.overflowed:
+                await ws.send_message(SLOW_CONSUMER)
+                await ws.aclose(*session.close_request or (CLOSE_POLICY_VIOLATION, "slow consumer"))
+                return
+            events = session.outbox.queued_events
+            for frame in session.outbox.take_frames():
+                await ws.send_message(frame if isinstance(frame, str) else frame.decode())
+            session.events_sent += events
+            if session.close_request is not None:
+                await ws.aclose(*session.close_request)
+                return
+    except ConnectionClosed:
+        pass
+    finally:
+        stop()

@@ -1,0 +1,106 @@
+"""One client's control conversation, without I/O: what to answer and what to do.
+
+A :class:`SessionState` takes each text or binary frame a client sends and
+returns a :class:`Reaction`: frames to answer with, channels to add or drop,
+and whether to close (with which WebSocket code). Auth is checked against
+configured keys in constant time. Nothing here touches a socket, so every path
+is tested directly.
+"""
+
+from __future__ import annotations
+
+import enum
+import hmac
+from typing import Collection
+
+import attrs
+
+from . import protocol
+from .protocol import Auth, Channel, ProtocolError, Subscribe, Unsubscribe
+
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY_VIOLATION = 1008
+CLOSE_TOO_BIG = 1009
+CLOSE_TRY_AGAIN_LATER = 1013
+
+
+class Phase(enum.Enum):
+    AWAITING_AUTH = "awaiting_auth"
+    AUTHENTICATED = "authenticated"
+    CLOSED = "closed"
+
+
+@attrs.frozen
+class Reaction:
+    replies: tuple[str, ...] = ()
+    subscribe: tuple[Channel, ...] = ()
+    unsubscribe: tuple[Channel, ...] = ()
+    close_code: int | None = None
+    close_reason: str = ""
+
+
+def key_matches(presented: str, accepted: Collection[str]) -> bool:
+    """Constant-time comparison against every accepted key (no early exit on a match)."""
+    presented_bytes = presented.encode()
+    matched = False
+    for key in accepted:
+        matched |= hmac.compare_digest(presented_bytes, key.encode())
+    return matched
+
+
+@attrs.define
+class SessionState:
+    accepted_keys: frozenset[str]
+    allow_any_key: bool = False
+    max_channels_per_message: int = 10_000
+    phase: Phase = Phase.AWAITING_AUTH
+
+    def receive(self, message: str | bytes) -> Reaction:
+        if self.phase is Phase.CLOSED:
+            return Reaction()
+        try:
+            action = protocol.parse_client_message(
+                message, max_channels=self.max_channels_per_message
+            )
+        except ProtocolError as error:
+            return Reaction(replies=(protocol.error_frame(error.message),))
+        if isinstance(action, Auth):
+            return self._auth(action)
+        if self.phase is not Phase.AUTHENTICATED:
+            return Reaction(
+                replies=(protocol.error_frame(
+                    f"not authenticated: send auth before {type(action).__name__.lower()}"),)
+            )
+        if isinstance(action, Subscribe):
+            return Reaction(
+                replies=(protocol.subscription_frame("subscribed", action.channels),),
+                subscribe=action.channels,
+            )
+        assert isinstance(action, Unsubscribe)
+        return Reaction(
+            replies=(protocol.subscription_frame("unsubscribed", action.channels),),
+            unsubscribe=action.channels,
+        )
+
+    def _auth(self, action: Auth) -> Reaction:
+        if self.phase is Phase.AUTHENTICATED:
+            return Reaction(replies=(protocol.error_frame("already authenticated"),))
+        if self.allow_any_key or key_matches(action.api_key, self.accepted_keys):
+            self.phase = Phase.AUTHENTICATED
+            return Reaction(replies=(protocol.AUTH_SUCCESS,))
+        self.phase = Phase.CLOSED
+        return Reaction(
+            replies=(protocol.AUTH_FAILED,),
+            close_code=CLOSE_POLICY_VIOLATION,
+            close_reason="authentication failed",
+        )
+
+    def timed_out(self) -> Reaction:
+        """No auth arrived in time: Polygon's ``auth_timeout``, then close."""
+        self.phase = Phase.CLOSED
+        return Reaction(
+            replies=(protocol.AUTH_TIMEOUT,),
+            close_code=CLOSE_POLICY_VIOLATION,
+            close_reason="authentication timeout",
+        )

@@ -1,0 +1,223 @@
+"""The upstream link: one connection to Polygon (firehose) or to a firehose (filtered proxy).
+
+:class:`UpstreamLink` connects, reads ``connected``, authenticates, subscribes
+the current demand in chunks and keeps it in step by reconciling what this
+connection has been sent against what the registry wants, so a reconnect
+re-subscribes everything by construction. Data frames go into a bounded channel
+to the router; when the router lags, reading stops and TCP pushes back. Any
+failure reconnects with exponential backoff and jitter; a refusal
+(``auth_failed``, ``max_connections``) waits the long ``refused_seconds``.
+A WebSocket ping notices a silent upstream.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import random
+import ssl
+from typing import Any, Callable, Iterable
+
+import attrs
+import msgspec
+import trio
+from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, open_websocket_url
+
+from . import protocol
+from .config import Backoff, redact
+from .protocol import Channel
+from .beacon import Beacon
+
+log = logging.getLogger("proxy.upstream")
+SUBSCRIBE_CHUNK = 500
+HANDSHAKE_SECONDS = 10.0
+_read_statuses = msgspec.json.Decoder(list[dict[str, Any]]).decode
+
+
+class LinkState(enum.Enum):
+    DISCONNECTED = "disconnected"
+    CONNECTING = "connecting"
+    CONNECTED = "connected"  # authenticated and subscribed: data flows
+    REFUSED = "refused"  # auth_failed or max_connections: waiting the long backoff
+
+
+class UpstreamRefused(Exception):
+    """Upstream answered auth with something other than ``auth_success``."""
+
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(f"{status}: {message}")
+        self.status = status
+
+
+class UpstreamProtocolError(Exception):
+    """Upstream said something the protocol does not allow at that point."""
+
+
+def chunks(channels: Iterable[Channel], size: int = SUBSCRIBE_CHUNK) -> list[list[Channel]]:
+    ordered = sorted(channels, key=lambda channel: (channel.ev_type, channel.symbol))
+    return [ordered[start:start + size] for start in range(0, len(ordered), size)]
+
+
+@attrs.define(eq=False)
+class UpstreamLink:
+    label: str  # "Polygon" or "firehose proxy", for log lines
+    url: str
+    api_key: str
+    desired: Callable[[], frozenset[Channel]]
+    demand_changed: Beacon
+    frames: trio.MemorySendChannel[str | bytes]
+    extra: tuple[Channel, ...] = ()
+    on_connected: Callable[[], None] = lambda: None
+    on_disconnected: Callable[[str], None] = lambda reason: None
+    backoff: Backoff = Backoff()
+    keepalive_interval: float = 10.0
+    keepalive_timeout: float = 20.0
+    ca_file: str | None = None
+    state: LinkState = LinkState.DISCONNECTED
+    reconnects: int = 0
+    last_error: str = "not connected yet"
+    _sent: set[Channel] = attrs.field(factory=set)
+
+    async def run(self) -> None:
+        """Keep the link up forever; returns only by cancellation."""
+        failures = 0
+        while True:
+            started = trio.current_time()
+            self.state = LinkState.CONNECTING
+            delay: float | None = None
+            try:
+                await self._connect_and_serve()
+                self.last_error = "upstream closed the connection"
+            except (Exception, BaseExceptionGroup) as raised:
+                error = _handled_cause(raised)
+                self.last_error = _describe(error)
+                if isinstance(error, UpstreamRefused):
+                    self.state = LinkState.REFUSED
+                    delay = self.backoff.refused_seconds
+                    self._log_refusal(error, delay)
+            was_connected = self.state is LinkState.CONNECTED
+            if self.state is not LinkState.REFUSED:
+                self.state = LinkState.DISCONNECTED
+            if was_connected:
+                self.on_disconnected(self.last_error)
+            if trio.current_time() - started >= self.backoff.healthy_after_seconds:
+                failures = 0
+            if delay is None:
+                ceiling = min(self.backoff.max_seconds, self.backoff.initial_seconds * 2 ** failures)
+                delay = random.uniform(ceiling / 2, ceiling)
+                failures += 1
+                log.warning("%s link down (%s); reconnecting in %.2fs",
+                            self.label, self.last_error, delay)
+            self.reconnects += 1
+            await trio.sleep(delay)
+
+    def _log_refusal(self, refusal: UpstreamRefused, delay: float) -> None:
+        if refusal.status == "auth_failed":
+            log.error("%s refused our key %s (auth_failed); check the API key; retrying in %.0fs",
+                      self.label, redact(self.api_key), delay)
+        elif refusal.status == "max_connections":
+            log.error("%s answered max_connections: another process holds this key's "
+                      "connection; retrying in %.0fs", self.label, delay)
+        else:
+            log.error("%s refused authentication (%s); retrying in %.0fs", self.label, refusal, delay)
+
+    async def _connect_and_serve(self) -> None:
+        log.info("Connecting to %s at %s", self.label, self.url)
+        self._sent = set()
+        async with open_websocket_url(
+            self.url,
+            ssl_context=self._ssl_context(),
+            connect_timeout=HANDSHAKE_SECONDS,
+            disconnect_timeout=2,
+            max_message_size=64 * 1024 * 1024,
+            receive_buffer_size=256 * 1024,
+        ) as ws:
+            log.info("Connected to %s", self.label)
+            with trio.fail_after(HANDSHAKE_SECONDS):
+                await self._expect(ws, "connected")
+                await ws.send_message(protocol.auth_message(self.api_key))
+                await self._expect(ws, "auth_success")
+            log.info("Authenticated successfully")
+            self.state = LinkState.CONNECTED
+            self.on_connected()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._keep_subscribed, ws)
+                nursery.start_soon(self._keepalive, ws)
+                while True:
+                    await self.frames.send(await ws.get_message())
+
+    async def _expect(self, ws: WebSocketConnection, wanted: str) -> None:
+        message = await ws.get_message()
+        statuses = [event.get("status") for event in _read_statuses(message)]
+        if wanted in statuses:
+            return
+        for event in _read_statuses(message):
+            if event.get("status") in ("auth_failed", "max_connections", "auth_timeout"):
+                raise UpstreamRefused(str(event.get("status")), str(event.get("message")))
+        raise UpstreamProtocolError(f"expected status {wanted!r}, got {message[:200]!r}")
+
+    async def _keep_subscribed(self, ws: WebSocketConnection) -> None:
+        """Reconcile what this connection was sent with what is wanted, at every change."""
+        while True:
+            target = self.desired() | set(self.extra)
+            added, removed = target - self._sent, self._sent - target
+            for chunk in chunks(added):
+                await ws.send_message(protocol.subscription_message("subscribe", chunk))
+            for chunk in chunks(removed):
+                await ws.send_message(protocol.subscription_message("unsubscribe", chunk))
+            if protocol.EVERYTHING_CHANNEL in added:
+                log.info("Subscribed to wildcard (*) from %s", self.label)
+            if added or removed:
+                log.info("upstream subscriptions: +%d -%d, %d held", len(added), len(removed), len(target))
+                log.debug("subscribed %s; unsubscribed %s",
+                          protocol.format_channel_list(added), protocol.format_channel_list(removed))
+            self._sent = target
+            await self.demand_changed.wait()
+
+    async def _keepalive(self, ws: WebSocketConnection) -> None:
+        while True:
+            await trio.sleep(self.keepalive_interval)
+            try:
+                with trio.fail_after(self.keepalive_timeout):
+                    await ws.ping()
+            except trio.TooSlowError:
+                raise UpstreamProtocolError(
+                    f"no answer to a ping for {self.keepalive_timeout:.0f}s: upstream is silent"
+                ) from None
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        if not self.url.startswith("wss://"):
+            return None
+        return ssl.create_default_context(cafile=self.ca_file)
+
+
+_HANDLED = (OSError, HandshakeError, ConnectionClosed, trio.TooSlowError, UpstreamRefused,
+            UpstreamProtocolError, msgspec.DecodeError, trio.BrokenResourceError)
+
+
+def _handled_cause(raised: BaseException) -> BaseException:
+    """The link failure inside ``raised``; re-raises anything else (cancellation, bugs)."""
+    if isinstance(raised, BaseExceptionGroup):
+        leaves = list(_leaves(raised))
+        if all(isinstance(leaf, Exception) for leaf in leaves):
+            for leaf in leaves:
+                if isinstance(leaf, _HANDLED):
+                    return leaf
+        raise raised
+    if isinstance(raised, _HANDLED):
+        return raised
+    raise raised
+
+
+def _leaves(group: BaseExceptionGroup) -> Iterable[BaseException]:
+    for inner in group.exceptions:
+        if isinstance(inner, BaseExceptionGroup):
+            yield from _leaves(inner)
+        else:
+            yield inner
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, ConnectionClosed) and error.reason is not None:
+        return f"connection closed ({error.reason.code} {error.reason.name})"
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
