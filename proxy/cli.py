@@ -40,10 +40,31 @@ def run_module_main(main: Callable[[], Awaitable[object]]) -> int:
     """Run ``main`` until it returns or a signal arrives; the process exit code."""
     try:
         trio.run(_run_until_signal, main)
-    except* ConfigError as group:
-        print(group.exceptions[0], file=sys.stderr)
+    except (ConfigError, BaseExceptionGroup) as raised:
+        config_errors = _config_errors(raised)
+        if not config_errors:
+            raise
+        print(config_errors[0], file=sys.stderr)
         return 2
     return 0
+
+
+def _config_errors(raised: BaseException) -> list[ConfigError]:
+    """The ConfigErrors in ``raised``, only when there is nothing else in it."""
+    if isinstance(raised, ConfigError):
+        return [raised]
+    if isinstance(raised, BaseExceptionGroup):
+        matched, rest = raised.split(ConfigError)
+        if matched is not None and rest is None:
+            return _leaves(matched)
+    return []
+
+
+def _leaves(group: BaseExceptionGroup) -> list[ConfigError]:
+    found: list[ConfigError] = []
+    for inner in group.exceptions:
+        found.extend(_leaves(inner) if isinstance(inner, BaseExceptionGroup) else [inner])  # type: ignore[list-item]
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -161,6 +161,8 @@ def parse_client_message(message: str | bytes, *, max_channels: int = 10_000) ->
         decoded = _json_object_decoder.decode(message)
     except msgspec.DecodeError as error:
         raise ProtocolError("not_json", f"message is not valid JSON ({error})") from None
+    except RecursionError:
+        raise ProtocolError("too_deep", "message is nested too deeply to be a control message") from None
     if not isinstance(decoded, dict):
         raise ProtocolError(
             "not_object",

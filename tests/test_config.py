@@ -1,0 +1,151 @@
+"""Configuration: defaults, tier-prefixed names, .env files, and one clear line on a bad value."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from proxy.config import (
+    ConfigError,
+    load_filtered_config,
+    load_firehose_config,
+    load_simulator_config,
+    redact,
+)
+from proxy.outbox import SlowClientPolicy
+
+VENV_BIN = Path(sys.executable).parent
+VARIABLES = [
+    "POLYGON_API_KEY", "POLYGON_URL", "FIREHOSE_HOST", "FIREHOSE_PORT", "FIREHOSE_SUBSCRIPTIONS",
+    "FIREHOSE_API_KEYS", "FIREHOSE_METRICS_PORT", "FIREHOSE_URL", "FILTERED_PROXY_HOST",
+    "FILTERED_PROXY_PORT", "FILTERED_PROXY_API_KEYS", "FILTERED_METRICS_PORT", "LOG_LEVEL",
+    "UNSUBSCRIBE_GRACE_SECONDS", "CLIENT_QUEUE_EVENTS", "SLOW_CLIENT_POLICY", "MAX_MESSAGE_BYTES",
+    "AUTH_TIMEOUT_SECONDS", "PROXY_ENV_FILE", "MARKET",
+]
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch, tmp_path):
+    for name in VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)  # no stray .env from the developer's tree
+
+
+def test_firehose_defaults(monkeypatch):
+    monkeypatch.setenv("POLYGON_API_KEY", "pk_live_1234567890")
+    config = load_firehose_config()
+    assert config.upstream_url == "wss://socket.polygon.io/stocks"
+    assert (config.host, config.port, config.metrics_port) == ("0.0.0.0", 8767, 9767)
+    assert config.api_keys == {"pk_live_1234567890"} and not config.allow_any_key
+    assert config.static_channels == () and config.upstream_extra == ()
+    assert config.unsubscribe_grace_seconds == 5 and config.auth_timeout_seconds == 10
+    assert config.slow_client_policy is SlowClientPolicy.DISCONNECT
+
+
+def test_filtered_defaults_and_the_any_key_rule(monkeypatch):
+    config = load_filtered_config()
+    assert config.upstream_url == "ws://localhost:8767"
+    assert (config.port, config.metrics_port) == (8765, 9765)
+    assert [c.text for c in config.upstream_extra] == ["*"]
+    assert config.allow_any_key and not config.api_keys
+    monkeypatch.setenv("POLYGON_API_KEY", "fk")
+    assert load_filtered_config().api_keys == {"fk"}
+    monkeypatch.setenv("FILTERED_PROXY_API_KEYS", "a, b")
+    config = load_filtered_config()
+    assert config.api_keys == {"a", "b"} and not config.allow_any_key
+
+
+def test_env_file_and_proxy_env_file(monkeypatch, tmp_path):
+    Path(".env").write_text("POLYGON_API_KEY=from_dotenv\nFIREHOSE_SUBSCRIPTIONS=T.*,AM.*\n")
+    config = load_firehose_config()
+    assert config.upstream_api_key == "from_dotenv"
+    assert [c.text for c in config.static_channels] == ["T.*", "AM.*"]
+    other = tmp_path / "other.env"
+    other.write_text("POLYGON_API_KEY=from_other\nFIREHOSE_PORT=9999\n")
+    monkeypatch.setenv("PROXY_ENV_FILE", str(other))
+    assert load_firehose_config().port == 9999
+    monkeypatch.setenv("FIREHOSE_PORT", "7777")  # the environment wins over the file
+    assert load_firehose_config().port == 7777
+
+
+@pytest.mark.parametrize(
+    "variable, value, loader",
+    [
+        ("FIREHOSE_PORT", "abc", load_firehose_config),
+        ("FIREHOSE_PORT", "70000", load_firehose_config),
+        ("SLOW_CLIENT_POLICY", "yolo", load_firehose_config),
+        ("FIREHOSE_SUBSCRIPTIONS", "T.AAPL,,", load_firehose_config),
+        ("POLYGON_URL", "http://x", load_firehose_config),
+        ("UNSUBSCRIBE_GRACE_SECONDS", "-1", load_filtered_config),
+        ("CLIENT_QUEUE_EVENTS", "0", load_filtered_config),
+        ("LOG_LEVEL", "loud", load_filtered_config),
+        ("SIMULATOR_EVENTS_PER_SECOND", "fast", load_simulator_config),
+    ],
+)
+def test_bad_values_name_the_variable(monkeypatch, variable, value, loader):
+    monkeypatch.setenv("POLYGON_API_KEY", "k")
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError) as caught:
+        loader()
+    assert caught.value.variable == variable
+    assert variable in str(caught.value)
+
+
+def test_missing_polygon_key_is_an_error_for_the_firehose():
+    with pytest.raises(ConfigError, match="POLYGON_API_KEY: is required"):
+        load_firehose_config()
+
+
+def test_redact_never_shows_a_key_whole():
+    key = "pk_live_abcdefghijklmnop"
+    assert key not in redact(key) and redact(key).startswith("pk_l")
+    assert redact("short") == "*****"
+
+
+def _trio_run(module: str, env: dict) -> subprocess.Popen:
+    return subprocess.Popen(
+        [str(VENV_BIN / "trio-run"), module], env={**os.environ, **env},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+    )
+
+
+def test_trio_run_prints_one_line_and_exits_2_on_bad_config():
+    process = _trio_run("proxy.firehose", {"POLYGON_API_KEY": "k", "FIREHOSE_PORT": "abc"})
+    out, err = process.communicate(timeout=30)
+    assert process.returncode == 2
+    assert err.strip().splitlines() == [
+        "configuration error: FIREHOSE_PORT: 'abc' is not valid: expected a port number from 0 to 65535"
+    ]
+    assert "Traceback" not in out + err
+
+
+def test_trio_run_usage_and_unknown_module():
+    process = _trio_run("proxy.nonexistent", {})
+    _, err = process.communicate(timeout=30)
+    assert process.returncode == 2 and "cannot import" in err
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_trio_run_shuts_down_cleanly_on_a_signal(signum):
+    process = _trio_run("proxy.simulator", {"SIMULATOR_PORT": "0"})
+    deadline = time.monotonic() + 30
+    seen = ""
+    while "listening" not in seen and time.monotonic() < deadline:
+        seen += process.stderr.readline()
+    assert "listening" in seen
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=10)
+    assert process.returncode == 0
+    assert "Traceback" not in err and "shutting down" in err
+
+
+def test_python_dash_m_works_too():
+    process = subprocess.run(
+        [sys.executable, "-m", "proxy.firehose"], env={**os.environ, "POLYGON_API_KEY": ""},
+        capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
+    )
+    assert process.returncode == 2 and "POLYGON_API_KEY" in process.stderr

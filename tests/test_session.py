@@ -1,0 +1,63 @@
+"""SessionState: the control conversation of one client, without sockets."""
+
+import json
+
+from proxy import protocol
+from proxy.session import CLOSE_POLICY_VIOLATION, Phase, SessionState, key_matches
+
+
+def statuses(reaction):
+    return [(event["status"], event["message"]) for reply in reaction.replies for event in json.loads(reply)]
+
+
+def test_auth_then_subscribe_then_unsubscribe():
+    state = SessionState(accepted_keys=frozenset({"good"}))
+    assert state.receive('{"action":"auth","params":"good"}').replies == (protocol.AUTH_SUCCESS,)
+    assert state.phase is Phase.AUTHENTICATED
+    reaction = state.receive('{"action":"subscribe","params":"T.AAPL,Q.MSFT"}')
+    assert [c.text for c in reaction.subscribe] == ["T.AAPL", "Q.MSFT"]
+    assert statuses(reaction) == [("success", "subscribed to: T.AAPL"), ("success", "subscribed to: Q.MSFT")]
+    reaction = state.receive('{"action":"unsubscribe","params":"T.AAPL"}')
+    assert [c.text for c in reaction.unsubscribe] == ["T.AAPL"]
+    assert statuses(reaction) == [("success", "unsubscribed to: T.AAPL")]
+
+
+def test_wrong_key_fails_and_closes():
+    state = SessionState(accepted_keys=frozenset({"good"}))
+    reaction = state.receive('{"action":"auth","params":"bad"}')
+    assert reaction.replies == (protocol.AUTH_FAILED,)
+    assert reaction.close_code == CLOSE_POLICY_VIOLATION
+    assert state.receive('{"action":"auth","params":"good"}').replies == ()  # closed: nothing more
+
+
+def test_subscribe_before_auth_is_an_error_and_the_session_goes_on():
+    state = SessionState(accepted_keys=frozenset({"good"}))
+    reaction = state.receive('{"action":"subscribe","params":"T.AAPL"}')
+    assert reaction.close_code is None and not reaction.subscribe
+    assert statuses(reaction)[0][0] == "error"
+    assert state.receive('{"action":"auth","params":"good"}').replies == (protocol.AUTH_SUCCESS,)
+
+
+def test_malformed_messages_get_an_error_status_not_a_close():
+    state = SessionState(accepted_keys=frozenset(), allow_any_key=True)
+    for message in ("nope", "[]", '{"action":"x","params":"y"}', b"\x00binary"):
+        reaction = state.receive(message)
+        assert reaction.close_code is None
+        assert statuses(reaction)[0][0] == "error"
+
+
+def test_auth_twice_is_an_error_and_any_key_mode_accepts_anything():
+    state = SessionState(accepted_keys=frozenset(), allow_any_key=True)
+    assert state.receive('{"action":"auth","params":"whatever"}').replies == (protocol.AUTH_SUCCESS,)
+    assert statuses(state.receive('{"action":"auth","params":"again"}')) == [("error", "already authenticated")]
+
+
+def test_timeout_answers_auth_timeout_and_closes():
+    reaction = SessionState(accepted_keys=frozenset({"k"})).timed_out()
+    assert reaction.replies == (protocol.AUTH_TIMEOUT,) and reaction.close_code == CLOSE_POLICY_VIOLATION
+
+
+def test_key_matches_every_accepted_key_and_nothing_else():
+    keys = frozenset({"alpha", "beta"})
+    assert key_matches("alpha", keys) and key_matches("beta", keys)
+    assert not key_matches("alph", keys) and not key_matches("", keys) and not key_matches("gamma", frozenset())

@@ -1,0 +1,210 @@
+"""The simulator behaves like Polygon: handshake, statuses, filtering, rate, faults, determinism."""
+
+import json
+import logging
+
+import trio
+
+from proxy.market import MarketModel, frame_of, synthetic_symbols
+from tests.conftest import POLYGON_KEY, Client, authed_client, connect, start_simulator
+
+
+def data_types(events):
+    return {event["ev"] for event in events}
+
+
+async def test_handshake_and_subscription_statuses_are_exact(nursery):
+    sim = await start_simulator(nursery, events_per_second=50)
+    client = await connect(nursery, sim.port)
+    assert await client.auth(POLYGON_KEY) == [
+        {"ev": "status", "status": "auth_success", "message": "authenticated"}
+    ]
+    await client.send("subscribe", "T.AAPL,Q.MSFT")
+    while client.frames[-1].find("subscribed to") < 0:
+        await client.receive()
+    assert client.frames[-1] == (
+        '[{"ev":"status","status":"success","message":"subscribed to: T.AAPL"},'
+        '{"ev":"status","status":"success","message":"subscribed to: Q.MSFT"}]'
+    )
+    await client.send("unsubscribe", "T.AAPL")
+    while client.frames[-1].find("unsubscribed to") < 0:
+        await client.receive()
+    assert client.frames[-1] == '[{"ev":"status","status":"success","message":"unsubscribed to: T.AAPL"}]'
+    assert sim.control_log == [(1, "subscribe", "T.AAPL,Q.MSFT"), (1, "unsubscribe", "T.AAPL")]
+
+
+async def test_wrong_key_gets_auth_failed_and_close(nursery):
+    sim = await start_simulator(nursery)
+    client = await connect(nursery, sim.port)
+    assert (await client.auth("wrong"))[0]["status"] == "auth_failed"
+    assert await client.close_code() == 1008
+
+
+async def test_no_auth_in_time_gets_auth_timeout_and_close(nursery):
+    sim = await start_simulator(nursery, auth_timeout_seconds=0.2)
+    client = await connect(nursery, sim.port)
+    assert (await client.next_status())[0] == {
+        "ev": "status", "status": "auth_timeout", "message": "No authentication request received."
+    }
+    assert await client.close_code() == 1008
+
+
+async def test_second_connection_for_a_key_gets_max_connections(nursery):
+    sim = await start_simulator(nursery)
+    await authed_client(nursery, sim.port, POLYGON_KEY)
+    second = await connect(nursery, sim.port)
+    assert (await second.auth(POLYGON_KEY))[0]["status"] == "max_connections"
+    assert await second.close_code() == 1008
+
+
+async def test_bare_star_is_refused_unless_allowed(nursery):
+    sim = await start_simulator(nursery, events_per_second=20)
+    client = await authed_client(nursery, sim.port, POLYGON_KEY)
+    assert (await client.request("subscribe", "*"))[0]["status"] == "error"
+    allowing = await start_simulator(nursery, allow_star=True, events_per_second=500)
+    client = await authed_client(nursery, allowing.port, POLYGON_KEY, subscribe="*")
+    events = await client.wait_events(200)
+    assert {"T", "Q"} <= data_types(events)
+
+
+async def test_each_connection_gets_only_what_its_channels_select(nursery):
+    sim = await start_simulator(nursery, events_per_second=3000, max_connections=2)
+    trades = await authed_client(nursery, sim.port, POLYGON_KEY, subscribe="T.*,Q.AAPL")
+    events = await trades.wait_events(300)
+    assert events and all(e["ev"] == "T" or (e["ev"] == "Q" and e["sym"] == "AAPL") for e in events)
+    assert data_types(events) == {"T", "Q"}
+
+
+async def test_event_rate_is_within_twenty_percent(nursery):
+    rate = 4000
+    sim = await start_simulator(nursery, events_per_second=rate)
+    client = await authed_client(nursery, sim.port, POLYGON_KEY, subscribe="T.*,Q.*,LULD.*,FMV.*")
+    await client.collect(0.5)  # let the stream settle after the subscribe
+    events = await client.collect(3.0)
+    measured = len(events) / 3.0
+    assert 0.8 * rate <= measured <= 1.2 * rate, measured
+
+
+async def test_aggregates_come_every_second(nursery):
+    sim = await start_simulator(nursery, events_per_second=1000)
+    client = await authed_client(nursery, sim.port, POLYGON_KEY, subscribe="A.*")
+    events = await client.collect(2.3)
+    assert events and data_types(events) == {"A"}
+    for event in events:
+        assert event["e"] - event["s"] == 1000 and event["l"] <= event["c"] <= event["h"]
+
+
+def test_market_model_is_deterministic_per_seed_and_quotes_are_consistent():
+    symbols = synthetic_symbols(100)
+    first, second = MarketModel(symbols, seed=42), MarketModel(symbols, seed=42)
+    frames_a = [frame_of(first.stream_events(500, 1_700_000_000_000 + n)) for n in range(5)]
+    frames_b = [frame_of(second.stream_events(500, 1_700_000_000_000 + n)) for n in range(5)]
+    assert frames_a == frames_b
+    assert first.second_aggregates(0) == second.second_aggregates(0)
+    other = MarketModel(symbols, seed=43)
+    assert frame_of(other.stream_events(500, 1_700_000_000_000)) != frames_a[0]
+    events = [e for frame in frames_a for e in json.loads(frame)]
+    quotes = [e for e in events if e["ev"] == "Q"]
+    assert quotes and all(q["bp"] < q["ap"] for q in quotes)
+
+
+def test_activity_is_zipf_like():
+    model = MarketModel(synthetic_symbols(1000), seed=1)
+    events = model.stream_events(20_000, 0)
+    counts = {}
+    for event in events:
+        counts[event.sym] = counts.get(event.sym, 0) + 1
+    ranked = sorted(counts.values(), reverse=True)
+    assert ranked[0] > 20 * (sorted(counts.values())[len(ranked) // 2])  # a busy head, a quiet tail
+    assert max(counts, key=counts.get) == "AAPL"  # the well-known names lead the ranking
+
+
+def test_official_client_models_parse_simulator_frames_without_warnings(caplog):
+    from massive.websocket.models import Market, parse
+
+    model = MarketModel(synthetic_symbols(20), seed=3)
+    events = model.stream_events(3000, 1_700_000_000_000)
+    events += model.second_aggregates(1_700_000_000_000) + model.minute_aggregates(1_700_000_000_000)
+    messages = json.loads(frame_of(events))
+    assert {m["ev"] for m in messages} == {"T", "Q", "LULD", "FMV", "A", "AM"}
+    logger = logging.getLogger("massive-test")
+    with caplog.at_level(logging.DEBUG, logger="massive-test"):
+        parsed = parse(messages, logger, Market.Stocks)
+    assert len(parsed) == len(messages)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    trade = next(p for p in parsed if type(p).__name__ == "EquityTrade")
+    assert trade.symbol and trade.price > 0
+
+
+# --- faults ------------------------------------------------------------------------------
+
+
+async def test_fault_drop_after_seconds(nursery):
+    sim = await start_simulator(nursery, drop_after_seconds=0.5)
+    client = await authed_client(nursery, sim.port, POLYGON_KEY, subscribe="T.*")
+    start = trio.current_time()
+    assert await client.close_code() == 1001
+    assert 0.3 < trio.current_time() - start < 2
+
+
+async def test_fault_drop_after_frames(nursery):
+    sim = await start_simulator(nursery, drop_after_frames=5, events_per_second=2000)
+    client = await authed_client(nursery, sim.port, POLYGON_KEY, subscribe="T.*,Q.*")
+    assert await client.close_code() == 1001
+    data_frames = [f for f in client.frames if '"ev":"status"' not in f]
+    assert len(data_frames) == 5
+
+
+async def test_fault_abrupt_close_sends_no_close_frame(nursery):
+    sim = await start_simulator(nursery)
+    client = await authed_client(nursery, sim.port, POLYGON_KEY, subscribe="T.*")
+    await client.wait_events(5)
+    sim.drop_all(abrupt=True)
+    assert await client.close_code() == 1006  # abnormal closure: no close frame arrived
+
+
+async def test_fault_malformed_frame(nursery):
+    sim = await start_simulator(nursery, events_per_second=500)
+    client = await authed_client(nursery, sim.port, POLYGON_KEY, subscribe="T.*,Q.*")
+    sim.faults.malformed_next = 1
+    with trio.fail_after(5):
+        while True:
+            message = await client.ws.get_message()
+            try:
+                json.loads(message)
+            except ValueError:
+                break
+    await client.wait_events(len(client.events) + 5)  # and the stream goes on
+
+
+async def test_fault_stall_answers_not_even_pings(nursery):
+    sim = await start_simulator(nursery, events_per_second=500)
+    client = await authed_client(nursery, sim.port, POLYGON_KEY, subscribe="T.*")
+    await client.ws.ping()  # answered while healthy
+    sim.faults.stall(1.0)
+    await trio.sleep(0.05)
+    with trio.move_on_after(0.5) as waited:
+        await client.ws.ping()
+    assert waited.cancelled_caught
+    count = len(client.events)
+    await client.collect(1.5)
+    assert len(client.events) > count  # data flows again once the stall ends
+
+
+async def test_fault_refuse_next_auths_then_accept(nursery):
+    sim = await start_simulator(nursery, refuse_auth=2)
+    for _ in range(2):
+        client = await connect(nursery, sim.port)
+        assert (await client.auth(POLYGON_KEY))[0]["status"] == "auth_failed"
+    client = await connect(nursery, sim.port)
+    assert (await client.auth(POLYGON_KEY))[0]["status"] == "auth_success"
+
+
+async def test_fault_forced_max_connections(nursery):
+    sim = await start_simulator(nursery)
+    sim.faults.force_max_connections = True
+    client = await connect(nursery, sim.port)
+    assert (await client.auth(POLYGON_KEY))[0]["status"] == "max_connections"
+    sim.faults.force_max_connections = False
+    client = await connect(nursery, sim.port)
+    assert (await client.auth(POLYGON_KEY))[0]["status"] == "auth_success"

@@ -1,0 +1,251 @@
+"""SubscriptionRegistry: unit cases and a Hypothesis state machine over its whole lifecycle."""
+
+from __future__ import annotations
+
+import msgspec
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from proxy.protocol import EVERYTHING_CHANNEL, Channel, parse_channel_list
+from proxy.routing import route_frame
+from proxy.subscriptions import SubscriptionRegistry, UpstreamDelta
+
+GRACE = 5.0
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def channels(text: str) -> set[Channel]:
+    return set(parse_channel_list(text))
+
+
+def make_registry(static: str = "") -> tuple[SubscriptionRegistry, FakeClock]:
+    clock = FakeClock()
+    return SubscriptionRegistry(clock=clock, grace_seconds=GRACE, static=channels(static) if static else ()), clock
+
+
+def test_overlapping_subscribers_cause_one_upstream_subscription():
+    registry, _ = make_registry()
+    first = registry.subscribe("a", channels("T.AAPL"))
+    second = registry.subscribe("b", channels("T.AAPL,T.GOOGL"))
+    assert first == UpstreamDelta(subscribe=tuple(channels("T.AAPL")))
+    assert second == UpstreamDelta(subscribe=tuple(channels("T.GOOGL")))
+    assert registry.upstream == channels("T.AAPL,T.GOOGL")
+
+
+def test_unsubscribe_waits_for_the_grace_and_a_resubscribe_cancels_it():
+    registry, clock = make_registry()
+    registry.subscribe("a", channels("T.AAPL"))
+    assert not registry.unsubscribe("a", channels("T.AAPL"))
+    assert registry.next_deadline() == clock.now + GRACE
+    clock.now += GRACE - 0.01
+    assert not registry.expire()
+    assert not registry.subscribe("b", channels("T.AAPL"))  # back inside the grace: nothing to send
+    clock.now += 100
+    assert not registry.expire()
+    assert registry.upstream == channels("T.AAPL")
+    registry.remove_subscriber("b")
+    clock.now += GRACE
+    assert registry.expire() == UpstreamDelta(unsubscribe=tuple(channels("T.AAPL")))
+    assert registry.upstream == frozenset()
+
+
+def test_type_wildcard_collapses_and_its_symbols_come_back_when_it_goes():
+    registry, clock = make_registry()
+    registry.subscribe("a", channels("T.AAPL"))
+    delta = registry.subscribe("b", channels("T.*"))
+    assert delta == UpstreamDelta(subscribe=(Channel("T", "*"),), unsubscribe=(Channel("T", "AAPL"),))
+    assert registry.upstream == channels("T.*")
+    assert not registry.remove_subscriber("b")  # T.* stays for its grace, covering T.AAPL
+    clock.now += GRACE
+    assert registry.expire() == UpstreamDelta(
+        subscribe=(Channel("T", "AAPL"),), unsubscribe=(Channel("T", "*"),)
+    )
+
+
+def test_star_is_a_delivery_rule_not_an_upstream_channel():
+    registry, _ = make_registry()
+    assert not registry.subscribe("a", {EVERYTHING_CHANNEL})
+    assert registry.upstream == frozenset()
+    assert registry.everything_subscribers == {"a"}
+    assert registry.channel_targets("T", "AAPL") == ()
+
+
+def test_static_channels_are_always_held():
+    registry, clock = make_registry("T.*,AM.*")
+    assert registry.upstream == channels("T.*,AM.*")
+    registry.subscribe("a", channels("T.AAPL,Q.MSFT"))
+    assert registry.upstream == channels("T.*,AM.*,Q.MSFT")
+    registry.remove_subscriber("a")
+    clock.now += GRACE
+    registry.expire()
+    assert registry.upstream == channels("T.*,AM.*")
+
+
+def test_each_subscriber_selected_once_despite_overlaps():
+    registry, _ = make_registry()
+    registry.subscribe("a", channels("T.AAPL,T.*"))
+    registry.subscribe("b", channels("*,T.AAPL"))
+    frame = '[{"ev":"T","sym":"AAPL","p":1},{"ev":"Q","sym":"AAPL","p":2}]'
+    routed = route_frame(frame, registry)
+    assert routed.whole == frame  # b holds *: the frame verbatim, and nothing else
+    assert routed.batches == {"a": (b'{"ev":"T","sym":"AAPL","p":1}', 1)}
+
+
+# --- the state machine ----------------------------------------------------------------------
+
+SUBSCRIBERS = ("s1", "s2", "s3", "s4")
+UNIVERSE = [
+    Channel("T", "AAPL"), Channel("T", "MSFT"), Channel("T", "BRK.A"), Channel("T", "*"),
+    Channel("Q", "AAPL"), Channel("Q", "*"), Channel("AM", "AAPL"), EVERYTHING_CHANNEL,
+]
+EVENTS = [("T", "AAPL"), ("T", "MSFT"), ("T", "BRK.A"), ("Q", "AAPL"), ("Q", "MSFT"),
+          ("AM", "AAPL"), ("LULD", "AAPL")]
+channel_sets = st.sets(st.sampled_from(UNIVERSE), min_size=1, max_size=4)
+
+
+def collapse(held: set[Channel] | frozenset[Channel]) -> set[Channel]:
+    """The reference wildcard collapse, written apart from the module under test."""
+    upstream = {channel for channel in held if channel.ev_type != "*"}
+    return {
+        channel for channel in upstream
+        if channel.symbol == "*" or Channel(channel.ev_type, "*") not in upstream
+    }
+
+
+def reference_selects(held: set[Channel], ev_type: str, symbol: str) -> bool:
+    return any(
+        channel.is_everything
+        or (channel.ev_type == ev_type and channel.symbol in ("*", symbol))
+        for channel in held
+    )
+
+
+def covered(channel: Channel, held: frozenset[Channel] | set[Channel]) -> bool:
+    return any(other.covers(channel) for other in held)
+
+
+class RegistryMachine(RuleBasedStateMachine):
+    @initialize(static=st.sets(st.sampled_from(UNIVERSE[:-1]), max_size=2))
+    def start(self, static):
+        self.clock = FakeClock()
+        self.static = static
+        self.registry = SubscriptionRegistry(clock=self.clock, grace_seconds=GRACE, static=static)
+        self.model: dict[str, set[Channel]] = {}
+        self.replayed = set(collapse(static))
+        self.unneeded_since: dict[Channel, float] = {}
+
+    # --- steps ---------------------------------------------------------------------
+
+    @rule(who=st.sampled_from(SUBSCRIBERS), wanted=channel_sets)
+    def subscribe(self, who, wanted):
+        self.model.setdefault(who, set()).update(wanted)
+        self.apply(self.registry.subscribe(who, wanted))
+
+    @rule(who=st.sampled_from(SUBSCRIBERS), unwanted=channel_sets)
+    def unsubscribe(self, who, unwanted):
+        if who in self.model:
+            self.model[who] -= unwanted
+        self.apply(self.registry.unsubscribe(who, unwanted))
+
+    @rule(who=st.sampled_from(SUBSCRIBERS))
+    def disconnect(self, who):
+        self.model.pop(who, None)
+        self.apply(self.registry.remove_subscriber(who))
+
+    @rule(seconds=st.sampled_from([0.5, 1.0, GRACE - 0.001, GRACE, GRACE + 1, 30.0]))
+    def advance_time(self, seconds):
+        self.clock.now += seconds
+        self.apply(self.registry.expire())
+
+    @precondition(lambda self: self.model)
+    @rule()
+    def everyone_leaves_and_the_grace_passes(self):
+        for who in list(self.model):
+            self.disconnect(who)
+        self.advance_time(GRACE)
+        # (e) only the static channels remain
+        assert self.registry.upstream == collapse(self.static)
+
+    # --- the delta checks (b, c) -------------------------------------------------------
+
+    def apply(self, delta: UpstreamDelta) -> None:
+        before = set(self.replayed)
+        for channel in delta.subscribe:
+            assert channel not in before, f"re-subscribed {channel} already held"
+            assert not channel.is_everything
+            self.replayed.add(channel)
+        for channel in delta.unsubscribe:
+            assert channel in before, f"unsubscribed {channel} that was not held"
+            self.replayed.discard(channel)
+        wanted = self.wanted()
+        for channel in delta.unsubscribe:
+            if covered(channel, self.replayed):
+                continue  # a wildcard now brings its events: dropping it loses nothing
+            assert channel not in collapse(wanted), f"unsubscribed {channel} someone still needs"
+            since = self.unneeded_since.get(channel)
+            assert since is not None and self.clock.now - since >= GRACE, (
+                f"unsubscribed {channel} before its grace had passed"
+            )
+        for channel in wanted:
+            assert covered(channel, self.replayed), f"{channel} is wanted but not covered upstream"
+        needed = collapse(wanted)
+        for channel in self.replayed:
+            if channel in needed:
+                self.unneeded_since.pop(channel, None)
+            else:
+                self.unneeded_since.setdefault(channel, self.clock.now)
+        for channel in list(self.unneeded_since):
+            if channel not in self.replayed:
+                del self.unneeded_since[channel]
+
+    def wanted(self) -> set[Channel]:
+        union = set(self.static)
+        for held in self.model.values():
+            union |= {channel for channel in held if not channel.is_everything}
+        return union
+
+    # --- invariants (a, b, d) ---------------------------------------------------------------
+
+    @invariant()
+    def upstream_is_the_collapsed_union_of_wanted_and_grace(self):
+        grace = self.registry.in_grace()
+        for channel, deadline in grace.items():
+            assert self.clock.now < deadline <= self.clock.now + GRACE
+            assert channel not in collapse(self.wanted())
+        assert self.registry.upstream == collapse(self.wanted() | set(grace))
+
+    @invariant()
+    def replaying_every_delta_gives_the_upstream_set(self):
+        assert self.registry.upstream == self.replayed
+
+    @invariant()
+    def routing_equals_a_brute_force_filter(self):
+        for who, held in self.model.items():
+            assert self.registry.channels_of(who) == held
+        frame = "[" + ",".join(
+            msgspec.json.encode({"ev": ev, "sym" if ev != "LULD" else "T": sym, "n": n}).decode()
+            for n, (ev, sym) in enumerate(EVENTS)
+        ) + ",{\"ev\":\"T\"}]"
+        routed = route_frame(frame, self.registry)
+        star = {who for who, held in self.model.items() if EVERYTHING_CHANNEL in held}
+        assert set(self.registry.everything_subscribers) == star
+        for who, held in self.model.items():
+            if who in star:
+                assert who not in routed.batches
+                continue
+            expected = [n for n, (ev, sym) in enumerate(EVENTS) if reference_selects(held, ev, sym)]
+            joined, count = routed.batches.get(who, (b"", 0))
+            got = [event["n"] for event in msgspec.json.decode(b"[" + joined + b"]")] if count else []
+            assert got == expected
+
+
+RegistryMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=30, deadline=None)
+TestRegistryStateMachine = RegistryMachine.TestCase
