@@ -111,6 +111,9 @@ class MarketModel:
         half_spread = max(0.005, round(state.price * 0.0002, 4))
         bid = round(state.price - half_spread, 4)
         ask = round(state.price + half_spread, 4)
+        if draw >= 1 - self.RARE_SHARE / 2:  # FMV carries no sequence number
+            payload = {"ev": "FMV", "fmv": round(state.price, 4), "sym": symbol, "t": now_ms * 1_000_000}
+            return Event("FMV", symbol, _encode(payload))
         sequence = next(self._sequence)
         if draw < self.TRADE_SHARE:
             price = round(rnd.uniform(bid, ask), 4)
@@ -127,14 +130,11 @@ class MarketModel:
                        "as": rnd.randint(1, 50) * 100, "c": 0, "i": [604], "t": now_ms,
                        "q": sequence, "z": rnd.randint(1, 3)}
             return Event("Q", symbol, _encode(payload))
-        if draw < 1 - self.RARE_SHARE / 2:
-            band = round(state.day_open * 0.05, 2)
-            payload = {"ev": "LULD", "T": symbol, "h": round(state.day_open + band, 2),
-                       "l": round(max(0.01, state.day_open - band), 2), "i": [21],
-                       "z": rnd.randint(1, 3), "t": now_ms * 1000, "q": sequence}
-            return Event("LULD", symbol, _encode(payload))
-        payload = {"ev": "FMV", "fmv": round(state.price, 4), "sym": symbol, "t": now_ms * 1_000_000}
-        return Event("FMV", symbol, _encode(payload))
+        band = round(state.day_open * 0.05, 2)
+        payload = {"ev": "LULD", "T": symbol, "h": round(state.day_open + band, 2),
+                   "l": round(max(0.01, state.day_open - band), 2), "i": [21],
+                   "z": rnd.randint(1, 3), "t": now_ms * 1000, "q": sequence}
+        return Event("LULD", symbol, _encode(payload))
 
     def _record_trade(self, state: _SymbolState, price: float, size: int) -> None:
         state.day_volume += size

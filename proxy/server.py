@@ -103,9 +103,11 @@ class Hub:
         session.notify()
 
     def _apply_demand(self, delta: object) -> None:
+        # Pulse even for an empty delta: an unsubscribe that only starts a grace
+        # period changes the registry's next deadline, which the grace task must see.
         if delta:
             log.debug("upstream demand changed: %s", delta)
-            self.demand_changed.pulse()
+        self.demand_changed.pulse()
 
     def deliver(self, routed: RoutedFrame) -> None:
         """Queue a routed frame for every selected session; never waits on any of them."""
@@ -226,14 +228,17 @@ async def _send_loop(
         while True:
             await session.wakeup.wait()
             session.wakeup = trio.Event()
-            if session.outbox.overflowed:
-                await ws.send_message(SLOW_CONSUMER)
-                await ws.aclose(*session.close_request or (CLOSE_POLICY_VIOLATION, "slow consumer"))
-                return
             events = session.outbox.queued_events
             for frame in session.outbox.take_frames():
+                if session.outbox.overflowed:
+                    break  # overflowed while we were blocked sending: stop at once
                 await ws.send_message(frame if isinstance(frame, str) else frame.decode())
-            session.events_sent += events
+            else:
+                session.events_sent += events
+            if session.outbox.overflowed:
+                await ws.send_message(SLOW_CONSUMER)
+                await ws.aclose(CLOSE_POLICY_VIOLATION, "slow consumer")
+                return
             if session.close_request is not None:
                 await ws.aclose(*session.close_request)
                 return

@@ -20,6 +20,7 @@ import time
 import attrs
 import trio
 from wsproto import ConnectionType, WSConnection
+from wsproto.utilities import LocalProtocolError
 from wsproto.events import (
     AcceptConnection,
     BytesMessage,
@@ -122,7 +123,11 @@ class WsPeer:
             await self._pump()
 
     async def send_text(self, text: str) -> None:
-        await self._write(self.ws.send(TextMessage(data=text)))
+        try:
+            data = self.ws.send(TextMessage(data=text))
+        except LocalProtocolError:  # the WebSocket is already closing or closed
+            raise PeerClosed() from None
+        await self._write(data)
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
         try:
@@ -167,6 +172,9 @@ class Simulator:
     events_generated: int = 0
     #: Every subscribe / unsubscribe received, in order: (connection id, action, params).
     control_log: list[tuple[int, str, str]] = attrs.field(factory=list)
+    #: When set, every data frame sent is kept here, by connection id (tests compare bytes).
+    record_frames: bool = False
+    sent_frames: dict[int, list[str]] = attrs.field(factory=dict)
 
     def drop_all(self, *, abrupt: bool = False) -> None:
         self.faults.abrupt = abrupt
@@ -270,8 +278,8 @@ async def _serve_connection(simulator: Simulator, stream: trio.SocketStream) -> 
                 nursery.start_soon(_drop_when_told, simulator, peer, connection, nursery.cancel_scope)
         finally:
             simulator.connections.discard(connection)
-    except PeerClosed:
-        pass
+    except* PeerClosed:
+        pass  # the peer went away; that ends this connection and nothing else
     finally:
         with trio.CancelScope(shield=True):
             await stream.aclose()
@@ -357,6 +365,8 @@ async def _send_frames(simulator: Simulator, peer: WsPeer, connection: SimConnec
             frame = MALFORMED_FRAME
         await peer.send_text(frame)
         connection.frames_sent += 1
+        if simulator.record_frames:
+            simulator.sent_frames.setdefault(connection.id, []).append(frame)
         if faults.drop_after_frames is not None and connection.frames_sent >= faults.drop_after_frames:
             connection.drop.set()
 
