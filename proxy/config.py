@@ -61,7 +61,8 @@ class TierConfig:
     #: Keys clients must present; empty with allow_any_key means anyone may connect.
     api_keys: frozenset[str]
     allow_any_key: bool
-    metrics_port: int
+    #: HTTP port for /healthz, /readyz, /metrics; None = off (the variable set to 0).
+    metrics_port: int | None
     market: str = "stocks"
     log_level: str = "info"
     unsubscribe_grace_seconds: float = 5.0
@@ -202,7 +203,7 @@ def load_firehose_config() -> TierConfig:
         port=_read(source, "FIREHOSE_PORT", "8767", _port),
         api_keys=accepted or frozenset({api_key}),
         allow_any_key=False,
-        metrics_port=_read(source, "FIREHOSE_METRICS_PORT", "9767", _port),
+        metrics_port=_read(source, "FIREHOSE_METRICS_PORT", "9767", _port) or None,
         **_shared(source),
     )
 
@@ -223,7 +224,7 @@ def load_filtered_config() -> TierConfig:
         port=_read(source, "FILTERED_PROXY_PORT", "8765", _port),
         api_keys=accepted,
         allow_any_key=not accepted,
-        metrics_port=_read(source, "FILTERED_METRICS_PORT", "9765", _port),
+        metrics_port=_read(source, "FILTERED_METRICS_PORT", "9765", _port) or None,
         **_shared(source),
     )
 

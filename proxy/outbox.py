@@ -36,22 +36,26 @@ class Outbox:
     queued_events: int = 0
     dropped_events: int = 0
     overflowed: bool = False
+    #: When the oldest data now queued arrived from upstream (for the routing-latency metric).
+    oldest_received_at: float | None = None
     _entries: deque[_Entry] = attrs.field(factory=deque, init=False)
 
-    def put_events(self, joined_events: bytes, count: int) -> bool:
+    def put_events(self, joined_events: bytes, count: int, received_at: float | None = None) -> bool:
         """Queue a comma-joined run of raw events; False once the client must be disconnected."""
-        return self._put(_Entry(joined_events, count, verbatim=False))
+        return self._put(_Entry(joined_events, count, verbatim=False), received_at)
 
-    def put_frame(self, frame: str | bytes, count: int = 1) -> bool:
+    def put_frame(self, frame: str | bytes, count: int = 1, received_at: float | None = None) -> bool:
         """Queue a whole frame to be sent byte for byte; ``count`` is how many events it holds."""
-        return self._put(_Entry(frame, max(count, 1), verbatim=True))
+        return self._put(_Entry(frame, max(count, 1), verbatim=True), received_at)
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def _put(self, entry: _Entry) -> bool:
+    def _put(self, entry: _Entry, received_at: float | None) -> bool:
         if self.overflowed:
             return False
+        if received_at is not None and self.oldest_received_at is None:
+            self.oldest_received_at = received_at
         if self.queued_events + entry.events > self.capacity_events and self._entries:
             if self.policy is SlowClientPolicy.DISCONNECT:
                 self.overflowed = True
@@ -83,6 +87,7 @@ class Outbox:
             frames.append(_join(run))
         self._entries.clear()
         self.queued_events = 0
+        self.oldest_received_at = None
         return frames
 
 

@@ -24,7 +24,8 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketReque
 from . import protocol
 from .beacon import Beacon
 from .config import TierConfig
-from .outbox import Outbox
+from .metrics import TierStats
+from .outbox import Outbox, SlowClientPolicy
 from .routing import RoutedFrame
 from .session import (
     CLOSE_GOING_AWAY,
@@ -66,9 +67,11 @@ class Hub:
 
     config: TierConfig
     registry: SubscriptionRegistry
+    stats: TierStats = attrs.field(factory=TierStats)
+    #: Called with seconds from upstream arrival to socket, once per batch a sender writes.
+    observe_latency: Callable[[float], None] = lambda seconds: None
     demand_changed: Beacon = attrs.field(factory=Beacon)
     sessions: set[ClientSession] = attrs.field(factory=set)
-    slow_disconnects: int = 0
     _ids: itertools.count = attrs.field(factory=lambda: itertools.count(1))
 
     def open_session(self, peer: str) -> ClientSession:
@@ -84,14 +87,29 @@ class Hub:
         )
         self.sessions.add(session)
         self.registry.add_subscriber(session)
+        self.stats.clients_total += 1
         return session
 
     def close_session(self, session: ClientSession) -> None:
         self.sessions.discard(session)
         self._apply_demand(self.registry.remove_subscriber(session))
+        if session.outbox.overflowed:
+            self.stats.dropped_slow_consumer += session.outbox.dropped_events
+        else:
+            self.stats.dropped_drop_oldest += session.outbox.dropped_events
+
+    def dropped_by_live_sessions(self, policy: SlowClientPolicy) -> int:
+        return sum(
+            s.outbox.dropped_events for s in self.sessions
+            if s.outbox.overflowed == (policy is SlowClientPolicy.DISCONNECT)
+        )
 
     def react(self, session: ClientSession, reaction: Reaction) -> None:
         """Apply what the session state decided: demand changes first, then answers."""
+        if reaction.outcome == "error":
+            self.stats.control_errors += 1
+        elif reaction.outcome == "auth_failed":
+            self.stats.auth_failures += 1
         if reaction.subscribe:
             self._apply_demand(self.registry.subscribe(session, reaction.subscribe))
         if reaction.unsubscribe:
@@ -109,17 +127,17 @@ class Hub:
             log.debug("upstream demand changed: %s", delta)
         self.demand_changed.pulse()
 
-    def deliver(self, routed: RoutedFrame) -> None:
+    def deliver(self, routed: RoutedFrame, received_at: float) -> None:
         """Queue a routed frame for every selected session; never waits on any of them."""
         touched: list[ClientSession] = []
         if routed.whole is not None:
             for session in self.registry.everything_subscribers:
-                if session.outbox.put_frame(routed.whole, routed.event_count):
+                if session.outbox.put_frame(routed.whole, routed.event_count, received_at):
                     touched.append(session)
                 else:
                     self._overflowed(session)
         for session, (joined, count) in routed.batches.items():
-            if session.outbox.put_events(joined, count):
+            if session.outbox.put_events(joined, count, received_at):
                 touched.append(session)
             else:
                 self._overflowed(session)
@@ -136,7 +154,7 @@ class Hub:
     def _overflowed(self, session: ClientSession) -> None:
         if session.close_request is None:
             session.close_request = (CLOSE_POLICY_VIOLATION, "slow consumer")
-            self.slow_disconnects += 1
+            self.stats.slow_consumer_disconnects += 1
             log.warning(
                 "%s is a slow consumer: %d events dropped, disconnecting (SLOW_CLIENT_POLICY=disconnect)",
                 session, session.outbox.dropped_events,
@@ -184,7 +202,7 @@ async def _run_session(hub: Hub, ws: WebSocketConnection) -> None:
     try:
         await ws.send_message(protocol.CONNECTED)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_send_loop, ws, session, nursery.cancel_scope.cancel)
+            nursery.start_soon(_send_loop, hub, ws, session, nursery.cancel_scope.cancel)
             await _read_loop(hub, ws, session)
             if session.close_request is None:
                 nursery.cancel_scope.cancel()
@@ -222,20 +240,27 @@ async def _read_loop(hub: Hub, ws: WebSocketConnection, session: ClientSession) 
 
 
 async def _send_loop(
-    ws: WebSocketConnection, session: ClientSession, stop: Callable[[], None]
+    hub: Hub, ws: WebSocketConnection, session: ClientSession, stop: Callable[[], None]
 ) -> None:
+    stats, outbox = hub.stats, session.outbox
     try:
         while True:
             await session.wakeup.wait()
             session.wakeup = trio.Event()
-            events = session.outbox.queued_events
-            for frame in session.outbox.take_frames():
-                if session.outbox.overflowed:
+            events, received_at = outbox.queued_events, outbox.oldest_received_at
+            for frame in outbox.take_frames():
+                if outbox.overflowed:
                     break  # overflowed while we were blocked sending: stop at once
-                await ws.send_message(frame if isinstance(frame, str) else frame.decode())
+                text = frame if isinstance(frame, str) else frame.decode()
+                await ws.send_message(text)
+                stats.frames_out += 1
+                stats.bytes_out += len(text)
             else:
                 session.events_sent += events
-            if session.outbox.overflowed:
+                stats.events_out += events
+                if received_at is not None:
+                    hub.observe_latency(trio.current_time() - received_at)
+            if outbox.overflowed:
                 await ws.send_message(SLOW_CONSUMER)
                 await ws.aclose(CLOSE_POLICY_VIOLATION, "slow consumer")
                 return

@@ -38,6 +38,8 @@ class Reaction:
     unsubscribe: tuple[Channel, ...] = ()
     close_code: int | None = None
     close_reason: str = ""
+    #: "ok", or what went wrong: "error", "auth_failed", "auth_timeout" (counted by the tier).
+    outcome: str = "ok"
 
 
 def key_matches(presented: str, accepted: Collection[str]) -> bool:
@@ -64,13 +66,14 @@ class SessionState:
                 message, max_channels=self.max_channels_per_message
             )
         except ProtocolError as error:
-            return Reaction(replies=(protocol.error_frame(error.message),))
+            return Reaction(replies=(protocol.error_frame(error.message),), outcome="error")
         if isinstance(action, Auth):
             return self._auth(action)
         if self.phase is not Phase.AUTHENTICATED:
             return Reaction(
                 replies=(protocol.error_frame(
-                    f"not authenticated: send auth before {type(action).__name__.lower()}"),)
+                    f"not authenticated: send auth before {type(action).__name__.lower()}"),),
+                outcome="error",
             )
         if isinstance(action, Subscribe):
             return Reaction(
@@ -85,7 +88,7 @@ class SessionState:
 
     def _auth(self, action: Auth) -> Reaction:
         if self.phase is Phase.AUTHENTICATED:
-            return Reaction(replies=(protocol.error_frame("already authenticated"),))
+            return Reaction(replies=(protocol.error_frame("already authenticated"),), outcome="error")
         if self.allow_any_key or key_matches(action.api_key, self.accepted_keys):
             self.phase = Phase.AUTHENTICATED
             return Reaction(replies=(protocol.AUTH_SUCCESS,))
@@ -94,6 +97,7 @@ class SessionState:
             replies=(protocol.AUTH_FAILED,),
             close_code=CLOSE_POLICY_VIOLATION,
             close_reason="authentication failed",
+            outcome="auth_failed",
         )
 
     def timed_out(self) -> Reaction:
@@ -103,4 +107,5 @@ class SessionState:
             replies=(protocol.AUTH_TIMEOUT,),
             close_code=CLOSE_POLICY_VIOLATION,
             close_reason="authentication timeout",
+            outcome="auth_timeout",
         )

@@ -15,8 +15,13 @@ import logging
 import attrs
 import trio
 
+from prometheus_client import CollectorRegistry
+
 from . import protocol
 from .config import TierConfig
+from .http import serve_http
+from .metrics import TierCollector, TierStats, new_latency_histogram
+from .outbox import SlowClientPolicy
 from .routing import FrameError, route_frame
 from .server import Hub, serve_clients
 from .subscriptions import SubscriptionRegistry
@@ -24,6 +29,7 @@ from .upstream import LinkState, UpstreamLink
 
 log = logging.getLogger("proxy.tier")
 FRAME_QUEUE = 256
+SUMMARY_INTERVAL_SECONDS = 60.0
 #: Statuses an upstream proxy tier sends about its own upstream; relayed to our clients.
 RELAYED_STATUSES = frozenset({"upstream_disconnected", "upstream_connected"})
 UPSTREAM_DISCONNECTED = "upstream_disconnected"
@@ -36,10 +42,21 @@ class Tier:
     registry: SubscriptionRegistry
     hub: Hub
     link: UpstreamLink
+    stats: TierStats
+    metrics: CollectorRegistry
     port: int = 0
-    frames_in: int = 0
-    events_in: int = 0
-    bad_frames: int = 0
+    metrics_port: int = 0
+
+    def readiness(self) -> tuple[bool, str]:
+        """Ready only while the upstream is connected and authenticated; else why not."""
+        if self.link.state is LinkState.CONNECTED:
+            return True, f"ready: {self.link.label} connected"
+        return False, f"not ready: {self.link.label} {self.link.state.value} ({self.link.last_error})"
+
+    def dropped(self, policy: SlowClientPolicy) -> int:
+        closed = (self.stats.dropped_slow_consumer if policy is SlowClientPolicy.DISCONNECT
+                  else self.stats.dropped_drop_oldest)
+        return closed + self.hub.dropped_by_live_sessions(policy)
 
 
 def _upstream_label(config: TierConfig) -> str:
@@ -54,8 +71,11 @@ async def run_tier(
         grace_seconds=config.unsubscribe_grace_seconds,
         static=config.static_channels,
     )
-    hub = Hub(config=config, registry=registry)
-    frames_send, frames_receive = trio.open_memory_channel[str | bytes](FRAME_QUEUE)
+    stats = TierStats()
+    metrics = CollectorRegistry()
+    latency = new_latency_histogram(metrics)
+    hub = Hub(config=config, registry=registry, stats=stats, observe_latency=latency.observe)
+    frames_send, frames_receive = trio.open_memory_channel[tuple[str | bytes, float]](FRAME_QUEUE)
     label = _upstream_label(config)
 
     def connected() -> None:
@@ -83,29 +103,38 @@ async def run_tier(
         keepalive_timeout=config.keepalive_timeout_seconds,
         ca_file=config.upstream_ca_file,
     )
-    tier = Tier(config=config, registry=registry, hub=hub, link=link)
+    tier = Tier(config=config, registry=registry, hub=hub, link=link, stats=stats, metrics=metrics)
+    metrics.register(TierCollector(tier))
     async with trio.open_nursery() as nursery:
         nursery.start_soon(link.run)
         nursery.start_soon(_route_frames, tier, frames_receive)
         nursery.start_soon(_expire_grace, tier)
+        nursery.start_soon(_log_summary, tier)
         tier.port = await nursery.start(serve_clients, hub)
         log.info("Listening for clients on ws://%s:%d", config.host, tier.port)
+        if config.metrics_port is not None:
+            tier.metrics_port = await nursery.start(
+                serve_http, config.host, config.metrics_port, tier.readiness, metrics
+            )
         task_status.started(tier)
 
 
-async def _route_frames(tier: Tier, frames: trio.MemoryReceiveChannel[str | bytes]) -> None:
+async def _route_frames(
+    tier: Tier, frames: trio.MemoryReceiveChannel[tuple[str | bytes, float]]
+) -> None:
     """Route every upstream frame; the only await is for the next frame."""
-    registry, hub = tier.registry, tier.hub
-    async for frame in frames:
+    registry, hub, stats = tier.registry, tier.hub, tier.stats
+    async for frame, received_at in frames:
+        stats.bytes_in += len(frame)
         try:
             routed = route_frame(frame, registry)
         except FrameError as error:
-            tier.bad_frames += 1
+            stats.bad_frames += 1
             log.warning("dropped a malformed frame from upstream (%s): %.120r", error, frame)
             continue
-        tier.frames_in += 1
-        tier.events_in += routed.event_count
-        hub.deliver(routed)
+        stats.frames_in += 1
+        stats.events_in += routed.event_count
+        hub.deliver(routed, received_at)
         for status in routed.statuses:
             _handle_upstream_status(tier, status)
 
@@ -136,5 +165,20 @@ async def _expire_grace(tier: Tier) -> None:
             demand.pulse()
 
 
-def is_ready(tier: Tier) -> bool:
-    return tier.link.state is LinkState.CONNECTED
+async def _log_summary(tier: Tier, interval: float = SUMMARY_INTERVAL_SECONDS) -> None:
+    """Once a minute, the figures an operator looks at first."""
+    stats = tier.stats
+    last_in, last_out, last_time = stats.events_in, stats.events_out, trio.current_time()
+    while True:
+        await trio.sleep(interval)
+        now = trio.current_time()
+        elapsed = max(now - last_time, 1e-9)
+        drops = tier.dropped(SlowClientPolicy.DISCONNECT) + tier.dropped(SlowClientPolicy.DROP_OLDEST)
+        log.info(
+            "summary: %d clients, %.0f events/s in, %.0f events/s out, %d events dropped in all, "
+            "%d slow-consumer disconnects, upstream %s, %d reconnects",
+            len(tier.hub.sessions), (stats.events_in - last_in) / elapsed,
+            (stats.events_out - last_out) / elapsed, drops, stats.slow_consumer_disconnects,
+            tier.link.state.value, tier.link.reconnects,
+        )
+        last_in, last_out, last_time = stats.events_in, stats.events_out, now

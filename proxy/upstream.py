@@ -65,7 +65,7 @@ class UpstreamLink:
     api_key: str
     desired: Callable[[], frozenset[Channel]]
     demand_changed: Beacon
-    frames: trio.MemorySendChannel[str | bytes]
+    frames: trio.MemorySendChannel[tuple[str | bytes, float]]
     extra: tuple[Channel, ...] = ()
     on_connected: Callable[[], None] = lambda: None
     on_disconnected: Callable[[str], None] = lambda reason: None
@@ -144,7 +144,8 @@ class UpstreamLink:
                 nursery.start_soon(self._keep_subscribed, ws)
                 nursery.start_soon(self._keepalive, ws)
                 while True:
-                    await self.frames.send(await ws.get_message())
+                    message = await ws.get_message()
+                    await self.frames.send((message, trio.current_time()))
 
     async def _expect(self, ws: WebSocketConnection, wanted: str) -> None:
         message = await ws.get_message()

@@ -32,7 +32,7 @@ def firehose_config(simulator: Simulator, **overrides: Any) -> TierConfig:
     defaults: dict[str, Any] = dict(
         tier="firehose", upstream_url=f"ws://127.0.0.1:{simulator.port}/stocks",
         upstream_api_key=POLYGON_KEY, upstream_extra=(), static_channels=(), host="127.0.0.1",
-        port=0, api_keys=frozenset({FIREHOSE_KEY}), allow_any_key=False, metrics_port=0,
+        port=0, api_keys=frozenset({FIREHOSE_KEY}), allow_any_key=False, metrics_port=None,
         unsubscribe_grace_seconds=0.3, backoff=FAST_BACKOFF,
         keepalive_interval_seconds=0.5, keepalive_timeout_seconds=1.0,
     )
@@ -44,7 +44,7 @@ def filtered_config(firehose: Tier | int, **overrides: Any) -> TierConfig:
     defaults: dict[str, Any] = dict(
         tier="filtered", upstream_url=f"ws://127.0.0.1:{port}", upstream_api_key=FIREHOSE_KEY,
         upstream_extra=(EVERYTHING_CHANNEL,), static_channels=(), host="127.0.0.1", port=0,
-        api_keys=frozenset({CLIENT_KEY}), allow_any_key=False, metrics_port=0,
+        api_keys=frozenset({CLIENT_KEY}), allow_any_key=False, metrics_port=None,
         unsubscribe_grace_seconds=0.3, backoff=FAST_BACKOFF,
         keepalive_interval_seconds=0.5, keepalive_timeout_seconds=1.0,
     )

@@ -154,7 +154,7 @@ async def test_malformed_upstream_frame_is_dropped_and_counted(nursery):
     client = await authed_client(nursery, firehose.port, FIREHOSE_KEY, subscribe="T.*,Q.*")
     await client.wait_events(5)
     sim.faults.malformed_next = 1
-    await wait_until(lambda: firehose.bad_frames == 1)
+    await wait_until(lambda: firehose.stats.bad_frames == 1)
     count = len(client.events)
     await client.wait_events(count + 10)
 
@@ -169,7 +169,7 @@ async def test_slow_downstream_is_disconnected_and_others_miss_nothing(nursery):
     slow = await authed_client(nursery, firehose.port, FIREHOSE_KEY, subscribe="*")
     # `slow` never reads again: its socket fills, then its outbox, then the policy acts.
     await healthy.collect(0.3)
-    await wait_until(lambda: firehose.hub.slow_disconnects == 1, timeout=15, what="slow consumer")
+    await wait_until(lambda: firehose.stats.slow_consumer_disconnects == 1, timeout=15, what="slow consumer")
     await healthy.collect(0.5)
     sequence = [e["q"] for e in healthy.events if "q" in e]
     assert sequence == list(range(sequence[0], sequence[0] + len(sequence))), "gap for the healthy client"
@@ -192,7 +192,7 @@ async def test_drop_oldest_policy_keeps_the_client_and_counts(nursery):
     slow = await authed_client(nursery, firehose.port, FIREHOSE_KEY, subscribe="*")
     session = next(iter(firehose.hub.sessions))
     await wait_until(lambda: session.outbox.dropped_events > 0, timeout=15, what="drops")
-    assert firehose.hub.slow_disconnects == 0
+    assert firehose.stats.slow_consumer_disconnects == 0
     events = await slow.collect(0.5)
     assert events  # still connected and served, newest data first
 

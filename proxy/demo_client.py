@@ -1,0 +1,77 @@
+"""The demo's sample client: subscribes like the seed's example and prints its filtered stream.
+
+``python -m proxy.demo_client [--url URL] [--key KEY] [--channels T.AAPL] [--seconds N]``
+prints every event it receives on one line, and once a second a summary: events
+the filtered proxy took in from the firehose (read from its /metrics when
+available) and events this client received.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import urllib.request
+
+import trio
+from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
+
+
+def proxy_events_in(metrics_url: str | None) -> str:
+    if not metrics_url:
+        return "n/a"
+    try:
+        with urllib.request.urlopen(metrics_url, timeout=0.5) as response:
+            for line in response.read().decode().splitlines():
+                if line.startswith("proxy_upstream_events_total "):
+                    return str(int(float(line.split()[1])))
+    except OSError:
+        pass
+    return "n/a"
+
+
+async def run(args: argparse.Namespace) -> int:
+    try:
+        async with open_websocket_url(args.url) as ws:
+            print(await ws.get_message(), flush=True)
+            await ws.send_message(json.dumps({"action": "auth", "params": args.key}))
+            print(await ws.get_message(), flush=True)
+            await ws.send_message(json.dumps({"action": "subscribe", "params": args.channels}))
+            received = total = 0
+            with trio.move_on_after(args.seconds if args.seconds > 0 else float("inf")):
+                next_summary = trio.current_time() + 1
+                while True:
+                    with trio.move_on_at(next_summary):
+                        for event in json.loads(await ws.get_message()):
+                            print(json.dumps(event, separators=(",", ":")), flush=True)
+                            if event.get("ev") != "status":
+                                received += 1
+                        continue
+                    total += received
+                    in_count = await trio.to_thread.run_sync(proxy_events_in, args.metrics_url)
+                    print(f"-- last second: {received} events out to this client ({args.channels}); "
+                          f"total out {total}; proxy events in so far: {in_count}", flush=True)
+                    received = 0
+                    next_summary += 1
+    except (OSError, HandshakeError, ConnectionClosed) as error:
+        print(f"demo client: cannot talk to {args.url}: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--url", default="ws://127.0.0.1:8765/stocks")
+    parser.add_argument("--key", default="demo-key")
+    parser.add_argument("--channels", default="T.AAPL")
+    parser.add_argument("--seconds", type=float, default=0, help="stop after this long (0 = never)")
+    parser.add_argument("--metrics-url", default=None)
+    args = parser.parse_args()
+    try:
+        sys.exit(trio.run(run, args))
+    except KeyboardInterrupt:
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

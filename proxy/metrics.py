@@ -1,0 +1,97 @@
+"""What a tier counts, and how Prometheus reads it.
+
+The hot path only adds to plain integers on :class:`TierStats`; a
+prometheus-client collector turns them into metric families at scrape time,
+so routing pays no lock or registry call per event. The one histogram,
+routing latency (frame received from upstream → handed to a client's socket),
+is observed once per batch a client sender writes.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Iterator
+
+import attrs
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+if TYPE_CHECKING:
+    from .tier import Tier
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+@attrs.define
+class TierStats:
+    frames_in: int = 0
+    events_in: int = 0
+    bytes_in: int = 0
+    bad_frames: int = 0
+    frames_out: int = 0
+    events_out: int = 0
+    bytes_out: int = 0
+    dropped_drop_oldest: int = 0
+    dropped_slow_consumer: int = 0
+    slow_consumer_disconnects: int = 0
+    auth_failures: int = 0
+    clients_total: int = 0
+    control_errors: int = 0
+
+
+def new_latency_histogram(registry: CollectorRegistry) -> Histogram:
+    return Histogram(
+        "proxy_routing_latency_seconds",
+        "Time from a frame's arrival from upstream to its events being handed to a client socket",
+        buckets=LATENCY_BUCKETS,
+        registry=registry,
+    )
+
+
+class TierCollector:
+    """Reads a running tier's counters and state when Prometheus scrapes."""
+
+    def __init__(self, tier: Tier) -> None:
+        self._tier = tier
+
+    def collect(self) -> Iterator[Metric]:
+        tier, stats = self._tier, self._tier.stats
+        labels = ["tier"]
+        name = [tier.config.tier]
+
+        def counter(metric: str, documentation: str, value: int) -> CounterMetricFamily:
+            family = CounterMetricFamily(metric, documentation, labels=labels)
+            family.add_metric(name, value)
+            return family
+
+        def gauge(metric: str, documentation: str, value: float) -> GaugeMetricFamily:
+            family = GaugeMetricFamily(metric, documentation, labels=labels)
+            family.add_metric(name, value)
+            return family
+
+        hub, registry, link = tier.hub, tier.registry, tier.link
+        yield gauge("proxy_clients_connected", "Clients connected now", len(hub.sessions))
+        yield counter("proxy_clients", "Client connections accepted", stats.clients_total)
+        yield gauge("proxy_client_channels", "Channels held by clients, summed over clients",
+                    sum(len(registry.channels_of(s)) for s in hub.sessions))
+        yield gauge("proxy_upstream_channels", "Channels held upstream (the * extension included)",
+                    len(registry.upstream) + len(tier.config.upstream_extra))
+        yield counter("proxy_upstream_frames", "Data frames received from upstream", stats.frames_in)
+        yield counter("proxy_upstream_events", "Data events received from upstream", stats.events_in)
+        yield counter("proxy_upstream_bytes", "Bytes of frames received from upstream", stats.bytes_in)
+        yield counter("proxy_upstream_bad_frames", "Malformed upstream frames dropped", stats.bad_frames)
+        yield counter("proxy_client_frames_sent", "Frames sent to clients", stats.frames_out)
+        yield counter("proxy_client_events_sent", "Events sent to clients", stats.events_out)
+        yield counter("proxy_client_bytes_sent", "Bytes sent to clients", stats.bytes_out)
+        dropped = CounterMetricFamily("proxy_events_dropped", "Events not delivered to a client, by reason",
+                                      labels=["tier", "reason"])
+        dropped.add_metric([*name, "drop_oldest"], stats.dropped_drop_oldest)
+        dropped.add_metric([*name, "slow_consumer"], stats.dropped_slow_consumer)
+        yield dropped
+        yield counter("proxy_slow_consumer_disconnects", "Clients disconnected as slow consumers",
+                      stats.slow_consumer_disconnects)
+        yield counter("proxy_auth_failures", "Client authentications refused", stats.auth_failures)
+        yield counter("proxy_control_errors", "Client control messages answered with an error",
+                      stats.control_errors)
+        yield gauge("proxy_upstream_connected", "1 while the upstream is connected and authenticated",
+                    1 if link.state.value == "connected" else 0)
+        yield counter("proxy_upstream_reconnects", "Upstream reconnect attempts", link.reconnects)

@@ -1,0 +1,208 @@
+"""The filtered proxy end to end: simulator → firehose → filtered proxy → clients."""
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import trio
+from trio_websocket import ConnectionRejected, open_websocket_url
+
+from tests.conftest import (
+    CLIENT_KEY,
+    authed_client,
+    connect,
+    filtered_config,
+    firehose_config,
+    selects,
+    start_simulator,
+    start_tier,
+    wait_until,
+)
+
+CLIENTS = Path(__file__).parent / "clients"
+
+
+async def start_chain(nursery, **simulator_overrides):
+    sim = await start_simulator(nursery, **simulator_overrides)
+    firehose = await start_tier(nursery, firehose_config(sim))
+    filtered = await start_tier(nursery, filtered_config(firehose))
+    await wait_until(lambda: filtered.link.state.value == "connected", what="filtered proxy upstream")
+    return sim, firehose, filtered
+
+
+async def test_the_seed_scenario(nursery):
+    sim, firehose, filtered = await start_chain(nursery, events_per_second=4000)
+    a = await authed_client(nursery, filtered.port, CLIENT_KEY, subscribe="T.AAPL")
+    b = await authed_client(nursery, filtered.port, CLIENT_KEY, subscribe="T.GOOGL")
+    await wait_until(lambda: sim.subscribed_channels() == {"T.AAPL", "T.GOOGL"}, what="Polygon demand")
+    events_a, events_b = await a.collect(1.5), await b.collect(0.3)
+    assert events_a and {(e["ev"], e["sym"]) for e in events_a} == {("T", "AAPL")}
+    assert events_b and {(e["ev"], e["sym"]) for e in events_b} == {("T", "GOOGL")}
+    # the firehose holds * for the filtered proxy, but * never reaches Polygon
+    assert "*" not in sim.subscribed_channels()
+    assert firehose.registry.everything_subscribers
+
+
+def q_of(events, lo, hi):
+    return [e["q"] for e in events if "q" in e and lo < e["q"] <= hi]
+
+
+async def _compare_with_reference(nursery, filtered, subscriptions):
+    """Every client's events equal the reference filter over a `*` client's stream."""
+    reference = await authed_client(nursery, filtered.port, CLIENT_KEY, subscribe="*")
+    clients = [await authed_client(nursery, filtered.port, CLIENT_KEY, subscribe=params)
+               for params in subscriptions]
+    everyone = [reference, *clients]
+
+    async def read_all(seconds):
+        async with trio.open_nursery() as readers:
+            for client in everyone:
+                readers.start_soon(client.collect, seconds)
+
+    await read_all(0.5)
+    lo = max(e.get("q", 0) for e in reference.events)
+    await read_all(2.0)
+    hi = max(e.get("q", 0) for e in reference.events)
+    await read_all(0.7)  # let every client catch up to `hi`
+    expected_stream = [e for e in reference.events if "q" in e and lo < e["q"] <= hi]
+    assert len(expected_stream) > 1000
+    for client, params in zip(clients, subscriptions):
+        expected = [e["q"] for e in expected_stream if selects(params, e)]
+        assert q_of(client.events, lo, hi) == expected, params
+    return clients
+
+
+async def test_overlapping_star_type_and_symbol_channels_without_duplicates(nursery):
+    _, _, filtered = await start_chain(nursery, events_per_second=2000)
+    await _compare_with_reference(nursery, filtered, ["T.*,T.AAPL", "*,T.AAPL", "T.AAPL,Q.AAPL,Q.*"])
+
+
+async def test_a_hundred_clients_match_the_reference_filter(nursery):
+    _, _, filtered = await start_chain(nursery, events_per_second=2000, symbols=30)
+    rnd = random.Random(1234)
+    symbols = ["AAPL", "MSFT", "GOOGL", "AMZN", "TSLA", "NVDA", "SPY", "QQQ", "AAA", "AAB", "AAC"]
+    subscriptions = []
+    for _ in range(100):
+        channels = {f"{rnd.choice(['T', 'Q', 'LULD', 'FMV'])}.{rnd.choice(symbols)}"
+                    for _ in range(rnd.randint(1, 8))}
+        if rnd.random() < 0.05:
+            channels.add(rnd.choice(["T.*", "Q.*", "*"]))
+        subscriptions.append(",".join(sorted(channels)))
+    await _compare_with_reference(nursery, filtered, subscriptions)
+
+
+async def test_clients_receive_original_bytes_as_json_array_frames(nursery):
+    sim, _, filtered = await start_chain(nursery, events_per_second=2000)
+    sim.record_frames = True
+    client = await authed_client(nursery, filtered.port, CLIENT_KEY, subscribe="T.AAPL,Q.MSFT")
+    await client.collect(1.0)
+    sent_events = set()
+    for frame in sim.sent_frames[1]:
+        sent_events.update(json.dumps(e, separators=(",", ":")) for e in json.loads(frame))
+    data_frames = [f for f in client.frames if '"ev":"status"' not in f]
+    assert data_frames
+    for frame in data_frames:
+        assert frame.startswith("[{") and frame.endswith("}]")
+        for event in json.loads(frame):
+            # re-serialised compactly, each event is byte-identical to what the simulator sent
+            assert json.dumps(event, separators=(",", ":")) in sent_events
+
+
+async def test_paths_and_pre_auth_rules(nursery):
+    _, _, filtered = await start_chain(nursery, events_per_second=50)
+    root = await connect(nursery, filtered.port, path="/")
+    assert (await root.request("subscribe", "T.AAPL"))[0]["status"] == "error"  # before auth: kept
+    assert (await root.auth(CLIENT_KEY))[0]["status"] == "auth_success"
+    try:
+        async with open_websocket_url(f"ws://127.0.0.1:{filtered.port}/options"):
+            pass
+    except ConnectionRejected as rejected:
+        assert rejected.status_code == 404 and b"stocks" in rejected.body
+    else:
+        raise AssertionError("a path for another market was accepted")
+
+
+async def test_auth_timeout_on_the_proxy(nursery):
+    sim = await start_simulator(nursery, events_per_second=50)
+    firehose = await start_tier(nursery, firehose_config(sim))
+    filtered = await start_tier(nursery, filtered_config(firehose, auth_timeout_seconds=0.3))
+    client = await connect(nursery, filtered.port)
+    assert (await client.next_status())[0]["status"] == "auth_timeout"
+    assert await client.close_code() == 1008
+
+
+async def _run_client(args, timeout=30):
+    result = await trio.run_process(
+        [sys.executable, *map(str, args)], capture_stdout=True, capture_stderr=True, check=False,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    return result.stdout.decode().splitlines()
+
+
+async def test_plain_websockets_client_works_unchanged(nursery):
+    _, _, filtered = await start_chain(nursery, events_per_second=3000)
+    with trio.fail_after(30):
+        lines = await _run_client([CLIENTS / "plain_websockets_client.py",
+                                   f"ws://127.0.0.1:{filtered.port}", CLIENT_KEY, "T.AAPL", 20])
+    assert json.loads(lines[0])[0]["status"] == "connected"
+    assert json.loads(lines[1])[0]["status"] == "auth_success"
+    events = [e for line in lines[2:] for e in json.loads(line) if e["ev"] != "status"]
+    assert len(events) >= 20 and {(e["ev"], e["sym"]) for e in events} == {("T", "AAPL")}
+
+
+async def test_official_massive_client_works_unchanged(nursery):
+    _, _, filtered = await start_chain(nursery, events_per_second=3000)
+    with trio.fail_after(30):
+        lines = await _run_client([CLIENTS / "massive_client.py", f"127.0.0.1:{filtered.port}",
+                                   CLIENT_KEY, "T.AAPL,Q.MSFT", 30])
+    parsed = [json.loads(line) for line in lines]
+    assert len(parsed) >= 30
+    assert {tuple(p) for p in parsed} <= {
+        ("T", "AAPL", "EquityTrade"), ("Q", "MSFT", "EquityQuote"),
+        ("EventType.EquityTrade", "AAPL", "EquityTrade"), ("EventType.EquityQuote", "MSFT", "EquityQuote"),
+    }
+
+
+async def test_two_filtered_proxies_share_one_upstream_connection(nursery):
+    sim, firehose, first = await start_chain(nursery, events_per_second=2000)
+    second = await start_tier(nursery, filtered_config(firehose))
+    a = await authed_client(nursery, first.port, CLIENT_KEY, subscribe="T.AAPL")
+    b = await authed_client(nursery, second.port, CLIENT_KEY, subscribe="Q.MSFT")
+    await wait_until(lambda: sim.subscribed_channels() == {"T.AAPL", "Q.MSFT"})
+    assert {e["sym"] for e in await a.collect(1.0)} == {"AAPL"}
+    assert {e["sym"] for e in await b.collect(0.3)} == {"MSFT"}
+    assert sim.connections_total == 1
+
+
+async def test_firehose_restart_mid_stream_keeps_clients_and_subscriptions(nursery):
+    sim = await start_simulator(nursery, events_per_second=2000)
+    firehose_scope = trio.CancelScope()
+
+    async def run_firehose(config, task_status=trio.TASK_STATUS_IGNORED):
+        from proxy.tier import run_tier
+
+        with firehose_scope:
+            await run_tier(config, task_status=task_status)
+
+    firehose = await nursery.start(run_firehose, firehose_config(sim))
+    filtered = await start_tier(nursery, filtered_config(firehose))
+    client = await authed_client(nursery, filtered.port, CLIENT_KEY, subscribe="T.AAPL,Q.AAPL")
+    await client.wait_events(10)
+
+    firehose_scope.cancel()  # the firehose process dies
+    with trio.fail_after(5):
+        while not any(s["status"] == "upstream_disconnected" for s in client.statuses):
+            await client.receive()
+    await trio.sleep(0.3)
+    firehose_scope = trio.CancelScope()
+    await nursery.start(run_firehose, firehose_config(sim, port=firehose.port))  # restarted
+    with trio.fail_after(10):
+        while not any(s["status"] == "upstream_connected" for s in client.statuses):
+            await client.receive()
+    count = len(client.events)
+    await client.wait_events(count + 10, timeout=10)  # same client connection, data again
+    assert {(e["ev"], e["sym"]) for e in client.events} <= {("T", "AAPL"), ("Q", "AAPL")}
+    await wait_until(lambda: sim.subscribed_channels() == {"T.AAPL", "Q.AAPL"}, what="re-subscription")
