@@ -177,7 +177,11 @@ async def serve_clients(
             await request.reject(404, body=body.encode())
             return
         ws = await request.accept()
-        await _run_session(hub, ws)
+        try:
+            await _run_session(hub, ws)
+        except Exception:  # a bug in one session must not end the server for everyone
+            log.exception("client session from %s failed; other clients are unaffected",
+                          _peer(request.remote))
 
     async with trio.open_nursery() as nursery:
         server = await nursery.start(
@@ -208,12 +212,11 @@ async def _run_session(hub: Hub, ws: WebSocketConnection) -> None:
                 nursery.cancel_scope.cancel()
     except ConnectionClosed:
         pass
-    except trio.Cancelled:
-        # The tier is shutting down: tell the client so, briefly, then go on cancelling.
-        with trio.CancelScope(shield=True), trio.move_on_after(SHUTDOWN_CLOSE_SECONDS):
-            await ws.aclose(CLOSE_GOING_AWAY, "proxy shutting down")
-        raise
     finally:
+        if trio.current_effective_deadline() == -math.inf:
+            # The tier is shutting down: tell the client so (1001), briefly, then go on cancelling.
+            with trio.CancelScope(shield=True), trio.move_on_after(SHUTDOWN_CLOSE_SECONDS):
+                await ws.aclose(CLOSE_GOING_AWAY, "proxy shutting down")
         hub.close_session(session)
         code = ws.closed.code if ws.closed else None
         log.info("%s disconnected (close code %s), %d events sent, %d dropped",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 import random
 import ssl
 from typing import Any, Callable, Iterable
@@ -31,6 +32,7 @@ from .beacon import Beacon
 log = logging.getLogger("proxy.upstream")
 SUBSCRIBE_CHUNK = 500
 HANDSHAKE_SECONDS = 10.0
+CLOSE_SECONDS = 1.0
 _read_statuses = msgspec.json.Decoder(list[dict[str, Any]]).decode
 
 
@@ -140,12 +142,18 @@ class UpstreamLink:
             log.info("Authenticated successfully")
             self.state = LinkState.CONNECTED
             self.on_connected()
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._keep_subscribed, ws)
-                nursery.start_soon(self._keepalive, ws)
-                while True:
-                    message = await ws.get_message()
-                    await self.frames.send((message, trio.current_time()))
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._keep_subscribed, ws)
+                    nursery.start_soon(self._keepalive, ws)
+                    while True:
+                        message = await ws.get_message()
+                        await self.frames.send((message, trio.current_time()))
+            finally:
+                if trio.current_effective_deadline() == -math.inf:
+                    # Shutting down: say goodbye upstream instead of vanishing.
+                    with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_SECONDS):
+                        await ws.aclose(1001, "proxy shutting down")
 
     async def _expect(self, ws: WebSocketConnection, wanted: str) -> None:
         message = await ws.get_message()
