@@ -74,6 +74,8 @@ class TierConfig:
     keepalive_interval_seconds: float = 10.0
     keepalive_timeout_seconds: float = 20.0
     upstream_ca_file: str | None = None
+    #: On shutdown, how long to wait for clients and upstream to answer our close frame.
+    shutdown_close_seconds: float = 2.0
     backoff: Backoff = Backoff()
 
 

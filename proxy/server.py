@@ -39,7 +39,6 @@ log = logging.getLogger("proxy.server")
 SLOW_CONSUMER = protocol.status_frame(
     "slow_consumer", "Slow consumer: events queued faster than this client read them"
 )
-SHUTDOWN_CLOSE_SECONDS = 2.0
 
 
 @attrs.define(eq=False)
@@ -215,7 +214,7 @@ async def _run_session(hub: Hub, ws: WebSocketConnection) -> None:
     finally:
         if trio.current_effective_deadline() == -math.inf:
             # The tier is shutting down: tell the client so (1001), briefly, then go on cancelling.
-            with trio.CancelScope(shield=True), trio.move_on_after(SHUTDOWN_CLOSE_SECONDS):
+            with trio.CancelScope(shield=True), trio.move_on_after(hub.config.shutdown_close_seconds):
                 await ws.aclose(CLOSE_GOING_AWAY, "proxy shutting down")
         hub.close_session(session)
         code = ws.closed.code if ws.closed else None

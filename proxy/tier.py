@@ -102,6 +102,7 @@ async def run_tier(
         keepalive_interval=config.keepalive_interval_seconds,
         keepalive_timeout=config.keepalive_timeout_seconds,
         ca_file=config.upstream_ca_file,
+        close_seconds=config.shutdown_close_seconds,
     )
     tier = Tier(config=config, registry=registry, hub=hub, link=link, stats=stats, metrics=metrics)
     metrics.register(TierCollector(tier))

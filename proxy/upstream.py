@@ -32,7 +32,6 @@ from .beacon import Beacon
 log = logging.getLogger("proxy.upstream")
 SUBSCRIBE_CHUNK = 500
 HANDSHAKE_SECONDS = 10.0
-CLOSE_SECONDS = 1.0
 _read_statuses = msgspec.json.Decoder(list[dict[str, Any]]).decode
 
 
@@ -75,6 +74,7 @@ class UpstreamLink:
     keepalive_interval: float = 10.0
     keepalive_timeout: float = 20.0
     ca_file: str | None = None
+    close_seconds: float = 1.0
     state: LinkState = LinkState.DISCONNECTED
     reconnects: int = 0
     last_error: str = "not connected yet"
@@ -152,7 +152,7 @@ class UpstreamLink:
             finally:
                 if trio.current_effective_deadline() == -math.inf:
                     # Shutting down: say goodbye upstream instead of vanishing.
-                    with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_SECONDS):
+                    with trio.CancelScope(shield=True), trio.move_on_after(self.close_seconds):
                         await ws.aclose(1001, "proxy shutting down")
 
     async def _expect(self, ws: WebSocketConnection, wanted: str) -> None:

@@ -34,7 +34,7 @@ def firehose_config(simulator: Simulator, **overrides: Any) -> TierConfig:
         upstream_api_key=POLYGON_KEY, upstream_extra=(), static_channels=(), host="127.0.0.1",
         port=0, api_keys=frozenset({FIREHOSE_KEY}), allow_any_key=False, metrics_port=None,
         unsubscribe_grace_seconds=0.3, backoff=FAST_BACKOFF,
-        keepalive_interval_seconds=0.5, keepalive_timeout_seconds=1.0,
+        keepalive_interval_seconds=0.5, keepalive_timeout_seconds=1.0, shutdown_close_seconds=0.05,
     )
     return TierConfig(**{**defaults, **overrides})
 
@@ -46,7 +46,7 @@ def filtered_config(firehose: Tier | int, **overrides: Any) -> TierConfig:
         upstream_extra=(EVERYTHING_CHANNEL,), static_channels=(), host="127.0.0.1", port=0,
         api_keys=frozenset({CLIENT_KEY}), allow_any_key=False, metrics_port=None,
         unsubscribe_grace_seconds=0.3, backoff=FAST_BACKOFF,
-        keepalive_interval_seconds=0.5, keepalive_timeout_seconds=1.0,
+        keepalive_interval_seconds=0.5, keepalive_timeout_seconds=1.0, shutdown_close_seconds=0.05,
     )
     return TierConfig(**{**defaults, **overrides})
 
