@@ -149,3 +149,18 @@ def test_python_dash_m_works_too():
         capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
     )
     assert process.returncode == 2 and "POLYGON_API_KEY" in process.stderr
+
+
+def test_env_example_documents_every_variable_the_code_reads():
+    import re
+
+    root = Path(__file__).parent.parent
+    source = (root / "proxy" / "config.py").read_text()
+    read = set(re.findall(r'_(?:read|required)\(source, "([A-Z_]+)"', source))
+    assert len(read) > 25
+    example = (root / ".env.example").read_text()
+    documented = set(re.findall(r"^([A-Z_]+)=", example, flags=re.MULTILINE))
+    assert read - documented == set()
+    readme = (root / "README.md").read_text()
+    assert all(name in readme or name.startswith("SIMULATOR_DROP") or name.startswith("SIMULATOR_REFUSE")
+               for name in read)
