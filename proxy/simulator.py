@@ -129,11 +129,16 @@ class WsPeer:
             raise PeerClosed() from None
         await self._write(data)
 
-    async def close(self, code: int = 1000, reason: str = "") -> None:
+    async def close(self, code: int = 1000, reason: str = "", wait: float = 1.0) -> None:
+        """The close handshake: our close frame, the peer's answer (briefly), then TCP close."""
         try:
             await self._write(self.ws.send(CloseConnection(code=code, reason=reason)))
-        except Exception:  # already gone or closing: nothing more to tell it
-            pass
+            with trio.move_on_after(wait):
+                while not any(isinstance(event, CloseConnection) for event in self._events):
+                    self._events.clear()
+                    await self._pump()
+        except (PeerClosed, LocalProtocolError):
+            pass  # already gone or closing: nothing more to tell it
         await self.stream.aclose()
 
     async def abort(self) -> None:
@@ -150,6 +155,7 @@ class SimConnection:
     frames_sent: int = 0
     opened_at: float = 0.0
     drop: trio.Event = attrs.field(factory=trio.Event)
+    dropped: bool = False
 
     def selects(self, event: Event, star: bool) -> bool:
         if star:
@@ -278,6 +284,11 @@ async def _serve_connection(simulator: Simulator, stream: trio.SocketStream) -> 
                 nursery.start_soon(_drop_when_told, simulator, peer, connection, nursery.cancel_scope)
         finally:
             simulator.connections.discard(connection)
+        if connection.dropped:
+            if simulator.faults.abrupt:
+                await peer.abort()
+            else:
+                await peer.close(1001, "simulated drop")
     except* PeerClosed:
         pass  # the peer went away; that ends this connection and nothing else
     finally:
@@ -383,11 +394,9 @@ async def _drop_when_told(simulator: Simulator, peer: WsPeer, connection: SimCon
             break
     log.info("connection %d: dropped by fault injection (%s)", connection.id,
              "abrupt" if faults.abrupt else "close frame")
-    if faults.abrupt:
-        await peer.abort()
-    else:
-        await peer.close(1001, "simulated drop")
-    scope.cancel()
+    connection.dropped = True
+    async with peer._send_lock:  # stop the connection's tasks between frames, never mid-frame
+        scope.cancel()
 
 
 async def main() -> None:
