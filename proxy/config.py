@@ -94,6 +94,8 @@ class SimulatorConfig:
     drop_after_seconds: float | None = None
     drop_after_frames: int | None = None
     refuse_auth: int = 0
+    #: For benchmarks: cycle through this many pre-built events instead of generating live (0 = live).
+    prebuilt_events: int = 0
 
 
 # --- reading -------------------------------------------------------------------------
@@ -260,6 +262,7 @@ def load_simulator_config() -> SimulatorConfig:
         drop_after_seconds=_read(source, "SIMULATOR_DROP_AFTER_SECONDS", "", _optional(_seconds)),
         drop_after_frames=_read(source, "SIMULATOR_DROP_AFTER_FRAMES", "", _optional(_positive_int)),
         refuse_auth=_read(source, "SIMULATOR_REFUSE_AUTH", "0", _count),
+        prebuilt_events=_read(source, "SIMULATOR_PREBUILT_EVENTS", "0", _count),
     )
 
 

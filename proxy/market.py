@@ -19,16 +19,20 @@ import attrs
 import msgspec
 
 WELL_KNOWN = ("AAPL", "MSFT", "GOOGL", "AMZN", "TSLA", "NVDA", "SPY", "QQQ")
+#: A millisecond timestamp that pre-built frames carry until they are sent (13 digits, like now).
+PLACEHOLDER_MS = 9_999_999_999_999
+PLACEHOLDER_BYTES = b"9999999999999"
 _encode = msgspec.json.encode
 
 
 @attrs.frozen(slots=True)
 class Event:
-    """One event as it travels: its type, its symbol and its JSON bytes."""
+    """One event as it travels: its type, its symbol, its JSON bytes and its channel text."""
 
     ev: str
     sym: str
     raw: bytes
+    channel: str = attrs.field(default=attrs.Factory(lambda self: f"{self.ev}.{self.sym}", takes_self=True))
 
 
 def synthetic_symbols(count: int) -> tuple[str, ...]:
@@ -170,3 +174,14 @@ class MarketModel:
 
 def frame_of(events: list[Event]) -> bytes:
     return b"[" + b",".join(event.raw for event in events) + b"]"
+
+
+def stamp(frame: bytes, now_ms: int) -> bytes:
+    """Put the send time into a pre-built frame (T, Q in ms; LULD in µs and FMV in ns follow)."""
+    return frame.replace(PLACEHOLDER_BYTES, b"%d" % now_ms)
+
+
+def prebuild(model: MarketModel, events: int, frame_events: int) -> list[list[Event]]:
+    """``events`` stream events cut into frames, with :data:`PLACEHOLDER_MS` as their time."""
+    stream = model.stream_events(events, PLACEHOLDER_MS)
+    return [stream[start:start + frame_events] for start in range(0, len(stream), frame_events)]

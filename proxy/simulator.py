@@ -18,6 +18,7 @@ import math
 import time
 
 import attrs
+import msgspec
 import trio
 from wsproto import ConnectionType, WSConnection
 from wsproto.utilities import LocalProtocolError
@@ -32,7 +33,7 @@ from wsproto.events import (
 
 from . import protocol
 from .config import SimulatorConfig, load_simulator_config, redact, setup_logging
-from .market import Event, MarketModel, frame_of, synthetic_symbols
+from .market import Event, MarketModel, frame_of, prebuild, stamp, synthetic_symbols
 from .protocol import Auth, Channel, ProtocolError, Subscribe
 
 log = logging.getLogger("proxy.simulator")
@@ -151,17 +152,23 @@ class SimConnection:
     id: int
     api_key: str = ""
     channels: set[Channel] = attrs.field(factory=set)
+    # Indexes of `channels` for the per-event filter: type wildcards, exact channel texts, `*`.
+    wild_types: set[str] = attrs.field(factory=set)
+    exact: set[str] = attrs.field(factory=set)
+    star: bool = False
     frames: trio.MemorySendChannel | None = None
     frames_sent: int = 0
     opened_at: float = 0.0
     drop: trio.Event = attrs.field(factory=trio.Event)
     dropped: bool = False
 
-    def selects(self, event: Event, star: bool) -> bool:
-        if star:
-            return True
-        channels = self.channels
-        return Channel(event.ev, "*") in channels or Channel(event.ev, event.sym) in channels
+    def reindex(self) -> None:
+        self.star = protocol.EVERYTHING_CHANNEL in self.channels
+        self.wild_types = {c.ev_type for c in self.channels if c.is_type_wildcard}
+        self.exact = {c.text for c in self.channels if not c.is_type_wildcard and not c.is_everything}
+
+    def selects(self, event: Event) -> bool:
+        return self.star or event.ev in self.wild_types or event.channel in self.exact
 
 
 @attrs.define(eq=False)
@@ -181,6 +188,26 @@ class Simulator:
     #: When set, every data frame sent is kept here, by connection id (tests compare bytes).
     record_frames: bool = False
     sent_frames: dict[int, list[str]] = attrs.field(factory=dict)
+    #: Benchmark window: between two marks, events sent are counted by channel text.
+    counting: bool = False
+    marks: int = 0
+    window_counts: collections.Counter = attrs.field(factory=collections.Counter)
+    window_events: int = 0
+
+    def mark(self) -> None:
+        """Send every connection a ``BENCH.MARK`` event and open or close the counting window.
+
+        Clients see the marks in their stream, in order with the data, so each can count
+        exactly the events between them; :attr:`window_counts` says what was sent.
+        """
+        self.marks += 1
+        self.counting = not self.counting
+        marker = Event("BENCH", "MARK", msgspec.json.encode({"ev": "BENCH", "sym": "MARK", "n": self.marks}))
+        for connection in list(self.connections):
+            try:
+                connection.frames.send_nowait(frame_of([marker]).decode())  # type: ignore[union-attr]
+            except trio.WouldBlock:
+                connection.drop.set()
 
     def drop_all(self, *, abrupt: bool = False) -> None:
         self.faults.abrupt = abrupt
@@ -221,7 +248,10 @@ async def run_simulator(
 
 async def _generate(simulator: Simulator) -> None:
     """Emit the stream at the configured rate, plus A each second and AM each minute."""
-    model, rate = simulator.model, simulator.config.events_per_second
+    model, config = simulator.model, simulator.config
+    rate = config.events_per_second
+    prebuilt = prebuild(model, config.prebuilt_events, MAX_FRAME_EVENTS) if config.prebuilt_events else []
+    cursor = 0
     start = trio.current_time()
     emitted = 0
     second = int(time.time())
@@ -230,39 +260,59 @@ async def _generate(simulator: Simulator) -> None:
         now = trio.current_time()
         due = int((now - start) * rate) - emitted
         wall_ms = int(time.time() * 1000)
-        events: list[Event] = model.stream_events(due, wall_ms) if due > 0 else []
-        emitted += max(due, 0)
+        frames: list[list[Event]] = []
+        if prebuilt:
+            while due > 0:  # whole pre-built frames: the rate holds on average, frames stay intact
+                frames.append(prebuilt[cursor])
+                cursor = (cursor + 1) % len(prebuilt)
+                due -= len(frames[-1])
+                emitted += len(frames[-1])
+        elif due > 0:
+            events = model.stream_events(due, wall_ms)
+            emitted += due
+            frames = [events[offset:offset + MAX_FRAME_EVENTS]
+                      for offset in range(0, len(events), MAX_FRAME_EVENTS)]
         if wall_ms // 1000 != second:
-            events += model.second_aggregates(second * 1000)
+            frames.append(model.second_aggregates(second * 1000))
             second = wall_ms // 1000
         if wall_ms // 60_000 != minute:
-            events += model.minute_aggregates(minute * 60_000)
+            frames.append(model.minute_aggregates(minute * 60_000))
             minute = wall_ms // 60_000
-        simulator.events_generated += len(events)
-        for offset in range(0, len(events), MAX_FRAME_EVENTS):
-            _publish(simulator, events[offset:offset + MAX_FRAME_EVENTS])
+        for events in frames:
+            if events:
+                simulator.events_generated += len(events)
+                _publish(simulator, events, wall_ms if prebuilt else None)
         # Sleep to the next event when the rate is low, a tick when it is high.
         wait = max(TICK_SECONDS, (emitted + 1) / rate - (trio.current_time() - start))
         await trio.sleep(min(wait, 1.0))
 
 
-def _publish(simulator: Simulator, events: list[Event]) -> None:
+def _publish(simulator: Simulator, events: list[Event], stamp_ms: int | None) -> None:
+    """Queue each connection the events its channels select, as one frame."""
     whole: str | None = None
     for connection in list(simulator.connections):
-        star = protocol.EVERYTHING_CHANNEL in connection.channels
-        if star:
-            whole = whole or frame_of(events).decode()
+        if connection.star:
+            selected = events
+            whole = whole or _frame_text(events, stamp_ms)
             frame = whole
         else:
-            selected = [event for event in events if connection.selects(event, star)]
+            selected = [event for event in events if connection.selects(event)]
             if not selected:
                 continue
-            frame = frame_of(selected).decode()
+            frame = _frame_text(selected, stamp_ms)
+        if simulator.counting:
+            simulator.window_events += len(selected)
+            simulator.window_counts.update(event.channel for event in selected)
         try:
             connection.frames.send_nowait(frame)  # type: ignore[union-attr]
         except trio.WouldBlock:
             log.warning("connection %d is a slow consumer; disconnecting it", connection.id)
             connection.drop.set()
+
+
+def _frame_text(events: list[Event], stamp_ms: int | None) -> str:
+    frame = frame_of(events)
+    return (stamp(frame, stamp_ms) if stamp_ms is not None else frame).decode()
 
 
 async def _serve_connection(simulator: Simulator, stream: trio.SocketStream) -> None:
@@ -364,6 +414,7 @@ async def _read_control(simulator: Simulator, peer: WsPeer, connection: SimConne
             else:
                 connection.channels.discard(channel)
             statuses.append(protocol.status_event("success", f"{verb}d to: {channel.text}"))
+        connection.reindex()
         await peer.send_text(protocol.statuses_frame(statuses))
 
 

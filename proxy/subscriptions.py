@@ -32,17 +32,6 @@ class UpstreamDelta:
         return bool(self.subscribe or self.unsubscribe)
 
 
-def collapse(channels: Iterable[Channel]) -> set[Channel]:
-    """Drop every ``T.X`` covered by a ``T.*`` in the same set; ``*`` is never an upstream channel."""
-    channels = {channel for channel in channels if not channel.is_everything}
-    wildcard_types = {channel.ev_type for channel in channels if channel.is_type_wildcard}
-    return {
-        channel
-        for channel in channels
-        if channel.is_type_wildcard or channel.ev_type not in wildcard_types
-    }
-
-
 class SubscriptionRegistry:
     """Subscribers' channel sets, the routing index, and the upstream set with its grace timers."""
 
@@ -63,7 +52,8 @@ class SubscriptionRegistry:
         self._by_channel: dict[tuple[str, str], set[SubscriberId]] = {}
         self._route_cache: dict[tuple[str, str], tuple[SubscriberId, ...]] = {}
         self._grace_deadline: dict[Channel, float] = {}
-        self._upstream: set[Channel] = collapse(self._static)
+        self._upstream: set[Channel] = set()
+        self._reconcile(self._static)
 
     # --- queries -------------------------------------------------------------
 
@@ -125,31 +115,30 @@ class SubscriptionRegistry:
 
     def subscribe(self, subscriber: SubscriberId, channels: Iterable[Channel]) -> UpstreamDelta:
         held = self._channels.setdefault(subscriber, set())
-        for channel in channels:
-            if channel in held:
-                continue
+        added = [channel for channel in channels if channel not in held]
+        for channel in added:
             held.add(channel)
             self._index(subscriber, channel, add=True)
-        return self._reconcile()
+        return self._reconcile(added)
 
     def unsubscribe(self, subscriber: SubscriberId, channels: Iterable[Channel]) -> UpstreamDelta:
         held = self._channels.get(subscriber, set())
-        for channel in channels:
-            if channel not in held:
-                continue
+        removed = [channel for channel in channels if channel in held]
+        for channel in removed:
             held.discard(channel)
             self._index(subscriber, channel, add=False)
-        return self._reconcile()
+        return self._reconcile(removed)
 
     def remove_subscriber(self, subscriber: SubscriberId) -> UpstreamDelta:
         held = self._channels.pop(subscriber, set())
         for channel in held:
             self._index(subscriber, channel, add=False)
-        return self._reconcile()
+        return self._reconcile(held)
 
     def expire(self) -> UpstreamDelta:
         """Unsubscribe what has outlived its grace; call at :meth:`next_deadline`."""
-        return self._reconcile()
+        now = self._clock()
+        return self._reconcile([c for c, deadline in self._grace_deadline.items() if deadline <= now])
 
     # --- internals -------------------------------------------------------------
 
@@ -177,31 +166,58 @@ class SubscriptionRegistry:
             if self._wanted[channel] <= 0:
                 del self._wanted[channel]
 
-    def _reconcile(self) -> UpstreamDelta:
-        """Move the upstream set to collapse(wanted ∪ in grace), starting or ending grace periods."""
+    def _is_wanted(self, channel: Channel) -> bool:
+        return channel in self._wanted or channel in self._static
+
+    def _reconcile(self, touched: Iterable[Channel]) -> UpstreamDelta:
+        """Bring the touched channels' upstream state to collapse(wanted ∪ in grace).
+
+        Only the touched channels are looked at, so a change costs what it touches,
+        not the size of the whole registry; a type wildcard touches its whole type,
+        since it covers (or stops covering) every symbol of it. Wildcards are settled
+        first, so symbol channels see the wildcard state they will live with.
+        """
         now = self._clock()
-        needed = collapse(self.wanted())
-        # A channel leaving `needed` but not covered by another needed one keeps its
-        # data flowing for the grace period, in case someone comes straight back.
-        for channel in self._upstream - needed:
-            covered = not channel.is_type_wildcard and Channel(channel.ev_type, "*") in needed
-            if not covered:
+        affected: set[Channel] = set()
+        for channel in touched:
+            if channel.is_everything:
+                continue
+            affected.add(channel)
+            if channel.is_type_wildcard:
+                affected.update(self._channels_of_type(channel.ev_type))
+        subscribe: list[Channel] = []
+        unsubscribe: list[Channel] = []
+        for channel in sorted(affected, key=lambda c: (not c.is_type_wildcard, c.ev_type, c.symbol)):
+            wildcard = Channel(channel.ev_type, "*")
+            wildcard_needed = not channel.is_type_wildcard and self._is_wanted(wildcard)
+            needed = self._is_wanted(channel) and not wildcard_needed
+            held = channel in self._upstream
+            if needed:
+                self._grace_deadline.pop(channel, None)
+            elif held and not wildcard_needed:
+                # Nobody needs it and nothing else brings its events: keep it for the grace
+                # period, in case someone comes straight back.
                 self._grace_deadline.setdefault(channel, now + self._grace_seconds)
-        for channel in list(self._grace_deadline):
-            if channel in needed or self._grace_deadline[channel] <= now:
+            deadline = self._grace_deadline.get(channel)
+            if deadline is not None and deadline <= now:
                 del self._grace_deadline[channel]
-        target = collapse(needed | set(self._grace_deadline))
-        # Whatever a grace period still holds must not hide channels under a
-        # wildcard that is leaving: drop grace entries that the target now covers.
-        for channel in list(self._grace_deadline):
-            if channel not in target:
-                del self._grace_deadline[channel]
-        delta = UpstreamDelta(
-            subscribe=tuple(sorted(target - self._upstream, key=_order)),
-            unsubscribe=tuple(sorted(self._upstream - target, key=_order)),
-        )
-        self._upstream = target
-        return delta
+            covered = not channel.is_type_wildcard and wildcard in self._upstream
+            if covered:
+                self._grace_deadline.pop(channel, None)  # the wildcard brings its events
+            target = (needed or channel in self._grace_deadline) and not covered
+            if target and not held:
+                self._upstream.add(channel)
+                subscribe.append(channel)
+            elif held and not target:
+                self._upstream.discard(channel)
+                unsubscribe.append(channel)
+        return UpstreamDelta(subscribe=tuple(sorted(subscribe, key=_order)),
+                             unsubscribe=tuple(sorted(unsubscribe, key=_order)))
+
+    def _channels_of_type(self, ev_type: str) -> set[Channel]:
+        """Every channel of a type that is wanted, held or in grace (on wildcard changes only)."""
+        candidates = set(self._upstream) | set(self._grace_deadline) | set(self._wanted) | set(self._static)
+        return {channel for channel in candidates if channel.ev_type == ev_type}
 
 
 def _order(channel: Channel) -> tuple[str, str]:

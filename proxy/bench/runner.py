@@ -1,0 +1,304 @@
+"""``scripts/bench``: measure the tiers as separate processes on 127.0.0.1.
+
+Scenarios:
+  filtered       simulator → firehose → filtered proxy → N clients (default 100): most
+                 subscribe 5-50 symbols over T and Q, drawn Zipf-weighted; 5 % take T.*.
+  firehose-star  simulator → firehose → 4 clients holding `*` (every frame relayed).
+  idle           simulator → firehose → filtered proxy → N mostly idle clients (default 1000):
+                 each holds one rarely traded symbol; for the filtered tier's memory.
+
+Each run: warm up, send a mark through the stream, run for the duration, send a second
+mark. Clients count what they received between the marks; the simulator says what it sent,
+by channel, so each client's expected count is exact. CPU seconds and peak RSS per tier
+come from /proc (the OS's accounting of each process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import IO, Any
+
+from ..market import synthetic_symbols
+
+PYTHON = sys.executable
+TRIO_RUN = str(Path(sys.executable).parent / "trio-run")
+TICKS = os.sysconf("SC_CLK_TCK")
+SYMBOLS = 3000
+POLYGON_KEY, FIREHOSE_KEY, CLIENT_KEY = "bench-polygon", "bench-firehose", "bench-client"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def zipf_plan(clients: int, seed: int) -> list[str]:
+    symbols = synthetic_symbols(SYMBOLS)
+    weights = [1 / rank ** 1.1 for rank in range(1, len(symbols) + 1)]
+    rnd = random.Random(seed)
+    plan = []
+    for _ in range(clients):
+        if rnd.random() < 0.05:
+            plan.append("T.*")
+            continue
+        chosen: set[str] = set()
+        wanted = rnd.randint(5, 50)
+        while len(chosen) < wanted:
+            chosen.update(rnd.choices(symbols, weights=weights, k=wanted - len(chosen)))
+        plan.append(",".join(f"{kind}.{symbol}" for symbol in sorted(chosen) for kind in ("T", "Q")))
+    return plan
+
+
+def idle_plan(clients: int) -> list[str]:
+    tail = synthetic_symbols(SYMBOLS)[-clients:]
+    return [f"T.{symbol}" for symbol in tail]
+
+
+def expected_count(channels: str, counts: dict[str, int]) -> int:
+    total = 0
+    for channel in channels.split(","):
+        if channel == "*":
+            return sum(counts.values())
+        if channel.endswith(".*"):
+            prefix = channel[:-1]
+            total += sum(n for name, n in counts.items() if name.startswith(prefix))
+        else:
+            total += counts.get(channel, 0)
+    return total
+
+
+class Processes:
+    """The processes of one run, stopped with SIGTERM (then killed) whatever happens."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.running: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, command: list[str], env: dict[str, str], **kwargs: Any) -> subprocess.Popen:
+        log = open(self.logs / f"{name}.log", "w")
+        process = subprocess.Popen(command, env={**os.environ, **env}, stderr=log, **kwargs)
+        self.running[name] = process
+        return process
+
+    def wait_for_log(self, name: str, text: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        path = self.logs / f"{name}.log"
+        while time.monotonic() < deadline:
+            if text in path.read_text():
+                return
+            if self.running[name].poll() is not None:
+                break
+            time.sleep(0.05)
+        raise RuntimeError(f"{name} did not report {text!r}; its log:\n{path.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        for process in self.running.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.running.values():
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def read_json_line(stream: IO[bytes], timeout: float, what: str) -> dict:
+    import selectors
+
+    selector = selectors.DefaultSelector()
+    selector.register(stream, selectors.EVENT_READ)
+    if not selector.select(timeout):
+        raise RuntimeError(f"no answer from {what} within {timeout:.0f}s")
+    line = stream.readline()
+    if not line:
+        raise RuntimeError(f"{what} ended without an answer")
+    return json.loads(line)
+
+
+def run_once(args: argparse.Namespace, rate: float) -> dict[str, Any]:
+    logs = Path(tempfile.mkdtemp(prefix="bench-"))
+    processes = Processes(logs)
+    scenario = args.scenario
+    firehose_port, filtered_port = free_port(), free_port()
+    shared = {"PROXY_ENV_FILE": str(logs / "empty.env"), "LOG_LEVEL": "warning",
+              "CLIENT_QUEUE_EVENTS": str(args.queue_events)}
+    (logs / "empty.env").write_text("")
+    try:
+        simulator = processes.start("simulator", [PYTHON, "-m", "proxy.bench.sim_process"], {
+            **shared, "LOG_LEVEL": "info", "SIMULATOR_PORT": "0", "SIMULATOR_SYMBOLS": str(SYMBOLS),
+            "SIMULATOR_EVENTS_PER_SECOND": str(rate), "SIMULATOR_SEED": "1",
+            "SIMULATOR_API_KEYS": POLYGON_KEY, "SIMULATOR_PREBUILT_EVENTS": str(args.prebuilt),
+        }, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        simulator_port = read_json_line(simulator.stdout, 120, "the simulator")["port"]
+        static = "T.*,Q.*,LULD.*,FMV.*" if scenario == "firehose-star" else ""
+        processes.start("firehose", [TRIO_RUN, "proxy.firehose"], {
+            **shared, "LOG_LEVEL": "info", "POLYGON_API_KEY": POLYGON_KEY,
+            "POLYGON_URL": f"ws://127.0.0.1:{simulator_port}/stocks", "FIREHOSE_HOST": "127.0.0.1",
+            "FIREHOSE_PORT": str(firehose_port), "FIREHOSE_API_KEYS": FIREHOSE_KEY,
+            "FIREHOSE_METRICS_PORT": "0", "FIREHOSE_SUBSCRIPTIONS": static,
+        })
+        processes.wait_for_log("firehose", "Authenticated successfully")
+        tiers = {"firehose": processes.running["firehose"].pid}
+        if scenario == "firehose-star":
+            url, key, plan = f"ws://127.0.0.1:{firehose_port}/stocks", FIREHOSE_KEY, ["*"] * 4
+        else:
+            processes.start("filtered", [TRIO_RUN, "proxy.filtered"], {
+                **shared, "LOG_LEVEL": "info", "FIREHOSE_URL": f"ws://127.0.0.1:{firehose_port}",
+                "POLYGON_API_KEY": FIREHOSE_KEY, "FILTERED_PROXY_HOST": "127.0.0.1",
+                "FILTERED_PROXY_PORT": str(filtered_port), "FILTERED_PROXY_API_KEYS": CLIENT_KEY,
+                "FILTERED_METRICS_PORT": "0",
+            })
+            processes.wait_for_log("filtered", "Subscribed to wildcard")
+            tiers["filtered"] = processes.running["filtered"].pid
+            url, key = f"ws://127.0.0.1:{filtered_port}/stocks", CLIENT_KEY
+            plan = idle_plan(args.clients) if scenario == "idle" else zipf_plan(args.clients, args.seed)
+        plan_file = logs / "plan.json"
+        plan_file.write_text(json.dumps(plan))
+        clients = processes.start("clients", [
+            PYTHON, "-m", "proxy.bench.client_process", "--url", url, "--key", key,
+            "--plan", str(plan_file), "--timeout", str(args.duration + args.warmup + 300),
+        ], {}, stdout=subprocess.PIPE)
+        ready = read_json_line(clients.stdout, 300, "the clients")["ready"]
+        _progress(f"{scenario} @ {rate:,.0f} ev/s: {ready}/{len(plan)} clients subscribed; warming up")
+        time.sleep(args.warmup)
+
+        before = {name: cpu_seconds(pid) for name, pid in tiers.items()}
+        started = time.monotonic()
+        simulator.stdin.write(b"mark\n")
+        simulator.stdin.flush()
+        while (elapsed := time.monotonic() - started) < args.duration:
+            time.sleep(min(1.0, args.duration - elapsed))
+            used = {name: cpu_seconds(pid) - before[name] for name, pid in tiers.items()}
+            elapsed = time.monotonic() - started
+            _progress(f"  {elapsed:5.1f}s  " + "  ".join(
+                f"{name} CPU {100 * seconds / elapsed:5.1f}%" for name, seconds in used.items()))
+        simulator.stdin.write(b"mark\n")
+        simulator.stdin.flush()
+        window = time.monotonic() - started
+        after = {name: cpu_seconds(pid) for name, pid in tiers.items()}
+        sent = read_json_line(simulator.stdout, 30, "the simulator")
+        result = read_json_line(clients.stdout, 120, "the clients")
+        rss = {name: peak_rss_mb(pid) for name, pid in tiers.items()}
+    finally:
+        processes.stop()
+
+    counts = sent["counts"]
+    expected = [expected_count(channels, counts) for channels in result["channels"]]
+    received = result["received"]
+    lost = sum(max(0, e - r) for e, r in zip(expected, received))
+    extra = sum(max(0, r - e) for e, r in zip(expected, received))
+    events_in = sent["window_events"]
+    return {
+        "scenario": scenario, "clients": len(plan), "rate_offered": rate,
+        "duration_s": round(window, 2),
+        "generated_per_s": round(sent["events_generated"] / max(window, 1e-9)),  # whole run, approx
+        "into_firehose_per_s": round(events_in / window),
+        "delivered_per_s": round(sum(received) / window),
+        "expected_events": sum(expected), "received_events": sum(received),
+        "lost_events": lost, "unexpected_events": extra,
+        "clients_complete": result["saw_both_marks"], "client_failures": result["failures"],
+        "latency_ms": result["latency_ms"],
+        "join_ms": [round(seconds * 1000, 1) for seconds in result["join_seconds"]],
+        "cpu_us_per_input_event": {
+            name: round(1e6 * (after[name] - before[name]) / max(events_in, 1), 2) for name in tiers},
+        "cpu_percent": {name: round(100 * (after[name] - before[name]) / window, 1) for name in tiers},
+        "peak_rss_mb": {name: round(value, 1) for name, value in rss.items()},
+        "logs": str(logs),
+    }
+
+
+def _progress(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def passes(result: dict[str, Any]) -> bool:
+    p99 = result["latency_ms"]["p99"]
+    return result["lost_events"] == 0 and p99 is not None and p99 <= 50
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    header = (f"{'scenario':<14}{'clients':>8}{'offered/s':>11}{'in/s':>9}{'out/s':>10}{'lost':>7}"
+              f"{'p50ms':>7}{'p99ms':>7}{'maxms':>7}{'join ms':>9}  CPU µs/event (tier)  peak RSS MB")
+    rows = [header, "-" * len(header)]
+    for r in results:
+        latency = r["latency_ms"]
+        fmt = lambda v: "-" if v is None else f"{v:.0f}"  # noqa: E731
+        cpu = " ".join(f"{k}={v}" for k, v in r["cpu_us_per_input_event"].items())
+        rss = " ".join(f"{k}={v}" for k, v in r["peak_rss_mb"].items())
+        rows.append(
+            f"{r['scenario']:<14}{r['clients']:>8}{r['rate_offered']:>11,.0f}{r['into_firehose_per_s']:>9,}"
+            f"{r['delivered_per_s']:>10,}{r['lost_events']:>7}{fmt(latency['p50']):>7}{fmt(latency['p99']):>7}"
+            f"{fmt(latency['max']):>7}{max(r['join_ms']):>9.0f}  {cpu}  {rss}"
+        )
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="scripts/bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scenario", choices=("filtered", "firehose-star", "idle"), default="filtered")
+    parser.add_argument("--clients", type=int, help="default: 100 (filtered), 1000 (idle), 4 (firehose-star)")
+    parser.add_argument("--rate", type=float, default=20_000, help="offered events/s (default 20000)")
+    parser.add_argument("--duration", type=float, default=10, help="measured seconds per run (default 10)")
+    parser.add_argument("--warmup", type=float, default=3, help="seconds before measuring (default 3)")
+    parser.add_argument("--sweep", action="store_true",
+                        help="double the rate from --rate until loss or p99 > 50 ms; report the highest that passed")
+    parser.add_argument("--queue-events", type=int, default=50_000, help="CLIENT_QUEUE_EVENTS for the tiers")
+    parser.add_argument("--prebuilt", type=int, default=300_000, help="pre-built simulator events to cycle")
+    parser.add_argument("--seed", type=int, default=1, help="seed of the client subscription plan")
+    parser.add_argument("--json", type=Path, help="where to write the results (default bench-results/<time>.json)")
+    args = parser.parse_args(argv)
+    if args.clients is None:
+        args.clients = {"filtered": 100, "idle": 1000, "firehose-star": 4}[args.scenario]
+    results = []
+    rate = args.rate
+    while True:
+        result = run_once(args, rate)
+        results.append(result)
+        _progress(table([result]))
+        if not args.sweep or not passes(result):
+            break
+        rate *= 2
+    print(table(results))
+    if args.sweep:
+        passing = [r["rate_offered"] for r in results if passes(r)]
+        print(f"highest offered rate with zero loss and p99 <= 50 ms: "
+              f"{max(passing):,.0f} events/s" if passing else "no rate passed")
+    path = args.json or Path("bench-results") / f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{args.scenario}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "platform": platform.platform()},
+        "arguments": {k: str(v) for k, v in vars(args).items()}, "results": results,
+    }, indent=2))
+    print(f"results written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
