@@ -8,7 +8,9 @@ exits 2.
 
 from __future__ import annotations
 
+import cProfile
 import importlib
+import os
 import signal
 import sys
 from typing import Awaitable, Callable
@@ -37,8 +39,16 @@ async def _run_until_signal(main: Callable[[], Awaitable[object]]) -> None:
 
 
 def run_module_main(main: Callable[[], Awaitable[object]]) -> int:
-    """Run ``main`` until it returns or a signal arrives; the process exit code."""
+    """Run ``main`` until it returns or a signal arrives; the process exit code.
+
+    With ``PROXY_PROFILE=FILE`` set, the run is profiled with cProfile and the
+    statistics written to FILE at exit (read them with ``python -m pstats FILE``).
+    """
+    profile_path = os.environ.get("PROXY_PROFILE")
+    profiler = cProfile.Profile() if profile_path else None
     try:
+        if profiler is not None:
+            profiler.enable()
         trio.run(_run_until_signal, main)
     except (ConfigError, BaseExceptionGroup) as raised:
         config_errors = _config_errors(raised)
@@ -46,6 +56,10 @@ def run_module_main(main: Callable[[], Awaitable[object]]) -> int:
             raise
         print(config_errors[0], file=sys.stderr)
         return 2
+    finally:
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(profile_path)
     return 0
 
 

@@ -32,6 +32,8 @@ from .beacon import Beacon
 log = logging.getLogger("proxy.upstream")
 SUBSCRIBE_CHUNK = 500
 HANDSHAKE_SECONDS = 10.0
+#: Frames trio-websocket may hold for us; more than 1 lets a burst reach the router together.
+UPSTREAM_MESSAGE_QUEUE = 64
 _read_statuses = msgspec.json.Decoder(list[dict[str, Any]]).decode
 
 
@@ -133,6 +135,7 @@ class UpstreamLink:
             disconnect_timeout=2,
             max_message_size=64 * 1024 * 1024,
             receive_buffer_size=256 * 1024,
+            message_queue_size=UPSTREAM_MESSAGE_QUEUE,
         ) as ws:
             log.info("Connected to %s", self.label)
             with trio.fail_after(HANDSHAKE_SECONDS):

@@ -13,14 +13,18 @@ from __future__ import annotations
 
 import argparse
 import json
+from urllib.parse import urlsplit
 import sys
 import time
 
 import msgspec
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
+from trio_websocket import ConnectionClosed, open_websocket_url
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import CloseConnection, Ping, Request, TextMessage
 
 MARK = '"ev":"BENCH"'
+RECEIVE_BYTES = 1 << 20
 _decode = msgspec.json.Decoder(list[dict]).decode
 
 
@@ -57,17 +61,46 @@ class BenchClient:
                 self.latencies_ms.append(now_ms - int(digits))
 
 
-async def run_client(url: str, key: str, client: BenchClient, ready: trio.Semaphore) -> None:
-    async with open_websocket_url(url, max_message_size=64 * 1024 * 1024) as ws:
-        await ws.get_message()
-        await ws.send_message(json.dumps({"action": "auth", "params": key}))
-        await ws.get_message()
+async def run_client(host: str, port: int, path: str, key: str, client: BenchClient,
+                     ready: trio.Semaphore) -> None:
+    """One benchmark client on wsproto over a raw Trio stream: large reads, no per-message tasks."""
+    stream = await trio.open_tcp_stream(host, port)
+    ws = WSConnection(ConnectionType.CLIENT)
+    await stream.send_all(ws.send(Request(host=f"{host}:{port}", target=path)))
+    parts: list[str] = []
+
+    async def messages():
+        while True:
+            data = await stream.receive_some(RECEIVE_BYTES)
+            if not data:
+                raise ConnectionClosed(None)
+            ws.receive_data(data)
+            now_ms = time.time() * 1000
+            for event in ws.events():
+                if isinstance(event, TextMessage):
+                    parts.append(event.data)
+                    if event.message_finished:
+                        text = parts[0] if len(parts) == 1 else "".join(parts)
+                        parts.clear()
+                        yield text, now_ms
+                elif isinstance(event, Ping):
+                    await stream.send_all(ws.send(event.response()))
+                elif isinstance(event, CloseConnection):
+                    raise ConnectionClosed(None)
+
+    incoming = messages()
+    async with stream:
+        await incoming.__anext__()  # connected
+        await stream.send_all(ws.send(TextMessage(data=json.dumps({"action": "auth", "params": key}))))
+        await incoming.__anext__()  # auth_success
         channels = client.channels if client.channels == "*" else client.channels + ",BENCH.MARK"
-        await ws.send_message(json.dumps({"action": "subscribe", "params": channels}))
+        await stream.send_all(ws.send(TextMessage(data=json.dumps({"action": "subscribe", "params": channels}))))
         ready.release()
-        while client.marks < 2:  # read from the start: a client waiting for the others would lag
-            frame = await ws.get_message()
-            client.take(frame, time.time() * 1000)
+        async for text, now_ms in incoming:  # read from the start: a lagging client would skew others
+            client.take(text, now_ms)
+            if client.marks >= 2:
+                break
+        await incoming.aclose()
 
 
 async def first_event_delay(url: str, key: str, channels: str) -> float:
@@ -97,9 +130,11 @@ async def main(args: argparse.Namespace) -> None:
     ready = trio.Semaphore(0)
     failures: list[str] = []
 
+    target = urlsplit(args.url)
+
     async def guarded(client: BenchClient) -> None:
         try:
-            await run_client(args.url, args.key, client, ready)
+            await run_client(target.hostname, target.port, target.path or "/", args.key, client, ready)
         except (OSError, ConnectionClosed, trio.TooSlowError) as error:
             failures.append(f"{client.channels[:40]}: {error!r}")
             ready.release()

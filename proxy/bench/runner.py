@@ -157,6 +157,7 @@ def run_once(args: argparse.Namespace, rate: float) -> dict[str, Any]:
         simulator_port = read_json_line(simulator.stdout, 120, "the simulator")["port"]
         static = "T.*,Q.*,LULD.*,FMV.*" if scenario == "firehose-star" else ""
         processes.start("firehose", [TRIO_RUN, "proxy.firehose"], {
+            **_profile_env(args, "firehose", logs),
             **shared, "LOG_LEVEL": "info", "POLYGON_API_KEY": POLYGON_KEY,
             "POLYGON_URL": f"ws://127.0.0.1:{simulator_port}/stocks", "FIREHOSE_HOST": "127.0.0.1",
             "FIREHOSE_PORT": str(firehose_port), "FIREHOSE_API_KEYS": FIREHOSE_KEY,
@@ -168,6 +169,7 @@ def run_once(args: argparse.Namespace, rate: float) -> dict[str, Any]:
             url, key, plan = f"ws://127.0.0.1:{firehose_port}/stocks", FIREHOSE_KEY, ["*"] * 4
         else:
             processes.start("filtered", [TRIO_RUN, "proxy.filtered"], {
+                **_profile_env(args, "filtered", logs),
                 **shared, "LOG_LEVEL": "info", "FIREHOSE_URL": f"ws://127.0.0.1:{firehose_port}",
                 "POLYGON_API_KEY": FIREHOSE_KEY, "FILTERED_PROXY_HOST": "127.0.0.1",
                 "FILTERED_PROXY_PORT": str(filtered_port), "FILTERED_PROXY_API_KEYS": CLIENT_KEY,
@@ -187,20 +189,21 @@ def run_once(args: argparse.Namespace, rate: float) -> dict[str, Any]:
         _progress(f"{scenario} @ {rate:,.0f} ev/s: {ready}/{len(plan)} clients subscribed; warming up")
         time.sleep(args.warmup)
 
-        before = {name: cpu_seconds(pid) for name, pid in tiers.items()}
+        harness = {"simulator": simulator.pid, "clients": clients.pid}
+        before = {name: cpu_seconds(pid) for name, pid in {**tiers, **harness}.items()}
         started = time.monotonic()
         simulator.stdin.write(b"mark\n")
         simulator.stdin.flush()
         while (elapsed := time.monotonic() - started) < args.duration:
             time.sleep(min(1.0, args.duration - elapsed))
-            used = {name: cpu_seconds(pid) - before[name] for name, pid in tiers.items()}
+            used = {name: cpu_seconds(pid) - before[name] for name, pid in {**tiers, **harness}.items()}
             elapsed = time.monotonic() - started
             _progress(f"  {elapsed:5.1f}s  " + "  ".join(
                 f"{name} CPU {100 * seconds / elapsed:5.1f}%" for name, seconds in used.items()))
         simulator.stdin.write(b"mark\n")
         simulator.stdin.flush()
         window = time.monotonic() - started
-        after = {name: cpu_seconds(pid) for name, pid in tiers.items()}
+        after = {name: cpu_seconds(pid) for name, pid in {**tiers, **harness}.items()}
         sent = read_json_line(simulator.stdout, 30, "the simulator")
         result = read_json_line(clients.stdout, 120, "the clients")
         rss = {name: peak_rss_mb(pid) for name, pid in tiers.items()}
@@ -226,10 +229,14 @@ def run_once(args: argparse.Namespace, rate: float) -> dict[str, Any]:
         "join_ms": [round(seconds * 1000, 1) for seconds in result["join_seconds"]],
         "cpu_us_per_input_event": {
             name: round(1e6 * (after[name] - before[name]) / max(events_in, 1), 2) for name in tiers},
-        "cpu_percent": {name: round(100 * (after[name] - before[name]) / window, 1) for name in tiers},
+        "cpu_percent": {name: round(100 * (after[name] - before[name]) / window, 1) for name in after},
         "peak_rss_mb": {name: round(value, 1) for name, value in rss.items()},
         "logs": str(logs),
     }
+
+
+def _profile_env(args: argparse.Namespace, tier: str, logs: Path) -> dict[str, str]:
+    return {"PROXY_PROFILE": str(logs / f"{tier}.prof")} if args.profile == tier else {}
 
 
 def _progress(text: str) -> None:
@@ -271,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queue-events", type=int, default=50_000, help="CLIENT_QUEUE_EVENTS for the tiers")
     parser.add_argument("--prebuilt", type=int, default=300_000, help="pre-built simulator events to cycle")
     parser.add_argument("--seed", type=int, default=1, help="seed of the client subscription plan")
+    parser.add_argument("--profile", choices=("firehose", "filtered"),
+                        help="run that tier under cProfile; the statistics go to the run's log folder")
     parser.add_argument("--json", type=Path, help="where to write the results (default bench-results/<time>.json)")
     args = parser.parse_args(argv)
     if args.clients is None:
@@ -285,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
             break
         rate *= 2
     print(table(results))
+    for r in results:
+        print(f"CPU use during the window (% of one core): "
+              + ", ".join(f"{name} {value}" for name, value in r["cpu_percent"].items()))
     if args.sweep:
         passing = [r["rate_offered"] for r in results if passes(r)]
         print(f"highest offered rate with zero loss and p99 <= 50 ms: "
