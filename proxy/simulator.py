@@ -250,7 +250,9 @@ async def _generate(simulator: Simulator) -> None:
     """Emit the stream at the configured rate, plus A each second and AM each minute."""
     model, config = simulator.model, simulator.config
     rate = config.events_per_second
-    prebuilt = prebuild(model, config.prebuilt_events, MAX_FRAME_EVENTS) if config.prebuilt_events else []
+    # A pre-built frame holds one tick's worth of events, so low rates are not sent in lumps.
+    frame_events = max(1, min(MAX_FRAME_EVENTS, int(rate * TICK_SECONDS)))
+    prebuilt = prebuild(model, config.prebuilt_events, frame_events) if config.prebuilt_events else []
     cursor = 0
     start = trio.current_time()
     emitted = 0

@@ -208,3 +208,34 @@ async def test_fault_forced_max_connections(nursery):
     sim.faults.force_max_connections = False
     client = await connect(nursery, sim.port)
     assert (await client.auth(POLYGON_KEY))[0]["status"] == "auth_success"
+
+
+async def test_prebuilt_frames_carry_the_send_time_and_keep_the_rate(nursery):
+    import time as wall
+
+    rate = 2000
+    sim = await start_simulator(nursery, events_per_second=rate, prebuilt_events=5000)
+    client = await authed_client(nursery, sim.port, POLYGON_KEY, subscribe="T.*,Q.*,LULD.*,FMV.*")
+    await client.collect(0.5)
+    start = len(client.frames)
+    events = await client.collect(2.0)
+    assert 0.8 * rate <= len(events) / 2.0 <= 1.2 * rate
+    assert len(client.frames) - start >= 2.0 / 0.02  # a frame per tick or so, not lumps
+    now_ms = wall.time() * 1000
+    recent = [e["t"] for e in events[-50:] if e["ev"] in ("T", "Q")]
+    assert recent and all(now_ms - 2000 < t <= now_ms for t in recent)  # stamped when sent
+
+
+async def test_marks_delimit_a_window_counted_by_channel(nursery):
+    sim = await start_simulator(nursery, events_per_second=2000, prebuilt_events=5000)
+    client = await authed_client(nursery, sim.port, POLYGON_KEY, subscribe="T.*,Q.AAPL,BENCH.MARK")
+    await client.collect(0.3)
+    sim.mark()
+    await client.collect(1.0)
+    sim.mark()
+    await client.collect(0.3)
+    marks = [i for i, e in enumerate(client.events) if e["ev"] == "BENCH"]
+    assert len(marks) == 2
+    inside = client.events[marks[0] + 1:marks[1]]
+    counted = sum(n for channel, n in sim.window_counts.items() if channel.startswith("T.") or channel == "Q.AAPL")
+    assert inside and len(inside) == counted == sim.window_events

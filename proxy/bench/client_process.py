@@ -5,8 +5,8 @@ Each client connects, authenticates and subscribes its plan's channels plus
 Counting is a substring count done in C, so the clients cost little of the
 machine the tiers are measured on; latency is read from the ``t`` of the first
 event of each frame (the oldest in it), against this machine's clock. After the
-window, a few fresh clients measure how long a new subscriber waits for its
-first event. One JSON line of results goes to standard output.
+window, while the load runs, a few fresh clients measure how long a new subscriber
+waits for its first event. One JSON line of results goes to standard output.
 """
 
 from __future__ import annotations
@@ -139,6 +139,15 @@ async def main(args: argparse.Namespace) -> None:
             failures.append(f"{client.channels[:40]}: {error!r}")
             ready.release()
 
+    joins: list[float] = []
+
+    async def probe_joins() -> None:
+        """While the load runs, new clients join one by one; how long until their first event?"""
+        await trio.sleep(args.join_delay)
+        for _ in range(5):
+            joins.append(await first_event_delay(args.url, args.key, args.join_channels))
+            await trio.sleep(0.5)
+
     with trio.fail_after(args.timeout):
         async with trio.open_nursery() as nursery:
             for client in clients:
@@ -146,7 +155,7 @@ async def main(args: argparse.Namespace) -> None:
             for _ in clients:
                 await ready.acquire()
             print(json.dumps({"ready": len(clients) - len(failures)}), flush=True)
-        joins = [await first_event_delay(args.url, args.key, args.join_channels) for _ in range(5)]
+            nursery.start_soon(probe_joins)
     latencies = [value for client in clients for value in client.latencies_ms]
     print(json.dumps({
         "received": [client.received for client in clients],
@@ -164,7 +173,9 @@ if __name__ == "__main__":
     parser.add_argument("--url", required=True)
     parser.add_argument("--key", required=True)
     parser.add_argument("--plan", required=True)
-    parser.add_argument("--join-channels", default="T.*,Q.*")
+    parser.add_argument("--join-channels", default="T.AAPL,Q.AAPL")
+    parser.add_argument("--join-delay", type=float, default=4.0,
+                        help="seconds after all clients are ready before the join probes start")
     parser.add_argument("--timeout", type=float, default=600)
     try:
         trio.run(main, parser.parse_args())

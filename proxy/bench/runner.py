@@ -184,6 +184,7 @@ def run_once(args: argparse.Namespace, rate: float) -> dict[str, Any]:
         clients = processes.start("clients", [
             PYTHON, "-m", "proxy.bench.client_process", "--url", url, "--key", key,
             "--plan", str(plan_file), "--timeout", str(args.duration + args.warmup + 300),
+            "--join-delay", str(args.warmup + min(1.0, args.duration / 4)),
         ], {}, stdout=subprocess.PIPE)
         ready = read_json_line(clients.stdout, 300, "the clients")["ready"]
         _progress(f"{scenario} @ {rate:,.0f} ev/s: {ready}/{len(plan)} clients subscribed; warming up")
