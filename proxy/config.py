@@ -71,6 +71,12 @@ class TierConfig:
     max_message_bytes: int = 262_144
     auth_timeout_seconds: float = 10.0
     max_channels_per_message: int = 10_000
+    max_channels_per_client: int = 10_000
+    max_clients: int = 10_000
+    max_connections_per_ip: int = 1_000
+    control_messages_per_second: float = 50.0
+    tls_cert: str | None = None
+    tls_key: str | None = None
     keepalive_interval_seconds: float = 10.0
     keepalive_timeout_seconds: float = 20.0
     upstream_ca_file: str | None = None
@@ -182,8 +188,34 @@ def _shared(source: decouple.Config) -> dict:
         ),
         max_message_bytes=_read(source, "MAX_MESSAGE_BYTES", "262144", _positive_int),
         auth_timeout_seconds=_read(source, "AUTH_TIMEOUT_SECONDS", "10", _seconds),
-        upstream_ca_file=_read(source, "UPSTREAM_CA_FILE", "", lambda raw: raw or None),
+        upstream_ca_file=_read(source, "UPSTREAM_CA_FILE", "", _existing_file),
+        max_clients=_read(source, "MAX_CLIENTS", "10000", _positive_int),
+        max_connections_per_ip=_read(source, "MAX_CONNECTIONS_PER_IP", "1000", _positive_int),
+        max_channels_per_client=_read(source, "MAX_CHANNELS_PER_CLIENT", "10000", _positive_int),
+        control_messages_per_second=_read(source, "CONTROL_MESSAGES_PER_SECOND", "50", _positive_rate),
     )
+
+
+def _existing_file(raw: str) -> str | None:
+    if raw and not Path(raw).is_file():
+        raise ValueError("no such file")
+    return raw or None
+
+
+def _positive_rate(raw: str) -> float:
+    value = float(raw)
+    if not value > 0:
+        raise ValueError("expected a number above 0")
+    return value
+
+
+def _tls(source: decouple.Config, prefix: str) -> dict:
+    cert = _read(source, f"{prefix}_TLS_CERT", "", _existing_file)
+    key = _read(source, f"{prefix}_TLS_KEY", "", _existing_file)
+    if bool(cert) != bool(key):
+        missing = f"{prefix}_TLS_KEY" if cert else f"{prefix}_TLS_CERT"
+        raise ConfigError(missing, "TLS needs both a certificate and its key; only one is set")
+    return dict(tls_cert=cert, tls_key=key)
 
 
 def _required(source: decouple.Config, name: str) -> str:
@@ -208,6 +240,7 @@ def load_firehose_config() -> TierConfig:
         api_keys=accepted or frozenset({api_key}),
         allow_any_key=False,
         metrics_port=_read(source, "FIREHOSE_METRICS_PORT", "9767", _port) or None,
+        **_tls(source, "FIREHOSE"),
         **_shared(source),
     )
 
@@ -229,6 +262,7 @@ def load_filtered_config() -> TierConfig:
         api_keys=accepted,
         allow_any_key=not accepted,
         metrics_port=_read(source, "FILTERED_METRICS_PORT", "9765", _port) or None,
+        **_tls(source, "FILTERED_PROXY"),
         **_shared(source),
     )
 

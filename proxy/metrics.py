@@ -36,6 +36,11 @@ class TierStats:
     auth_failures: int = 0
     clients_total: int = 0
     control_errors: int = 0
+    control_rate_limited: int = 0
+    refused_max_clients: int = 0
+    refused_per_ip: int = 0
+    outages: int = 0
+    outage_seconds: float = 0.0
 
 
 def new_latency_histogram(registry: CollectorRegistry) -> Histogram:
@@ -92,6 +97,16 @@ class TierCollector:
         yield counter("proxy_auth_failures", "Client authentications refused", stats.auth_failures)
         yield counter("proxy_control_errors", "Client control messages answered with an error",
                       stats.control_errors)
+        yield counter("proxy_control_rate_limited", "Client control messages refused by the rate limit",
+                      stats.control_rate_limited)
+        refused = CounterMetricFamily("proxy_clients_refused", "Connections refused by a limit",
+                                      labels=["tier", "reason"])
+        refused.add_metric([*name, "max_clients"], stats.refused_max_clients)
+        refused.add_metric([*name, "max_connections_per_ip"], stats.refused_per_ip)
+        yield refused
+        yield counter("proxy_upstream_outages", "Upstream outages (connected, then lost)", stats.outages)
+        yield counter("proxy_upstream_outage_seconds", "Seconds without upstream after a loss, in all "
+                      "(events Polygon sent then are gone)", stats.outage_seconds)  # type: ignore[arg-type]
         yield gauge("proxy_upstream_connected", "1 while the upstream is connected and authenticated",
                     1 if link.state.value == "connected" else 0)
         yield counter("proxy_upstream_reconnects", "Upstream reconnect attempts", link.reconnects)

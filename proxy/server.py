@@ -10,10 +10,12 @@ the outbox, one frame per run of events). Closing that nursery ends both.
 
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
 import logging
 import math
+import ssl
 from typing import Callable
 from urllib.parse import urlsplit
 
@@ -30,6 +32,7 @@ from .routing import RoutedFrame
 from .session import (
     CLOSE_GOING_AWAY,
     CLOSE_POLICY_VIOLATION,
+    CLOSE_TRY_AGAIN_LATER,
     Reaction,
     SessionState,
 )
@@ -71,6 +74,7 @@ class Hub:
     observe_latency: Callable[[float], None] = lambda seconds: None
     demand_changed: Beacon = attrs.field(factory=Beacon)
     sessions: set[ClientSession] = attrs.field(factory=set)
+    connections_per_ip: collections.Counter = attrs.field(factory=collections.Counter)
     _ids: itertools.count = attrs.field(factory=lambda: itertools.count(1))
 
     def open_session(self, peer: str) -> ClientSession:
@@ -82,15 +86,34 @@ class Hub:
                 accepted_keys=self.config.api_keys,
                 allow_any_key=self.config.allow_any_key,
                 max_channels_per_message=self.config.max_channels_per_message,
+                max_channels_per_client=self.config.max_channels_per_client,
+                control_rate=self.config.control_messages_per_second,
+                control_burst=2 * self.config.control_messages_per_second,
             ),
         )
         self.sessions.add(session)
+        self.connections_per_ip[_ip(peer)] += 1
         self.registry.add_subscriber(session)
         self.stats.clients_total += 1
         return session
 
+    def refusal(self, peer: str) -> str | None:
+        """Why a new connection from ``peer`` must be refused now, or None to accept it."""
+        if len(self.sessions) >= self.config.max_clients:
+            self.stats.refused_max_clients += 1
+            return f"this proxy serves at most {self.config.max_clients} clients (MAX_CLIENTS)"
+        if self.connections_per_ip[_ip(peer)] >= self.config.max_connections_per_ip:
+            self.stats.refused_per_ip += 1
+            return (f"at most {self.config.max_connections_per_ip} connections per address "
+                    "(MAX_CONNECTIONS_PER_IP)")
+        return None
+
     def close_session(self, session: ClientSession) -> None:
         self.sessions.discard(session)
+        ip = _ip(session.peer)
+        self.connections_per_ip[ip] -= 1
+        if self.connections_per_ip[ip] <= 0:
+            del self.connections_per_ip[ip]
         self._apply_demand(self.registry.remove_subscriber(session))
         if session.outbox.overflowed:
             self.stats.dropped_slow_consumer += session.outbox.dropped_events
@@ -109,6 +132,8 @@ class Hub:
             self.stats.control_errors += 1
         elif reaction.outcome == "auth_failed":
             self.stats.auth_failures += 1
+        elif reaction.outcome in ("rate_limited", "flood"):
+            self.stats.control_rate_limited += 1
         if reaction.subscribe:
             self._apply_demand(self.registry.subscribe(session, reaction.subscribe))
         if reaction.unsubscribe:
@@ -176,6 +201,13 @@ async def serve_clients(
             await request.reject(404, body=body.encode())
             return
         ws = await request.accept()
+        refusal = hub.refusal(_peer(request.remote))
+        if refusal is not None:
+            log.warning("refused %s: %s", _peer(request.remote), refusal)
+            with trio.move_on_after(2):
+                await ws.send_message(protocol.status_frame("max_connections", refusal))
+                await ws.aclose(CLOSE_TRY_AGAIN_LATER, "connection limit")
+            return
         try:
             await _run_session(hub, ws)
         except Exception:  # a bug in one session must not end the server for everyone
@@ -185,11 +217,23 @@ async def serve_clients(
     async with trio.open_nursery() as nursery:
         server = await nursery.start(
             functools.partial(
-                serve_websocket, handle, config.host, config.port, None,
+                serve_websocket, handle, config.host, config.port, _tls_context(config),
                 max_message_size=config.max_message_bytes,
             )
         )
         task_status.started(server.port)
+
+
+def _tls_context(config: TierConfig) -> ssl.SSLContext | None:
+    if not config.tls_cert:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(config.tls_cert, config.tls_key)
+    return context
+
+
+def _ip(peer: str) -> str:
+    return peer.rsplit(":", 1)[0]
 
 
 def _peer(remote: object) -> str:
@@ -235,7 +279,7 @@ async def _read_loop(hub: Hub, ws: WebSocketConnection, session: ClientSession) 
             log.info("%s sent no auth within %ss", session, hub.config.auth_timeout_seconds)
             hub.react(session, session.state.timed_out())
             return
-        reaction = session.state.receive(message)
+        reaction = session.state.receive(message, trio.current_time())
         if reaction.close_code is not None:
             log.info("%s: %s", session, reaction.close_reason)
         hub.react(session, reaction)

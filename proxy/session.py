@@ -53,14 +53,41 @@ def key_matches(presented: str, accepted: Collection[str]) -> bool:
 
 @attrs.define
 class SessionState:
+    """One client's control state: auth phase, its channels, and its control-message budget.
+
+    Control messages are rate-limited by a token bucket (``control_rate`` a second,
+    bursts of ``control_burst``): one over the budget is answered with an error and
+    ignored; after ``flood_limit`` such refusals the client is closed (1008).
+    """
+
     accepted_keys: frozenset[str]
     allow_any_key: bool = False
     max_channels_per_message: int = 10_000
+    max_channels_per_client: int = 10_000
+    control_rate: float = 50.0
+    control_burst: float = 100.0
+    flood_limit: int = 100
     phase: Phase = Phase.AWAITING_AUTH
+    channels: set[Channel] = attrs.field(factory=set)
+    refused_for_rate: int = 0
+    _tokens: float | None = None
+    _last: float = 0.0
 
-    def receive(self, message: str | bytes) -> Reaction:
+    def receive(self, message: str | bytes, now: float = 0.0) -> Reaction:
         if self.phase is Phase.CLOSED:
             return Reaction()
+        if not self._take_token(now):
+            self.refused_for_rate += 1
+            if self.refused_for_rate > self.flood_limit:
+                self.phase = Phase.CLOSED
+                return Reaction(
+                    replies=(protocol.error_frame("control message flood: closing the connection"),),
+                    close_code=CLOSE_POLICY_VIOLATION, close_reason="control message flood",
+                    outcome="flood",
+                )
+            return Reaction(replies=(protocol.error_frame(
+                f"rate limited: at most {self.control_rate:g} control messages a second; "
+                "this one was ignored"),), outcome="rate_limited")
         try:
             action = protocol.parse_client_message(
                 message, max_channels=self.max_channels_per_message
@@ -76,15 +103,33 @@ class SessionState:
                 outcome="error",
             )
         if isinstance(action, Subscribe):
+            new = [channel for channel in action.channels if channel not in self.channels]
+            if len(self.channels) + len(new) > self.max_channels_per_client:
+                return Reaction(replies=(protocol.error_frame(
+                    f"channel limit: this connection holds {len(self.channels)} channels and may hold "
+                    f"{self.max_channels_per_client}; nothing of this subscribe was applied"),),
+                    outcome="error")
+            self.channels.update(new)
             return Reaction(
                 replies=(protocol.subscription_frame("subscribed", action.channels),),
                 subscribe=action.channels,
             )
         assert isinstance(action, Unsubscribe)
+        self.channels.difference_update(action.channels)
         return Reaction(
             replies=(protocol.subscription_frame("unsubscribed", action.channels),),
             unsubscribe=action.channels,
         )
+
+    def _take_token(self, now: float) -> bool:
+        if self._tokens is None:
+            self._tokens, self._last = self.control_burst, now
+        self._tokens = min(self.control_burst, self._tokens + (now - self._last) * self.control_rate)
+        self._last = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return True
+        return False
 
     def _auth(self, action: Auth) -> Reaction:
         if self.phase is Phase.AUTHENTICATED:

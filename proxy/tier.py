@@ -78,10 +78,22 @@ async def run_tier(
     frames_send, frames_receive = trio.open_memory_channel[tuple[str | bytes, float]](FRAME_QUEUE)
     label = _upstream_label(config)
 
+    outage_started: list[float] = []  # when the current outage began, if one is going on
+
     def connected() -> None:
-        hub.broadcast(protocol.status_frame(UPSTREAM_CONNECTED, f"{label} connection restored"))
+        if outage_started:
+            seconds = trio.current_time() - outage_started.pop()
+            stats.outage_seconds += seconds
+            log.warning("%s connection restored after a %.1fs outage; events sent upstream in that "
+                        "window are lost (Polygon has no replay)", label, seconds)
+            message = f"{label} connection restored after {seconds:.1f}s; events of that window are lost"
+        else:
+            message = f"{label} connection restored"
+        hub.broadcast(protocol.status_frame(UPSTREAM_CONNECTED, message))
 
     def disconnected(reason: str) -> None:
+        stats.outages += 1
+        outage_started.append(trio.current_time())
         log.warning("lost the %s connection (%s); clients stay connected", label, reason)
         hub.broadcast(protocol.status_frame(
             UPSTREAM_DISCONNECTED,

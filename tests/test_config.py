@@ -157,6 +157,8 @@ def test_env_example_documents_every_variable_the_code_reads():
     root = Path(__file__).parent.parent
     source = (root / "proxy" / "config.py").read_text()
     read = set(re.findall(r'_(?:read|required)\(source, "([A-Z_]+)"', source))
+    read |= {f"{prefix}_TLS_{part}" for prefix in re.findall(r'_tls\(source, "([A-Z_]+)"\)', source)
+             for part in ("CERT", "KEY")}
     assert len(read) > 25
     example = (root / ".env.example").read_text()
     documented = set(re.findall(r"^([A-Z_]+)=", example, flags=re.MULTILINE))
