@@ -205,6 +205,8 @@ async def serve_clients(
         if refusal is not None:
             log.warning("refused %s: %s", _peer(request.remote), refusal)
             with trio.move_on_after(2):
+                # As Polygon does: `connected` first, always, then the refusal.
+                await ws.send_message(protocol.CONNECTED)
                 await ws.send_message(protocol.status_frame("max_connections", refusal))
                 await ws.aclose(CLOSE_TRY_AGAIN_LATER, "connection limit")
             return
@@ -219,6 +221,10 @@ async def serve_clients(
             functools.partial(
                 serve_websocket, handle, config.host, config.port, _tls_context(config),
                 max_message_size=config.max_message_bytes,
+                # a peer that never completes the opening handshake is dropped as one that never
+                # authenticates would be, not after trio-websocket's default minute
+                connect_timeout=config.auth_timeout_seconds,
+                disconnect_timeout=max(config.shutdown_close_seconds, 0.1),
             )
         )
         task_status.started(server.port)
@@ -291,7 +297,8 @@ async def _send_loop(
     stats, outbox = hub.stats, session.outbox
     try:
         while True:
-            await session.wakeup.wait()
+            if not len(outbox) and session.close_request is None and not outbox.overflowed:
+                await session.wakeup.wait()
             session.wakeup = trio.Event()
             events, received_at = outbox.queued_events, outbox.oldest_received_at
             for frame in outbox.take_frames():
@@ -310,8 +317,8 @@ async def _send_loop(
                 await ws.send_message(SLOW_CONSUMER)
                 await ws.aclose(CLOSE_POLICY_VIOLATION, "slow consumer")
                 return
-            if session.close_request is not None:
-                await ws.aclose(*session.close_request)
+            if session.close_request is not None and not len(outbox):
+                await ws.aclose(*session.close_request)  # only once everything queued was sent
                 return
     except ConnectionClosed:
         pass

@@ -18,11 +18,12 @@ import math
 import random
 import ssl
 from typing import Any, Callable, Iterable
+from urllib.parse import urlsplit
 
 import attrs
 import msgspec
 import trio
-from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, open_websocket_url
+from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, wrap_client_stream
 
 from . import protocol
 from .config import Backoff, redact
@@ -128,35 +129,56 @@ class UpstreamLink:
     async def _connect_and_serve(self) -> None:
         log.info("Connecting to %s at %s", self.label, self.url)
         self._sent = set()
-        async with open_websocket_url(
-            self.url,
-            ssl_context=self._ssl_context(),
-            connect_timeout=HANDSHAKE_SECONDS,
-            disconnect_timeout=2,
-            max_message_size=64 * 1024 * 1024,
-            receive_buffer_size=256 * 1024,
-            message_queue_size=UPSTREAM_MESSAGE_QUEUE,
-        ) as ws:
-            log.info("Connected to %s", self.label)
+        async with trio.open_nursery() as connection_nursery:
             with trio.fail_after(HANDSHAKE_SECONDS):
-                await self._expect(ws, "connected")
-                await ws.send_message(protocol.auth_message(self.api_key))
-                await self._expect(ws, "auth_success")
-            log.info("Authenticated successfully")
-            self.state = LinkState.CONNECTED
-            self.on_connected()
+                ws = await self._open(connection_nursery)
             try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._keep_subscribed, ws)
-                    nursery.start_soon(self._keepalive, ws)
-                    while True:
-                        message = await ws.get_message()
-                        await self.frames.send((message, trio.current_time()))
+                await self._serve(ws)
             finally:
                 if trio.current_effective_deadline() == -math.inf:
                     # Shutting down: say goodbye upstream instead of vanishing.
                     with trio.CancelScope(shield=True), trio.move_on_after(self.close_seconds):
                         await ws.aclose(1001, "proxy shutting down")
+                with trio.CancelScope(shield=True), trio.move_on_after(self.close_seconds):
+                    await ws.aclose()
+                connection_nursery.cancel_scope.cancel()
+
+    async def _open(self, nursery: trio.Nursery) -> WebSocketConnection:
+        """TCP, then TLS with its handshake done here (so a bad certificate is named, not
+        hidden behind a timeout), then the WebSocket opening handshake."""
+        parts = urlsplit(self.url)
+        secure = parts.scheme == "wss"
+        port = parts.port or (443 if secure else 80)
+        stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]
+        stream = await trio.open_tcp_stream(parts.hostname, port)
+        if secure:
+            stream = trio.SSLStream(stream, self._ssl_context(), server_hostname=parts.hostname,
+                                    https_compatible=True)
+            await stream.do_handshake()
+        resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        host = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
+        return await wrap_client_stream(
+            nursery, stream, host, resource,
+            max_message_size=64 * 1024 * 1024,
+            receive_buffer_size=256 * 1024,
+            message_queue_size=UPSTREAM_MESSAGE_QUEUE,
+        )
+
+    async def _serve(self, ws: WebSocketConnection) -> None:
+        log.info("Connected to %s", self.label)
+        with trio.fail_after(HANDSHAKE_SECONDS):
+            await self._expect(ws, "connected")
+            await ws.send_message(protocol.auth_message(self.api_key))
+            await self._expect(ws, "auth_success")
+        log.info("Authenticated successfully")
+        self.state = LinkState.CONNECTED
+        self.on_connected()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._keep_subscribed, ws)
+            nursery.start_soon(self._keepalive, ws)
+            while True:
+                message = await ws.get_message()
+                await self.frames.send((message, trio.current_time()))
 
     async def _expect(self, ws: WebSocketConnection, wanted: str) -> None:
         message = await ws.get_message()
@@ -232,4 +254,8 @@ def _leaves(group: BaseExceptionGroup) -> Iterable[BaseException]:
 def _describe(error: BaseException) -> str:
     if isinstance(error, ConnectionClosed) and error.reason is not None:
         return f"connection closed ({error.reason.code} {error.reason.name})"
-    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    cause = error.__cause__ or error.__context__
+    if isinstance(error, trio.BrokenResourceError) and cause is not None:
+        text += f" ({type(cause).__name__}: {cause})"  # e.g. the certificate a TLS upstream failed
+    return text

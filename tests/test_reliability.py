@@ -1,0 +1,290 @@
+"""Every bad input answered, every fault survived, nobody let in (issue: reliability and security)."""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import socket
+import weakref
+
+import attrs
+import pytest
+import trio
+import trustme
+from trio_websocket import ConnectionClosed, open_websocket_url
+
+from proxy.protocol import parse_channel_list
+from tests.conftest import (
+    CLIENT_KEY,
+    FIREHOSE_KEY,
+    POLYGON_KEY,
+    Client,
+    authed_client,
+    connect,
+    filtered_config,
+    firehose_config,
+    start_simulator,
+    start_tier,
+    wait_until,
+)
+
+ALL_STREAM = parse_channel_list("T.*,Q.*,LULD.*,FMV.*")
+
+
+def count_tasks() -> int:
+    def walk(task) -> int:
+        return 1 + sum(walk(child) for nursery in task.child_nurseries for child in nursery.child_tasks)
+
+    return walk(trio.lowlevel.current_root_task())
+
+
+@attrs.define
+class Neighbour:
+    """A `*` client beside the trouble: it must see a gapless `q` sequence throughout."""
+
+    client: Client
+    sequence: list[int] = attrs.field(factory=list)
+
+    async def run(self) -> None:
+        while True:
+            for event in await self.client.receive():
+                if "q" in event:
+                    self.sequence.append(event["q"])
+
+    def assert_no_gap(self) -> None:
+        assert len(self.sequence) > 100
+        first = self.sequence[0]
+        assert self.sequence == list(range(first, first + len(self.sequence))), "the neighbour saw a gap"
+
+
+async def chain(nursery, **filtered_overrides):
+    sim = await start_simulator(nursery, events_per_second=1000)
+    firehose = await start_tier(nursery, firehose_config(sim, static_channels=ALL_STREAM))
+    filtered = await start_tier(nursery, filtered_config(firehose, **filtered_overrides))
+    await wait_until(lambda: filtered.link.state.value == "connected")
+    return sim, firehose, filtered
+
+
+# (name, authenticate first?, what to send, expected status, expected close code or None)
+BAD_INPUTS = [
+    ("not json", True, "hello", "error", None),
+    ("json, not an object", True, "[1,2,3]", "error", None),
+    ("unknown action", True, '{"action":"launch","params":"x"}', "error", None),
+    ("missing params", True, '{"action":"subscribe"}', "error", None),
+    ("params not a string", True, '{"action":"subscribe","params":["T.AAPL"]}', "error", None),
+    ("empty params", True, '{"action":"subscribe","params":""}', "error", None),
+    ("10,000 channels, over the per-client limit", True,
+     json.dumps({"action": "subscribe", "params": ",".join(f"T.S{i}" for i in range(10_000))}), "error", None),
+    ("10,001 channels in one message", True,
+     json.dumps({"action": "subscribe", "params": ",".join(f"T.S{i}" for i in range(10_001))}), "error", None),
+    ("bad characters in a channel", True, '{"action":"subscribe","params":"T.AA PL;"}', "error", None),
+    ("a 1,000-character channel", True,
+     json.dumps({"action": "subscribe", "params": "T." + "A" * 998}), "error", None),
+    ("binary frame", True, b'{"action":"subscribe","params":"T.AAPL"}', "error", None),
+    ("deeply nested json", True, "[" * 100_000 + "]" * 100_000, "error", None),
+    ("deeply nested json, small", True, '{"action":' + "[" * 3000 + "]" * 3000 + "}", "error", None),
+    ("frame over MAX_MESSAGE_BYTES", True, json.dumps({"action": "auth", "params": "k" * 300_000}), None, 1009),
+    ("subscribe before auth", False, '{"action":"subscribe","params":"T.AAPL"}', "error", None),
+    ("unsubscribe before auth", False, '{"action":"unsubscribe","params":"T.AAPL"}', "error", None),
+    ("auth twice", True, json.dumps({"action": "auth", "params": CLIENT_KEY}), "error", None),
+    ("wrong key", False, '{"action":"auth","params":"wrong"}', "auth_failed", 1008),
+]
+
+
+async def test_every_bad_input_is_answered_and_the_neighbour_notices_nothing(nursery):
+    _, _, filtered = await chain(nursery, max_channels_per_client=5_000)
+    neighbour = Neighbour(await authed_client(nursery, filtered.port, CLIENT_KEY, subscribe="*"))
+    nursery.start_soon(neighbour.run)
+    for name, authenticate, message, status, close_code in BAD_INPUTS:
+        if authenticate:
+            client = await authed_client(nursery, filtered.port, CLIENT_KEY)
+        else:
+            client = await connect(nursery, filtered.port)
+        await client.ws.send_message(message)
+        if status is not None:
+            answer = await client.next_status()
+            assert answer[0]["status"] == status, (name, answer)
+            assert answer[0]["message"], name
+        if close_code is not None:
+            assert await client.close_code() == close_code, name
+        else:  # the connection survives and still works
+            if not authenticate:
+                assert (await client.auth(CLIENT_KEY))[0]["status"] == "auth_success", name
+            answer = await client.request("subscribe", "T.AAPL")
+            assert answer[0]["message"] == "subscribed to: T.AAPL", name
+            await client.ws.aclose()
+    await trio.sleep(0.3)
+    neighbour.assert_no_gap()
+    assert len(filtered.hub.sessions) == 1  # only the neighbour is left
+
+
+async def test_no_auth_in_time_and_a_control_flood(nursery):
+    _, _, filtered = await chain(nursery, auth_timeout_seconds=0.3, control_messages_per_second=20)
+    neighbour = Neighbour(await authed_client(nursery, filtered.port, CLIENT_KEY, subscribe="*"))
+    nursery.start_soon(neighbour.run)
+    silent = await connect(nursery, filtered.port)
+    assert (await silent.next_status())[0]["status"] == "auth_timeout"
+    assert await silent.close_code() == 1008
+
+    flooder = await authed_client(nursery, filtered.port, CLIENT_KEY)
+    for _ in range(300):
+        await flooder.ws.send_message('{"action":"subscribe","params":"T.AAPL"}')
+    assert await flooder.close_code() == 1008
+    messages = [s["message"] for s in flooder.statuses]
+    assert any(m.startswith("rate limited") for m in messages)
+    assert any("flood" in m for m in messages), messages[-5:]
+    assert filtered.stats.control_rate_limited > 0
+    await trio.sleep(0.3)
+    neighbour.assert_no_gap()
+
+
+async def test_limits_are_refused_with_a_clear_status(nursery):
+    _, _, filtered = await chain(nursery, max_clients=3, max_connections_per_ip=10)
+    keep = [await authed_client(nursery, filtered.port, CLIENT_KEY) for _ in range(3)]
+    refused = await connect(nursery, filtered.port)
+    status = await refused.next_status()
+    assert status[0]["status"] == "max_connections" and "MAX_CLIENTS" in status[0]["message"]
+    assert await refused.close_code() == 1013
+    await keep[0].ws.aclose()
+    await wait_until(lambda: len(filtered.hub.sessions) == 2)
+    assert (await (await connect(nursery, filtered.port)).auth(CLIENT_KEY))[0]["status"] == "auth_success"
+
+    _, _, per_ip = await chain(nursery, max_connections_per_ip=2)
+    [await connect(nursery, per_ip.port) for _ in range(2)]
+    third = await connect(nursery, per_ip.port)
+    status = await third.next_status()
+    assert status[0]["status"] == "max_connections" and "MAX_CONNECTIONS_PER_IP" in status[0]["message"]
+    assert await third.close_code() == 1013
+
+
+async def test_vanished_clients_leak_no_task_no_session_no_subscription(nursery):
+    sim, firehose, filtered = await chain(nursery)
+    neighbour = Neighbour(await authed_client(nursery, filtered.port, CLIENT_KEY, subscribe="*"))
+    nursery.start_soon(neighbour.run)
+    await trio.sleep(0.3)
+    baseline = count_tasks()
+    sessions_before = set(filtered.hub.sessions)
+    references = []
+    for round_ in range(20):
+        raw = trio.socket.socket()
+        await raw.connect(("127.0.0.1", filtered.port))
+        stream = trio.SocketStream(raw)
+        from wsproto import ConnectionType, WSConnection
+        from wsproto.events import AcceptConnection, Request, TextMessage
+
+        ws = WSConnection(ConnectionType.CLIENT)
+        await stream.send_all(ws.send(Request(host="127.0.0.1", target="/")))
+        while not any(isinstance(event, AcceptConnection) for event in ws.events()):
+            ws.receive_data(await stream.receive_some(65536))
+        await stream.send_all(ws.send(TextMessage(data=json.dumps({"action": "auth", "params": CLIENT_KEY}))))
+        await stream.send_all(ws.send(TextMessage(data=json.dumps(
+            {"action": "subscribe", "params": f"T.AAPL,Q.S{round_}"}))))
+        await wait_until(lambda: len(filtered.hub.sessions) == len(sessions_before) + 1)
+        session = next(iter(filtered.hub.sessions - sessions_before))
+        await wait_until(lambda: len(filtered.registry.channels_of(session)) == 2)
+        references.append(weakref.ref(session))
+        del session
+        # vanish: RST instead of a close frame
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        raw.close()
+    await wait_until(lambda: filtered.hub.sessions == sessions_before, what="sessions to end")
+    await wait_until(lambda: count_tasks() == baseline, what="the task tree to shrink back")
+    assert filtered.registry.subscribers() == {s for s in sessions_before}
+    assert sum(filtered.hub.connections_per_ip.values()) == len(sessions_before)
+    gc.collect()
+    assert all(reference() is None for reference in references), "a closed session is still referenced"
+    await wait_until(lambda: "Q.S0" not in sim.subscribed_channels(), timeout=5, what="grace expiry upstream")
+    neighbour.assert_no_gap()
+
+
+async def test_upstream_recovery_leaks_no_task_and_reports_the_outage(nursery, caplog):
+    sim = await start_simulator(nursery, events_per_second=1000)
+    firehose = await start_tier(nursery, firehose_config(sim, metrics_port=0))
+    client = await authed_client(nursery, firehose.port, FIREHOSE_KEY, subscribe="T.*")
+    await client.wait_events(10)
+    baseline = count_tasks()
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            sim.drop_all(abrupt=True)
+            await wait_until(lambda: firehose.link.state.value != "connected")
+            await wait_until(lambda: firehose.link.state.value == "connected", timeout=10)
+    await wait_until(lambda: count_tasks() == baseline, what="the task tree to shrink back")
+    assert firehose.stats.outages == 3 and firehose.stats.outage_seconds > 0
+    assert any("restored after" in r.getMessage() and "lost" in r.getMessage() for r in caplog.records)
+    with trio.fail_after(5):
+        while len([s for s in client.statuses if s["status"] == "upstream_connected"]) < 3:
+            await client.receive()
+    restored = [s["message"] for s in client.statuses if s["status"] == "upstream_connected"]
+    assert all("restored after" in message and "lost" in message for message in restored)
+
+
+async def test_the_polygon_key_reaches_no_client_and_no_log(nursery, caplog):
+    with caplog.at_level(logging.DEBUG):
+        sim, firehose, filtered = await chain(nursery)
+        clients = [await authed_client(nursery, firehose.port, FIREHOSE_KEY, subscribe="T.*"),
+                   await authed_client(nursery, filtered.port, CLIENT_KEY, subscribe="*")]
+        for client in clients:
+            await client.collect(0.5)
+        sim.drop_all()  # reconnects log the key's redaction, never the key
+        await wait_until(lambda: firehose.link.reconnects >= 1 and firehose.link.state.value == "connected")
+        refused = await connect(nursery, filtered.port)
+        await refused.auth(POLYGON_KEY)
+    text = "\n".join(record.getMessage() for record in caplog.records)
+    assert "Authenticated successfully" in text
+    assert POLYGON_KEY not in text
+    for client in clients:
+        assert all(POLYGON_KEY not in frame for frame in client.frames)
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tls")
+    authority = trustme.CA()
+    certificate = authority.issue_cert("localhost", "127.0.0.1")
+    paths = {"ca": folder / "ca.pem", "cert": folder / "cert.pem", "key": folder / "key.pem"}
+    authority.cert_pem.write_to_path(paths["ca"])
+    certificate.cert_chain_pems[0].write_to_path(paths["cert"])
+    certificate.private_key_pem.write_to_path(paths["key"])
+    return {name: str(path) for name, path in paths.items()}
+
+
+async def test_tls_for_clients_and_a_verified_wss_upstream(nursery, certificates):
+    sim = await start_simulator(nursery, events_per_second=1000)
+    firehose = await start_tier(nursery, firehose_config(
+        sim, tls_cert=certificates["cert"], tls_key=certificates["key"], static_channels=ALL_STREAM))
+    trusted = await start_tier(nursery, filtered_config(
+        firehose, upstream_url=f"wss://localhost:{firehose.port}", upstream_ca_file=certificates["ca"],
+        tls_cert=certificates["cert"], tls_key=certificates["key"]))
+    await wait_until(lambda: trusted.link.state.value == "connected", what="wss upstream with the CA")
+
+    untrusting = await start_tier(nursery, filtered_config(firehose, upstream_url=f"wss://localhost:{firehose.port}"))
+    await wait_until(lambda: untrusting.link.reconnects >= 1, what="a refused certificate")
+    assert untrusting.link.state.value != "connected"
+    assert "CERTIFICATE_VERIFY_FAILED" in untrusting.link.last_error or "certificate" in untrusting.link.last_error
+
+    import ssl
+
+    context = ssl.create_default_context(cafile=certificates["ca"])
+    async with open_websocket_url(f"wss://localhost:{trusted.port}/stocks", ssl_context=context) as ws:
+        client = Client(ws)
+        await client.receive()
+        assert (await client.auth(CLIENT_KEY))[0]["status"] == "auth_success"
+        await client.request("subscribe", "T.*")
+        assert await client.wait_events(5)
+    with pytest.raises(Exception):  # a plain ws:// client gets no WebSocket from a TLS port
+        async with open_websocket_url(f"ws://127.0.0.1:{trusted.port}/stocks", connect_timeout=2,
+                                      disconnect_timeout=1):
+            pass
+
+
+async def test_tls_configuration_needs_both_files(monkeypatch, tmp_path, certificates):
+    from proxy.config import ConfigError, load_filtered_config
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FILTERED_PROXY_TLS_CERT", certificates["cert"])
+    with pytest.raises(ConfigError, match="FILTERED_PROXY_TLS_KEY"):
+        load_filtered_config()
+    monkeypatch.setenv("FILTERED_PROXY_TLS_KEY", str(tmp_path / "missing.pem"))
+    with pytest.raises(ConfigError, match="no such file"):
+        load_filtered_config()
