@@ -33,12 +33,14 @@ from .session import (
     CLOSE_GOING_AWAY,
     CLOSE_POLICY_VIOLATION,
     CLOSE_TRY_AGAIN_LATER,
+    Phase,
     Reaction,
     SessionState,
 )
 from .subscriptions import SubscriptionRegistry
 
 log = logging.getLogger("proxy.server")
+DROP_LOG_INTERVAL = 10.0
 SLOW_CONSUMER = protocol.status_frame(
     "slow_consumer", "Slow consumer: events queued faster than this client read them"
 )
@@ -55,6 +57,8 @@ class ClientSession:
     wakeup: trio.Event = attrs.field(factory=trio.Event)
     close_request: tuple[int, str] | None = None
     events_sent: int = 0
+    drops_logged: int = 0  # dropped_events when a drop was last logged (drop_oldest policy)
+    drops_logged_at: float = -math.inf
 
     def notify(self) -> None:
         self.wakeup.set()
@@ -167,11 +171,21 @@ class Hub:
                 self._overflowed(session)
         for session in touched:
             session.wakeup.set()
+            if session.outbox.dropped_events != session.drops_logged:
+                self._log_drops(session, received_at)
+
+    def _log_drops(self, session: ClientSession, now: float) -> None:
+        """drop_oldest: say so, at most once per DROP_LOG_INTERVAL per client."""
+        if now - session.drops_logged_at < DROP_LOG_INTERVAL:
+            return
+        log.warning("%s is not keeping up: %d oldest events dropped so far (SLOW_CLIENT_POLICY=drop_oldest)",
+                    session, session.outbox.dropped_events)
+        session.drops_logged, session.drops_logged_at = session.outbox.dropped_events, now
 
     def broadcast(self, frame: str) -> None:
         """A status every client should see (upstream outage and recovery)."""
         for session in self.sessions:
-            if session.state.phase.value == "authenticated":
+            if session.state.phase is Phase.AUTHENTICATED:
                 session.outbox.put_frame(frame)
                 session.notify()
 
@@ -275,7 +289,7 @@ async def _run_session(hub: Hub, ws: WebSocketConnection) -> None:
 async def _read_loop(hub: Hub, ws: WebSocketConnection, session: ClientSession) -> None:
     deadline = trio.current_time() + hub.config.auth_timeout_seconds
     while session.close_request is None:
-        waiting_for_auth = session.state.phase.value == "awaiting_auth"
+        waiting_for_auth = session.state.phase is Phase.AWAITING_AUTH
         with trio.move_on_at(deadline if waiting_for_auth else math.inf) as scope:
             try:
                 message = await ws.get_message()

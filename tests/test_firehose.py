@@ -183,7 +183,7 @@ async def test_slow_downstream_is_disconnected_and_others_miss_nothing(nursery):
     assert any('"status":"slow_consumer"' in frame for frame in tail)
 
 
-async def test_drop_oldest_policy_keeps_the_client_and_counts(nursery):
+async def test_drop_oldest_policy_keeps_the_client_and_counts(nursery, caplog):
     sim = await start_simulator(nursery, events_per_second=20000)
     firehose = await start_tier(nursery, firehose_config(
         sim, client_queue_events=2000, slow_client_policy=SlowClientPolicy.DROP_OLDEST,
@@ -195,6 +195,7 @@ async def test_drop_oldest_policy_keeps_the_client_and_counts(nursery):
     assert firehose.stats.slow_consumer_disconnects == 0
     events = await slow.collect(0.5)
     assert events  # still connected and served, newest data first
+    assert any("oldest events dropped" in r.getMessage() for r in caplog.records)
 
 
 async def test_downstream_auth_uses_firehose_keys(nursery):

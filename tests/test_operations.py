@@ -149,13 +149,14 @@ async def test_sigterm_closes_clients_with_1001_and_exits_0_quickly(nursery, tmp
     await wait_until(lambda: not sim.connections, what="the upstream closing")
 
 
-async def test_alert_rules_only_use_metrics_that_exist(nursery):
+async def test_alert_rules_and_dashboard_only_use_metrics_that_exist(nursery):
     import re
 
     sim = await start_simulator(nursery)
     firehose = await start_tier(nursery, firehose_config(sim, metrics_port=0))
     _, body = await get(firehose.metrics_port, "/metrics")
     exposed = {line.split("{")[0].split(" ")[0] for line in body.splitlines() if line and line[0] != "#"}
-    rules = (Path(__file__).parent.parent / "deploy" / "prometheus" / "alerts.yml").read_text()
-    used = set(re.findall(r"\b(proxy_[a-z_]+)", rules))
-    assert used and used <= exposed, used - exposed
+    deploy = Path(__file__).parent.parent / "deploy"
+    for path in (deploy / "prometheus" / "alerts.yml", deploy / "grafana" / "polygon-proxy.json"):
+        used = set(re.findall(r"\b(proxy_[a-z_]+)", path.read_text()))
+        assert used and used <= exposed, (path.name, used - exposed)

@@ -146,6 +146,7 @@ def run_once(args: argparse.Namespace, rate: float) -> dict[str, Any]:
     scenario = args.scenario
     firehose_port, filtered_port = free_port(), free_port()
     shared = {"PROXY_ENV_FILE": str(logs / "empty.env"), "LOG_LEVEL": "warning",
+              "MAX_CONNECTIONS_PER_IP": "1000000", "MAX_CLIENTS": "1000000",  # every bench client is 127.0.0.1
               "CLIENT_QUEUE_EVENTS": str(args.queue_events)}
     (logs / "empty.env").write_text("")
     try:
