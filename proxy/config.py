@@ -100,6 +100,11 @@ class SimulatorConfig:
     drop_after_seconds: float | None = None
     drop_after_frames: int | None = None
     refuse_auth: int = 0
+    drop_abrupt: bool = False
+    malformed_frames: int = 0
+    stall_after_seconds: float | None = None
+    stall_seconds: float = 0.0
+    force_max_connections: bool = False
     #: For benchmarks: cycle through this many pre-built events instead of generating live (0 = live).
     prebuilt_events: int = 0
 
@@ -296,6 +301,11 @@ def load_simulator_config() -> SimulatorConfig:
         drop_after_seconds=_read(source, "SIMULATOR_DROP_AFTER_SECONDS", "", _optional(_seconds)),
         drop_after_frames=_read(source, "SIMULATOR_DROP_AFTER_FRAMES", "", _optional(_positive_int)),
         refuse_auth=_read(source, "SIMULATOR_REFUSE_AUTH", "0", _count),
+        drop_abrupt=_read(source, "SIMULATOR_DROP_ABRUPT", "false", _bool),
+        malformed_frames=_read(source, "SIMULATOR_MALFORMED_FRAMES", "0", _count),
+        stall_after_seconds=_read(source, "SIMULATOR_STALL_AFTER_SECONDS", "", _optional(_seconds)),
+        stall_seconds=_read(source, "SIMULATOR_STALL_SECONDS", "0", _seconds),
+        force_max_connections=_read(source, "SIMULATOR_FORCE_MAX_CONNECTIONS", "false", _bool),
         prebuilt_events=_read(source, "SIMULATOR_PREBUILT_EVENTS", "0", _count),
     )
 

@@ -232,7 +232,10 @@ async def run_simulator(
         model=MarketModel(_symbols(config), seed=config.seed),
         faults=Faults(drop_after_seconds=config.drop_after_seconds,
                       drop_after_frames=config.drop_after_frames,
-                      refuse_auth=config.refuse_auth),
+                      refuse_auth=config.refuse_auth,
+                      abrupt=config.drop_abrupt,
+                      malformed_next=config.malformed_frames,
+                      force_max_connections=config.force_max_connections),
     )
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(
@@ -241,9 +244,17 @@ async def run_simulator(
         )
         simulator.port = listeners[0].socket.getsockname()[1]
         nursery.start_soon(_generate, simulator)
+        if config.stall_after_seconds is not None and config.stall_seconds > 0:
+            nursery.start_soon(_stall_later, simulator.faults, config.stall_after_seconds, config.stall_seconds)
         log.info("Polygon simulator listening on ws://%s:%d/stocks (%d symbols, %.0f events/s)",
                  config.host, simulator.port, len(simulator.model.symbols), config.events_per_second)
         task_status.started(simulator)
+
+
+async def _stall_later(faults: Faults, after: float, seconds: float) -> None:
+    await trio.sleep(after)
+    log.info("stalling every connection for %.1fs (fault injection)", seconds)
+    faults.stall(seconds)
 
 
 async def _generate(simulator: Simulator) -> None:

@@ -180,15 +180,20 @@ async def test_fault_malformed_frame(nursery):
 async def test_fault_stall_answers_not_even_pings(nursery):
     sim = await start_simulator(nursery, events_per_second=500)
     client = await authed_client(nursery, sim.port, POLYGON_KEY, subscribe="T.*")
-    await client.ws.ping()  # answered while healthy
+    # keep reading: a trio-websocket client that stops reading stops handling pongs too
+    nursery.start_soon(client.collect, 30)
+    with trio.fail_after(1):
+        await client.ws.ping()  # answered while healthy
     sim.faults.stall(1.0)
     await trio.sleep(0.05)
     with trio.move_on_after(0.5) as waited:
         await client.ws.ping()
     assert waited.cancelled_caught
     count = len(client.events)
-    await client.collect(1.5)
+    await trio.sleep(1.5)
     assert len(client.events) > count  # data flows again once the stall ends
+    with trio.fail_after(1):
+        await client.ws.ping()  # and pings are answered again
 
 
 async def test_fault_refuse_next_auths_then_accept(nursery):
@@ -239,3 +244,34 @@ async def test_marks_delimit_a_window_counted_by_channel(nursery):
     inside = client.events[marks[0] + 1:marks[1]]
     counted = sum(n for channel, n in sim.window_counts.items() if channel.startswith("T.") or channel == "Q.AAPL")
     assert inside and len(inside) == counted == sim.window_events
+
+
+async def test_faults_are_switchable_by_configuration(nursery):
+    abrupt = await start_simulator(nursery, drop_after_frames=3, drop_abrupt=True, events_per_second=1000)
+    client = await authed_client(nursery, abrupt.port, POLYGON_KEY, subscribe="T.*,Q.*")
+    assert await client.close_code() == 1006
+
+    broken = await start_simulator(nursery, malformed_frames=1, events_per_second=1000)
+    client = await authed_client(nursery, broken.port, POLYGON_KEY, subscribe="T.*,Q.*")
+    with trio.fail_after(5):
+        first_data = await client.ws.get_message()
+    try:
+        json.loads(first_data)
+        raise AssertionError("the first data frame was not broken")
+    except ValueError:
+        pass
+
+    refusing = await start_simulator(nursery, force_max_connections=True)
+    client = await connect(nursery, refusing.port)
+    assert (await client.auth(POLYGON_KEY))[0]["status"] == "max_connections"
+
+    stalling = await start_simulator(nursery, stall_after_seconds=0.3, stall_seconds=1.0, events_per_second=500)
+    client = await authed_client(nursery, stalling.port, POLYGON_KEY, subscribe="T.*")
+    nursery.start_soon(client.collect, 30)  # keep reading, so the client handles pongs
+    await trio.sleep(0.5)
+    with trio.move_on_after(0.4) as waited:
+        await client.ws.ping()
+    assert waited.cancelled_caught  # stalled: not even a pong
+    await trio.sleep(1.0)
+    with trio.fail_after(1):
+        await client.ws.ping()  # and answering again after the stall

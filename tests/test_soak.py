@@ -25,6 +25,7 @@ SYMBOLS = ["AAPL", "MSFT", "GOOGL", "AMZN", "TSLA", "NVDA", "SPY", "QQQ", "AAA",
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(SOAK_SECONDS + 300)
 async def test_soak(nursery):
     rnd = random.Random(2026)
     sim = await start_simulator(nursery, events_per_second=2000)
