@@ -23,8 +23,9 @@ def proxy_events_in(metrics_url: str | None) -> str:
     try:
         with urllib.request.urlopen(metrics_url, timeout=0.5) as response:
             for line in response.read().decode().splitlines():
-                if line.startswith("proxy_upstream_events_total "):
-                    return str(int(float(line.split()[1])))
+                # e.g. proxy_upstream_events_total{tier="filtered"} 1234.0
+                if line.startswith(("proxy_upstream_events_total ", "proxy_upstream_events_total{")):
+                    return str(int(float(line.rsplit(" ", 1)[1])))
     except OSError:
         pass
     return "n/a"

@@ -165,3 +165,16 @@ def test_env_example_documents_every_variable_the_code_reads():
     assert read - documented == set()
     readme = (root / "README.md").read_text()
     assert [name for name in read if name not in readme] == []
+
+
+def test_log_level_is_honoured():
+    import logging
+
+    from proxy.config import setup_logging
+
+    setup_logging("warning")
+    assert not logging.getLogger("proxy.tier").isEnabledFor(logging.INFO)
+    assert logging.getLogger("proxy.tier").isEnabledFor(logging.WARNING)
+    setup_logging("debug")
+    assert logging.getLogger("proxy.tier").isEnabledFor(logging.DEBUG)
+    setup_logging("info")
