@@ -15,6 +15,8 @@ import attrs
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from .outbox import SlowClientPolicy
+
 if TYPE_CHECKING:
     from .tier import Tier
 
@@ -89,8 +91,10 @@ class TierCollector:
         yield counter("proxy_client_bytes_sent", "Bytes sent to clients", stats.bytes_out)
         dropped = CounterMetricFamily("proxy_events_dropped", "Events not delivered to a client, by reason",
                                       labels=["tier", "reason"])
-        dropped.add_metric([*name, "drop_oldest"], stats.dropped_drop_oldest)
-        dropped.add_metric([*name, "slow_consumer"], stats.dropped_slow_consumer)
+        # closed sessions' losses and those of clients still connected, so a drop_oldest client
+        # that keeps losing data shows it now, not when it finally leaves
+        dropped.add_metric([*name, "drop_oldest"], tier.dropped(SlowClientPolicy.DROP_OLDEST))
+        dropped.add_metric([*name, "slow_consumer"], tier.dropped(SlowClientPolicy.DISCONNECT))
         yield dropped
         yield counter("proxy_slow_consumer_disconnects", "Clients disconnected as slow consumers",
                       stats.slow_consumer_disconnects)

@@ -30,10 +30,10 @@ from .upstream import LinkState, UpstreamLink
 log = logging.getLogger("proxy.tier")
 FRAME_QUEUE = 256
 SUMMARY_INTERVAL_SECONDS = 60.0
-#: Statuses an upstream proxy tier sends about its own upstream; relayed to our clients.
-RELAYED_STATUSES = frozenset({"upstream_disconnected", "upstream_connected"})
 UPSTREAM_DISCONNECTED = "upstream_disconnected"
 UPSTREAM_CONNECTED = "upstream_connected"
+#: Statuses an upstream proxy tier sends about its own upstream; relayed to our clients.
+RELAYED_STATUSES = frozenset({UPSTREAM_DISCONNECTED, UPSTREAM_CONNECTED})
 
 
 @attrs.define(eq=False)

@@ -196,6 +196,12 @@ async def test_drop_oldest_policy_keeps_the_client_and_counts(nursery, caplog):
     events = await slow.collect(0.5)
     assert events  # still connected and served, newest data first
     assert any("oldest events dropped" in r.getMessage() for r in caplog.records)
+    # visible in /metrics while the client is still connected
+    from prometheus_client import generate_latest
+
+    exposition = generate_latest(firehose.metrics).decode()
+    line = next(l for l in exposition.splitlines() if l.startswith('proxy_events_dropped_total{reason="drop_oldest"'))
+    assert float(line.rsplit(" ", 1)[1]) >= session.outbox.dropped_events > 0
 
 
 async def test_downstream_auth_uses_firehose_keys(nursery):
