@@ -63,8 +63,14 @@ class ClientSession:
     def notify(self) -> None:
         self.wakeup.set()
 
-    def __repr__(self) -> str:
+    @property
+    def label(self) -> str:
+        """How logs name this client. A string, so that no log record (a buffering handler
+        may keep records a long time) holds the session and its queued events alive."""
         return f"client {self.id} ({self.peer})"
+
+    def __repr__(self) -> str:
+        return self.label
 
 
 @attrs.define(eq=False)
@@ -179,7 +185,7 @@ class Hub:
         if now - session.drops_logged_at < DROP_LOG_INTERVAL:
             return
         log.warning("%s is not keeping up: %d oldest events dropped so far (SLOW_CLIENT_POLICY=drop_oldest)",
-                    session, session.outbox.dropped_events)
+                    session.label, session.outbox.dropped_events)
         session.drops_logged, session.drops_logged_at = session.outbox.dropped_events, now
 
     def broadcast(self, frame: str) -> None:
@@ -195,7 +201,7 @@ class Hub:
             self.stats.slow_consumer_disconnects += 1
             log.warning(
                 "%s is a slow consumer: %d events dropped, disconnecting (SLOW_CLIENT_POLICY=disconnect)",
-                session, session.outbox.dropped_events,
+                session.label, session.outbox.dropped_events,
             )
             session.notify()
 
@@ -264,7 +270,7 @@ def _peer(remote: object) -> str:
 
 async def _run_session(hub: Hub, ws: WebSocketConnection) -> None:
     session = hub.open_session(_peer(ws.remote))
-    log.info("%s connected", session)
+    log.info("%s connected", session.label)
     code: object = None
     try:
         await ws.send_message(protocol.CONNECTED)
@@ -283,7 +289,7 @@ async def _run_session(hub: Hub, ws: WebSocketConnection) -> None:
         hub.close_session(session)
         code = ws.closed.code if ws.closed else None
         log.info("%s disconnected (close code %s), %d events sent, %d dropped",
-                 session, code, session.events_sent, session.outbox.dropped_events)
+                 session.label, code, session.events_sent, session.outbox.dropped_events)
 
 
 async def _read_loop(hub: Hub, ws: WebSocketConnection, session: ClientSession) -> None:
@@ -296,12 +302,12 @@ async def _read_loop(hub: Hub, ws: WebSocketConnection, session: ClientSession) 
             except ConnectionClosed:
                 return
         if scope.cancelled_caught:
-            log.info("%s sent no auth within %ss", session, hub.config.auth_timeout_seconds)
+            log.info("%s sent no auth within %ss", session.label, hub.config.auth_timeout_seconds)
             hub.react(session, session.state.timed_out())
             return
         reaction = session.state.receive(message, trio.current_time())
         if reaction.close_code is not None:
-            log.info("%s: %s", session, reaction.close_reason)
+            log.info("%s: %s", session.label, reaction.close_reason)
         hub.react(session, reaction)
 
 

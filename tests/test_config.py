@@ -172,9 +172,14 @@ def test_log_level_is_honoured():
 
     from proxy.config import setup_logging
 
-    setup_logging("warning")
-    assert not logging.getLogger("proxy.tier").isEnabledFor(logging.INFO)
-    assert logging.getLogger("proxy.tier").isEnabledFor(logging.WARNING)
-    setup_logging("debug")
-    assert logging.getLogger("proxy.tier").isEnabledFor(logging.DEBUG)
-    setup_logging("info")
+    root = logging.getLogger()
+    saved = root.level, list(root.handlers)
+    try:
+        setup_logging("warning")
+        assert not logging.getLogger("proxy.tier").isEnabledFor(logging.INFO)
+        assert logging.getLogger("proxy.tier").isEnabledFor(logging.WARNING)
+        setup_logging("debug")
+        assert logging.getLogger("proxy.tier").isEnabledFor(logging.DEBUG)
+    finally:  # the root logger is global: leave it as the other tests expect it
+        root.handlers[:] = saved[1]
+        root.setLevel(saved[0])

@@ -158,7 +158,8 @@ async def test_limits_are_refused_with_a_clear_status(nursery):
     assert await third.close_code() == 1013
 
 
-async def test_vanished_clients_leak_no_task_no_session_no_subscription(nursery):
+async def test_vanished_clients_leak_no_task_no_session_no_subscription(nursery, caplog):
+    caplog.set_level(logging.INFO)  # so that an error logged by a vanishing client would be seen
     sim, firehose, filtered = await chain(nursery)
     neighbour = Neighbour(await authed_client(nursery, filtered.port, CLIENT_KEY, subscribe="*"))
     nursery.start_soon(neighbour.run)
@@ -192,6 +193,8 @@ async def test_vanished_clients_leak_no_task_no_session_no_subscription(nursery)
     await wait_until(lambda: count_tasks() == baseline, what="the task tree to shrink back")
     assert filtered.registry.subscribers() == {s for s in sessions_before}
     assert sum(filtered.hub.connections_per_ip.values()) == len(sessions_before)
+    assert not [r for r in caplog.get_records("call") if r.levelno >= logging.ERROR]  # no tracebacks
+    caplog.clear()  # captured log records hold their arguments (sessions) until the test ends
     gc.collect()
     assert all(reference() is None for reference in references), "a closed session is still referenced"
     await wait_until(lambda: "Q.S0" not in sim.subscribed_channels(), timeout=5, what="grace expiry upstream")
