@@ -201,25 +201,62 @@ async def test_vanished_clients_leak_no_task_no_session_no_subscription(nursery,
     neighbour.assert_no_gap()
 
 
-async def test_upstream_recovery_leaks_no_task_and_reports_the_outage(nursery, caplog):
+def _clean_close(sim):
+    sim.drop_all()
+
+
+def _abrupt_close(sim):
+    sim.drop_all(abrupt=True)
+
+
+def _silent_stall(sim):
+    sim.faults.stall(2.5)
+
+
+def _auth_failed(sim):
+    sim.faults.refuse_auth = 1
+    sim.drop_all()
+
+
+def _max_connections(sim):
+    sim.faults.force_max_connections = True
+    sim.drop_all()
+
+
+UPSTREAM_FAULTS = [_clean_close, _abrupt_close, _silent_stall, _auth_failed, _max_connections]
+
+
+async def test_every_upstream_fault_is_survived_with_nothing_leaked(nursery, caplog):
     sim = await start_simulator(nursery, events_per_second=1000)
-    firehose = await start_tier(nursery, firehose_config(sim, metrics_port=0))
-    client = await authed_client(nursery, firehose.port, FIREHOSE_KEY, subscribe="T.*")
-    await client.wait_events(10)
+    firehose = await start_tier(nursery, firehose_config(sim, static_channels=parse_channel_list("Q.*")))
+    filtered = await start_tier(nursery, filtered_config(firehose))
+    client = await authed_client(nursery, filtered.port, CLIENT_KEY, subscribe="T.AAPL,Q.MSFT")
+    nursery.start_soon(client.collect, 120)
+    await wait_until(lambda: sim.subscribed_channels() == {"Q.*", "T.AAPL"})
+    await wait_until(lambda: len(client.events) > 10)
     baseline = count_tasks()
+    sessions = set(filtered.hub.sessions)
     with caplog.at_level(logging.WARNING):
-        for _ in range(3):
-            sim.drop_all(abrupt=True)
-            await wait_until(lambda: firehose.link.state.value != "connected")
-            await wait_until(lambda: firehose.link.state.value == "connected", timeout=10)
-    await wait_until(lambda: count_tasks() == baseline, what="the task tree to shrink back")
-    assert firehose.stats.outages == 3 and firehose.stats.outage_seconds > 0
+        for fault in UPSTREAM_FAULTS:
+            outages = firehose.stats.outages
+            fault(sim)
+            await wait_until(lambda: firehose.stats.outages == outages + 1, what=f"{fault.__name__} noticed")
+            sim.faults.force_max_connections = False
+            await wait_until(lambda: firehose.link.state.value == "connected", timeout=10,
+                             what=f"recovery from {fault.__name__}")
+            # subscriptions intact upstream and down, data flowing again, nothing leaked
+            await wait_until(lambda: sim.subscribed_channels() == {"Q.*", "T.AAPL"}, what="re-subscription")
+            assert filtered.hub.sessions == sessions
+            assert {c.text for c in filtered.registry.channels_of(next(iter(sessions)))} == {"T.AAPL", "Q.MSFT"}
+            count = len(client.events)
+            await wait_until(lambda: len(client.events) > count + 5, what=f"data after {fault.__name__}")
+            await wait_until(lambda: count_tasks() == baseline, what=f"the task tree after {fault.__name__}")
+    assert firehose.stats.outages == len(UPSTREAM_FAULTS) and firehose.stats.outage_seconds > 0
     assert any("restored after" in r.getMessage() and "lost" in r.getMessage() for r in caplog.records)
-    with trio.fail_after(5):
-        while len([s for s in client.statuses if s["status"] == "upstream_connected"]) < 3:
-            await client.receive()
     restored = [s["message"] for s in client.statuses if s["status"] == "upstream_connected"]
+    assert len(restored) == len(UPSTREAM_FAULTS)
     assert all("restored after" in message and "lost" in message for message in restored)
+    assert {(e["ev"], e["sym"]) for e in client.events} == {("T", "AAPL"), ("Q", "MSFT")}
 
 
 async def test_the_polygon_key_reaches_no_client_and_no_log(nursery, caplog):
