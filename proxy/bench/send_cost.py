@@ -1,4 +1,4 @@
-"""CPU per WebSocket message sent, trio-websocket against websockets' Trio implementation.
+"""CPU per WebSocket message sent: trio-websocket, websockets' Trio implementation, and the floor.
 
 ``python -m proxy.bench.send_cost [--messages N] [--size BYTES]``: for each
 implementation, a server on 127.0.0.1 sends N text messages of SIZE bytes to a
@@ -78,13 +78,39 @@ async def serve_websockets_trio(messages: int, payload: bytes, done: trio.Event,
         task_status.started(server.listeners[0].socket.getsockname()[1])
 
 
+async def serve_raw_wsproto(messages: int, payload: bytes, done: trio.Event,
+                            task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """The floor under both libraries: wsproto framing and Trio's send_all, nothing else."""
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import AcceptConnection, Request, TextMessage
+
+    text = payload.decode()
+
+    async def handler(stream: trio.SocketStream) -> None:
+        ws = WSConnection(ConnectionType.SERVER)
+        while True:
+            ws.receive_data(await stream.receive_some(65536))
+            if any(isinstance(event, Request) for event in ws.events()):
+                break
+        await stream.send_all(ws.send(AcceptConnection()))
+        for _ in range(messages):
+            await stream.send_all(ws.send(TextMessage(data=text)))
+        done.set()
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(functools.partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+        task_status.started(listeners[0].socket.getsockname()[1])
+
+
 async def main(args: argparse.Namespace) -> None:
     event = b'{"ev":"T","sym":"MSFT","i":"50578","x":4,"p":215.9721,"s":100,"c":[37],"t":1611082428813,"q":3490,"z":3}'
     payload = b"[" + b",".join([event] * max(1, args.size // (len(event) + 1))) + b"]"
     print(f"{args.messages} messages of {len(payload)} bytes, CPU µs per message sent:")
-    for name, serve in (("trio-websocket", serve_trio_websocket), ("websockets.trio", serve_websockets_trio)):
+    for name, serve in (("trio-websocket", serve_trio_websocket), ("websockets.trio", serve_websockets_trio),
+                        ("wsproto + Trio (floor)", serve_raw_wsproto)):
         results = [await measure(serve, args.messages, payload) for _ in range(args.repeat)]
-        print(f"  {name:<16} best {min(results) * 1e6:6.1f}   runs: "
+        print(f"  {name:<23} best {min(results) * 1e6:6.1f}   runs: "
               + " ".join(f"{r * 1e6:.1f}" for r in results))
 
 
