@@ -214,16 +214,17 @@ async def serve_clients(
     allowed_paths = {"/", f"/{config.market}"}
 
     async def handle(request: WebSocketRequest) -> None:
+        peer = _peer(request.remote)
         path = urlsplit(request.path).path or "/"
         if path not in allowed_paths:
-            log.info("refused %s: path %r is not served here", _peer(request.remote), path)
+            log.info("refused %s: path %r is not served here", peer, path)
             body = f"this proxy serves the {config.market} market at / and /{config.market}\n"
             await request.reject(404, body=body.encode())
             return
         ws = await request.accept()
-        refusal = hub.refusal(_peer(request.remote))
+        refusal = hub.refusal(peer)
         if refusal is not None:
-            log.warning("refused %s: %s", _peer(request.remote), refusal)
+            log.warning("refused %s: %s", peer, refusal)
             with trio.move_on_after(2):
                 # As Polygon does: `connected` first, always, then the refusal.
                 await ws.send_message(protocol.CONNECTED)
@@ -231,10 +232,9 @@ async def serve_clients(
                 await ws.aclose(CLOSE_TRY_AGAIN_LATER, "connection limit")
             return
         try:
-            await _run_session(hub, ws)
+            await _run_session(hub, ws, peer)
         except Exception:  # a bug in one session must not end the server for everyone
-            log.exception("client session from %s failed; other clients are unaffected",
-                          _peer(request.remote))
+            log.exception("client session from %s failed; other clients are unaffected", peer)
 
     async with trio.open_nursery() as nursery:
         server = await nursery.start(
@@ -268,8 +268,8 @@ def _peer(remote: object) -> str:
     return f"{address}:{port}" if address is not None else str(remote)
 
 
-async def _run_session(hub: Hub, ws: WebSocketConnection) -> None:
-    session = hub.open_session(_peer(ws.remote))
+async def _run_session(hub: Hub, ws: WebSocketConnection, peer: str) -> None:
+    session = hub.open_session(peer)
     log.info("%s connected", session.label)
     code: object = None
     try:
