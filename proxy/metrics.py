@@ -93,8 +93,8 @@ class TierCollector:
                                       labels=["tier", "reason"])
         # closed sessions' losses and those of clients still connected, so a drop_oldest client
         # that keeps losing data shows it now, not when it finally leaves
-        dropped.add_metric([*name, "drop_oldest"], tier.dropped(SlowClientPolicy.DROP_OLDEST))
-        dropped.add_metric([*name, "slow_consumer"], tier.dropped(SlowClientPolicy.DISCONNECT))
+        dropped.add_metric([*name, "drop_oldest"], hub.dropped(SlowClientPolicy.DROP_OLDEST))
+        dropped.add_metric([*name, "slow_consumer"], hub.dropped(SlowClientPolicy.DISCONNECT))
         yield dropped
         yield counter("proxy_slow_consumer_disconnects", "Clients disconnected as slow consumers",
                       stats.slow_consumer_disconnects)

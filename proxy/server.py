@@ -130,11 +130,11 @@ class Hub:
         else:
             self.stats.dropped_drop_oldest += session.outbox.dropped_events
 
-    def dropped_by_live_sessions(self, policy: SlowClientPolicy) -> int:
-        return sum(
-            s.outbox.dropped_events for s in self.sessions
-            if s.outbox.overflowed == (policy is SlowClientPolicy.DISCONNECT)
-        )
+    def dropped(self, policy: SlowClientPolicy) -> int:
+        """Events lost under one policy: closed sessions' counts plus those still connected."""
+        disconnect = policy is SlowClientPolicy.DISCONNECT
+        closed = self.stats.dropped_slow_consumer if disconnect else self.stats.dropped_drop_oldest
+        return closed + sum(s.outbox.dropped_events for s in self.sessions if s.outbox.overflowed == disconnect)
 
     def react(self, session: ClientSession, reaction: Reaction) -> None:
         """Apply what the session state decided: demand changes first, then answers."""

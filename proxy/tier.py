@@ -53,11 +53,6 @@ class Tier:
             return True, f"ready: {self.link.label} connected"
         return False, f"not ready: {self.link.label} {self.link.state.value} ({self.link.last_error})"
 
-    def dropped(self, policy: SlowClientPolicy) -> int:
-        closed = (self.stats.dropped_slow_consumer if policy is SlowClientPolicy.DISCONNECT
-                  else self.stats.dropped_drop_oldest)
-        return closed + self.hub.dropped_by_live_sessions(policy)
-
 
 def _upstream_label(config: TierConfig) -> str:
     return "Polygon" if config.tier == "firehose" else "firehose proxy"
@@ -201,7 +196,7 @@ async def _log_summary(tier: Tier, interval: float = SUMMARY_INTERVAL_SECONDS) -
         await trio.sleep(interval)
         now = trio.current_time()
         elapsed = max(now - last_time, 1e-9)
-        drops = tier.dropped(SlowClientPolicy.DISCONNECT) + tier.dropped(SlowClientPolicy.DROP_OLDEST)
+        drops = tier.hub.dropped(SlowClientPolicy.DISCONNECT) + tier.hub.dropped(SlowClientPolicy.DROP_OLDEST)
         log.info(
             "summary: %d clients, %.0f events/s in, %.0f events/s out, %d events dropped in all, "
             "%d slow-consumer disconnects, upstream %s, %d reconnects",
