@@ -112,5 +112,5 @@ class TierCollector:
         yield counter("proxy_upstream_outage_seconds", "Seconds without upstream after a loss, in all "
                       "(events Polygon sent then are gone)", stats.outage_seconds)  # type: ignore[arg-type]
         yield gauge("proxy_upstream_connected", "1 while the upstream is connected and authenticated",
-                    1 if link.state.value == "connected" else 0)
+                    1 if tier.readiness()[0] else 0)
         yield counter("proxy_upstream_reconnects", "Upstream reconnect attempts", link.reconnects)

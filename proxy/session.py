@@ -38,7 +38,8 @@ class Reaction:
     unsubscribe: tuple[Channel, ...] = ()
     close_code: int | None = None
     close_reason: str = ""
-    #: "ok", or what went wrong: "error", "auth_failed", "auth_timeout" (counted by the tier).
+    #: "ok", or what went wrong: "error", "auth_failed", "auth_timeout", "rate_limited" or
+    #: "flood" (counted by the tier).
     outcome: str = "ok"
 
 

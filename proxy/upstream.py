@@ -135,12 +135,11 @@ class UpstreamLink:
             try:
                 await self._serve(ws)
             finally:
-                if trio.current_effective_deadline() == -math.inf:
-                    # Shutting down: say goodbye upstream instead of vanishing.
-                    with trio.CancelScope(shield=True), trio.move_on_after(self.close_seconds):
-                        await ws.aclose(1001, "proxy shutting down")
+                # Shutting down (our scope is cancelled): say goodbye upstream (1001) instead of
+                # vanishing; otherwise a normal close. Either way briefly, whatever is cancelled.
+                shutting_down = trio.current_effective_deadline() == -math.inf
                 with trio.CancelScope(shield=True), trio.move_on_after(self.close_seconds):
-                    await ws.aclose()
+                    await ws.aclose(*((1001, "proxy shutting down") if shutting_down else (1000, None)))
                 connection_nursery.cancel_scope.cancel()
 
     async def _open(self, nursery: trio.Nursery) -> WebSocketConnection:
