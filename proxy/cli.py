@@ -18,6 +18,7 @@ from typing import Awaitable, Callable
 import trio
 
 from .config import ConfigError
+from .errors import leaves
 
 USAGE = "usage: trio-run MODULE   (for example: trio-run proxy.firehose)"
 
@@ -65,20 +66,8 @@ def run_module_main(main: Callable[[], Awaitable[object]]) -> int:
 
 def _config_errors(raised: BaseException) -> list[ConfigError]:
     """The ConfigErrors in ``raised``, only when there is nothing else in it."""
-    if isinstance(raised, ConfigError):
-        return [raised]
-    if isinstance(raised, BaseExceptionGroup):
-        matched, rest = raised.split(ConfigError)
-        if matched is not None and rest is None:
-            return _leaves(matched)
-    return []
-
-
-def _leaves(group: BaseExceptionGroup) -> list[ConfigError]:
-    found: list[ConfigError] = []
-    for inner in group.exceptions:
-        found.extend(_leaves(inner) if isinstance(inner, BaseExceptionGroup) else [inner])  # type: ignore[list-item]
-    return found
+    found = list(leaves(raised))
+    return found if all(isinstance(leaf, ConfigError) for leaf in found) else []  # type: ignore[return-value]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,7 @@ from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection
 
 from . import protocol
 from .config import Backoff, redact
+from .errors import leaves
 from .protocol import Channel
 from .beacon import Beacon
 
@@ -230,24 +231,12 @@ _HANDLED = (OSError, HandshakeError, ConnectionClosed, trio.TooSlowError, Upstre
 
 def _handled_cause(raised: BaseException) -> BaseException:
     """The link failure inside ``raised``; re-raises anything else (cancellation, bugs)."""
-    if isinstance(raised, BaseExceptionGroup):
-        leaves = list(_leaves(raised))
-        if all(isinstance(leaf, Exception) for leaf in leaves):
-            for leaf in leaves:
-                if isinstance(leaf, _HANDLED):
-                    return leaf
-        raise raised
-    if isinstance(raised, _HANDLED):
-        return raised
+    found = list(leaves(raised))
+    if all(isinstance(leaf, Exception) for leaf in found):
+        for leaf in found:
+            if isinstance(leaf, _HANDLED):
+                return leaf
     raise raised
-
-
-def _leaves(group: BaseExceptionGroup) -> Iterable[BaseException]:
-    for inner in group.exceptions:
-        if isinstance(inner, BaseExceptionGroup):
-            yield from _leaves(inner)
-        else:
-            yield inner
 
 
 def _describe(error: BaseException) -> str:
