@@ -63,10 +63,6 @@ class SubscriptionRegistry:
         return frozenset(self._upstream)
 
     @property
-    def static(self) -> frozenset[Channel]:
-        return self._static
-
-    @property
     def everything_subscribers(self) -> frozenset[SubscriberId]:
         """Subscribers holding ``*``: they get every frame whole, and nothing else."""
         return frozenset(self._everything)
@@ -76,10 +72,6 @@ class SubscriptionRegistry:
 
     def channels_of(self, subscriber: SubscriberId) -> frozenset[Channel]:
         return frozenset(self._channels.get(subscriber, ()))
-
-    def wanted(self) -> frozenset[Channel]:
-        """Every channel some subscriber or the static list asks upstream for (``*`` excluded)."""
-        return frozenset(self._wanted) | self._static
 
     def in_grace(self) -> dict[Channel, float]:
         """Channels nobody needs any more, still held until their deadline."""
@@ -99,14 +91,6 @@ class SubscriptionRegistry:
         result = tuple(targets - self._everything)
         self._route_cache[key] = result
         return result
-
-    def selects(self, subscriber: SubscriberId, ev_type: str | None, symbol: str | None) -> bool:
-        """Whether ``subscriber`` receives an event; unreadable events go to ``*`` holders only."""
-        if subscriber in self._everything:
-            return True
-        if ev_type is None or symbol is None:
-            return False
-        return subscriber in self.channel_targets(ev_type, symbol)
 
     # --- changes -------------------------------------------------------------
 
