@@ -1,11 +1,15 @@
-"""The downstream side of a tier: accept clients, one reader and one sender each, fan-out.
+"""The downstream side of a tier: accept clients, one reader and one writer each, fan-out.
 
 :class:`Hub` owns the sessions and the registry; the router hands it routed
 frames and it queues them into each client's :class:`~proxy.outbox.Outbox`
-without ever waiting. :func:`serve_clients` runs the accept loop; each
+without ever waiting, then, once per pass over the frames queued from upstream,
+:meth:`Hub.flush` writes every touched client's queue to its socket at once
+(one frame per run of events) wherever the kernel has room
+(:mod:`proxy.wsserver`). :func:`serve_clients` runs the accept loop; each
 :class:`ClientSession` lives in its own nursery with a reader (control
-messages through :class:`~proxy.session.SessionState`) and a sender (drains
-the outbox, one frame per run of events). Closing that nursery ends both.
+messages through :class:`~proxy.session.SessionState`) and a writer, which
+sends what could not be written at once: a backlog, control replies,
+statuses, the close. Closing that nursery ends both.
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ from urllib.parse import urlsplit
 
 import attrs
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
 from . import protocol
 from .beacon import Beacon
@@ -38,6 +41,7 @@ from .session import (
     SessionState,
 )
 from .subscriptions import SubscriptionRegistry
+from .wsserver import ConnectionClosed, WsConnection, accept_connections, open_socket_listeners
 
 log = logging.getLogger("proxy.server")
 DROP_LOG_INTERVAL = 10.0
@@ -48,12 +52,13 @@ SLOW_CONSUMER = protocol.status_frame(
 
 @attrs.define(eq=False)
 class ClientSession:
-    """One connected client: its id for logs, its outbox, and what wakes its sender."""
+    """One connected client: its id for logs, its outbox, its connection, and what wakes its writer."""
 
     id: int
     peer: str
     outbox: Outbox
     state: SessionState
+    connection: WsConnection
     wakeup: trio.Event = attrs.field(factory=trio.Event)
     close_request: tuple[int, str] | None = None
     events_sent: int = 0
@@ -80,17 +85,18 @@ class Hub:
     config: TierConfig
     registry: SubscriptionRegistry
     stats: TierStats = attrs.field(factory=TierStats)
-    #: Called with seconds from upstream arrival to socket, once per batch a sender writes.
-    observe_latency: Callable[[float], None] = lambda seconds: None
     demand_changed: Beacon = attrs.field(factory=Beacon)
     sessions: set[ClientSession] = attrs.field(factory=set)
     connections_per_ip: collections.Counter = attrs.field(factory=collections.Counter)
     _ids: itertools.count = attrs.field(factory=lambda: itertools.count(1))
+    #: Sessions given events since the last flush, in the order they were first touched.
+    _touched: dict[ClientSession, None] = attrs.field(factory=dict)
 
-    def open_session(self, peer: str) -> ClientSession:
+    def open_session(self, peer: str, connection: WsConnection) -> ClientSession:
         session = ClientSession(
             id=next(self._ids),
             peer=peer,
+            connection=connection,
             outbox=Outbox(self.config.client_queue_events, self.config.slow_client_policy),
             state=SessionState(
                 accepted_keys=self.config.api_keys,
@@ -101,6 +107,7 @@ class Hub:
                 control_burst=2 * self.config.control_messages_per_second,
             ),
         )
+        connection.notify = session.notify
         self.sessions.add(session)
         self.connections_per_ip[_ip(peer)] += 1
         self.registry.add_subscriber(session)
@@ -120,6 +127,7 @@ class Hub:
 
     def close_session(self, session: ClientSession) -> None:
         self.sessions.discard(session)
+        self._touched.pop(session, None)
         ip = _ip(session.peer)
         self.connections_per_ip[ip] -= 1
         if self.connections_per_ip[ip] <= 0:
@@ -149,7 +157,7 @@ class Hub:
         if reaction.unsubscribe:
             self._apply_demand(self.registry.unsubscribe(session, reaction.unsubscribe))
         for reply in reaction.replies:
-            session.outbox.put_frame(reply)
+            session.outbox.put_frame(reply)  # its writer sends it, after anything queued before
         if reaction.close_code is not None:
             session.close_request = (reaction.close_code, reaction.close_reason)
         session.notify()
@@ -162,23 +170,55 @@ class Hub:
         self.demand_changed.pulse()
 
     def deliver(self, routed: RoutedFrame, received_at: float) -> None:
-        """Queue a routed frame for every selected session; never waits on any of them."""
-        touched: list[ClientSession] = []
+        """Queue a routed frame for every selected session; never waits on any of them.
+
+        Nothing is written yet: :meth:`flush` does, once the router has queued
+        every frame waiting, so a client behind by several frames gets them in one.
+        """
+        touched = self._touched
         if routed.whole is not None:
             for session in self.registry.everything_subscribers:
                 if session.outbox.put_frame(routed.whole, routed.event_count, received_at):
-                    touched.append(session)
+                    touched[session] = None
                 else:
                     self._overflowed(session)
         for session, (joined, count) in routed.batches.items():
             if session.outbox.put_events(joined, count, received_at):
-                touched.append(session)
+                touched[session] = None
             else:
                 self._overflowed(session)
+
+    def flush(self) -> None:
+        """Write every touched session's queue to its socket now, as far as the kernel takes it."""
+        touched, self._touched = self._touched, {}
+        now = trio.current_time()
         for session in touched:
-            session.wakeup.set()
+            self.write_queued(session, now)
             if session.outbox.dropped_events != session.drops_logged:
-                self._log_drops(session, received_at)
+                self._log_drops(session, now)
+
+    def write_queued(self, session: ClientSession, now: float) -> None:
+        """Frame what ``session`` has queued and write it, unless bytes before it still wait.
+
+        Whatever the socket does not take waits in the connection's backlog, and
+        the session's writer is woken to drain it; while it waits, new events
+        stay in the outbox, where the slow-client policy bounds them.
+        """
+        outbox, connection = session.outbox, session.connection
+        if connection.backlogged or outbox.overflowed:
+            session.notify()
+            return
+        if not len(outbox):
+            return
+        events, received_at = outbox.queued_events, outbox.oldest_received_at
+        frames = outbox.take_frames()
+        stats = self.stats
+        stats.bytes_out += connection.send_texts(frames)
+        stats.frames_out += len(frames)
+        stats.events_out += events
+        session.events_sent += events
+        if received_at is not None:
+            stats.routing_latency.observe(now - received_at)
 
     def _log_drops(self, session: ClientSession, now: float) -> None:
         """drop_oldest: say so, at most once per DROP_LOG_INTERVAL per client."""
@@ -213,41 +253,46 @@ async def serve_clients(
     config = hub.config
     allowed_paths = {"/", f"/{config.market}"}
 
-    async def handle(request: WebSocketRequest) -> None:
-        peer = _peer(request.remote)
-        path = urlsplit(request.path).path or "/"
+    async def handle(connection: WsConnection, peer: str) -> None:
+        # A peer that never completes the opening handshake is dropped as one that never authenticates is.
+        with trio.move_on_after(config.auth_timeout_seconds) as handshake:
+            try:
+                request = await connection.read_request()
+            except ConnectionClosed as closed:
+                log.info("refused %s: %s", peer, closed.reason)
+                await connection.aclose(timeout=config.shutdown_close_seconds)
+                return
+        if handshake.cancelled_caught:
+            log.info("dropped %s: no WebSocket handshake within %ss", peer, config.auth_timeout_seconds)
+            return
+        path = urlsplit(request.target).path or "/"
         if path not in allowed_paths:
             log.info("refused %s: path %r is not served here", peer, path)
-            body = f"this proxy serves the {config.market} market at / and /{config.market}\n"
-            await request.reject(404, body=body.encode())
+            connection.reject(404, f"this proxy serves the {config.market} market at / and /{config.market}\n".encode())
+            with trio.move_on_after(config.shutdown_close_seconds):
+                await connection.drain()
             return
-        ws = await request.accept()
+        connection.accept()
         refusal = hub.refusal(peer)
         if refusal is not None:
             log.warning("refused %s: %s", peer, refusal)
-            with trio.move_on_after(2):
-                # As Polygon does: `connected` first, always, then the refusal.
-                await ws.send_message(protocol.CONNECTED)
-                await ws.send_message(protocol.status_frame("max_connections", refusal))
-                await ws.aclose(CLOSE_TRY_AGAIN_LATER, "connection limit")
+            # As Polygon does: `connected` first, always, then the refusal.
+            connection.send_texts([protocol.CONNECTED, protocol.status_frame("max_connections", refusal)])
+            await connection.aclose(CLOSE_TRY_AGAIN_LATER, "connection limit", config.shutdown_close_seconds)
             return
         try:
-            await _run_session(hub, ws, peer)
+            await _run_session(hub, connection, peer)
         except Exception:  # a bug in one session must not end the server for everyone
             log.exception("client session from %s failed; other clients are unaffected", peer)
 
+    listeners = await open_socket_listeners(config.host, config.port)
+    tls = _tls_context(config)
     async with trio.open_nursery() as nursery:
-        server = await nursery.start(
-            functools.partial(
-                serve_websocket, handle, config.host, config.port, _tls_context(config),
-                max_message_size=config.max_message_bytes,
-                # a peer that never completes the opening handshake is dropped as one that never
-                # authenticates would be, not after trio-websocket's default minute
-                connect_timeout=config.auth_timeout_seconds,
-                disconnect_timeout=max(config.shutdown_close_seconds, 0.1),
-            )
-        )
-        task_status.started(server.port)
+        for listener in listeners:
+            nursery.start_soon(functools.partial(
+                accept_connections, listener, handle, max_message_bytes=config.max_message_bytes, tls_context=tls,
+            ))
+        task_status.started(listeners[0].getsockname()[1])
 
 
 def _tls_context(config: TierConfig) -> ssl.SSLContext | None:
@@ -262,43 +307,34 @@ def _ip(peer: str) -> str:
     return peer.rsplit(":", 1)[0]
 
 
-def _peer(remote: object) -> str:
-    address = getattr(remote, "address", None)
-    port = getattr(remote, "port", None)
-    return f"{address}:{port}" if address is not None else str(remote)
-
-
-async def _run_session(hub: Hub, ws: WebSocketConnection, peer: str) -> None:
-    session = hub.open_session(peer)
+async def _run_session(hub: Hub, connection: WsConnection, peer: str) -> None:
+    session = hub.open_session(peer, connection)
     log.info("%s connected", session.label)
-    code: object = None
     try:
-        await ws.send_message(protocol.CONNECTED)
+        connection.send_texts([protocol.CONNECTED])
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_send_loop, hub, ws, session, nursery.cancel_scope.cancel)
-            await _read_loop(hub, ws, session)
+            nursery.start_soon(_write_loop, hub, session, nursery.cancel_scope.cancel)
+            await _read_loop(hub, session)
             if session.close_request is None:
-                nursery.cancel_scope.cancel()
-    except ConnectionClosed:
-        pass
+                nursery.cancel_scope.cancel()  # the client left: nothing more to write
     finally:
-        if trio.current_effective_deadline() == -math.inf:
-            # The tier is shutting down: tell the client so (1001), briefly, then go on cancelling.
-            with trio.CancelScope(shield=True), trio.move_on_after(hub.config.shutdown_close_seconds):
-                await ws.aclose(CLOSE_GOING_AWAY, "proxy shutting down")
         hub.close_session(session)
-        code = ws.closed.code if ws.closed else None
+        code, reason = session.close_request or (1000, "")
+        if trio.current_effective_deadline() == -math.inf:
+            code, reason = CLOSE_GOING_AWAY, "proxy shutting down"  # the tier is shutting down: say so
+        with trio.CancelScope(shield=True):
+            await connection.aclose(code, reason, hub.config.shutdown_close_seconds)
         log.info("%s disconnected (close code %s), %d events sent, %d dropped",
-                 session.label, code, session.events_sent, session.outbox.dropped_events)
+                 session.label, connection.close_code, session.events_sent, session.outbox.dropped_events)
 
 
-async def _read_loop(hub: Hub, ws: WebSocketConnection, session: ClientSession) -> None:
+async def _read_loop(hub: Hub, session: ClientSession) -> None:
     deadline = trio.current_time() + hub.config.auth_timeout_seconds
     while session.close_request is None:
         waiting_for_auth = session.state.phase is Phase.AWAITING_AUTH
         with trio.move_on_at(deadline if waiting_for_auth else math.inf) as scope:
             try:
-                message = await ws.get_message()
+                message = await session.connection.get_message()
             except ConnectionClosed:
                 return
         if scope.cancelled_caught:
@@ -311,35 +347,22 @@ async def _read_loop(hub: Hub, ws: WebSocketConnection, session: ClientSession) 
         hub.react(session, reaction)
 
 
-async def _send_loop(
-    hub: Hub, ws: WebSocketConnection, session: ClientSession, stop: Callable[[], None]
-) -> None:
-    stats, outbox = hub.stats, session.outbox
+async def _write_loop(hub: Hub, session: ClientSession, stop: Callable[[], None]) -> None:
+    """Send what the router could not write at once: backlogs, replies, statuses; then the close."""
+    outbox, connection = session.outbox, session.connection
     try:
         while True:
-            if not len(outbox) and session.close_request is None and not outbox.overflowed:
+            if not (len(outbox) or connection.backlogged or session.close_request or outbox.overflowed):
                 await session.wakeup.wait()
             session.wakeup = trio.Event()
-            events, received_at = outbox.queued_events, outbox.oldest_received_at
-            for frame in outbox.take_frames():
-                if outbox.overflowed:
-                    break  # overflowed while we were blocked sending: stop at once
-                text = frame if isinstance(frame, str) else frame.decode()
-                await ws.send_message(text)
-                stats.frames_out += 1
-                stats.bytes_out += len(text)
-            else:
-                session.events_sent += events
-                stats.events_out += events
-                if received_at is not None:
-                    hub.observe_latency(trio.current_time() - received_at)
-            if outbox.overflowed:
-                await ws.send_message(SLOW_CONSUMER)
-                await ws.aclose(CLOSE_POLICY_VIOLATION, "slow consumer")
+            await connection.drain()
+            if outbox.overflowed:  # (it may have overflowed while we drained)
+                connection.send_texts([SLOW_CONSUMER])  # after what the client already has, then 1008
                 return
-            if session.close_request is not None and not len(outbox):
-                await ws.aclose(*session.close_request)  # only once everything queued was sent
-                return
+            hub.write_queued(session, trio.current_time())
+            await connection.drain()
+            if session.close_request is not None and not len(outbox) and not outbox.overflowed:
+                return  # everything queued is written; the session's end sends the close
     except ConnectionClosed:
         pass
     finally:

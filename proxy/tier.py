@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 from . import protocol
 from .config import TierConfig
 from .http import serve_http
-from .metrics import TierCollector, TierStats, new_latency_histogram
+from .metrics import TierCollector, TierStats
 from .outbox import SlowClientPolicy
 from .routing import FrameError, route_frame
 from .server import Hub, serve_clients
@@ -68,14 +68,17 @@ async def run_tier(
     )
     stats = TierStats()
     metrics = CollectorRegistry()
-    latency = new_latency_histogram(metrics)
-    hub = Hub(config=config, registry=registry, stats=stats, observe_latency=latency.observe)
+    hub = Hub(config=config, registry=registry, stats=stats)
     frames_send, frames_receive = trio.open_memory_channel[tuple[str | bytes, float]](FRAME_QUEUE)
     label = _upstream_label(config)
 
     outage_started: list[float] = []  # when the current outage began, if one is going on
+    connections: list[float] = []  # when the link connected; no client hears of the first one
 
     def connected() -> None:
+        connections.append(trio.current_time())
+        if len(connections) == 1:
+            return  # not a recovery: clients that came early were never told of an outage
         if outage_started:
             seconds = trio.current_time() - outage_started.pop()
             stats.outage_seconds += seconds
@@ -130,11 +133,11 @@ async def run_tier(
 async def _route_frames(
     tier: Tier, frames: trio.MemoryReceiveChannel[tuple[str | bytes, float]]
 ) -> None:
-    """Route every upstream frame; the only await is for the next frame.
+    """Route every upstream frame, then write to the clients; the only await is for the next frame.
 
-    Everything already queued is routed before yielding, so under load each
-    client's sender wakes to several frames' worth of events and sends them as
-    one: per-send cost is paid less often exactly when it matters (design.md).
+    Everything already queued is routed before the clients are written to, so
+    under load a client gets several frames' worth of events in one message:
+    per-send cost is paid less often exactly when it matters (design.md).
     """
     async for frame, received_at in frames:
         _route_one(tier, frame, received_at)
@@ -144,6 +147,7 @@ async def _route_frames(
             except trio.WouldBlock:
                 break
             _route_one(tier, frame, received_at)
+        tier.hub.flush()
 
 
 def _route_one(tier: Tier, frame: str | bytes, received_at: float) -> None:

@@ -1,0 +1,411 @@
+"""Server-side WebSocket connections whose writes never wait: wsproto framing straight to the socket.
+
+A tier sends one WebSocket message per client per upstream frame. Through an
+async send (trio-websocket, or websockets' Trio implementation) each message
+cost about 60 µs of CPU under load, in locks, checkpoints and a task switch per
+client, where framing it and the system call cost about 8 µs
+(docs/performance.md). So here the router writes each client's frame into the
+client's socket at once, synchronously, while the kernel's buffer has room
+(:meth:`WsConnection.send_texts`). What the kernel does not take waits, in
+order, in the connection's backlog, which the session's own writer task drains
+as the socket becomes writable (:meth:`WsConnection.drain`); while a backlog
+exists nothing more is written past it. The protocol (opening handshake,
+parsing what clients send, ping, close handshake, UTF-8 checks) is wsproto's,
+and so is every frame we send but data: see :func:`text_frame`. TLS
+connections go through :class:`trio.SSLStream`, where every write takes the
+writer's path.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import ssl
+import struct
+from typing import Callable, Iterable
+
+import trio
+from wsproto import ConnectionType, WSConnection
+from wsproto.connection import ConnectionState
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Ping,
+    RejectConnection,
+    RejectData,
+    Request,
+    TextMessage,
+)
+from wsproto.utilities import LocalProtocolError, RemoteProtocolError
+
+log = logging.getLogger("proxy.wsserver")
+RECEIVE_BYTES = 65536
+CLOSE_ABNORMAL = 1006  # never sent: what a connection that vanished without a close frame is said to have
+CLOSE_MESSAGE_TOO_BIG = 1009
+#: accept() errors that mean "out of a resource now", after which accepting resumes shortly (as trio does)
+_ACCEPT_RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+_FIN_TEXT = 0x81  # FIN bit + text opcode (RFC 6455 §5.2); a server's frames are never masked
+_header_short = struct.Struct("!BB").pack
+_header_16 = struct.Struct("!BBH").pack
+_header_64 = struct.Struct("!BBQ").pack
+
+
+def text_frame(payload: bytes) -> bytes:
+    """One unfragmented, unmasked text frame holding ``payload`` (UTF-8 JSON, as upstream sent it).
+
+    Written here rather than through wsproto because wsproto frames only
+    ``str`` as text: our events are bytes, so each write would be decoded and
+    re-encoded and pass four layers of calls, 5.4 µs per 7.6 kB write against
+    0.44 µs here (websockets' ``Frame.serialize``: 1.5 µs). Only the header is
+    ours; tests parse these frames with wsproto at every length boundary.
+    """
+    size = len(payload)
+    if size < 126:
+        return _header_short(_FIN_TEXT, size) + payload
+    if size < 65536:
+        return _header_16(_FIN_TEXT, 126, size) + payload
+    return _header_64(_FIN_TEXT, 127, size) + payload
+
+
+class ConnectionClosed(Exception):
+    """The WebSocket is closed or the connection is gone; ``code`` says how, when known."""
+
+    def __init__(self, code: int | None = None, reason: str = "") -> None:
+        super().__init__(code, reason)
+        self.code = code
+        self.reason = reason
+
+
+class _SocketTransport:
+    """A connected non-blocking socket, waited on with trio.lowlevel; sends may complete at once."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def try_send(self, data: bytes | bytearray) -> int:
+        """Bytes the kernel took now, maybe 0; raises OSError if the connection is broken."""
+        try:
+            return self.sock.send(data)
+        except BlockingIOError:
+            return 0
+
+    async def drain(self, backlog: bytearray) -> None:
+        while backlog:
+            await trio.lowlevel.wait_writable(self.sock)
+            del backlog[:self.try_send(backlog)]
+
+    async def receive_some(self) -> bytes:
+        await trio.lowlevel.checkpoint()  # a peer that floods us must not starve the other tasks
+        while True:
+            try:
+                return self.sock.recv(RECEIVE_BYTES)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self.sock)
+
+    def shutdown_write(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    async def aclose(self) -> None:
+        if self.sock.fileno() >= 0:
+            trio.lowlevel.notify_closing(self.sock)
+            self.sock.close()
+
+
+class _StreamTransport:
+    """Any Trio stream (TLS): no synchronous path, the writer task sends everything."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+
+    def try_send(self, data: bytes | bytearray) -> int:
+        return 0
+
+    async def drain(self, backlog: bytearray) -> None:
+        while backlog:
+            data = bytes(backlog)
+            backlog.clear()  # what is written meanwhile queues behind this, in order
+            try:
+                await self.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
+                raise OSError(str(error)) from None
+
+    async def receive_some(self) -> bytes:
+        try:
+            return await self.stream.receive_some(RECEIVE_BYTES)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
+            raise OSError(str(error)) from None
+
+    def shutdown_write(self) -> None:
+        pass  # TLS has no half-close; the close_notify goes out with aclose
+
+    async def aclose(self) -> None:
+        await trio.aclose_forcefully(self.stream)
+
+
+class WsConnection:
+    """One server-side WebSocket: handshake, messages in, frames out now or from the backlog.
+
+    ``notify`` is called whenever a write leaves bytes in the backlog, so that
+    the owner's writer task wakes to :meth:`drain` it.
+    """
+
+    def __init__(
+        self, transport: _SocketTransport | _StreamTransport, *, max_message_bytes: int,
+        notify: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.transport = transport
+        self.max_message_bytes = max_message_bytes
+        self.notify = notify
+        self._ws = WSConnection(ConnectionType.SERVER)
+        self._backlog = bytearray()
+        self._text_parts: list[str] = []
+        self._text_size = 0
+        self._peer_closed = False
+        #: The close code of the close handshake (ours or the peer's), 1006 if the peer vanished.
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self.broken: OSError | None = None
+
+    # --- opening handshake ------------------------------------------------------------
+
+    async def read_request(self) -> Request:
+        """The client's opening handshake; ConnectionClosed if it sends something else or leaves."""
+        while True:
+            for event in self._ws.events():
+                if isinstance(event, Request):
+                    return event
+            try:
+                data = await self.transport.receive_some()
+            except OSError as error:
+                raise ConnectionClosed(reason=f"connection failed during the handshake: {error}") from None
+            if not data:
+                raise ConnectionClosed(reason="connection closed during the handshake")
+            try:
+                self._ws.receive_data(data)
+            except RemoteProtocolError as error:
+                if error.event_hint is not None:  # a plain HTTP request, for one: answer 400
+                    self._write(self._ws.send(error.event_hint))
+                raise ConnectionClosed(reason=f"not a WebSocket handshake: {error}") from None
+
+    def accept(self) -> None:
+        self._write(self._ws.send(AcceptConnection()))
+
+    def reject(self, status_code: int, body: bytes) -> None:
+        headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"%d" % len(body))]
+        self._write(self._ws.send(RejectConnection(status_code=status_code, headers=headers, has_body=True)))
+        self._write(self._ws.send(RejectData(data=body)))
+
+    # --- sending ------------------------------------------------------------------
+
+    @property
+    def backlogged(self) -> bool:
+        """True while earlier bytes wait for the kernel (or the connection broke): do not add more now."""
+        return bool(self._backlog) or self.broken is not None
+
+    @property
+    def open(self) -> bool:
+        return self._ws.state is ConnectionState.OPEN and self.broken is None
+
+    def send_texts(self, texts: Iterable[str | bytes]) -> int:
+        """Frame each text as one text message and write them now, as far as the kernel takes them.
+
+        Returns the payload bytes framed (0 once the WebSocket is closing: data
+        after a close frame would break the protocol, so it is not sent).
+        """
+        if not self.open:
+            return 0
+        size, frames = 0, []
+        for text in texts:
+            payload = text.encode() if isinstance(text, str) else text
+            size += len(payload)
+            frames.append(text_frame(payload))
+        self._write(frames[0] if len(frames) == 1 else b"".join(frames))
+        return size
+
+    def _write(self, data: bytes) -> None:
+        if self.broken is not None:
+            return
+        if not self._backlog:
+            try:
+                sent = self.transport.try_send(data)
+            except OSError as error:
+                self.broken = error
+                self.notify()
+                return
+            if sent == len(data):
+                return
+            data = data[sent:]
+        self._backlog += data
+        self.notify()
+
+    async def drain(self) -> None:
+        """Wait until the kernel took every byte written so far; ConnectionClosed if it cannot."""
+        await trio.lowlevel.checkpoint()
+        if self.broken is None and self._backlog:
+            try:
+                await self.transport.drain(self._backlog)
+            except OSError as error:
+                self.broken = error
+        if self.broken is not None:
+            self.close_code = self.close_code or CLOSE_ABNORMAL
+            raise ConnectionClosed(self.close_code, f"connection broken: {self.broken}")
+
+    # --- receiving ----------------------------------------------------------------
+
+    async def get_message(self) -> str | bytes:
+        """The next whole message from the client; answers pings; ConnectionClosed at the end."""
+        while True:
+            for event in self._ws.events():
+                message = self._take(event)
+                if message is not None:
+                    return message
+            if self.close_code is not None or self.broken is not None:
+                raise ConnectionClosed(self.close_code, self.close_reason)
+            try:
+                data = await self.transport.receive_some()
+            except OSError:
+                data = b""
+            if not data:
+                self._peer_closed = True
+                if self.close_code is None:
+                    self.close_code, self.close_reason = CLOSE_ABNORMAL, "connection lost without a close frame"
+                raise ConnectionClosed(self.close_code, self.close_reason)
+            self._ws.receive_data(data)
+
+    def _take(self, event: object) -> str | bytes | None:
+        if isinstance(event, TextMessage):
+            self._text_size += len(event.data)
+            if self._text_size > self.max_message_bytes:
+                self._close_now(CLOSE_MESSAGE_TOO_BIG, f"message over {self.max_message_bytes} bytes")
+                return None
+            self._text_parts.append(event.data)
+            if event.message_finished:
+                text = "".join(self._text_parts)
+                self._text_parts, self._text_size = [], 0
+                return text
+        elif isinstance(event, BytesMessage):
+            self._text_size += len(event.data)
+            if self._text_size > self.max_message_bytes:
+                self._close_now(CLOSE_MESSAGE_TOO_BIG, f"message over {self.max_message_bytes} bytes")
+                return None
+            if event.message_finished:
+                self._text_size = 0
+                return bytes(event.data)  # partial binary frames are not reassembled: no client sends them
+        elif isinstance(event, Ping):
+            if self._ws.state is ConnectionState.OPEN:
+                self._write(self._ws.send(event.response()))
+        elif isinstance(event, CloseConnection):
+            # The peer's close (answer it), or its protocol error as wsproto reports it (close with that code).
+            if self._ws.state is ConnectionState.CLOSED:
+                self._peer_closed = True  # the answer to our own close
+            elif self._ws.state is ConnectionState.REMOTE_CLOSING:
+                self._peer_closed = True
+                self._write(self._ws.send(event.response()))
+            else:
+                self._write(self._ws.send(CloseConnection(code=event.code, reason=event.reason)))
+            if self.close_code is None:
+                self.close_code, self.close_reason = event.code, event.reason or ""
+        return None
+
+    def _close_now(self, code: int, reason: str) -> None:
+        if self._ws.state is ConnectionState.OPEN:
+            self._write(self._ws.send(CloseConnection(code=code, reason=reason)))
+        if self.close_code is None:
+            self.close_code, self.close_reason = code, reason
+
+    # --- closing ------------------------------------------------------------------
+
+    async def aclose(self, code: int = 1000, reason: str = "", timeout: float = 2.0) -> None:
+        """The close handshake, bounded by ``timeout``: our close frame after everything queued, the
+        peer's answer, then the TCP close. Call it once no other task reads this connection."""
+        self._close_now(code, reason)
+        with trio.move_on_after(timeout):
+            try:
+                await self.drain()
+                self.transport.shutdown_write()
+                while not self._peer_closed:  # read to the peer's answer, so our close frame is not lost to a reset
+                    data = await self.transport.receive_some()
+                    if not data:
+                        break
+                    self._ws.receive_data(data)
+                    for event in self._ws.events():
+                        if isinstance(event, CloseConnection):
+                            self._peer_closed = True
+            except (ConnectionClosed, OSError, LocalProtocolError):
+                pass
+        await self.transport.aclose()
+
+
+async def open_socket_listeners(host: str, port: int) -> list[socket.socket]:
+    """Bound, listening, non-blocking sockets for ``host`` and ``port`` (trio resolves and binds)."""
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    sockets = []
+    for listener in listeners:
+        sock = socket.socket(fileno=listener.socket.detach())
+        sock.setblocking(False)
+        sockets.append(sock)
+    return sockets
+
+
+async def accept_connections(
+    listener: socket.socket,
+    handler: Callable[[WsConnection, str], object],
+    *,
+    max_message_bytes: int,
+    tls_context: ssl.SSLContext | None = None,
+) -> None:
+    """Accept forever on ``listener``, running ``handler(connection, peer)`` in a task per client.
+
+    The handler owns the connection; the socket is closed when it returns.
+    """
+    async with trio.open_nursery() as nursery:
+        try:
+            while True:
+                try:
+                    sock, address = listener.accept()
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(listener)
+                    continue
+                except OSError as error:
+                    if error.errno in _ACCEPT_RESOURCE_ERRORS:
+                        log.error("cannot accept connections now (%s); retrying in 0.1s", error)
+                        await trio.sleep(0.1)
+                    continue  # the peer left before we accepted, and the like
+                nursery.start_soon(_own_connection, sock, address, handler, max_message_bytes, tls_context)
+                await trio.lowlevel.checkpoint()
+        finally:
+            trio.lowlevel.notify_closing(listener)
+            listener.close()
+
+
+async def _own_connection(
+    sock: socket.socket, address: object, handler: Callable[[WsConnection, str], object],
+    max_message_bytes: int, tls_context: ssl.SSLContext | None,
+) -> None:
+    sock.setblocking(False)
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # frames are already batched: send now
+    transport: _SocketTransport | _StreamTransport
+    if tls_context is None:
+        transport = _SocketTransport(sock)
+    else:
+        transport = _StreamTransport(
+            trio.SSLStream(trio.SocketStream(trio.socket.from_stdlib_socket(sock)), tls_context, server_side=True)
+        )
+    connection = WsConnection(transport, max_message_bytes=max_message_bytes)
+    try:
+        await handler(connection, _peer(address))  # type: ignore[misc]
+    finally:
+        with trio.CancelScope(shield=True):
+            await transport.aclose()
+
+
+def _peer(address: object) -> str:
+    if isinstance(address, tuple) and len(address) >= 2:
+        return f"{address[0]}:{address[1]}"
+    return str(address)

@@ -1,0 +1,155 @@
+"""The server-side WebSocket layer: our text frames, the backlog's order, pings, closes, bad handshakes."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import trio
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, CloseConnection, Ping, Pong, RejectConnection, Request, TextMessage
+
+from proxy.wsserver import ConnectionClosed, WsConnection, _SocketTransport, text_frame
+
+from .conftest import firehose_config, start_simulator, start_tier
+
+
+def _parsed_by_wsproto(data: bytes) -> list[str]:
+    """What a wsproto client makes of bytes a server sent after its handshake."""
+    client = WSConnection(ConnectionType.CLIENT)
+    server = WSConnection(ConnectionType.SERVER)
+    server.receive_data(client.send(Request(host="x", target="/")))
+    list(server.events())
+    client.receive_data(server.send(AcceptConnection()))
+    assert isinstance(next(client.events()), AcceptConnection)
+    client.receive_data(data)
+    texts, parts = [], []
+    for event in client.events():
+        assert isinstance(event, TextMessage), event
+        parts.append(event.data)
+        if event.message_finished:
+            texts.append("".join(parts))
+            parts = []
+    return texts
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 70000])
+def test_text_frames_parse_as_text_at_every_length_boundary(size):
+    payload = ("é" * size).encode()[:size] if size % 2 == 0 else b"x" * size
+    assert _parsed_by_wsproto(text_frame(payload) + text_frame(b"[]")) == [payload.decode(), "[]"]
+
+
+async def _open_pair(max_message_bytes: int = 1 << 20) -> tuple[WsConnection, trio.SocketStream, WSConnection]:
+    """A server WsConnection on one end of a socket pair, a handshaken wsproto client on the other."""
+    server_sock, client_sock = socket.socketpair()
+    server_sock.setblocking(False)
+    server = WsConnection(_SocketTransport(server_sock), max_message_bytes=max_message_bytes)
+    stream = trio.SocketStream(trio.socket.from_stdlib_socket(client_sock))
+    client = WSConnection(ConnectionType.CLIENT)
+    await stream.send_all(client.send(Request(host="x", target="/stocks")))
+    request = await server.read_request()
+    assert request.target == "/stocks"
+    server.accept()
+    while True:
+        client.receive_data(await stream.receive_some(65536))
+        if any(isinstance(event, AcceptConnection) for event in client.events()):
+            return server, stream, client
+
+
+async def _client_events(stream: trio.SocketStream, client: WSConnection, until: type) -> list:
+    events: list = []
+    while not any(isinstance(event, until) for event in events):
+        data = await stream.receive_some(1 << 20)
+        client.receive_data(data or None)
+        events.extend(client.events())
+    return events
+
+
+async def test_what_the_kernel_does_not_take_waits_in_order_and_drains():
+    server, stream, client = await _open_pair()
+    woken = []
+    server.notify = lambda: woken.append(True)
+    messages = [f'[{{"n":{n},"pad":"{"x" * 5000}"}}]' for n in range(200)]  # ~1 MB: more than a socket buffer
+    for message in messages:
+        server.send_texts([message])
+    assert server.backlogged and woken  # the kernel took part; the rest waits and the writer was told
+    received: list[str] = []
+
+    async def read_all() -> None:
+        parts: list[str] = []
+        while len(received) < len(messages):
+            client.receive_data(await stream.receive_some(1 << 20))
+            for event in client.events():
+                parts.append(event.data)
+                if event.message_finished:
+                    received.append("".join(parts))
+                    parts = []
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read_all)
+        await server.drain()
+    assert not server.backlogged
+    assert received == messages  # every byte, in order, nothing interleaved
+
+
+async def test_pings_are_answered_and_messages_reassembled():
+    server, stream, client = await _open_pair()
+    await stream.send_all(client.send(Ping(payload=b"hi")))
+    await stream.send_all(client.send(TextMessage(data='{"action":', message_finished=False)))
+    await stream.send_all(client.send(TextMessage(data='"auth"}')))
+    assert await server.get_message() == '{"action":"auth"}'
+    events = await _client_events(stream, client, Pong)
+    assert [event.payload for event in events if isinstance(event, Pong)] == [b"hi"]
+
+
+async def test_a_message_over_the_limit_closes_1009():
+    server, stream, client = await _open_pair(max_message_bytes=100)
+    await stream.send_all(client.send(TextMessage(data="x" * 101)))
+    with pytest.raises(ConnectionClosed) as closed:
+        await server.get_message()
+    assert closed.value.code == 1009
+    events = await _client_events(stream, client, CloseConnection)
+    assert events[-1].code == 1009
+
+
+async def test_the_peers_close_is_answered_and_ours_reaches_it():
+    server, stream, client = await _open_pair()
+    await stream.send_all(client.send(CloseConnection(code=1000, reason="bye")))
+    with pytest.raises(ConnectionClosed) as closed:
+        await server.get_message()
+    assert (closed.value.code, server.close_code) == (1000, 1000)
+    events = await _client_events(stream, client, CloseConnection)
+    assert events[-1].code == 1000  # our answer
+
+    server, stream, client = await _open_pair()
+    server.send_texts(["[]"])
+
+    async def answer_close() -> None:
+        events = await _client_events(stream, client, CloseConnection)
+        assert [type(event) for event in events] == [TextMessage, CloseConnection]
+        assert events[-1].code == 4000
+        await stream.send_all(client.send(events[-1].response()))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(answer_close)
+        await server.aclose(4000, "test", timeout=5)
+    assert server.close_code == 4000
+
+
+async def test_a_plain_http_request_gets_400_and_the_server_carries_on(nursery):
+    sim = await start_simulator(nursery)
+    firehose = await start_tier(nursery, firehose_config(sim))
+    stream = await trio.open_tcp_stream("127.0.0.1", firehose.port)
+    await stream.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    reply = b""
+    with trio.fail_after(5):
+        while chunk := await stream.receive_some(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 400")
+    # and a WebSocket client right after is served as usual
+    stream = await trio.open_tcp_stream("127.0.0.1", firehose.port)
+    client = WSConnection(ConnectionType.CLIENT)
+    await stream.send_all(client.send(Request(host="x", target="/")))
+    events = await _client_events(stream, client, TextMessage)
+    assert not any(isinstance(event, RejectConnection) for event in events)
+    assert '"status":"connected"' in next(e.data for e in events if isinstance(e, TextMessage))
