@@ -4,16 +4,19 @@ The hot path only adds to plain integers on :class:`TierStats`; a
 prometheus-client collector turns them into metric families at scrape time,
 so routing pays no lock or registry call per event. The one histogram,
 routing latency (frame received from upstream → handed to a client's socket),
-is observed once per batch a client sender writes.
+is observed once per client write, into plain counts as well
+(:class:`LatencyHistogram`).
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from typing import TYPE_CHECKING, Iterator
 
 import attrs
-from prometheus_client import CollectorRegistry, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 from .outbox import SlowClientPolicy
 
@@ -21,6 +24,36 @@ if TYPE_CHECKING:
     from .tier import Tier
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+@attrs.define
+class LatencyHistogram:
+    """Seconds from a frame's arrival from upstream to its events being handed to a client socket.
+
+    Observed once per client write, which is the hot path: a bisect and two
+    additions, no lock (prometheus-client's Histogram.observe measured 0.7 µs a
+    call, about a tenth of a whole write). Prometheus reads it at scrape time.
+    """
+
+    bounds: tuple[float, ...] = LATENCY_BUCKETS
+    #: counts[i] observations were at most bounds[i] and above bounds[i - 1]; the last, above all bounds
+    counts: list[int] = attrs.field(init=False)
+    total_seconds: float = 0.0
+
+    def __attrs_post_init__(self) -> None:
+        self.counts = [0] * (len(self.bounds) + 1)
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
+        self.total_seconds += seconds
+
+    def family(self, name: str, documentation: str, labels: list[str], values: list[str]) -> HistogramMetricFamily:
+        cumulative = list(itertools.accumulate(self.counts))
+        buckets = [(floatToGoString(bound), count) for bound, count in zip(self.bounds, cumulative)]
+        buckets.append(("+Inf", cumulative[-1]))
+        family = HistogramMetricFamily(name, documentation, labels=labels)
+        family.add_metric(values, buckets, sum_value=self.total_seconds)
+        return family
 
 
 @attrs.define
@@ -43,15 +76,7 @@ class TierStats:
     refused_per_ip: int = 0
     outages: int = 0
     outage_seconds: float = 0.0
-
-
-def new_latency_histogram(registry: CollectorRegistry) -> Histogram:
-    return Histogram(
-        "proxy_routing_latency_seconds",
-        "Time from a frame's arrival from upstream to its events being handed to a client socket",
-        buckets=LATENCY_BUCKETS,
-        registry=registry,
-    )
+    routing_latency: LatencyHistogram = attrs.field(factory=LatencyHistogram)
 
 
 class TierCollector:
@@ -114,3 +139,8 @@ class TierCollector:
         yield gauge("proxy_upstream_connected", "1 while the upstream is connected and authenticated",
                     1 if tier.readiness()[0] else 0)
         yield counter("proxy_upstream_reconnects", "Upstream reconnect attempts", link.reconnects)
+        yield stats.routing_latency.family(
+            "proxy_routing_latency_seconds",
+            "Time from a frame's arrival from upstream to its events being handed to a client socket",
+            labels, name,
+        )

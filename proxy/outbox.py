@@ -22,11 +22,10 @@ class SlowClientPolicy(enum.Enum):
     DROP_OLDEST = "drop_oldest"
 
 
-@attrs.frozen(slots=True)
-class _Entry:
-    payload: str | bytes
-    events: int
-    verbatim: bool  # a whole frame to send as it is, not a run of events to join
+#: A queued entry: (payload, events it holds, verbatim?). Verbatim entries are whole frames to send
+#: as they are; the others are runs of events to join. A plain tuple, not an attrs class: one is made
+#: per client per upstream frame, and a tuple costs a tenth of a frozen attrs instance (0.05 vs 0.54 µs).
+_Entry = tuple[str | bytes, int, bool]
 
 
 @attrs.define
@@ -42,11 +41,11 @@ class Outbox:
 
     def put_events(self, joined_events: bytes, count: int, received_at: float | None = None) -> bool:
         """Queue a comma-joined run of raw events; False once the client must be disconnected."""
-        return self._put(_Entry(joined_events, count, verbatim=False), received_at)
+        return self._put((joined_events, count, False), received_at)
 
     def put_frame(self, frame: str | bytes, count: int = 1, received_at: float | None = None) -> bool:
         """Queue a whole frame to be sent byte for byte; ``count`` is how many events it holds."""
-        return self._put(_Entry(frame, max(count, 1), verbatim=True), received_at)
+        return self._put((frame, max(count, 1), True), received_at)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -56,33 +55,34 @@ class Outbox:
             return False
         if received_at is not None and self.oldest_received_at is None:
             self.oldest_received_at = received_at
-        if self.queued_events + entry.events > self.capacity_events and self._entries:
+        events = entry[1]
+        if self.queued_events + events > self.capacity_events and self._entries:
             if self.policy is SlowClientPolicy.DISCONNECT:
                 self.overflowed = True
-                self.dropped_events += self.queued_events + entry.events
+                self.dropped_events += self.queued_events + events
                 self._entries.clear()
                 self.queued_events = 0
                 return False
-            while self._entries and self.queued_events + entry.events > self.capacity_events:
-                oldest = self._entries.popleft()
-                self.queued_events -= oldest.events
-                self.dropped_events += oldest.events
+            while self._entries and self.queued_events + events > self.capacity_events:
+                oldest_events = self._entries.popleft()[1]
+                self.queued_events -= oldest_events
+                self.dropped_events += oldest_events
         self._entries.append(entry)
-        self.queued_events += entry.events
+        self.queued_events += events
         return True
 
     def take_frames(self) -> list[str | bytes]:
         """Everything queued, as frames to send in order; runs of events joined into one array."""
         frames: list[str | bytes] = []
         run: list[bytes] = []
-        for entry in self._entries:
-            if entry.verbatim:
+        for payload, _, verbatim in self._entries:
+            if verbatim:
                 if run:
                     frames.append(_join(run))
                     run = []
-                frames.append(entry.payload)
+                frames.append(payload)
             else:
-                run.append(entry.payload)  # type: ignore[arg-type]
+                run.append(payload)  # type: ignore[arg-type]
         if run:
             frames.append(_join(run))
         self._entries.clear()
