@@ -11,6 +11,7 @@ unsubscribed only when their grace has passed. Time comes from an injected clock
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from typing import Callable, Hashable, Iterable
 
@@ -51,6 +52,7 @@ class SubscriptionRegistry:
         self._by_type: dict[str, set[SubscriberId]] = {}
         self._by_channel: dict[tuple[str, str], set[SubscriberId]] = {}
         self._route_cache: dict[tuple[str, str], tuple[SubscriberId, ...]] = {}
+        self._routes_by_channel: bool | None = None  # cached answer of routes_by_channel
         self._grace_deadline: dict[Channel, float] = {}
         self._upstream: set[Channel] = set()
         self._reconcile(self._static)
@@ -79,6 +81,17 @@ class SubscriptionRegistry:
 
     def next_deadline(self) -> float | None:
         return min(self._grace_deadline.values(), default=None)
+
+    @property
+    def routes_by_channel(self) -> bool:
+        """Whether any event can have a target in :meth:`channel_targets` (False when every
+        subscriber holds ``*``, as a firehose's downstream proxies do): routing skips the lookups."""
+        if self._routes_by_channel is None:
+            self._routes_by_channel = any(
+                not holders <= self._everything
+                for holders in itertools.chain(self._by_type.values(), self._by_channel.values())
+            )
+        return self._routes_by_channel
 
     def channel_targets(self, ev_type: str, symbol: str) -> tuple[SubscriberId, ...]:
         """Subscribers selecting this event by a channel, excluding ``*`` holders (they get frames)."""
@@ -128,6 +141,7 @@ class SubscriptionRegistry:
 
     def _index(self, subscriber: SubscriberId, channel: Channel, *, add: bool) -> None:
         self._route_cache.clear()
+        self._routes_by_channel = None
         if channel.is_everything:
             (self._everything.add if add else self._everything.discard)(subscriber)
             return

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import msgspec
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from proxy.protocol import EVERYTHING_CHANNEL, Channel, parse_channel_list
-from proxy.routing import route_frame
+from proxy.routing import FrameError, route_frame
 from proxy.subscriptions import SubscriptionRegistry, UpstreamDelta
 
 GRACE = 5.0
@@ -97,6 +98,41 @@ def test_each_subscriber_selected_once_despite_overlaps():
     routed = route_frame(frame, registry)
     assert routed.whole == frame  # b holds *: the frame verbatim, and nothing else
     assert routed.batches == {"a": (b'{"ev":"T","sym":"AAPL","p":1}', 1)}
+
+
+@pytest.mark.parametrize("holders", [{"a": "*"}, {"a": "*", "b": "T.AAPL"}, {}], ids=["only *", "mixed", "nobody"])
+@pytest.mark.parametrize("frame", [
+    '[{"ev":"T","sym":"AAPL"},{"ev":"status","status":"success","message":"subscribed to: T.AAPL"}]',
+    '[{"ev":"T","sym":"AAPL"},{"ev":"\\u0073tatus","st\\u0061tus":"success"}]',  # no "status" in its text
+], ids=["plain", "escaped"])
+def test_statuses_are_taken_out_on_every_routing_path(holders, frame):
+    registry, _ = make_registry()
+    for who, held in holders.items():
+        registry.subscribe(who, channels(held))
+    routed = route_frame(frame, registry)
+    assert routed.whole == b'[{"ev":"T","sym":"AAPL"}]' and routed.event_count == 1
+    assert [status["status"] for status in routed.statuses] == ["success"]
+
+
+@pytest.mark.parametrize("holders", [{"a": "*"}, {"a": "*", "b": "T.AAPL"}], ids=["only *", "mixed"])
+@pytest.mark.parametrize("frame", ['{"ev":"T"}', '[{"ev":"T"},1]', '[{"ev":"T"}', "[[]]"])
+def test_malformed_frames_are_refused_on_every_routing_path(holders, frame):
+    registry, _ = make_registry()
+    for who, held in holders.items():
+        registry.subscribe(who, channels(held))
+    with pytest.raises(FrameError):
+        route_frame(frame, registry)
+
+
+def test_routes_by_channel_follows_changes():
+    registry, _ = make_registry()
+    assert not registry.routes_by_channel
+    registry.subscribe("a", channels("*,T.AAPL"))  # a `*` holder's other channels route nothing
+    assert not registry.routes_by_channel
+    registry.subscribe("b", channels("Q.*"))
+    assert registry.routes_by_channel
+    registry.remove_subscriber("b")
+    assert not registry.routes_by_channel
 
 
 # --- the state machine ----------------------------------------------------------------------
@@ -235,6 +271,8 @@ class RegistryMachine(RuleBasedStateMachine):
             for n, (ev, sym) in enumerate(EVENTS)
         ) + ",{\"ev\":\"T\"}]"
         routed = route_frame(frame, self.registry)
+        # `*` holders get the frame verbatim, whichever path routing took (all-`*` takes the fast one)
+        assert (routed.whole, routed.event_count, routed.statuses) == (frame, len(EVENTS) + 1, [])
         star = {who for who, held in self.model.items() if EVERYTHING_CHANNEL in held}
         assert set(self.registry.everything_subscribers) == star
         for who, held in self.model.items():
