@@ -68,6 +68,9 @@ class TierConfig:
     unsubscribe_grace_seconds: float = 5.0
     client_queue_events: int = 50_000
     slow_client_policy: SlowClientPolicy = SlowClientPolicy.DISCONNECT
+    #: How long a client disconnected as a slow consumer gets to read what is already on its
+    #: socket, the slow_consumer status and the close frame, before its TCP connection is closed.
+    slow_client_close_seconds: float = 5.0
     max_message_bytes: int = 262_144
     auth_timeout_seconds: float = 10.0
     max_channels_per_message: int = 10_000
@@ -191,6 +194,7 @@ def _shared(source: decouple.Config) -> dict:
         slow_client_policy=SlowClientPolicy(
             _read(source, "SLOW_CLIENT_POLICY", "disconnect", _choice(("disconnect", "drop_oldest")))
         ),
+        slow_client_close_seconds=_read(source, "SLOW_CLIENT_CLOSE_SECONDS", "5", _seconds),
         max_message_bytes=_read(source, "MAX_MESSAGE_BYTES", "262144", _positive_int),
         auth_timeout_seconds=_read(source, "AUTH_TIMEOUT_SECONDS", "10", _seconds),
         upstream_ca_file=_read(source, "UPSTREAM_CA_FILE", "", _existing_file),

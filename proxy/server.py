@@ -60,6 +60,9 @@ class ClientSession:
     state: SessionState
     connection: WsConnection
     wakeup: trio.Event = attrs.field(factory=trio.Event)
+    #: Set while the writer waits for the socket to take a backlog; cancelled when the client
+    #: overflows, so that a client that stopped reading altogether is still closed.
+    drain_scope: trio.CancelScope | None = None
     close_request: tuple[int, str] | None = None
     events_sent: int = 0
     drops_logged: int = 0  # dropped_events when a drop was last logged (drop_oldest policy)
@@ -243,6 +246,8 @@ class Hub:
                 "%s is a slow consumer: %d events dropped, disconnecting (SLOW_CLIENT_POLICY=disconnect)",
                 session.label, session.outbox.dropped_events,
             )
+            if session.drain_scope is not None:
+                session.drain_scope.cancel()
             session.notify()
 
 
@@ -320,10 +325,13 @@ async def _run_session(hub: Hub, connection: WsConnection, peer: str) -> None:
     finally:
         hub.close_session(session)
         code, reason = session.close_request or (1000, "")
+        timeout = hub.config.shutdown_close_seconds
         if trio.current_effective_deadline() == -math.inf:
             code, reason = CLOSE_GOING_AWAY, "proxy shutting down"  # the tier is shutting down: say so
+        elif session.outbox.overflowed:
+            timeout = hub.config.slow_client_close_seconds  # it is slow by definition: give it time, not forever
         with trio.CancelScope(shield=True):
-            await connection.aclose(code, reason, hub.config.shutdown_close_seconds)
+            await connection.aclose(code, reason, timeout)
         log.info("%s disconnected (close code %s), %d events sent, %d dropped",
                  session.label, connection.close_code, session.events_sent, session.outbox.dropped_events)
 
@@ -355,15 +363,25 @@ async def _write_loop(hub: Hub, session: ClientSession, stop: Callable[[], None]
             if not (len(outbox) or connection.backlogged or session.close_request or outbox.overflowed):
                 await session.wakeup.wait()
             session.wakeup = trio.Event()
-            await connection.drain()
-            if outbox.overflowed:  # (it may have overflowed while we drained)
+            await _drain_unless_overflowed(session)
+            if outbox.overflowed:
                 connection.send_texts([SLOW_CONSUMER])  # after what the client already has, then 1008
                 return
             hub.write_queued(session, trio.current_time())
-            await connection.drain()
+            await _drain_unless_overflowed(session)
             if session.close_request is not None and not len(outbox) and not outbox.overflowed:
                 return  # everything queued is written; the session's end sends the close
     except ConnectionClosed:
         pass
     finally:
         stop()
+
+
+async def _drain_unless_overflowed(session: ClientSession) -> None:
+    """Wait for the socket to take the backlog, but stop waiting if the client overflows meanwhile:
+    one that stopped reading altogether would otherwise hold its writer here forever."""
+    if session.outbox.overflowed:
+        return
+    with trio.CancelScope() as session.drain_scope:
+        await session.connection.drain()
+    session.drain_scope = None

@@ -400,6 +400,8 @@ async def _own_connection(
     connection = WsConnection(transport, max_message_bytes=max_message_bytes)
     try:
         await handler(connection, _peer(address))  # type: ignore[misc]
+    except Exception:  # a bug in one connection must not end the accept loop for everyone
+        log.exception("connection from %s failed; other clients are unaffected", _peer(address))
     finally:
         with trio.CancelScope(shield=True):
             await transport.aclose()

@@ -23,7 +23,8 @@ VARIABLES = [
     "POLYGON_API_KEY", "POLYGON_URL", "FIREHOSE_HOST", "FIREHOSE_PORT", "FIREHOSE_SUBSCRIPTIONS",
     "FIREHOSE_API_KEYS", "FIREHOSE_METRICS_PORT", "FIREHOSE_URL", "FILTERED_PROXY_HOST",
     "FILTERED_PROXY_PORT", "FILTERED_PROXY_API_KEYS", "FILTERED_METRICS_PORT", "LOG_LEVEL",
-    "UNSUBSCRIBE_GRACE_SECONDS", "CLIENT_QUEUE_EVENTS", "SLOW_CLIENT_POLICY", "MAX_MESSAGE_BYTES",
+    "UNSUBSCRIBE_GRACE_SECONDS", "CLIENT_QUEUE_EVENTS", "SLOW_CLIENT_POLICY", "SLOW_CLIENT_CLOSE_SECONDS",
+    "MAX_MESSAGE_BYTES",
     "AUTH_TIMEOUT_SECONDS", "PROXY_ENV_FILE", "MARKET",
 ]
 
@@ -44,6 +45,7 @@ def test_firehose_defaults(monkeypatch):
     assert config.static_channels == () and config.upstream_extra == ()
     assert config.unsubscribe_grace_seconds == 5 and config.auth_timeout_seconds == 10
     assert config.slow_client_policy is SlowClientPolicy.DISCONNECT
+    assert config.slow_client_close_seconds == 5
 
 
 def test_filtered_defaults_and_the_any_key_rule(monkeypatch):
@@ -82,6 +84,7 @@ def test_env_file_and_proxy_env_file(monkeypatch, tmp_path):
         ("POLYGON_URL", "http://x", load_firehose_config),
         ("UNSUBSCRIBE_GRACE_SECONDS", "-1", load_filtered_config),
         ("CLIENT_QUEUE_EVENTS", "0", load_filtered_config),
+        ("SLOW_CLIENT_CLOSE_SECONDS", "soon", load_filtered_config),
         ("LOG_LEVEL", "loud", load_filtered_config),
         ("SIMULATOR_EVENTS_PER_SECOND", "fast", load_simulator_config),
     ],

@@ -9,9 +9,10 @@ import trio
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Ping, Pong, RejectConnection, Request, TextMessage
 
+from proxy.protocol import parse_channel_list
 from proxy.wsserver import ConnectionClosed, WsConnection, _SocketTransport, text_frame
 
-from .conftest import firehose_config, start_simulator, start_tier
+from .conftest import FIREHOSE_KEY, firehose_config, start_simulator, start_tier, wait_until
 
 
 def _parsed_by_wsproto(data: bytes) -> list[str]:
@@ -153,3 +154,33 @@ async def test_a_plain_http_request_gets_400_and_the_server_carries_on(nursery):
     events = await _client_events(stream, client, TextMessage)
     assert not any(isinstance(event, RejectConnection) for event in events)
     assert '"status":"connected"' in next(e.data for e in events if isinstance(e, TextMessage))
+
+
+async def test_a_peer_that_never_sends_a_handshake_is_dropped(nursery):
+    sim = await start_simulator(nursery)
+    firehose = await start_tier(nursery, firehose_config(sim, auth_timeout_seconds=0.3))
+    stream = await trio.open_tcp_stream("127.0.0.1", firehose.port)
+    with trio.fail_after(3):
+        assert await stream.receive_some(100) == b""  # closed by the proxy, without a word
+
+
+async def test_a_client_that_stops_reading_altogether_is_closed_and_forgotten(nursery):
+    """Its writer waits on a socket that never drains; the overflow must still end the session."""
+    sim = await start_simulator(nursery, events_per_second=20000)
+    firehose = await start_tier(nursery, firehose_config(
+        sim, client_queue_events=2000, slow_client_close_seconds=0.5,
+        static_channels=parse_channel_list("T.*,Q.*"),
+    ))
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills at once
+    await sock.connect(("127.0.0.1", firehose.port))
+    stream = trio.SocketStream(sock)
+    client = WSConnection(ConnectionType.CLIENT)
+    await stream.send_all(client.send(Request(host="x", target="/")))
+    await _client_events(stream, client, TextMessage)  # connected
+    await stream.send_all(client.send(TextMessage(data='{"action":"auth","params":"%s"}' % FIREHOSE_KEY)))
+    await stream.send_all(client.send(TextMessage(data='{"action":"subscribe","params":"*"}')))
+    # ...and never reads again
+    await wait_until(lambda: firehose.stats.slow_consumer_disconnects == 1, timeout=15, what="the overflow")
+    await wait_until(lambda: not firehose.hub.sessions, timeout=3, what="the session to end")
+    assert firehose.registry.subscribers() == frozenset()
