@@ -163,8 +163,8 @@ class WsConnection:
         self.notify = notify
         self._ws = WSConnection(ConnectionType.SERVER)
         self._backlog = bytearray()
-        self._text_parts: list[str] = []
-        self._text_size = 0
+        self._parts: list = []  # the fragments of the message being received (str, or bytes)
+        self._message_size = 0
         self._peer_closed = False
         #: The close code of the close handshake (ours or the peer's), 1006 if the peer vanished.
         self.close_code: int | None = None
@@ -278,24 +278,17 @@ class WsConnection:
             self._ws.receive_data(data)
 
     def _take(self, event: object) -> str | bytes | None:
-        if isinstance(event, TextMessage):
-            self._text_size += len(event.data)
-            if self._text_size > self.max_message_bytes:
+        if isinstance(event, (TextMessage, BytesMessage)):
+            self._message_size += len(event.data)
+            if self._message_size > self.max_message_bytes:
                 self._close_now(CLOSE_MESSAGE_TOO_BIG, f"message over {self.max_message_bytes} bytes")
                 return None
-            self._text_parts.append(event.data)
+            self._parts.append(event.data)
             if event.message_finished:
-                text = "".join(self._text_parts)
-                self._text_parts, self._text_size = [], 0
-                return text
-        elif isinstance(event, BytesMessage):
-            self._text_size += len(event.data)
-            if self._text_size > self.max_message_bytes:
-                self._close_now(CLOSE_MESSAGE_TOO_BIG, f"message over {self.max_message_bytes} bytes")
-                return None
-            if event.message_finished:
-                self._text_size = 0
-                return bytes(event.data)  # partial binary frames are not reassembled: no client sends them
+                joiner = "" if isinstance(event, TextMessage) else b""
+                message = joiner.join(self._parts)
+                self._parts, self._message_size = [], 0
+                return message
         elif isinstance(event, Ping):
             if self._ws.state is ConnectionState.OPEN:
                 self._write(self._ws.send(event.response()))

@@ -7,7 +7,7 @@ import socket
 import pytest
 import trio
 from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, CloseConnection, Ping, Pong, RejectConnection, Request, TextMessage
+from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Ping, Pong, RejectConnection, Request, TextMessage
 
 from proxy.protocol import parse_channel_list
 from proxy.wsserver import ConnectionClosed, WsConnection, _SocketTransport, text_frame
@@ -99,6 +99,9 @@ async def test_pings_are_answered_and_messages_reassembled():
     await stream.send_all(client.send(TextMessage(data='{"action":', message_finished=False)))
     await stream.send_all(client.send(TextMessage(data='"auth"}')))
     assert await server.get_message() == '{"action":"auth"}'
+    await stream.send_all(client.send(BytesMessage(data=b'{"action":', message_finished=False)))
+    await stream.send_all(client.send(BytesMessage(data=b'"subscribe"}')))
+    assert await server.get_message() == b'{"action":"subscribe"}'
     events = await _client_events(stream, client, Pong)
     assert [event.payload for event in events if isinstance(event, Pong)] == [b"hi"]
 
