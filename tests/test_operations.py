@@ -83,6 +83,15 @@ async def test_metrics_move_when_traffic_flows(nursery):
                  "proxy_client_bytes_sent_total", "proxy_routing_latency_seconds_count"):
         assert metric(after, name) > metric(before, name) > 0, name
     assert 'proxy_events_dropped_total{reason="slow_consumer",tier="firehose"} 0.0' in after
+    # the latency histogram: cumulative buckets ending in +Inf == count, a sum, the tier label
+    buckets = [(line.split('le="')[1].split('"')[0], float(line.rsplit(" ", 1)[1]))
+               for line in after.splitlines() if line.startswith("proxy_routing_latency_seconds_bucket{")]
+    assert [le for le, _ in buckets][-1] == "+Inf" and len(buckets) == 13
+    counts = [count for _, count in buckets]
+    assert counts == sorted(counts) and counts[-1] == metric(after, "proxy_routing_latency_seconds_count")
+    assert all('tier="firehose"' in line for line in after.splitlines()
+               if line.startswith("proxy_routing_latency_seconds_"))
+    assert 0 < metric(after, "proxy_routing_latency_seconds_sum") < counts[-1]  # each well under a second
 
 
 async def test_auth_failures_are_counted(nursery):
@@ -160,3 +169,17 @@ async def test_alert_rules_and_dashboard_only_use_metrics_that_exist(nursery):
     for path in (deploy / "prometheus" / "alerts.yml", deploy / "grafana" / "polygon-proxy.json"):
         used = set(re.findall(r"\b(proxy_[a-z_]+)", path.read_text()))
         assert used and used <= exposed, (path.name, used - exposed)
+
+
+def test_latency_histogram_buckets_are_less_or_equal_and_cumulative():
+    from proxy.metrics import LatencyHistogram
+
+    histogram = LatencyHistogram(bounds=(0.1, 1.0))
+    for seconds in (0.05, 0.1, 0.5, 1.0, 2.0):
+        histogram.observe(seconds)
+    assert histogram.counts == [2, 2, 1]  # a value on a bound belongs to that bound's bucket (le)
+    family = histogram.family("x_seconds", "x", ["tier"], ["t"])
+    samples = {(s.name, s.labels.get("le")): s.value for s in family.samples}
+    assert samples[("x_seconds_bucket", "0.1")] == 2 and samples[("x_seconds_bucket", "1.0")] == 4
+    assert samples[("x_seconds_bucket", "+Inf")] == samples[("x_seconds_count", None)] == 5
+    assert samples[("x_seconds_sum", None)] == 3.65
