@@ -144,7 +144,7 @@ async def main(args: argparse.Namespace) -> None:
     async def probe_joins() -> None:
         """While the load runs, new clients join one by one; how long until their first event?"""
         await trio.sleep(args.join_delay)
-        for _ in range(5):
+        for _ in range(args.join_probes):
             joins.append(await first_event_delay(args.url, args.key, args.join_channels))
             await trio.sleep(0.5)
 
@@ -176,6 +176,8 @@ if __name__ == "__main__":
     parser.add_argument("--join-channels", default="T.AAPL,Q.AAPL")
     parser.add_argument("--join-delay", type=float, default=4.0,
                         help="seconds after all clients are ready before the join probes start")
+    parser.add_argument("--join-probes", type=int, default=5,
+                        help="how many new clients join one by one while the load runs (0: none)")
     parser.add_argument("--timeout", type=float, default=600)
     try:
         trio.run(main, parser.parse_args())

@@ -10,7 +10,9 @@ Scenarios:
 Each run: warm up, send a mark through the stream, run for the duration, send a second
 mark. Clients count what they received between the marks; the simulator says what it sent,
 by channel, so each client's expected count is exact. CPU seconds and peak RSS per tier
-come from /proc (the OS's accounting of each process).
+come from /proc (the OS's accounting of each process). "join" is how long a new client
+waits from connecting to its first event, probed five times while the load runs, from a
+process of its own.
 """
 
 from __future__ import annotations
@@ -180,18 +182,25 @@ def run_once(args: argparse.Namespace, rate: float) -> dict[str, Any]:
             tiers["filtered"] = processes.running["filtered"].pid
             url, key = f"ws://127.0.0.1:{filtered_port}/stocks", CLIENT_KEY
             plan = idle_plan(args.clients) if scenario == "idle" else zipf_plan(args.clients, args.seed)
-        plan_file = logs / "plan.json"
+        plan_file, no_plan = logs / "plan.json", logs / "no-plan.json"
         plan_file.write_text(json.dumps(plan))
-        clients = processes.start("clients", [
-            PYTHON, "-m", "proxy.bench.client_process", "--url", url, "--key", key,
-            "--plan", str(plan_file), "--timeout", str(args.duration + args.warmup + 300),
+        no_plan.write_text("[]")
+        client_command = [PYTHON, "-m", "proxy.bench.client_process", "--url", url, "--key", key,
+                          "--timeout", str(args.duration + args.warmup + 300)]
+        clients = processes.start("clients", [*client_command, "--plan", str(plan_file), "--join-probes", "0"],
+                                  {}, stdout=subprocess.PIPE)
+        ready = read_json_line(clients.stdout, 300, "the clients")["ready"]
+        # The join probes run in a process of their own: in the clients' process they would wait
+        # behind 100 busy clients' event loop, and measure that instead of the proxy.
+        joiner = processes.start("joiner", [
+            *client_command, "--plan", str(no_plan), "--join-probes", "5",
             "--join-delay", str(args.warmup + min(1.0, args.duration / 4)),
         ], {}, stdout=subprocess.PIPE)
-        ready = read_json_line(clients.stdout, 300, "the clients")["ready"]
+        read_json_line(joiner.stdout, 60, "the join probe")
         _progress(f"{scenario} @ {rate:,.0f} ev/s: {ready}/{len(plan)} clients subscribed; warming up")
         time.sleep(args.warmup)
 
-        harness = {"simulator": simulator.pid, "clients": clients.pid}
+        harness = {"simulator": simulator.pid, "clients": clients.pid, "joiner": joiner.pid}
         before = {name: cpu_seconds(pid) for name, pid in {**tiers, **harness}.items()}
         started = time.monotonic()
         simulator.stdin.write(b"mark\n")
@@ -208,6 +217,7 @@ def run_once(args: argparse.Namespace, rate: float) -> dict[str, Any]:
         after = {name: cpu_seconds(pid) for name, pid in {**tiers, **harness}.items()}
         sent = read_json_line(simulator.stdout, 30, "the simulator")
         result = read_json_line(clients.stdout, 120, "the clients")
+        joins = read_json_line(joiner.stdout, 120, "the join probe")["join_seconds"]
         rss = {name: peak_rss_mb(pid) for name, pid in tiers.items()}
     finally:
         processes.stop()
@@ -228,7 +238,7 @@ def run_once(args: argparse.Namespace, rate: float) -> dict[str, Any]:
         "lost_events": lost, "unexpected_events": extra,
         "clients_complete": result["saw_both_marks"], "client_failures": result["failures"],
         "latency_ms": result["latency_ms"],
-        "join_ms": [round(seconds * 1000, 1) for seconds in result["join_seconds"]],
+        "join_ms": [round(seconds * 1000, 1) for seconds in joins],
         "cpu_us_per_input_event": {
             name: round(1e6 * (after[name] - before[name]) / max(events_in, 1), 2) for name in tiers},
         "cpu_percent": {name: round(100 * (after[name] - before[name]) / window, 1) for name in after},
