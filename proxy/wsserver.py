@@ -38,7 +38,7 @@ from wsproto.events import (
     Request,
     TextMessage,
 )
-from wsproto.utilities import LocalProtocolError, RemoteProtocolError
+from wsproto.utilities import ProtocolError, RemoteProtocolError
 
 log = logging.getLogger("proxy.wsserver")
 RECEIVE_BYTES = 65536
@@ -329,8 +329,8 @@ class WsConnection:
                     for event in self._ws.events():
                         if isinstance(event, CloseConnection):
                             self._peer_closed = True
-            except (ConnectionClosed, OSError, LocalProtocolError):
-                pass
+            except (ConnectionClosed, OSError, ProtocolError):
+                pass  # gone, or past talking to (wsproto refuses more data once closed or rejected)
         await self.transport.aclose()
 
 

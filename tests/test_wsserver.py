@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 
 import pytest
@@ -140,12 +141,13 @@ async def test_the_peers_close_is_answered_and_ours_reaches_it():
     assert server.close_code == 4000
 
 
-async def test_a_plain_http_request_gets_400_and_the_server_carries_on(nursery):
+async def test_a_plain_http_request_gets_400_and_the_server_carries_on(nursery, caplog):
     sim = await start_simulator(nursery)
-    firehose = await start_tier(nursery, firehose_config(sim))
+    firehose = await start_tier(nursery, firehose_config(sim, shutdown_close_seconds=0.5))
     stream = await trio.open_tcp_stream("127.0.0.1", firehose.port)
     await stream.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-    reply = b""
+    reply = await stream.receive_some(65536)
+    await stream.send_all(b"and then bytes that are no HTTP at all\r\n\r\n")  # while it waits for our end
     with trio.fail_after(5):
         while chunk := await stream.receive_some(65536):
             reply += chunk
@@ -157,6 +159,7 @@ async def test_a_plain_http_request_gets_400_and_the_server_carries_on(nursery):
     events = await _client_events(stream, client, TextMessage)
     assert not any(isinstance(event, RejectConnection) for event in events)
     assert '"status":"connected"' in next(e.data for e in events if isinstance(e, TextMessage))
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # refused quietly, no traceback
 
 
 async def test_a_peer_that_never_sends_a_handshake_is_dropped(nursery):
