@@ -13,6 +13,7 @@ A WebSocket ping notices a silent upstream.
 from __future__ import annotations
 
 import enum
+import itertools
 import logging
 import math
 import random
@@ -32,6 +33,7 @@ from .protocol import Channel
 from .beacon import Beacon
 
 log = logging.getLogger("proxy.upstream")
+_jitter = random.Random()  # backoff jitter; not the global generator, which others may seed
 SUBSCRIBE_CHUNK = 500
 HANDSHAKE_SECONDS = 10.0
 #: Frames trio-websocket may hold for us; more than 1 lets a burst reach the router together.
@@ -110,7 +112,7 @@ class UpstreamLink:
                 failures = 0
             if delay is None:
                 ceiling = min(self.backoff.max_seconds, self.backoff.initial_seconds * 2 ** failures)
-                delay = random.uniform(ceiling / 2, ceiling)
+                delay = _jitter.uniform(ceiling / 2, ceiling)
                 failures += 1
                 log.warning("%s link down (%s); reconnecting in %.2fs",
                             self.label, self.last_error, delay)
@@ -209,11 +211,12 @@ class UpstreamLink:
             await self.demand_changed.wait()
 
     async def _keepalive(self, ws: WebSocketConnection) -> None:
-        while True:
+        for sequence in itertools.count():
             await trio.sleep(self.keepalive_interval)
             try:
                 with trio.fail_after(self.keepalive_timeout):
-                    await ws.ping()
+                    # our own payload: without one trio-websocket draws it from the global `random`
+                    await ws.ping(b"keepalive %d" % sequence)
             except trio.TooSlowError:
                 raise UpstreamProtocolError(
                     f"no answer to a ping for {self.keepalive_timeout:.0f}s: upstream is silent"
