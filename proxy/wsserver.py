@@ -293,16 +293,14 @@ class WsConnection:
             if self._ws.state is ConnectionState.OPEN:
                 self._write(self._ws.send(event.response()))
         elif isinstance(event, CloseConnection):
-            # The peer's close (answer it), or its protocol error as wsproto reports it (close with that code).
-            if self._ws.state is ConnectionState.CLOSED:
-                self._peer_closed = True  # the answer to our own close
-            elif self._ws.state is ConnectionState.REMOTE_CLOSING:
-                self._peer_closed = True
-                self._write(self._ws.send(event.response()))
+            if self._ws.state is ConnectionState.OPEN:
+                self._close_now(event.code, event.reason or "")  # the peer's protocol error, as wsproto reports it
             else:
-                self._write(self._ws.send(CloseConnection(code=event.code, reason=event.reason)))
-            if self.close_code is None:
-                self.close_code, self.close_reason = event.code, event.reason or ""
+                self._peer_closed = True  # the peer's close, or its answer to ours
+                if self._ws.state is ConnectionState.REMOTE_CLOSING:
+                    self._write(self._ws.send(event.response()))
+                if self.close_code is None:
+                    self.close_code, self.close_reason = event.code, event.reason or ""
         return None
 
     def _close_now(self, code: int, reason: str) -> None:

@@ -117,6 +117,16 @@ async def test_a_message_over_the_limit_closes_1009():
     assert events[-1].code == 1009
 
 
+async def test_a_protocol_error_closes_with_its_code():
+    server, stream, client = await _open_pair()
+    await stream.send_all(bytes([0x81, 0x80 | 2, 0, 0, 0, 0]) + b"\xff\xfe")  # text frame, not UTF-8
+    with pytest.raises(ConnectionClosed) as closed, trio.fail_after(5):
+        await server.get_message()
+    assert closed.value.code == 1007
+    events = await _client_events(stream, client, CloseConnection)
+    assert events[-1].code == 1007
+
+
 async def test_the_peers_close_is_answered_and_ours_reaches_it():
     server, stream, client = await _open_pair()
     await stream.send_all(client.send(CloseConnection(code=1000, reason="bye")))
