@@ -10,6 +10,7 @@ raises :class:`ConfigError`, which ``trio-run`` prints as one line (exit 2).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from pathlib import Path
@@ -37,11 +38,17 @@ class ConfigError(ValueError):
 
 @attrs.frozen
 class Backoff:
-    """Reconnect timing: exponential with jitter, reset after a healthy connection."""
+    """Reconnect timing: exponential with jitter, reset after a healthy connection.
+
+    A connection is healthy once it authenticated and either carried data or
+    lasted ``healthy_after_seconds``; the next outage then starts again from
+    ``initial_seconds``. Worst case between tries: ``max_seconds`` after a run
+    of failures, ``refused_seconds`` after a refusal.
+    """
 
     initial_seconds: float = 0.5
     max_seconds: float = 30.0
-    healthy_after_seconds: float = 60.0
+    healthy_after_seconds: float = 10.0
     #: After ``auth_failed`` or ``max_connections``: a long wait, never a tight loop.
     refused_seconds: float = 60.0
 
@@ -86,6 +93,21 @@ class TierConfig:
     #: On shutdown, how long to wait for clients and upstream to answer our close frame.
     shutdown_close_seconds: float = 2.0
     backoff: Backoff = Backoff()
+    #: The setting ``upstream_api_key`` was read from, named when upstream refuses it.
+    upstream_api_key_source: str = "POLYGON_API_KEY"
+    #: Log level of third-party libraries (trio-websocket logs every message at debug);
+    #: None: as ``log_level``, but never below info.
+    library_log_level: str | None = None
+
+    @property
+    def port_setting(self) -> str:
+        """The variable that sets :attr:`port`, for error messages."""
+        return "FIREHOSE_PORT" if self.tier == "firehose" else "FILTERED_PROXY_PORT"
+
+    @property
+    def metrics_port_setting(self) -> str:
+        """The variable that sets :attr:`metrics_port`, for error messages."""
+        return "FIREHOSE_METRICS_PORT" if self.tier == "firehose" else "FILTERED_METRICS_PORT"
 
 
 @attrs.frozen
@@ -100,6 +122,7 @@ class SimulatorConfig:
     seed: int | None = None
     auth_timeout_seconds: float = 10.0
     log_level: str = "info"
+    library_log_level: str | None = None
     drop_after_seconds: float | None = None
     drop_after_frames: int | None = None
     refuse_auth: int = 0
@@ -189,6 +212,7 @@ def _shared(source: decouple.Config) -> dict:
     return dict(
         market=_read(source, "MARKET", "stocks", _choice(MARKETS)),
         log_level=_read(source, "LOG_LEVEL", "info", _choice(LOG_LEVELS)),
+        library_log_level=_read(source, "LOG_LEVEL_LIBRARIES", "", _optional(_choice(LOG_LEVELS))),
         unsubscribe_grace_seconds=_read(source, "UNSUBSCRIBE_GRACE_SECONDS", "5", _seconds),
         client_queue_events=_read(source, "CLIENT_QUEUE_EVENTS", "50000", _positive_int),
         slow_client_policy=SlowClientPolicy(
@@ -260,10 +284,12 @@ def load_filtered_config() -> TierConfig:
     accepted = _read(source, "FILTERED_PROXY_API_KEYS", "", _keys)
     if not accepted and api_key:
         accepted = frozenset({api_key})
+    firehose_key, firehose_key_source = _firehose_key(source, api_key)
     return TierConfig(
         tier="filtered",
         upstream_url=_read(source, "FIREHOSE_URL", "ws://localhost:8767", _ws_url),
-        upstream_api_key=api_key,
+        upstream_api_key=firehose_key,
+        upstream_api_key_source=firehose_key_source,
         upstream_extra=(EVERYTHING_CHANNEL,),
         static_channels=(),
         host=_read(source, "FILTERED_PROXY_HOST", "0.0.0.0", str),
@@ -274,6 +300,24 @@ def load_filtered_config() -> TierConfig:
         **_tls(source, "FILTERED_PROXY"),
         **_shared(source),
     )
+
+
+def _firehose_key(source: decouple.Config, polygon_key: str) -> tuple[str, str]:
+    """The key the filtered proxy presents to the firehose, and the setting it came from.
+
+    ``FILTERED_PROXY_FIREHOSE_KEY`` when set. Otherwise, when one ``.env`` serves both
+    tiers and names the keys the firehose accepts (``FIREHOSE_API_KEYS``), the first of
+    those: the firehose accepts it by definition. Otherwise ``POLYGON_API_KEY``, which a
+    firehose with no ``FIREHOSE_API_KEYS`` accepts (the original single-key arrangement).
+    """
+    explicit = _read(source, "FILTERED_PROXY_FIREHOSE_KEY", "", str)
+    if explicit:
+        return explicit, "FILTERED_PROXY_FIREHOSE_KEY"
+    raw_firehose_keys = _read(source, "FIREHOSE_API_KEYS", "", str)
+    firehose_keys = [key.strip() for key in raw_firehose_keys.split(",") if key.strip()]
+    if firehose_keys:
+        return firehose_keys[0], "FIREHOSE_API_KEYS (its first key)"
+    return polygon_key, "POLYGON_API_KEY"
 
 
 def _symbols(raw: str) -> tuple[str, ...] | int:
@@ -302,6 +346,7 @@ def load_simulator_config() -> SimulatorConfig:
         seed=_read(source, "SIMULATOR_SEED", "", _optional(int)),
         auth_timeout_seconds=_read(source, "AUTH_TIMEOUT_SECONDS", "10", _seconds),
         log_level=_read(source, "LOG_LEVEL", "info", _choice(LOG_LEVELS)),
+        library_log_level=_read(source, "LOG_LEVEL_LIBRARIES", "", _optional(_choice(LOG_LEVELS))),
         drop_after_seconds=_read(source, "SIMULATOR_DROP_AFTER_SECONDS", "", _optional(_seconds)),
         drop_after_frames=_read(source, "SIMULATOR_DROP_AFTER_FRAMES", "", _optional(_positive_int)),
         refuse_auth=_read(source, "SIMULATOR_REFUSE_AUTH", "0", _count),
@@ -334,9 +379,46 @@ def redact(key: str) -> str:
     return f"{key[:4]}…{key[-2:]}"
 
 
-def setup_logging(level: str) -> None:
+def setup_logging(level: str, library_level: str | None = None) -> None:
+    """Log to stderr at ``level``; libraries' loggers (anything outside ``proxy``) at
+    ``library_level``, by default ``level`` but never below info, so that
+    ``LOG_LEVEL=debug`` shows the proxy's own lines rather than trio-websocket's line
+    per message (``LOG_LEVEL_LIBRARIES=debug`` brings those back)."""
+    own = logging.getLevelName(level.upper())
+    libraries = (logging.getLevelName(library_level.upper()) if library_level
+                 else max(own, logging.INFO))
     logging.basicConfig(
-        level=level.upper(),
+        level=min(own, libraries),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         force=True,
     )
+    logging.getLogger("proxy").setLevel(own)
+    for name in set(logging.root.manager.loggerDict) | set(LIBRARY_LOGGERS):
+        if name.split(".")[0] != "proxy":
+            logging.getLogger(name).setLevel(libraries)
+
+
+#: Third-party loggers set up before they first log (they are created on import).
+LIBRARY_LOGGERS = ("trio-websocket", "trio_websocket", "wsproto", "h11", "hpack", "asyncio")
+
+
+def bind_error(variable: str, host: str, port: int, error: OSError) -> ConfigError:
+    """A listening socket that cannot be opened, as the one-line error a bad setting gives."""
+    if error.errno == errno.EADDRINUSE:
+        problem = f"port {port} on {host} is already in use (another program, or this tier running twice?)"
+    elif error.errno == errno.EACCES:
+        problem = f"not allowed to listen on port {port} on {host} (ports below 1024 need privileges)"
+    elif error.errno == errno.EADDRNOTAVAIL:
+        problem = f"{host} is not an address of this machine, so port {port} cannot be opened there"
+    else:
+        problem = f"cannot listen on {host}:{port}: {error.strerror or error}"
+    return ConfigError(variable, problem)
+
+
+def check_market_url(market: str, url: str, variable: str) -> str | None:
+    """A warning when the upstream URL's path names another market than the one served."""
+    path = urlsplit(url).path.strip("/")
+    if path in MARKETS and path != market:
+        return (f"{variable} ends in /{path} but MARKET={market}: clients of the {market} "
+                f"market would get {path} data; set MARKET={path} or fix the URL")
+    return None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from .config import load_filtered_config, setup_logging
+from .config import check_market_url, load_filtered_config, setup_logging
 from .tier import run_tier
 
 log = logging.getLogger("proxy.filtered")
@@ -17,9 +17,13 @@ log = logging.getLogger("proxy.filtered")
 
 async def main() -> None:
     config = load_filtered_config()
-    setup_logging(config.log_level)
+    setup_logging(config.log_level, config.library_log_level)
     log.info("Starting Polygon Filtered WebSocket Proxy")
     log.info("Firehose URL: %s", config.upstream_url)
+    log.info("Market: %s (clients connect at / and /%s)", config.market, config.market)
+    mismatch = check_market_url(config.market, config.upstream_url, "FIREHOSE_URL")
+    if mismatch:
+        log.warning("%s", mismatch)
     log.info("Listening port: %d", config.port)
     if config.allow_any_key:
         log.warning(

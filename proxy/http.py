@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from http import HTTPStatus
 from typing import Callable
 
 import h11
@@ -21,8 +22,8 @@ MAX_REQUEST_BYTES = 16_384
 
 
 def respond(path: str, readiness: Callable[[], tuple[bool, str]],
-            registry: CollectorRegistry) -> tuple[int, str, bytes]:
-    """Status, content type and body for a GET of ``path``."""
+            registry: CollectorRegistry, name: str = "proxy") -> tuple[int, str, bytes]:
+    """Status, content type and body for a GET of ``path`` on the metrics port of tier ``name``."""
     if path == "/healthz":
         return 200, "text/plain; charset=utf-8", b"ok\n"
     if path == "/readyz":
@@ -30,24 +31,26 @@ def respond(path: str, readiness: Callable[[], tuple[bool, str]],
         return (200 if ready else 503), "text/plain; charset=utf-8", (reason + "\n").encode()
     if path == "/metrics":
         return 200, CONTENT_TYPE_LATEST, generate_latest(registry)
-    return 404, "text/plain; charset=utf-8", b"not found: try /healthz, /readyz or /metrics\n"
+    return 404, "text/plain; charset=utf-8", (
+        f"not found: this is the {name} tier's health and metrics port; try /healthz, /readyz or /metrics\n"
+    ).encode()
 
 
 async def serve_http(
     host: str, port: int, readiness: Callable[[], tuple[bool, str]], registry: CollectorRegistry,
-    *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    *, name: str = "proxy", task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()[1]
     log.info("Health and metrics on http://%s:%d (/healthz /readyz /metrics)", host, bound)
-    handler = functools.partial(_handle, readiness=readiness, registry=registry)
+    handler = functools.partial(_handle, readiness=readiness, registry=registry, name=name)
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, handler, listeners)
         task_status.started(bound)
 
 
 async def _handle(stream: trio.SocketStream, *, readiness: Callable[[], tuple[bool, str]],
-                  registry: CollectorRegistry) -> None:
+                  registry: CollectorRegistry, name: str) -> None:
     connection = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_BYTES)
     try:
         with trio.move_on_after(REQUEST_TIMEOUT):
@@ -55,13 +58,14 @@ async def _handle(stream: trio.SocketStream, *, readiness: Callable[[], tuple[bo
             if request is None:
                 return
             if request.method not in (b"GET", b"HEAD"):
-                status, content_type, body = 405, "text/plain; charset=utf-8", b"only GET\n"
+                status, content_type, body = 405, "text/plain; charset=utf-8", b"only GET and HEAD\n"
             else:
                 path = request.target.decode("ascii", "replace").split("?", 1)[0]
-                status, content_type, body = respond(path, readiness, registry)
+                status, content_type, body = respond(path, readiness, registry, name)
             headers = [("content-type", content_type), ("content-length", str(len(body))),
                        ("connection", "close")]
-            data = connection.send(h11.Response(status_code=status, headers=headers))
+            reason = HTTPStatus(status).phrase.encode()  # h11 leaves it empty: "HTTP/1.1 503 "
+            data = connection.send(h11.Response(status_code=status, headers=headers, reason=reason))
             if request.method == b"GET":
                 data += connection.send(h11.Data(data=body))
             data += connection.send(h11.EndOfMessage())

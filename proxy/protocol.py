@@ -3,7 +3,7 @@
 Parses untrusted client control messages (``auth`` / ``subscribe`` /
 ``unsubscribe``) into attrs values through cattrs, parses and validates channel
 lists, builds the exact status frames Polygon sends, and reads an event's type
-and symbol by the per-type field table of ``shared/docs/protocol.md``.
+and symbol by the per-type field table of ``docs/protocol.md``.
 Every malformed input raises :class:`ProtocolError` with a distinct ``kind`` and
 a sentence a client developer can act on.
 """
@@ -156,7 +156,14 @@ _json_object_decoder = msgspec.json.Decoder()
 def parse_client_message(message: str | bytes, *, max_channels: int = 10_000) -> ClientAction:
     """Turn one untrusted client frame into an action, or raise :class:`ProtocolError`."""
     if isinstance(message, bytes):
-        raise ProtocolError("binary_frame", "binary frames are not accepted; send JSON as text")
+        # Many clients send JSON as bytes (orjson.dumps), which becomes a binary frame:
+        # UTF-8 JSON is the same message whatever the frame type.
+        try:
+            message = message.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ProtocolError(
+                "binary_frame", "binary frame is not UTF-8 JSON; send the JSON message as text"
+            ) from None
     try:
         decoded = _json_object_decoder.decode(message)
     except msgspec.DecodeError as error:
@@ -232,9 +239,32 @@ def error_frame(message: str) -> str:
     return status_frame("error", message)
 
 
+#: How many suspect channels a lowercase warning spells out.
+_WARN_AT_MOST = 5
+
+
+def lowercase_warning(channels: Iterable[Channel]) -> str | None:
+    """A ``warning`` status for channels with lowercase letters, or None.
+
+    Polygon's symbols and event types are uppercase in every market, and it
+    acknowledges any channel, so ``T.aapl`` is subscribed and silently brings
+    nothing. The acknowledgement stays as Polygon's; this says what was probably meant.
+    """
+    suspects = [channel for channel in channels
+                if not channel.is_everything and channel.text != channel.text.upper()]
+    if not suspects:
+        return None
+    shown = ", ".join(f"{channel.text} (did you mean {channel.text.upper()}?)" for channel in suspects[:_WARN_AT_MOST])
+    more = f" and {len(suspects) - _WARN_AT_MOST} more" if len(suspects) > _WARN_AT_MOST else ""
+    return status_frame(
+        "warning",
+        f"symbols and event types are uppercase: {shown}{more} will bring no events as written",
+    )
+
+
 # --- events -----------------------------------------------------------------------
 
-#: The field that holds the symbol, per event type (protocol.md's table).
+#: The field that holds the symbol, per event type (docs/protocol.md's table).
 SYMBOL_FIELD_BY_TYPE: Final[dict[str, str]] = {
     **dict.fromkeys(("T", "Q", "A", "AM", "FMV", "LV"), "sym"),
     **dict.fromkeys(("LULD", "NOI", "V"), "T"),

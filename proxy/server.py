@@ -92,6 +92,9 @@ class Hub:
     sessions: set[ClientSession] = attrs.field(factory=set)
     connections_per_ip: collections.Counter = attrs.field(factory=collections.Counter)
     _ids: itertools.count = attrs.field(factory=lambda: itertools.count(1))
+    #: A status frame for a client that has just authenticated, or None: the tier says
+    #: here whether its upstream is down, so that nobody subscribes into silence unwarned.
+    upstream_notice: Callable[[], str | None] = lambda: None
     #: Sessions given events since the last flush, in the order they were first touched.
     _touched: dict[ClientSession, None] = attrs.field(factory=dict)
 
@@ -161,6 +164,10 @@ class Hub:
             self._apply_demand(self.registry.unsubscribe(session, reaction.unsubscribe))
         for reply in reaction.replies:
             session.outbox.put_frame(reply)  # its writer sends it, after anything queued before
+        if reaction.outcome == "authenticated":
+            notice = self.upstream_notice()
+            if notice is not None:
+                session.outbox.put_frame(notice)
         if reaction.close_code is not None:
             session.close_request = (reaction.close_code, reaction.close_reason)
         session.notify()
@@ -258,7 +265,12 @@ async def serve_clients(
     config = hub.config
     allowed_paths = {"/", f"/{config.market}"}
 
+    plain_http_body = (f"this is the {config.tier} tier's WebSocket port for the {config.market} market: "
+                       f"connect a WebSocket client to /{config.market}; health and metrics are on its "
+                       "metrics port\n").encode()
+
     async def handle(connection: WsConnection, peer: str) -> None:
+        connection.plain_http_body = plain_http_body
         # A peer that never completes the opening handshake is dropped as one that never authenticates is.
         with trio.move_on_after(config.auth_timeout_seconds) as handshake:
             try:

@@ -38,8 +38,8 @@ class Reaction:
     unsubscribe: tuple[Channel, ...] = ()
     close_code: int | None = None
     close_reason: str = ""
-    #: "ok", or what went wrong: "error", "auth_failed", "auth_timeout", "rate_limited" or
-    #: "flood" (counted by the tier).
+    #: "ok", "authenticated" (auth just succeeded), or what went wrong: "error",
+    #: "auth_failed", "auth_timeout", "rate_limited" or "flood" (counted by the tier).
     outcome: str = "ok"
 
 
@@ -111,8 +111,10 @@ class SessionState:
                     f"{self.max_channels_per_client}; nothing of this subscribe was applied"),),
                     outcome="error")
             self.channels.update(new)
+            warning = protocol.lowercase_warning(action.channels)
             return Reaction(
-                replies=(protocol.subscription_frame("subscribed", action.channels),),
+                replies=(protocol.subscription_frame("subscribed", action.channels),)
+                + ((warning,) if warning else ()),
                 subscribe=action.channels,
             )
         assert isinstance(action, Unsubscribe)
@@ -137,7 +139,7 @@ class SessionState:
             return Reaction(replies=(protocol.error_frame("already authenticated"),), outcome="error")
         if self.allow_any_key or key_matches(action.api_key, self.accepted_keys):
             self.phase = Phase.AUTHENTICATED
-            return Reaction(replies=(protocol.AUTH_SUCCESS,))
+            return Reaction(replies=(protocol.AUTH_SUCCESS,), outcome="authenticated")
         self.phase = Phase.CLOSED
         return Reaction(
             replies=(protocol.AUTH_FAILED,),

@@ -32,7 +32,7 @@ from wsproto.events import (
 )
 
 from . import protocol
-from .config import SimulatorConfig, load_simulator_config, redact, setup_logging
+from .config import SimulatorConfig, bind_error, load_simulator_config, redact, setup_logging
 from .market import Event, MarketModel, frame_of, prebuild, stamp, synthetic_symbols
 from .protocol import Auth, Channel, ProtocolError, Subscribe
 
@@ -237,11 +237,12 @@ async def run_simulator(
                       malformed_next=config.malformed_frames,
                       force_max_connections=config.force_max_connections),
     )
+    try:
+        listeners = await trio.open_tcp_listeners(config.port, host=config.host)
+    except OSError as error:
+        raise bind_error("SIMULATOR_PORT", config.host, config.port, error) from None
     async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(
-            functools.partial(trio.serve_tcp, functools.partial(_serve_connection, simulator),
-                              config.port, host=config.host)
-        )
+        await nursery.start(trio.serve_listeners, functools.partial(_serve_connection, simulator), listeners)
         simulator.port = listeners[0].socket.getsockname()[1]
         nursery.start_soon(_generate, simulator)
         if config.stall_after_seconds is not None and config.stall_seconds > 0:
@@ -465,7 +466,7 @@ async def _drop_when_told(simulator: Simulator, peer: WsPeer, connection: SimCon
 
 async def main() -> None:
     config = load_simulator_config()
-    setup_logging(config.log_level)
+    setup_logging(config.log_level, config.library_log_level)
     await run_simulator(config)
 
 

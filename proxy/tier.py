@@ -1,7 +1,7 @@
 """One proxy tier, as one nursery tree: upstream link → router → client sessions.
 
 Both the firehose and the filtered proxy are :func:`run_tier` with a different
-:class:`~proxy.config.TierConfig`. The tree (design.md): the upstream link
+:class:`~proxy.config.TierConfig`. The tree (docs/architecture.md): the upstream link
 feeds a bounded frame channel; the router turns each frame into per-client
 queues without waiting on any client; a grace task expires unsubscribes; the
 accept loop runs one nursery per client. ``task_status.started`` hands the
@@ -10,6 +10,7 @@ running :class:`Tier` to the caller (tests read its port, link and hub).
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import attrs
@@ -18,14 +19,14 @@ import trio
 from prometheus_client import CollectorRegistry
 
 from . import protocol
-from .config import TierConfig
+from .config import TierConfig, bind_error
 from .http import serve_http
 from .metrics import TierCollector, TierStats
 from .outbox import SlowClientPolicy
 from .routing import FrameError, route_frame
 from .server import Hub, serve_clients
 from .subscriptions import SubscriptionRegistry
-from .upstream import LinkState, UpstreamLink
+from .upstream import NOT_CONNECTED_YET, LinkState, UpstreamLink
 
 log = logging.getLogger("proxy.tier")
 FRAME_QUEUE = 256
@@ -78,7 +79,9 @@ async def run_tier(
     def connected() -> None:
         connections.append(trio.current_time())
         if len(connections) == 1:
-            return  # not a recovery: clients that came early were never told of an outage
+            # Not a recovery; but any client already here was told the upstream was down.
+            hub.broadcast(protocol.status_frame(UPSTREAM_CONNECTED, f"{label} connected"))
+            return
         if outage_started:
             seconds = trio.current_time() - outage_started.pop()
             stats.outage_seconds += seconds
@@ -88,6 +91,21 @@ async def run_tier(
         else:
             message = f"{label} connection restored"
         hub.broadcast(protocol.status_frame(UPSTREAM_CONNECTED, message))
+
+    def upstream_notice() -> str | None:
+        """What a client that authenticates now is told, when the upstream is not connected."""
+        if link.state is LinkState.CONNECTED:
+            return None
+        if not connections:
+            situation = f"{label} not connected yet"
+            if link.last_error != NOT_CONNECTED_YET:
+                situation += f" ({link.last_error})"
+        else:
+            situation = f"{label} connection lost ({link.last_error})"
+        return protocol.status_frame(
+            UPSTREAM_DISCONNECTED,
+            f"{situation}; your subscriptions are kept, and upstream_connected follows when it is up",
+        )
 
     def disconnected(reason: str) -> None:
         stats.outages += 1
@@ -102,6 +120,7 @@ async def run_tier(
         label=label,
         url=config.upstream_url,
         api_key=config.upstream_api_key,
+        api_key_source=config.upstream_api_key_source,
         desired=lambda: registry.upstream,
         demand_changed=hub.demand_changed,
         frames=frames_send,
@@ -114,6 +133,7 @@ async def run_tier(
         ca_file=config.upstream_ca_file,
         close_seconds=config.shutdown_close_seconds,
     )
+    hub.upstream_notice = upstream_notice
     tier = Tier(config=config, registry=registry, hub=hub, link=link, stats=stats, metrics=metrics)
     metrics.register(TierCollector(tier))
     async with trio.open_nursery() as nursery:
@@ -121,12 +141,19 @@ async def run_tier(
         nursery.start_soon(_route_frames, tier, frames_receive)
         nursery.start_soon(_expire_grace, tier)
         nursery.start_soon(_log_summary, tier)
-        tier.port = await nursery.start(serve_clients, hub)
+        try:
+            tier.port = await nursery.start(serve_clients, hub)
+        except OSError as error:
+            raise bind_error(config.port_setting, config.host, config.port, error) from None
         log.info("Listening for clients on ws://%s:%d", config.host, tier.port)
         if config.metrics_port is not None:
-            tier.metrics_port = await nursery.start(
-                serve_http, config.host, config.metrics_port, tier.readiness, metrics
-            )
+            try:
+                tier.metrics_port = await nursery.start(
+                    functools.partial(serve_http, name=config.tier),
+                    config.host, config.metrics_port, tier.readiness, metrics,
+                )
+            except OSError as error:
+                raise bind_error(config.metrics_port_setting, config.host, config.metrics_port, error) from None
         task_status.started(tier)
 
 
@@ -137,7 +164,7 @@ async def _route_frames(
 
     Everything already queued is routed before the clients are written to, so
     under load a client gets several frames' worth of events in one message:
-    per-send cost is paid less often exactly when it matters (design.md).
+    per-send cost is paid less often exactly when it matters (docs/architecture.md).
     """
     async for frame, received_at in frames:
         _route_one(tier, frame, received_at)

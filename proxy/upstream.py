@@ -35,6 +35,7 @@ from .beacon import Beacon
 log = logging.getLogger("proxy.upstream")
 _jitter = random.Random()  # backoff jitter; not the global generator, which others may seed
 SUBSCRIBE_CHUNK = 500
+NOT_CONNECTED_YET = "not connected yet"
 HANDSHAKE_SECONDS = 10.0
 #: Frames trio-websocket may hold for us; more than 1 lets a burst reach the router together.
 UPSTREAM_MESSAGE_QUEUE = 64
@@ -70,6 +71,8 @@ class UpstreamLink:
     label: str  # "Polygon" or "firehose proxy", for log lines
     url: str
     api_key: str
+    #: The setting the key came from: a refusal names it (never the key itself).
+    api_key_source: str = attrs.field(default="POLYGON_API_KEY", kw_only=True)
     desired: Callable[[], frozenset[Channel]]
     demand_changed: Beacon
     frames: trio.MemorySendChannel[tuple[str | bytes, float]]
@@ -83,12 +86,15 @@ class UpstreamLink:
     close_seconds: float = 1.0
     state: LinkState = LinkState.DISCONNECTED
     reconnects: int = 0
-    last_error: str = "not connected yet"
+    #: Failed tries since the last healthy connection; the backoff grows with it.
+    failures: int = 0
+    last_error: str = NOT_CONNECTED_YET
     _sent: set[Channel] = attrs.field(factory=set)
+    #: Whether the current connection has delivered a frame since it authenticated.
+    _carried_data: bool = False
 
     async def run(self) -> None:
         """Keep the link up forever; returns only by cancellation."""
-        failures = 0
         while True:
             started = trio.current_time()
             self.state = LinkState.CONNECTING
@@ -102,18 +108,22 @@ class UpstreamLink:
                 if isinstance(error, UpstreamRefused):
                     self.state = LinkState.REFUSED
                     delay = self.backoff.refused_seconds
+                    if error.status == "auth_failed":
+                        self.last_error = f"auth_failed: {self.label} refused the key in {self.api_key_source}"
                     self._log_refusal(error, delay)
             was_connected = self.state is LinkState.CONNECTED
             if self.state is not LinkState.REFUSED:
                 self.state = LinkState.DISCONNECTED
             if was_connected:
                 self.on_disconnected(self.last_error)
-            if trio.current_time() - started >= self.backoff.healthy_after_seconds:
-                failures = 0
+            lasted = trio.current_time() - started >= self.backoff.healthy_after_seconds
+            if was_connected and (self._carried_data or lasted):
+                self.failures = 0  # a healthy connection: the next outage starts from the short delay
             if delay is None:
-                ceiling = min(self.backoff.max_seconds, self.backoff.initial_seconds * 2 ** failures)
+                exponent = min(self.failures, 64)  # 2 ** a long outage's count would overflow a float
+                ceiling = min(self.backoff.max_seconds, self.backoff.initial_seconds * 2 ** exponent)
                 delay = _jitter.uniform(ceiling / 2, ceiling)
-                failures += 1
+                self.failures += 1
                 log.warning("%s link down (%s); reconnecting in %.2fs",
                             self.label, self.last_error, delay)
             self.reconnects += 1
@@ -121,8 +131,8 @@ class UpstreamLink:
 
     def _log_refusal(self, refusal: UpstreamRefused, delay: float) -> None:
         if refusal.status == "auth_failed":
-            log.error("%s refused our key %s (auth_failed); check the API key; retrying in %.0fs",
-                      self.label, redact(self.api_key), delay)
+            log.error("%s refused our key %s from %s (auth_failed): check that setting; "
+                      "retrying in %.0fs", self.label, redact(self.api_key), self.api_key_source, delay)
         elif refusal.status == "max_connections":
             log.error("%s answered max_connections: another process holds this key's "
                       "connection; retrying in %.0fs", self.label, delay)
@@ -132,18 +142,37 @@ class UpstreamLink:
     async def _connect_and_serve(self) -> None:
         log.info("Connecting to %s at %s", self.label, self.url)
         self._sent = set()
-        async with trio.open_nursery() as connection_nursery:
-            with trio.fail_after(HANDSHAKE_SECONDS):
-                ws = await self._open(connection_nursery)
-            try:
-                await self._serve(ws)
-            finally:
-                # Shutting down (our scope is cancelled): say goodbye upstream (1001) instead of
-                # vanishing; otherwise a normal close. Either way briefly, whatever is cancelled.
-                shutting_down = trio.current_effective_deadline() == -math.inf
-                with trio.CancelScope(shield=True), trio.move_on_after(self.close_seconds):
-                    await ws.aclose(*((1001, "proxy shutting down") if shutting_down else (1000, None)))
-                connection_nursery.cancel_scope.cancel()
+        self._carried_data = False
+        # trio-websocket reads in a task of the nursery it is given. When the tier is cancelled
+        # (SIGTERM), that reader must live on until the peer has answered our close frame, or
+        # the close waits out its whole timeout for an answer nobody reads. So its nursery is
+        # shielded, and the tier's cancellation reaches the serving code through `serving`,
+        # which a watcher outside the shield cancels.
+        shutdown = _ShutdownWatch()
+        async with trio.open_nursery() as watch_nursery:
+            serving = trio.CancelScope()
+            shutdown.serving = serving
+            watch_nursery.start_soon(shutdown.watch)
+            async with trio.open_nursery() as reader_nursery:
+                reader_nursery.cancel_scope.shield = True
+                try:
+                    with serving:
+                        with trio.fail_after(HANDSHAKE_SECONDS):
+                            ws = await self._open(reader_nursery)
+                        try:
+                            await self._serve(ws)
+                        finally:
+                            await self._close(ws, shutting_down=shutdown.requested)
+                finally:
+                    reader_nursery.cancel_scope.cancel()
+            shutdown.serving = None  # finished: what cancels the watcher now is not a shutdown
+            watch_nursery.cancel_scope.cancel()
+
+    async def _close(self, ws: WebSocketConnection, *, shutting_down: bool) -> None:
+        """Say goodbye upstream: 1001 when the tier shuts down, else 1000; done as soon as the
+        peer answers, and never longer than ``close_seconds``, whatever is being cancelled."""
+        with trio.CancelScope(shield=True), trio.move_on_after(self.close_seconds):
+            await ws.aclose(*((1001, "proxy shutting down") if shutting_down else (1000, None)))
 
     async def _open(self, nursery: trio.Nursery) -> WebSocketConnection:
         """TCP, then TLS with its handshake done here (so a bad certificate is named, not
@@ -178,9 +207,11 @@ class UpstreamLink:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._keep_subscribed, ws)
             nursery.start_soon(self._keepalive, ws)
+            message = await ws.get_message()
+            self._carried_data = True
             while True:
-                message = await ws.get_message()
                 await self.frames.send((message, trio.current_time()))
+                message = await ws.get_message()
 
     async def _expect(self, ws: WebSocketConnection, wanted: str) -> None:
         message = await ws.get_message()
@@ -228,15 +259,41 @@ class UpstreamLink:
         return ssl.create_default_context(cafile=self.ca_file)
 
 
+@attrs.define
+class _ShutdownWatch:
+    """Notices that the surrounding scope is cancelled and passes it on to a scope that a
+    shield keeps the cancellation from reaching (see ``UpstreamLink._connect_and_serve``)."""
+
+    serving: trio.CancelScope | None = None
+    requested: bool = False
+
+    async def watch(self) -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            if self.serving is not None:
+                self.requested = True
+                self.serving.cancel()
+
+
 _HANDLED = (OSError, HandshakeError, ConnectionClosed, trio.TooSlowError, UpstreamRefused,
             UpstreamProtocolError, msgspec.DecodeError, trio.BrokenResourceError)
 
 
 def _handled_cause(raised: BaseException) -> BaseException:
-    """The link failure inside ``raised``; re-raises anything else (cancellation, bugs)."""
+    """The link failure inside ``raised``; re-raises anything else (cancellation, bugs).
+
+    When the link is being cancelled (the tier shuts down) just as its connection
+    fails, both arrive together: the cancellation wins, and the failure, moot by
+    then, is dropped, so that a stop never ends in an exception group.
+    """
     found = list(leaves(raised))
-    if all(isinstance(leaf, Exception) for leaf in found):
-        for leaf in found:
+    cancelled = [leaf for leaf in found if isinstance(leaf, trio.Cancelled)]
+    failures = [leaf for leaf in found if not isinstance(leaf, trio.Cancelled)]
+    if all(isinstance(leaf, Exception) for leaf in failures):
+        if cancelled:
+            raise cancelled[0]
+        for leaf in failures:
             if isinstance(leaf, _HANDLED):
                 return leaf
     raise raised

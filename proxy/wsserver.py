@@ -23,6 +23,7 @@ import logging
 import socket
 import ssl
 import struct
+from http import HTTPStatus
 from typing import Callable, Iterable
 
 import trio
@@ -67,6 +68,24 @@ def text_frame(payload: bytes) -> bytes:
     if size < 65536:
         return _header_16(_FIN_TEXT, 126, size) + payload
     return _header_64(_FIN_TEXT, 127, size) + payload
+
+
+def with_reason_phrase(response_head: bytes) -> bytes:
+    """``response_head`` with the standard reason phrase on its status line where it has none.
+
+    wsproto has h11 write rejections as ``HTTP/1.1 400 `` (no phrase), which
+    tools print as ``HTTP Error 400: ``; the phrase is HTTP's own (``http.HTTPStatus``).
+    """
+    status_line, separator, rest = response_head.partition(b"\r\n")
+    version, _, tail = status_line.partition(b" ")
+    code, _, phrase = tail.partition(b" ")
+    if phrase or not code.isdigit():
+        return response_head
+    try:
+        standard = HTTPStatus(int(code)).phrase.encode()
+    except ValueError:
+        return response_head  # a code HTTP does not name: leave it as it is
+    return b"%s %s %s%s%s" % (version, code, standard, separator, rest)
 
 
 class ConnectionClosed(Exception):
@@ -161,6 +180,8 @@ class WsConnection:
         self.transport = transport
         self.max_message_bytes = max_message_bytes
         self.notify = notify
+        #: The body of the 400 that a plain HTTP request gets: what this port is for.
+        self.plain_http_body = b"this port speaks WebSocket; connect with a WebSocket client\n"
         self._ws = WSConnection(ConnectionType.SERVER)
         self._backlog = bytearray()
         self._parts: list = []  # the fragments of the message being received (str, or bytes)
@@ -188,16 +209,19 @@ class WsConnection:
             try:
                 self._ws.receive_data(data)
             except RemoteProtocolError as error:
-                if error.event_hint is not None:  # a plain HTTP request, for one: answer 400
-                    self._write(self._ws.send(error.event_hint))
+                hint = error.event_hint
+                if isinstance(hint, RejectConnection):  # a plain HTTP request, for one: answer 400
+                    self.reject(hint.status_code, self.plain_http_body)
                 raise ConnectionClosed(reason=f"not a WebSocket handshake: {error}") from None
 
     def accept(self) -> None:
         self._write(self._ws.send(AcceptConnection()))
 
     def reject(self, status_code: int, body: bytes) -> None:
+        """Refuse the handshake with an HTTP status, its reason phrase, and a one-line ``body``."""
         headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"%d" % len(body))]
-        self._write(self._ws.send(RejectConnection(status_code=status_code, headers=headers, has_body=True)))
+        head = self._ws.send(RejectConnection(status_code=status_code, headers=headers, has_body=True))
+        self._write(with_reason_phrase(head))
         self._write(self._ws.send(RejectData(data=body)))
 
     # --- sending ------------------------------------------------------------------

@@ -73,6 +73,7 @@ async def test_unsubscribe_reaches_polygon_after_the_grace_not_before(nursery):
 async def test_status_answers_from_polygon_are_not_forwarded_as_data(nursery):
     sim = await start_simulator(nursery, events_per_second=500)
     firehose = await start_tier(nursery, firehose_config(sim))
+    await wait_until(lambda: firehose.link.state.value == "connected")  # else clients hear of the wait
     star = await authed_client(nursery, firehose.port, FIREHOSE_KEY, subscribe="*")
     other = await authed_client(nursery, firehose.port, FIREHOSE_KEY, subscribe="T.*")
     await star.collect(1.0)

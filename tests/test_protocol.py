@@ -17,12 +17,13 @@ from proxy.protocol import (
     Subscribe,
     Unsubscribe,
     event_symbol,
+    lowercase_warning,
     parse_channel,
     parse_channel_list,
     parse_client_message,
 )
 
-# --- exact status texts (protocol.md) -------------------------------------------------
+# --- exact status texts (docs/protocol.md) -------------------------------------------------
 
 
 def test_status_frames_are_byte_exact():
@@ -160,7 +161,7 @@ def test_parse_actions():
 @pytest.mark.parametrize(
     "message, kind",
     [
-        (b'{"action":"auth","params":"k"}', "binary_frame"),
+        (b'\xff{"action":"auth","params":"k"}', "binary_frame"),
         ("not json", "not_json"),
         ('{"action":"auth"', "not_json"),
         ("[1,2]", "not_object"),
@@ -183,6 +184,24 @@ def test_malformed_messages_have_distinct_kinds(message, kind):
         parse_client_message(message)
     assert caught.value.kind == kind
     assert caught.value.message  # a readable sentence for the client
+
+
+def test_a_binary_message_holding_utf8_json_is_the_same_message_as_text():
+    text = '{"action":"subscribe","params":"T.AAPL,Q.*"}'
+    assert parse_client_message(text.encode()) == parse_client_message(text)
+    with pytest.raises(ProtocolError) as caught:
+        parse_client_message('{"action":"auth","params":"caf\u00e9"}'.encode("latin-1"))
+    assert caught.value.kind == "binary_frame" and "not UTF-8" in caught.value.message
+
+
+def test_lowercase_channels_get_a_warning_naming_what_was_meant():
+    assert lowercase_warning(parse_channel_list("T.AAPL,Q.*,*,XT.X:BTC-USD")) is None
+    warning = json.loads(lowercase_warning(parse_channel_list("T.aapl,XT.X:btc-usd")))
+    assert warning[0]["status"] == "warning"
+    assert "T.aapl (did you mean T.AAPL?)" in warning[0]["message"]
+    assert "XT.X:btc-usd (did you mean XT.X:BTC-USD?)" in warning[0]["message"]
+    many = json.loads(lowercase_warning(parse_channel_list(",".join(f"T.s{i}" for i in range(8)))))
+    assert "and 3 more" in many[0]["message"]
 
 
 def test_ten_thousand_channels_in_one_message_is_the_cap():

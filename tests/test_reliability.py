@@ -81,7 +81,7 @@ BAD_INPUTS = [
     ("bad characters in a channel", True, '{"action":"subscribe","params":"T.AA PL;"}', "error", None),
     ("a 1,000-character channel", True,
      json.dumps({"action": "subscribe", "params": "T." + "A" * 998}), "error", None),
-    ("binary frame", True, b'{"action":"subscribe","params":"T.AAPL"}', "error", None),
+    ("binary frame, not UTF-8", True, b'\xff{"action":"subscribe","params":"T.AAPL"}', "error", None),
     ("deeply nested json", True, "[" * 100_000 + "]" * 100_000, "error", None),
     ("deeply nested json, small", True, '{"action":' + "[" * 3000 + "]" * 3000 + "}", "error", None),
     ("frame over MAX_MESSAGE_BYTES", True, json.dumps({"action": "auth", "params": "k" * 300_000}), None, 1009),
