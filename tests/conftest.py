@@ -152,7 +152,7 @@ async def authed_client(nursery: trio.Nursery, port: int, key: str, subscribe: s
 
 
 def selects(params: str, event: dict) -> bool:
-    """A reference filter, written from protocol.md's rules, independent of the proxy's code."""
+    """A reference filter, written from docs/protocol.md's rules, independent of the proxy's code."""
     ev = event.get("ev")
     symbol = event.get({"LULD": "T", "NOI": "T", "V": "T"}.get(ev, "sym"))
     for channel in (item.strip() for item in params.split(",")):

@@ -1,4 +1,4 @@
-"""A client as users write them with plain asyncio `websockets` (the seed's example): URL only changed.
+"""A client as users write them with plain asyncio `websockets` (README's example): URL only changed.
 
 Usage: python plain_websockets_client.py URL KEY CHANNELS COUNT
 Prints each received frame on its own line, stops after COUNT data events.
