@@ -25,7 +25,7 @@ VARIABLES = [
     "FILTERED_PROXY_PORT", "FILTERED_PROXY_API_KEYS", "FILTERED_METRICS_PORT", "LOG_LEVEL",
     "UNSUBSCRIBE_GRACE_SECONDS", "CLIENT_QUEUE_EVENTS", "SLOW_CLIENT_POLICY", "SLOW_CLIENT_CLOSE_SECONDS",
     "MAX_MESSAGE_BYTES",
-    "AUTH_TIMEOUT_SECONDS", "PROXY_ENV_FILE", "MARKET",
+    "AUTH_TIMEOUT_SECONDS", "PROXY_ENV_FILE", "MARKET", "LOG_LEVEL_LIBRARIES", "FILTERED_PROXY_FIREHOSE_KEY",
 ]
 
 
@@ -186,3 +186,29 @@ def test_log_level_is_honoured():
     finally:  # the root logger is global: leave it as the other tests expect it
         root.handlers[:] = saved[1]
         root.setLevel(saved[0])
+
+
+def test_debug_logging_keeps_libraries_at_info_unless_asked():
+    import logging
+
+    from proxy.config import setup_logging
+
+    try:
+        setup_logging("debug")
+        assert logging.getLogger("proxy.tier").getEffectiveLevel() == logging.DEBUG
+        assert logging.getLogger("trio-websocket").getEffectiveLevel() == logging.INFO
+        setup_logging("warning")
+        assert logging.getLogger("trio-websocket").getEffectiveLevel() == logging.WARNING
+        setup_logging("debug", "debug")
+        assert logging.getLogger("trio-websocket").getEffectiveLevel() == logging.DEBUG
+    finally:
+        setup_logging("info")
+
+
+def test_log_level_libraries_is_read_and_checked(monkeypatch):
+    assert load_filtered_config().library_log_level is None
+    monkeypatch.setenv("LOG_LEVEL_LIBRARIES", "debug")
+    assert load_filtered_config().library_log_level == "debug"
+    monkeypatch.setenv("LOG_LEVEL_LIBRARIES", "loud")
+    with pytest.raises(ConfigError, match="LOG_LEVEL_LIBRARIES"):
+        load_filtered_config()
