@@ -1,4 +1,4 @@
-"""The demo's sample client: subscribes like the seed's example and prints its filtered stream.
+"""The demo's sample client: subscribes like README's example and prints its filtered stream.
 
 ``python -m proxy.demo_client [--url URL] [--key KEY] [--channels T.AAPL] [--seconds N]``
 prints every event it receives on one line, and once a second a summary: events
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import urllib.request
 
@@ -68,6 +69,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=0, help="stop after this long (0 = never)")
     parser.add_argument("--metrics-url", default=None)
     args = parser.parse_args()
+    # scripts/demo runs this client in the background, and bash starts background commands with
+    # SIGINT ignored: take Ctrl-C back so that it stops this client at once and quietly.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         sys.exit(trio.run(run, args))
     except KeyboardInterrupt:
