@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import logging
 
-from .config import check_market_url, load_filtered_config, setup_logging
-from .tier import run_tier
+from .app.config import check_market_url, load_filtered_config, setup_logging
+from .app.tier import run_tier
 
 log = logging.getLogger("proxy.filtered")
 
@@ -34,5 +34,5 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    from .cli import run_module_main
+    from .app.cli import run_module_main
     raise SystemExit(run_module_main(main))

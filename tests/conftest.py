@@ -9,10 +9,11 @@ import attrs
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, connect_websocket_url
 
-from proxy.config import Backoff, SimulatorConfig, TierConfig
-from proxy.protocol import EVERYTHING_CHANNEL
-from proxy.simulator import Simulator, run_simulator
-from proxy.tier import Tier, run_tier
+from proxy.core.backoff import Backoff
+from proxy.core.settings import SimulatorConfig, TierConfig
+from proxy.core.protocol import EVERYTHING_CHANNEL
+from proxy.sim.simulator import Simulator, run_simulator
+from proxy.app.tier import Tier, run_tier
 
 POLYGON_KEY = "sim-key"
 FIREHOSE_KEY = "firehose-key"

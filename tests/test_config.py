@@ -9,14 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import (
-    ConfigError,
-    load_filtered_config,
-    load_firehose_config,
-    load_simulator_config,
-    redact,
-)
-from proxy.outbox import SlowClientPolicy
+from proxy.app.config import load_filtered_config, load_firehose_config, load_simulator_config
+from proxy.core.errors import ConfigError
+from proxy.core.keys import redact
+from proxy.core.outbox import SlowClientPolicy
 
 VENV_BIN = Path(sys.executable).parent
 VARIABLES = [
@@ -158,7 +154,7 @@ def test_env_example_documents_every_variable_the_code_reads():
     import re
 
     root = Path(__file__).parent.parent
-    source = (root / "proxy" / "config.py").read_text()
+    source = (root / "proxy" / "app" / "config.py").read_text()
     read = set(re.findall(r'_(?:read|required)\(source, "([A-Z_]+)"', source))
     read |= {f"{prefix}_TLS_{part}" for prefix in re.findall(r'_tls\(source, "([A-Z_]+)"\)', source)
              for part in ("CERT", "KEY")}
@@ -173,16 +169,16 @@ def test_env_example_documents_every_variable_the_code_reads():
 def test_log_level_is_honoured():
     import logging
 
-    from proxy.config import setup_logging
+    from proxy.app.config import setup_logging
 
     root = logging.getLogger()
     saved = root.level, list(root.handlers)
     try:
         setup_logging("warning")
-        assert not logging.getLogger("proxy.tier").isEnabledFor(logging.INFO)
-        assert logging.getLogger("proxy.tier").isEnabledFor(logging.WARNING)
+        assert not logging.getLogger("proxy.app.tier").isEnabledFor(logging.INFO)
+        assert logging.getLogger("proxy.app.tier").isEnabledFor(logging.WARNING)
         setup_logging("debug")
-        assert logging.getLogger("proxy.tier").isEnabledFor(logging.DEBUG)
+        assert logging.getLogger("proxy.app.tier").isEnabledFor(logging.DEBUG)
     finally:  # the root logger is global: leave it as the other tests expect it
         root.handlers[:] = saved[1]
         root.setLevel(saved[0])
@@ -191,11 +187,11 @@ def test_log_level_is_honoured():
 def test_debug_logging_keeps_libraries_at_info_unless_asked():
     import logging
 
-    from proxy.config import setup_logging
+    from proxy.app.config import setup_logging
 
     try:
         setup_logging("debug")
-        assert logging.getLogger("proxy.tier").getEffectiveLevel() == logging.DEBUG
+        assert logging.getLogger("proxy.app.tier").getEffectiveLevel() == logging.DEBUG
         assert logging.getLogger("trio-websocket").getEffectiveLevel() == logging.INFO
         setup_logging("warning")
         assert logging.getLogger("trio-websocket").getEffectiveLevel() == logging.WARNING

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from proxy import config
+from proxy.app import config
 from tests.conftest import filtered_config, firehose_config, start_simulator, start_tier
 
 ROOT = Path(__file__).parent.parent

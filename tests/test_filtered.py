@@ -194,7 +194,7 @@ async def test_firehose_restart_mid_stream_keeps_clients_and_subscriptions(nurse
     firehose_scope = trio.CancelScope()
 
     async def run_firehose(config, task_status=trio.TASK_STATUS_IGNORED):
-        from proxy.tier import run_tier
+        from proxy.app.tier import run_tier
 
         with firehose_scope:
             await run_tier(config, task_status=task_status)

@@ -4,7 +4,7 @@ import json
 
 import trio
 
-from proxy.outbox import SlowClientPolicy
+from proxy.core.outbox import SlowClientPolicy
 from tests.conftest import (
     FIREHOSE_KEY,
     POLYGON_KEY,
@@ -214,7 +214,7 @@ async def test_downstream_auth_uses_firehose_keys(nursery):
 
 
 def _channels(text):
-    from proxy.protocol import parse_channel_list
+    from proxy.core.protocol import parse_channel_list
 
     return parse_channel_list(text)
 

@@ -21,9 +21,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from proxy import config as config_module
-from proxy.config import ConfigError, check_market_url, load_filtered_config, load_firehose_config
-from proxy.upstream import LinkState
+from proxy.core.backoff import Backoff
+from proxy.app.config import check_market_url, load_filtered_config, load_firehose_config
+from proxy.core.errors import ConfigError
+from proxy.net.upstream import LinkState
 from tests.conftest import (
     CLIENT_KEY,
     FIREHOSE_KEY,
@@ -276,7 +277,7 @@ async def test_http_answers_carry_a_reason_phrase_and_say_what_the_port_is(nurse
 
 async def test_backoff_restarts_short_after_a_connection_that_carried_data(nursery):
     sim = await start_simulator(nursery)
-    slow = config_module.Backoff(initial_seconds=0.2, max_seconds=60, healthy_after_seconds=1_000,
+    slow = Backoff(initial_seconds=0.2, max_seconds=60, healthy_after_seconds=1_000,
                                  refused_seconds=60)
     firehose = await start_tier(nursery, firehose_config(sim, backoff=slow, static_channels=()))
     client = await authed_client(nursery, firehose.port, FIREHOSE_KEY, subscribe="T.*")

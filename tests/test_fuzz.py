@@ -42,8 +42,8 @@ messages = st.one_of(
 
 @pytest.fixture(scope="module")
 def live_chain():
-    from proxy.simulator import run_simulator
-    from proxy.tier import run_tier
+    from proxy.sim.simulator import run_simulator
+    from proxy.app.tier import run_tier
 
     state: dict = {}
     ready = threading.Event()

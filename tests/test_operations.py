@@ -12,7 +12,7 @@ from pathlib import Path
 import trio
 from trio_websocket import ConnectionClosed
 
-from proxy import tier as tier_module
+from proxy.app import tier as tier_module
 from tests.conftest import (
     FIREHOSE_KEY,
     POLYGON_KEY,
@@ -110,7 +110,7 @@ async def test_summary_line_has_the_key_figures(nursery, caplog):
     sim = await start_simulator(nursery, events_per_second=1000)
     firehose = await start_tier(nursery, firehose_config(sim))
     await authed_client(nursery, firehose.port, FIREHOSE_KEY, subscribe="T.*")
-    with caplog.at_level(logging.INFO, logger="proxy.tier"):
+    with caplog.at_level(logging.INFO, logger="proxy.app.tier"):
         with trio.move_on_after(1.2):
             await tier_module._log_summary(firehose, interval=0.5)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("summary:")]
@@ -172,13 +172,14 @@ async def test_alert_rules_and_dashboard_only_use_metrics_that_exist(nursery):
 
 
 def test_latency_histogram_buckets_are_less_or_equal_and_cumulative():
-    from proxy.metrics import LatencyHistogram
+    from proxy.app.exposition import histogram_family
+    from proxy.core.stats import LatencyHistogram
 
     histogram = LatencyHistogram(bounds=(0.1, 1.0))
     for seconds in (0.05, 0.1, 0.5, 1.0, 2.0):
         histogram.observe(seconds)
     assert histogram.counts == [2, 2, 1]  # a value on a bound belongs to that bound's bucket (le)
-    family = histogram.family("x_seconds", "x", ["tier"], ["t"])
+    family = histogram_family(histogram, "x_seconds", "x", ["tier"], ["t"])
     samples = {(s.name, s.labels.get("le")): s.value for s in family.samples}
     assert samples[("x_seconds_bucket", "0.1")] == 2 and samples[("x_seconds_bucket", "1.0")] == 4
     assert samples[("x_seconds_bucket", "+Inf")] == samples[("x_seconds_count", None)] == 5

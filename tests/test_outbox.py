@@ -1,6 +1,6 @@
 """Outbox: bounded in events, coalescing in order, and both slow-client policies."""
 
-from proxy.outbox import Outbox, SlowClientPolicy
+from proxy.core.outbox import Outbox, SlowClientPolicy
 
 
 def test_runs_of_events_coalesce_into_one_frame_and_whole_frames_stay_verbatim():

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy import protocol
-from proxy.protocol import (
+from proxy.core import protocol
+from proxy.core.protocol import (
     EVERYTHING_CHANNEL,
     Auth,
     Channel,

@@ -14,7 +14,7 @@ import trio
 import trustme
 from trio_websocket import ConnectionClosed, open_websocket_url
 
-from proxy.protocol import parse_channel_list
+from proxy.core.protocol import parse_channel_list
 from tests.conftest import (
     CLIENT_KEY,
     FIREHOSE_KEY,
@@ -230,6 +230,8 @@ async def test_every_upstream_fault_is_survived_with_nothing_leaked(nursery, cap
     sim = await start_simulator(nursery, events_per_second=1000)
     firehose = await start_tier(nursery, firehose_config(sim, static_channels=parse_channel_list("Q.*")))
     filtered = await start_tier(nursery, filtered_config(firehose))
+    # connected first: a client that arrives earlier is told of the wait, which this test does not count
+    await wait_until(lambda: filtered.link.state.value == "connected" and firehose.link.state.value == "connected")
     client = await authed_client(nursery, filtered.port, CLIENT_KEY, subscribe="T.AAPL,Q.MSFT")
     nursery.start_soon(client.collect, 120)
     await wait_until(lambda: sim.subscribed_channels() == {"Q.*", "T.AAPL"})
@@ -319,7 +321,8 @@ async def test_tls_for_clients_and_a_verified_wss_upstream(nursery, certificates
 
 
 async def test_tls_configuration_needs_both_files(monkeypatch, tmp_path, certificates):
-    from proxy.config import ConfigError, load_filtered_config
+    from proxy.app.config import load_filtered_config
+    from proxy.core.errors import ConfigError
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("FILTERED_PROXY_TLS_CERT", certificates["cert"])

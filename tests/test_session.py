@@ -2,8 +2,9 @@
 
 import json
 
-from proxy import protocol
-from proxy.session import CLOSE_POLICY_VIOLATION, Phase, SessionState, key_matches
+from proxy.core import protocol
+from proxy.core.keys import key_matches
+from proxy.core.session import CLOSE_POLICY_VIOLATION, Phase, SessionState
 
 
 def statuses(reaction):

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from proxy.errors import leaves
-from proxy.tier import Tier, run_tier
+from proxy.core.errors import leaves
+from proxy.app.tier import Tier, run_tier
 from tests.conftest import (
     CLIENT_KEY,
     FIREHOSE_KEY,

@@ -5,7 +5,7 @@ import logging
 
 import trio
 
-from proxy.market import MarketModel, frame_of, synthetic_symbols
+from proxy.sim.market import MarketModel, frame_of, synthetic_symbols
 from tests.conftest import POLYGON_KEY, Client, authed_client, connect, start_simulator
 
 

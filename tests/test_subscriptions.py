@@ -8,9 +8,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from proxy.protocol import EVERYTHING_CHANNEL, Channel, parse_channel_list
-from proxy.routing import FrameError, route_frame
-from proxy.subscriptions import SubscriptionRegistry, UpstreamDelta
+from proxy.core.protocol import EVERYTHING_CHANNEL, Channel, parse_channel_list
+from proxy.core.routing import FrameError, route_frame
+from proxy.core.subscriptions import SubscriptionRegistry, UpstreamDelta
 
 GRACE = 5.0
 

@@ -10,8 +10,8 @@ import trio
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Ping, Pong, RejectConnection, Request, TextMessage
 
-from proxy.protocol import parse_channel_list
-from proxy.wsserver import ConnectionClosed, WsConnection, _SocketTransport, text_frame
+from proxy.core.protocol import parse_channel_list
+from proxy.net.wsserver import ConnectionClosed, WsConnection, _SocketTransport, text_frame
 
 from .conftest import FIREHOSE_KEY, firehose_config, start_simulator, start_tier, wait_until
 

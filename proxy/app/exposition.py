@@ -1,94 +1,45 @@
-"""What a tier counts, and how Prometheus reads it.
+"""How Prometheus reads a tier: its counters and state as metric families, rendered at scrape time.
 
-The hot path only adds to plain integers on :class:`TierStats`; a
-prometheus-client collector turns them into metric families at scrape time,
-so routing pays no lock or registry call per event. The one histogram,
-routing latency (frame received from upstream → handed to a client's socket),
-is observed once per client write, into plain counts as well
-(:class:`LatencyHistogram`).
+:class:`TierCollector` is a prometheus-client collector over a callable that
+returns a :class:`~proxy.core.stats.TierSnapshot`; nothing here runs on the hot
+path.
 """
 
 from __future__ import annotations
 
-import bisect
-import itertools
-from typing import TYPE_CHECKING, Iterator
+from typing import Callable, Iterator
 
-import attrs
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
-from .outbox import SlowClientPolicy
+from ..core.stats import LatencyHistogram, TierSnapshot
 
-if TYPE_CHECKING:
-    from .tier import Tier
-
-LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+__all__ = ["TierCollector", "histogram_family"]
 
 
-@attrs.define
-class LatencyHistogram:
-    """Seconds from a frame's arrival from upstream to its events being handed to a client socket.
-
-    Observed once per client write, which is the hot path: a bisect and two
-    additions, no lock (prometheus-client's Histogram.observe measured 0.7 µs a
-    call, about a tenth of a whole write). Prometheus reads it at scrape time.
-    """
-
-    bounds: tuple[float, ...] = LATENCY_BUCKETS
-    #: counts[i] observations were at most bounds[i] and above bounds[i - 1]; the last, above all bounds
-    counts: list[int] = attrs.field(init=False)
-    total_seconds: float = 0.0
-
-    def __attrs_post_init__(self) -> None:
-        self.counts = [0] * (len(self.bounds) + 1)
-
-    def observe(self, seconds: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
-        self.total_seconds += seconds
-
-    def family(self, name: str, documentation: str, labels: list[str], values: list[str]) -> HistogramMetricFamily:
-        cumulative = list(itertools.accumulate(self.counts))
-        buckets = [(floatToGoString(bound), count) for bound, count in zip(self.bounds, cumulative)]
-        buckets.append(("+Inf", cumulative[-1]))
-        family = HistogramMetricFamily(name, documentation, labels=labels)
-        family.add_metric(values, buckets, sum_value=self.total_seconds)
-        return family
-
-
-@attrs.define
-class TierStats:
-    frames_in: int = 0
-    events_in: int = 0
-    bytes_in: int = 0
-    bad_frames: int = 0
-    frames_out: int = 0
-    events_out: int = 0
-    bytes_out: int = 0
-    dropped_drop_oldest: int = 0
-    dropped_slow_consumer: int = 0
-    slow_consumer_disconnects: int = 0
-    auth_failures: int = 0
-    clients_total: int = 0
-    control_errors: int = 0
-    control_rate_limited: int = 0
-    refused_max_clients: int = 0
-    refused_per_ip: int = 0
-    outages: int = 0
-    outage_seconds: float = 0.0
-    routing_latency: LatencyHistogram = attrs.field(factory=LatencyHistogram)
+def histogram_family(histogram: LatencyHistogram, name: str, documentation: str,
+                     labels: list[str], values: list[str]) -> HistogramMetricFamily:
+    """``histogram`` as one Prometheus histogram family with the given label values."""
+    cumulative = histogram.cumulative()
+    buckets = [(floatToGoString(bound), count) for bound, count in zip(histogram.bounds, cumulative)]
+    buckets.append(("+Inf", cumulative[-1]))
+    family = HistogramMetricFamily(name, documentation, labels=labels)
+    family.add_metric(values, buckets, sum_value=histogram.total_seconds)
+    return family
 
 
 class TierCollector:
     """Reads a running tier's counters and state when Prometheus scrapes."""
 
-    def __init__(self, tier: Tier) -> None:
-        self._tier = tier
+    def __init__(self, snapshot: Callable[[], TierSnapshot]) -> None:
+        self._snapshot = snapshot
 
     def collect(self) -> Iterator[Metric]:
-        tier, stats = self._tier, self._tier.stats
+        """The tier's metric families, as they are now (prometheus-client's collector protocol)."""
+        snapshot = self._snapshot()
+        stats = snapshot.stats
         labels = ["tier"]
-        name = [tier.config.tier]
+        name = [snapshot.tier]
 
         def counter(metric: str, documentation: str, value: int) -> CounterMetricFamily:
             family = CounterMetricFamily(metric, documentation, labels=labels)
@@ -100,13 +51,12 @@ class TierCollector:
             family.add_metric(name, value)
             return family
 
-        hub, registry, link = tier.hub, tier.registry, tier.link
-        yield gauge("proxy_clients_connected", "Clients connected now", len(hub.sessions))
+        yield gauge("proxy_clients_connected", "Clients connected now", snapshot.clients_connected)
         yield counter("proxy_clients", "Client connections accepted", stats.clients_total)
         yield gauge("proxy_client_channels", "Channels held by clients, summed over clients",
-                    sum(len(registry.channels_of(s)) for s in hub.sessions))
+                    snapshot.client_channels)
         yield gauge("proxy_upstream_channels", "Channels held upstream (the * extension included)",
-                    len(registry.upstream) + len(tier.config.upstream_extra))
+                    snapshot.upstream_channels)
         yield counter("proxy_upstream_frames", "Data frames received from upstream", stats.frames_in)
         yield counter("proxy_upstream_events", "Data events received from upstream", stats.events_in)
         yield counter("proxy_upstream_bytes", "Bytes of frames received from upstream", stats.bytes_in)
@@ -118,8 +68,8 @@ class TierCollector:
                                       labels=["tier", "reason"])
         # closed sessions' losses and those of clients still connected, so a drop_oldest client
         # that keeps losing data shows it now, not when it finally leaves
-        dropped.add_metric([*name, "drop_oldest"], hub.dropped(SlowClientPolicy.DROP_OLDEST))
-        dropped.add_metric([*name, "slow_consumer"], hub.dropped(SlowClientPolicy.DISCONNECT))
+        dropped.add_metric([*name, "drop_oldest"], snapshot.dropped_drop_oldest)
+        dropped.add_metric([*name, "slow_consumer"], snapshot.dropped_slow_consumer)
         yield dropped
         yield counter("proxy_slow_consumer_disconnects", "Clients disconnected as slow consumers",
                       stats.slow_consumer_disconnects)
@@ -137,10 +87,10 @@ class TierCollector:
         yield counter("proxy_upstream_outage_seconds", "Seconds without upstream after a loss, in all "
                       "(events Polygon sent then are gone)", stats.outage_seconds)  # type: ignore[arg-type]
         yield gauge("proxy_upstream_connected", "1 while the upstream is connected and authenticated",
-                    1 if tier.readiness()[0] else 0)
-        yield counter("proxy_upstream_reconnects", "Upstream reconnect attempts", link.reconnects)
-        yield stats.routing_latency.family(
-            "proxy_routing_latency_seconds",
+                    1 if snapshot.upstream_connected else 0)
+        yield counter("proxy_upstream_reconnects", "Upstream reconnect attempts", snapshot.upstream_reconnects)
+        yield histogram_family(
+            stats.routing_latency, "proxy_routing_latency_seconds",
             "Time from a frame's arrival from upstream to its events being handed to a client socket",
             labels, name,
         )

@@ -41,6 +41,18 @@ from wsproto.events import (
 )
 from wsproto.utilities import ProtocolError, RemoteProtocolError
 
+__all__ = [
+    "RECEIVE_BYTES",
+    "CLOSE_ABNORMAL",
+    "CLOSE_MESSAGE_TOO_BIG",
+    "text_frame",
+    "with_reason_phrase",
+    "ConnectionClosed",
+    "WsConnection",
+    "open_socket_listeners",
+    "accept_connections",
+]
+
 log = logging.getLogger("proxy.wsserver")
 RECEIVE_BYTES = 65536
 CLOSE_ABNORMAL = 1006  # never sent: what a connection that vanished without a close frame is said to have

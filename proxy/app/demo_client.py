@@ -1,6 +1,6 @@
 """The demo's sample client: subscribes like README's example and prints its filtered stream.
 
-``python -m proxy.demo_client [--url URL] [--key KEY] [--channels T.AAPL] [--seconds N]``
+``python -m proxy.app.demo_client [--url URL] [--key KEY] [--channels T.AAPL] [--seconds N]``
 prints every event it receives on one line, and once a second a summary: events
 the filtered proxy took in from the firehose (read from its /metrics when
 available) and events this client received.
@@ -16,6 +16,8 @@ import urllib.request
 
 import trio
 from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
+
+__all__ = ["proxy_events_in", "run", "main"]
 
 
 def proxy_events_in(metrics_url: str | None) -> str:

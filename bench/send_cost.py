@@ -1,6 +1,6 @@
 """CPU per WebSocket message sent: trio-websocket, websockets' Trio implementation, and the floor.
 
-``python -m proxy.bench.send_cost [--messages N] [--size BYTES]``: for each
+``python -m bench.send_cost [--messages N] [--size BYTES]``: for each
 implementation, a server on 127.0.0.1 sends N text messages of SIZE bytes to a
 raw TCP reader that discards them; the process CPU time (user + system) per
 message is printed. The reader's cost is the same for every implementation, so

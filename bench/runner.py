@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from ..market import synthetic_symbols
+from proxy.sim.market import synthetic_symbols
 
 PYTHON = sys.executable
 TRIO_RUN = str(Path(sys.executable).parent / "trio-run")
@@ -152,7 +152,7 @@ def run_once(args: argparse.Namespace, rate: float) -> dict[str, Any]:
               "CLIENT_QUEUE_EVENTS": str(args.queue_events)}
     (logs / "empty.env").write_text("")
     try:
-        simulator = processes.start("simulator", [PYTHON, "-m", "proxy.bench.sim_process"], {
+        simulator = processes.start("simulator", [PYTHON, "-m", "bench.sim_process"], {
             **shared, "LOG_LEVEL": "info", "SIMULATOR_PORT": "0", "SIMULATOR_SYMBOLS": str(SYMBOLS),
             "SIMULATOR_EVENTS_PER_SECOND": str(rate), "SIMULATOR_SEED": "1",
             "SIMULATOR_API_KEYS": POLYGON_KEY, "SIMULATOR_PREBUILT_EVENTS": str(args.prebuilt),
@@ -185,7 +185,7 @@ def run_once(args: argparse.Namespace, rate: float) -> dict[str, Any]:
         plan_file, no_plan = logs / "plan.json", logs / "no-plan.json"
         plan_file.write_text(json.dumps(plan))
         no_plan.write_text("[]")
-        client_command = [PYTHON, "-m", "proxy.bench.client_process", "--url", url, "--key", key,
+        client_command = [PYTHON, "-m", "bench.client_process", "--url", url, "--key", key,
                           "--timeout", str(args.duration + args.warmup + 300)]
         clients = processes.start("clients", [*client_command, "--plan", str(plan_file), "--join-probes", "0"],
                                   {}, stdout=subprocess.PIPE)

@@ -18,6 +18,18 @@ from typing import Iterator
 import attrs
 import msgspec
 
+__all__ = [
+    "WELL_KNOWN",
+    "PLACEHOLDER_MS",
+    "PLACEHOLDER_BYTES",
+    "Event",
+    "synthetic_symbols",
+    "MarketModel",
+    "frame_of",
+    "stamp",
+    "prebuild",
+]
+
 WELL_KNOWN = ("AAPL", "MSFT", "GOOGL", "AMZN", "TSLA", "NVDA", "SPY", "QQQ")
 #: A millisecond timestamp that pre-built frames carry until they are sent (13 digits, like now).
 PLACEHOLDER_MS = 9_999_999_999_999

@@ -26,13 +26,13 @@ from urllib.parse import urlsplit
 import attrs
 import trio
 
-from . import protocol
+from ..core import protocol
 from .beacon import Beacon
-from .config import TierConfig
-from .metrics import TierStats
-from .outbox import Outbox, SlowClientPolicy
-from .routing import RoutedFrame
-from .session import (
+from ..core.settings import TierConfig
+from ..core.stats import TierStats
+from ..core.outbox import Outbox, SlowClientPolicy
+from ..core.routing import RoutedFrame
+from ..core.session import (
     CLOSE_GOING_AWAY,
     CLOSE_POLICY_VIOLATION,
     CLOSE_TRY_AGAIN_LATER,
@@ -40,8 +40,10 @@ from .session import (
     Reaction,
     SessionState,
 )
-from .subscriptions import SubscriptionRegistry
+from ..core.subscriptions import SubscriptionRegistry
 from .wsserver import ConnectionClosed, WsConnection, accept_connections, open_socket_listeners
+
+__all__ = ["DROP_LOG_INTERVAL", "SLOW_CONSUMER", "ClientSession", "Hub", "serve_clients"]
 
 log = logging.getLogger("proxy.server")
 DROP_LOG_INTERVAL = 10.0

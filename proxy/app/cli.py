@@ -2,7 +2,7 @@
 
 SIGINT (Ctrl-C) and SIGTERM cancel the main task instead of raising through it,
 so a tier closes its clients and upstream in order and the process exits 0
-without a traceback. A :class:`~proxy.config.ConfigError` prints one line and
+without a traceback. A :class:`~proxy.core.errors.ConfigError` prints one line and
 exits 2.
 """
 
@@ -18,7 +18,9 @@ from typing import Awaitable, Callable
 import trio
 
 from .config import ConfigError
-from .errors import leaves
+from ..core.errors import leaves
+
+__all__ = ["USAGE", "run_module_main", "main"]
 
 USAGE = "usage: trio-run MODULE   (for example: trio-run proxy.firehose)"
 

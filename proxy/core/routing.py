@@ -17,6 +17,8 @@ import msgspec
 from .protocol import EventKey, event_symbol
 from .subscriptions import SubscriberId, SubscriptionRegistry
 
+__all__ = ["FrameError", "RoutedFrame", "route_frame"]
+
 _split_frame = msgspec.json.Decoder(list[msgspec.Raw]).decode
 _read_key = msgspec.json.Decoder(EventKey).decode
 _read_status = msgspec.json.Decoder(dict[str, Any]).decode

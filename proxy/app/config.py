@@ -1,6 +1,7 @@
 """Configuration of each tier, read with python-decouple from the environment and a ``.env``.
 
-Both proxy tiers run the same code (:mod:`proxy.tier`) with a :class:`TierConfig`;
+Both proxy tiers run the same code (:mod:`proxy.app.tier`) with a
+:class:`~proxy.core.settings.TierConfig`;
 :func:`load_firehose_config` and :func:`load_filtered_config` fill it from the
 tier-prefixed variables, so one ``.env`` serves both tiers. The simulator has
 :class:`SimulatorConfig`. The file is ``.env`` in the working directory, or the
@@ -20,119 +21,24 @@ from urllib.parse import urlsplit
 import attrs
 import decouple
 
-from .outbox import SlowClientPolicy
-from .protocol import EVERYTHING_CHANNEL, Channel, ProtocolError, parse_channel_list
+from ..core.errors import ConfigError
+from ..core.outbox import SlowClientPolicy
+from ..core.protocol import EVERYTHING_CHANNEL, Channel, ProtocolError, parse_channel_list
+from ..core.settings import MARKETS, SimulatorConfig, TierConfig
+
+__all__ = [
+    "LOG_LEVELS",
+    "load_firehose_config",
+    "load_filtered_config",
+    "load_simulator_config",
+    "setup_logging",
+    "LIBRARY_LOGGERS",
+    "bind_error",
+    "check_market_url",
+]
 
 T = TypeVar("T")
-MARKETS = ("stocks", "options", "forex", "crypto", "indices", "futures")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
-
-
-class ConfigError(ValueError):
-    """One configuration variable is wrong; the message names it and says what is wrong."""
-
-    def __init__(self, variable: str, problem: str) -> None:
-        super().__init__(f"configuration error: {variable}: {problem}")
-        self.variable = variable
-
-
-@attrs.frozen
-class Backoff:
-    """Reconnect timing: exponential with jitter, reset after a healthy connection.
-
-    A connection is healthy once it authenticated and either carried data or
-    lasted ``healthy_after_seconds``; the next outage then starts again from
-    ``initial_seconds``. Worst case between tries: ``max_seconds`` after a run
-    of failures, ``refused_seconds`` after a refusal.
-    """
-
-    initial_seconds: float = 0.5
-    max_seconds: float = 30.0
-    healthy_after_seconds: float = 10.0
-    #: After ``auth_failed`` or ``max_connections``: a long wait, never a tight loop.
-    refused_seconds: float = 60.0
-
-
-@attrs.frozen
-class TierConfig:
-    """Everything one proxy tier needs; the firehose and the filtered proxy differ only here."""
-
-    tier: str  # "firehose" or "filtered"
-    upstream_url: str
-    upstream_api_key: str
-    #: Channels asked upstream beyond the registry's set: ``*`` for the filtered tier.
-    upstream_extra: tuple[Channel, ...]
-    static_channels: tuple[Channel, ...]
-    host: str
-    port: int
-    #: Keys clients must present; empty with allow_any_key means anyone may connect.
-    api_keys: frozenset[str]
-    allow_any_key: bool
-    #: HTTP port for /healthz, /readyz, /metrics; None = off (the variable set to 0).
-    metrics_port: int | None
-    market: str = "stocks"
-    log_level: str = "info"
-    unsubscribe_grace_seconds: float = 5.0
-    client_queue_events: int = 50_000
-    slow_client_policy: SlowClientPolicy = SlowClientPolicy.DISCONNECT
-    #: How long a client disconnected as a slow consumer gets to read what is already on its
-    #: socket, the slow_consumer status and the close frame, before its TCP connection is closed.
-    slow_client_close_seconds: float = 5.0
-    max_message_bytes: int = 262_144
-    auth_timeout_seconds: float = 10.0
-    max_channels_per_message: int = 10_000
-    max_channels_per_client: int = 10_000
-    max_clients: int = 10_000
-    max_connections_per_ip: int = 1_000
-    control_messages_per_second: float = 50.0
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    keepalive_interval_seconds: float = 10.0
-    keepalive_timeout_seconds: float = 20.0
-    upstream_ca_file: str | None = None
-    #: On shutdown, how long to wait for clients and upstream to answer our close frame.
-    shutdown_close_seconds: float = 2.0
-    backoff: Backoff = Backoff()
-    #: The setting ``upstream_api_key`` was read from, named when upstream refuses it.
-    upstream_api_key_source: str = "POLYGON_API_KEY"
-    #: Log level of third-party libraries (trio-websocket logs every message at debug);
-    #: None: as ``log_level``, but never below info.
-    library_log_level: str | None = None
-
-    @property
-    def port_setting(self) -> str:
-        """The variable that sets :attr:`port`, for error messages."""
-        return "FIREHOSE_PORT" if self.tier == "firehose" else "FILTERED_PROXY_PORT"
-
-    @property
-    def metrics_port_setting(self) -> str:
-        """The variable that sets :attr:`metrics_port`, for error messages."""
-        return "FIREHOSE_METRICS_PORT" if self.tier == "firehose" else "FILTERED_METRICS_PORT"
-
-
-@attrs.frozen
-class SimulatorConfig:
-    host: str = "127.0.0.1"
-    port: int = 8766
-    api_keys: frozenset[str] = frozenset()
-    max_connections: int = 1
-    allow_star: bool = False
-    symbols: tuple[str, ...] | int = 3000
-    events_per_second: float = 50.0
-    seed: int | None = None
-    auth_timeout_seconds: float = 10.0
-    log_level: str = "info"
-    library_log_level: str | None = None
-    drop_after_seconds: float | None = None
-    drop_after_frames: int | None = None
-    refuse_auth: int = 0
-    drop_abrupt: bool = False
-    malformed_frames: int = 0
-    stall_after_seconds: float | None = None
-    stall_seconds: float = 0.0
-    force_max_connections: bool = False
-    #: For benchmarks: cycle through this many pre-built events instead of generating live (0 = live).
-    prebuilt_events: int = 0
 
 
 # --- reading -------------------------------------------------------------------------
@@ -370,13 +276,6 @@ def _events_rate(raw: str) -> float:
     if not 0 < value <= 5_000_000:
         raise ValueError("expected events per second above 0")
     return value
-
-
-def redact(key: str) -> str:
-    """A key as logs may show it: enough to tell keys apart, never the key."""
-    if len(key) <= 8:
-        return "*" * len(key) if key else "<none>"
-    return f"{key[:4]}…{key[-2:]}"
 
 
 def setup_logging(level: str, library_level: str | None = None) -> None:

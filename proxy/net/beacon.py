@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import trio
 
+__all__ = ["Beacon"]
+
 
 class Beacon:
     def __init__(self) -> None:

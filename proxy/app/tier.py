@@ -1,7 +1,7 @@
 """One proxy tier, as one nursery tree: upstream link → router → client sessions.
 
 Both the firehose and the filtered proxy are :func:`run_tier` with a different
-:class:`~proxy.config.TierConfig`. The tree (docs/architecture.md): the upstream link
+:class:`~proxy.core.settings.TierConfig`. The tree (docs/architecture.md): the upstream link
 feeds a bounded frame channel; the router turns each frame into per-client
 queues without waiting on any client; a grace task expires unsubscribes; the
 accept loop runs one nursery per client. ``task_status.started`` hands the
@@ -18,15 +18,26 @@ import trio
 
 from prometheus_client import CollectorRegistry
 
-from . import protocol
+from ..core import protocol
 from .config import TierConfig, bind_error
-from .http import serve_http
-from .metrics import TierCollector, TierStats
-from .outbox import SlowClientPolicy
-from .routing import FrameError, route_frame
-from .server import Hub, serve_clients
-from .subscriptions import SubscriptionRegistry
-from .upstream import NOT_CONNECTED_YET, LinkState, UpstreamLink
+from ..net.http import serve_http
+from ..core.stats import TierSnapshot, TierStats
+from .exposition import TierCollector
+from ..core.outbox import SlowClientPolicy
+from ..core.routing import FrameError, route_frame
+from ..net.server import Hub, serve_clients
+from ..core.subscriptions import SubscriptionRegistry
+from ..net.upstream import NOT_CONNECTED_YET, LinkState, UpstreamLink
+
+__all__ = [
+    "FRAME_QUEUE",
+    "SUMMARY_INTERVAL_SECONDS",
+    "UPSTREAM_DISCONNECTED",
+    "UPSTREAM_CONNECTED",
+    "RELAYED_STATUSES",
+    "Tier",
+    "run_tier",
+]
 
 log = logging.getLogger("proxy.tier")
 FRAME_QUEUE = 256
@@ -47,6 +58,21 @@ class Tier:
     metrics: CollectorRegistry
     port: int = 0
     metrics_port: int = 0
+
+    def snapshot(self) -> TierSnapshot:
+        """The tier's figures now, for the exposition and anything else that reports on it."""
+        hub, registry = self.hub, self.registry
+        return TierSnapshot(
+            tier=self.config.tier,
+            stats=self.stats,
+            clients_connected=len(hub.sessions),
+            client_channels=sum(len(registry.channels_of(session)) for session in hub.sessions),
+            upstream_channels=len(registry.upstream) + len(self.config.upstream_extra),
+            dropped_drop_oldest=hub.dropped(SlowClientPolicy.DROP_OLDEST),
+            dropped_slow_consumer=hub.dropped(SlowClientPolicy.DISCONNECT),
+            upstream_connected=self.link.state is LinkState.CONNECTED,
+            upstream_reconnects=self.link.reconnects,
+        )
 
     def readiness(self) -> tuple[bool, str]:
         """Ready only while the upstream is connected and authenticated; else why not."""
@@ -135,7 +161,7 @@ async def run_tier(
     )
     hub.upstream_notice = upstream_notice
     tier = Tier(config=config, registry=registry, hub=hub, link=link, stats=stats, metrics=metrics)
-    metrics.register(TierCollector(tier))
+    metrics.register(TierCollector(tier.snapshot))
     async with trio.open_nursery() as nursery:
         nursery.start_soon(link.run)
         nursery.start_soon(_route_frames, tier, frames_receive)

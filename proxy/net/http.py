@@ -16,6 +16,8 @@ import h11
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+__all__ = ["REQUEST_TIMEOUT", "MAX_REQUEST_BYTES", "respond", "serve_http"]
+
 log = logging.getLogger("proxy.http")
 REQUEST_TIMEOUT = 5.0
 MAX_REQUEST_BYTES = 16_384

@@ -8,6 +8,14 @@ from __future__ import annotations
 
 from typing import Iterator
 
+__all__ = ["ConfigError", "ProxyError", "leaves"]
+
+
+class ProxyError(Exception):
+    """The base of every error this package raises on purpose."""
+
+
+
 
 def leaves(raised: BaseException) -> Iterator[BaseException]:
     if isinstance(raised, BaseExceptionGroup):
@@ -15,3 +23,11 @@ def leaves(raised: BaseException) -> Iterator[BaseException]:
             yield from leaves(inner)
     else:
         yield raised
+
+
+class ConfigError(ProxyError, ValueError):
+    """One configuration variable is wrong; the message names it and says what is wrong."""
+
+    def __init__(self, variable: str, problem: str) -> None:
+        super().__init__(f"configuration error: {variable}: {problem}")
+        self.variable = variable

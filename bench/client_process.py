@@ -1,4 +1,4 @@
-"""The benchmark's clients, in a process of their own: ``python -m proxy.bench.client_process``.
+"""The benchmark's clients, in a process of their own: ``python -m bench.client_process``.
 
 Each client connects, authenticates and subscribes its plan's channels plus
 ``BENCH.MARK``, then counts the data events it receives between the two marks.

@@ -19,6 +19,8 @@ import attrs
 
 from .protocol import Channel
 
+__all__ = ["UpstreamDelta", "SubscriptionRegistry"]
+
 SubscriberId = Hashable
 
 

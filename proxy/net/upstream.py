@@ -26,11 +26,24 @@ import msgspec
 import trio
 from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, wrap_client_stream
 
-from . import protocol
-from .config import Backoff, redact
-from .errors import leaves
-from .protocol import Channel
+from ..core import protocol
+from ..core.backoff import Backoff
+from ..core.keys import redact
+from ..core.errors import leaves
+from ..core.protocol import Channel
 from .beacon import Beacon
+
+__all__ = [
+    "SUBSCRIBE_CHUNK",
+    "NOT_CONNECTED_YET",
+    "HANDSHAKE_SECONDS",
+    "UPSTREAM_MESSAGE_QUEUE",
+    "LinkState",
+    "UpstreamRefused",
+    "UpstreamProtocolError",
+    "chunks",
+    "UpstreamLink",
+]
 
 log = logging.getLogger("proxy.upstream")
 _jitter = random.Random()  # backoff jitter; not the global generator, which others may seed

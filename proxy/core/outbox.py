@@ -16,6 +16,8 @@ from collections import deque
 
 import attrs
 
+__all__ = ["SlowClientPolicy", "Outbox"]
+
 
 class SlowClientPolicy(enum.Enum):
     DISCONNECT = "disconnect"

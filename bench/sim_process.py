@@ -1,4 +1,4 @@
-"""The benchmark's simulator process: ``python -m proxy.bench.sim_process``.
+"""The benchmark's simulator process: ``python -m bench.sim_process``.
 
 Configured like ``trio-run proxy.simulator`` (``SIMULATOR_*`` variables). Reads
 commands on standard input, one a line: ``mark`` sends a ``BENCH.MARK`` event to
@@ -14,8 +14,8 @@ import sys
 
 import trio
 
-from ..config import load_simulator_config, setup_logging
-from ..simulator import Simulator, run_simulator
+from proxy.app.config import load_simulator_config, setup_logging
+from proxy.sim.simulator import Simulator, run_simulator
 
 
 async def _commands(simulator: Simulator) -> None:

@@ -10,13 +10,24 @@ is tested directly.
 from __future__ import annotations
 
 import enum
-import hmac
 from typing import Collection
 
 import attrs
 
 from . import protocol
+from .keys import key_matches
 from .protocol import Auth, Channel, ProtocolError, Subscribe, Unsubscribe
+
+__all__ = [
+    "CLOSE_NORMAL",
+    "CLOSE_GOING_AWAY",
+    "CLOSE_POLICY_VIOLATION",
+    "CLOSE_TOO_BIG",
+    "CLOSE_TRY_AGAIN_LATER",
+    "Phase",
+    "Reaction",
+    "SessionState",
+]
 
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
@@ -41,15 +52,6 @@ class Reaction:
     #: "ok", "authenticated" (auth just succeeded), or what went wrong: "error",
     #: "auth_failed", "auth_timeout", "rate_limited" or "flood" (counted by the tier).
     outcome: str = "ok"
-
-
-def key_matches(presented: str, accepted: Collection[str]) -> bool:
-    """Constant-time comparison against every accepted key (no early exit on a match)."""
-    presented_bytes = presented.encode()
-    matched = False
-    for key in accepted:
-        matched |= hmac.compare_digest(presented_bytes, key.encode())
-    return matched
 
 
 @attrs.define

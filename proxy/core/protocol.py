@@ -17,6 +17,38 @@ import attrs
 import cattrs
 import msgspec
 
+__all__ = [
+    "EVERYTHING",
+    "MAX_CHANNEL_LENGTH",
+    "Channel",
+    "EVERYTHING_CHANNEL",
+    "ProtocolError",
+    "parse_channel",
+    "parse_channel_list",
+    "format_channel_list",
+    "Auth",
+    "Subscribe",
+    "Unsubscribe",
+    "parse_client_message",
+    "auth_message",
+    "subscription_message",
+    "status_event",
+    "statuses_frame",
+    "status_frame",
+    "CONNECTED",
+    "AUTH_SUCCESS",
+    "AUTH_FAILED",
+    "AUTH_TIMEOUT",
+    "MAX_CONNECTIONS",
+    "subscription_frame",
+    "error_frame",
+    "lowercase_warning",
+    "SYMBOL_FIELD_BY_TYPE",
+    "FALLBACK_SYMBOL_FIELDS",
+    "EventKey",
+    "event_symbol",
+]
+
 # --- channels ---------------------------------------------------------------
 
 #: A bare ``*``: the proxy's own extension meaning "every event this proxy receives".

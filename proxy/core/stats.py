@@ -1,0 +1,90 @@
+"""What a tier counts: plain numbers the hot path adds to, read by the exposition at scrape time.
+
+The router and the fan-out only add to integers on :class:`TierStats`; nothing
+here knows Prometheus (``proxy.app.exposition`` turns these into metric
+families), so the counting costs no lock or registry call per event. The one
+histogram, routing latency (frame received from upstream → handed to a client's
+socket), is plain counts as well (:class:`LatencyHistogram`).
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+
+import attrs
+
+__all__ = ["LATENCY_BUCKETS", "LatencyHistogram", "TierSnapshot", "TierStats"]
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+@attrs.define
+class LatencyHistogram:
+    """Seconds from a frame's arrival from upstream to its events being handed to a client socket.
+
+    Observed once per client write, which is the hot path: a bisect and two
+    additions, no lock (docs/performance.md has the measurement against
+    prometheus-client's own Histogram). Read at scrape time.
+    """
+
+    bounds: tuple[float, ...] = LATENCY_BUCKETS
+    #: counts[i] observations were at most bounds[i] and above bounds[i - 1]; the last, above all bounds
+    counts: list[int] = attrs.field(init=False)
+    total_seconds: float = 0.0
+
+    def __attrs_post_init__(self) -> None:
+        self.counts = [0] * (len(self.bounds) + 1)
+
+    def observe(self, seconds: float) -> None:
+        """Count one observation of ``seconds``."""
+        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
+        self.total_seconds += seconds
+
+    def cumulative(self) -> list[int]:
+        """Observations at most each bound, then all of them (Prometheus's ``le`` buckets, ``+Inf`` last)."""
+        return list(itertools.accumulate(self.counts))
+
+
+@attrs.define
+class TierStats:
+    """A tier's running totals since start-up; the exposition reads them at scrape time."""
+
+    frames_in: int = 0
+    events_in: int = 0
+    bytes_in: int = 0
+    bad_frames: int = 0
+    frames_out: int = 0
+    events_out: int = 0
+    bytes_out: int = 0
+    dropped_drop_oldest: int = 0
+    dropped_slow_consumer: int = 0
+    slow_consumer_disconnects: int = 0
+    auth_failures: int = 0
+    clients_total: int = 0
+    control_errors: int = 0
+    control_rate_limited: int = 0
+    refused_max_clients: int = 0
+    refused_per_ip: int = 0
+    outages: int = 0
+    outage_seconds: float = 0.0
+    routing_latency: LatencyHistogram = attrs.field(factory=LatencyHistogram)
+
+
+@attrs.frozen
+class TierSnapshot:
+    """A tier at one moment, for whoever reports on it (the Prometheus exposition, a status page).
+
+    ``stats`` is the live counters object, read as it is at reading time; the
+    other fields are computed when the snapshot is taken.
+    """
+
+    tier: str
+    stats: TierStats
+    clients_connected: int
+    client_channels: int
+    upstream_channels: int
+    dropped_drop_oldest: int
+    dropped_slow_consumer: int
+    upstream_connected: bool
+    upstream_reconnects: int
