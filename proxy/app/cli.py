@@ -73,6 +73,7 @@ def _config_errors(raised: BaseException) -> list[ConfigError]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``trio-run MODULE``: import MODULE and run its ``main()``; the process exit code."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1 or args[0] in ("-h", "--help"):
         print(USAGE, file=sys.stderr)

@@ -165,6 +165,7 @@ def _required(source: decouple.Config, name: str) -> str:
 
 
 def load_firehose_config() -> TierConfig:
+    """The firehose's configuration from the environment and ``.env``; raises ConfigError naming a bad variable."""
     source = _source()
     api_key = _required(source, "POLYGON_API_KEY")
     accepted = _read(source, "FIREHOSE_API_KEYS", "", _keys)
@@ -185,6 +186,7 @@ def load_firehose_config() -> TierConfig:
 
 
 def load_filtered_config() -> TierConfig:
+    """The filtered proxy's configuration from the environment and ``.env``; raises ConfigError naming a bad variable."""
     source = _source()
     api_key = _read(source, "POLYGON_API_KEY", "", str)
     accepted = _read(source, "FILTERED_PROXY_API_KEYS", "", _keys)
@@ -240,6 +242,7 @@ def _optional(parse: Callable[[str], T]) -> Callable[[str], T | None]:
 
 
 def load_simulator_config() -> SimulatorConfig:
+    """The simulator's configuration from the environment and ``.env``; raises ConfigError naming a bad variable."""
     source = _source()
     return SimulatorConfig(
         host=_read(source, "SIMULATOR_HOST", "127.0.0.1", str),

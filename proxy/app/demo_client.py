@@ -21,6 +21,7 @@ __all__ = ["proxy_events_in", "run", "main"]
 
 
 def proxy_events_in(metrics_url: str | None) -> str:
+    """The filtered proxy's events received so far, read from its /metrics, or "n/a"."""
     if not metrics_url:
         return "n/a"
     try:
@@ -35,6 +36,7 @@ def proxy_events_in(metrics_url: str | None) -> str:
 
 
 async def run(args: argparse.Namespace) -> int:
+    """Connect, authenticate, subscribe and print the stream; the exit code."""
     try:
         async with open_websocket_url(args.url) as ws:
             print(await ws.get_message(), flush=True)
@@ -64,6 +66,7 @@ async def run(args: argparse.Namespace) -> int:
 
 
 def main() -> None:
+    """Parse the command line and run the client until Ctrl-C or ``--seconds``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default="ws://127.0.0.1:8765/stocks")
     parser.add_argument("--key", default="demo-key")

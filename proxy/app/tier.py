@@ -50,6 +50,7 @@ RELAYED_STATUSES = frozenset({UPSTREAM_DISCONNECTED, UPSTREAM_CONNECTED})
 
 @attrs.define(eq=False)
 class Tier:
+    """A running tier's parts, handed to whoever started it (tests read its ports, link and hub)."""
     config: TierConfig
     registry: SubscriptionRegistry
     hub: Hub
@@ -88,6 +89,10 @@ def _upstream_label(config: TierConfig) -> str:
 async def run_tier(
     config: TierConfig, *, task_status: trio.TaskStatus[Tier] = trio.TASK_STATUS_IGNORED
 ) -> None:
+    """Run one tier until cancelled: its upstream link, router, grace timer, summary and servers.
+
+    Reports the running :class:`Tier` through ``task_status`` once it listens.
+    Raises ConfigError when a port cannot be opened (named by its variable)."""
     registry = SubscriptionRegistry(
         clock=trio.current_time,
         grace_seconds=config.unsubscribe_grace_seconds,

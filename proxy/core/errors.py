@@ -18,6 +18,7 @@ class ProxyError(Exception):
 
 
 def leaves(raised: BaseException) -> Iterator[BaseException]:
+    """Every exception in ``raised``, groups flattened, in order; a plain exception yields itself."""
     if isinstance(raised, BaseExceptionGroup):
         for inner in raised.exceptions:
             yield from leaves(inner)

@@ -20,6 +20,7 @@ __all__ = ["SlowClientPolicy", "Outbox"]
 
 
 class SlowClientPolicy(enum.Enum):
+    """What happens to a client whose queue is full (``SLOW_CLIENT_POLICY``)."""
     DISCONNECT = "disconnect"
     DROP_OLDEST = "drop_oldest"
 
@@ -32,6 +33,10 @@ _Entry = tuple[str | bytes, int, bool]
 
 @attrs.define
 class Outbox:
+    """One client's queue of events not yet written, bounded by ``capacity_events``.
+
+    ``put_*`` never waits: it returns False once the client must be disconnected
+    (``disconnect`` policy), or drops the oldest entries (``drop_oldest``)."""
     capacity_events: int
     policy: SlowClientPolicy = SlowClientPolicy.DISCONNECT
     queued_events: int = 0

@@ -67,14 +67,17 @@ class Channel:
 
     @property
     def text(self) -> str:
+        """The channel as clients and Polygon write it: ``T.AAPL``, ``T.*``, ``*``."""
         return EVERYTHING if self.is_everything else f"{self.ev_type}.{self.symbol}"
 
     @property
     def is_everything(self) -> bool:
+        """True for the proxy's own ``*`` (every event the proxy receives)."""
         return self.ev_type == EVERYTHING
 
     @property
     def is_type_wildcard(self) -> bool:
+        """True for ``TYPE.*`` (every symbol of one event type)."""
         return self.symbol == "*" and not self.is_everything
 
     def covers(self, other: Channel) -> bool:
@@ -140,6 +143,7 @@ def parse_channel_list(params: str, *, max_channels: int = 10_000) -> tuple[Chan
 
 
 def format_channel_list(channels: Iterable[Channel]) -> str:
+    """The ``params`` text of a subscribe: channels joined by commas."""
     return ",".join(channel.text for channel in channels)
 
 
@@ -156,16 +160,19 @@ class _WireAction:
 
 @attrs.frozen
 class Auth:
+    """A client's ``auth`` action with the key it presents."""
     api_key: str
 
 
 @attrs.frozen
 class Subscribe:
+    """A client's ``subscribe`` action with its parsed channels, in the order given."""
     channels: tuple[Channel, ...]
 
 
 @attrs.frozen
 class Unsubscribe:
+    """A client's ``unsubscribe`` action with its parsed channels."""
     channels: tuple[Channel, ...]
 
 
@@ -232,10 +239,12 @@ def parse_client_message(message: str | bytes, *, max_channels: int = 10_000) ->
 
 
 def auth_message(api_key: str) -> str:
+    """The ``auth`` control message a tier sends its upstream."""
     return msgspec.json.encode({"action": "auth", "params": api_key}).decode()
 
 
 def subscription_message(action: str, channels: Iterable[Channel]) -> str:
+    """A ``subscribe`` or ``unsubscribe`` control message for ``channels``."""
     return msgspec.json.encode({"action": action, "params": format_channel_list(channels)}).decode()
 
 
@@ -243,10 +252,12 @@ def subscription_message(action: str, channels: Iterable[Channel]) -> str:
 
 
 def status_event(status: str, message: str) -> dict[str, str]:
+    """One status event as a dict, in Polygon's shape."""
     return {"ev": "status", "status": status, "message": message}
 
 
 def statuses_frame(events: list[dict[str, str]]) -> str:
+    """Several status events in one frame (a JSON array), as Polygon answers a subscribe."""
     return msgspec.json.encode(events).decode()
 
 
@@ -268,6 +279,7 @@ def subscription_frame(verb: str, channels: Iterable[Channel]) -> str:
 
 
 def error_frame(message: str) -> str:
+    """An ``error`` status frame; the connection stays open."""
     return status_frame("error", message)
 
 

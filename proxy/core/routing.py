@@ -52,6 +52,13 @@ class RoutedFrame:
 
 
 def route_frame(frame: str | bytes, registry: SubscriptionRegistry) -> RoutedFrame:
+    """Split one upstream frame by subscriber: the events each selected subscriber gets.
+
+    Takes a frame as upstream sent it (a JSON array of event objects) and the
+    registry of who holds which channels; returns a :class:`RoutedFrame` (the
+    whole frame for ``*`` holders, comma-joined raw events per other subscriber,
+    the statuses found). Events are never re-encoded. Raises :class:`FrameError`
+    when the frame is not a JSON array of objects."""
     if not registry.routes_by_channel and not _may_hold_status(frame):
         # Only `*` holders to serve (a firehose feeding proxies): nothing to read per event.
         try:

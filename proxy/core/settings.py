@@ -77,6 +77,7 @@ class TierConfig:
 
 @attrs.frozen
 class SimulatorConfig:
+    """Everything the simulator needs: where it listens, its data, and the faults it injects."""
     host: str = "127.0.0.1"
     port: int = 8766
     api_keys: frozenset[str] = frozenset()

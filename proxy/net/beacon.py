@@ -13,12 +13,15 @@ __all__ = ["Beacon"]
 
 
 class Beacon:
+    """Wakes every waiter on each :meth:`pulse`; waiters re-read state after waking."""
     def __init__(self) -> None:
         self._event = trio.Event()
 
     def pulse(self) -> None:
+        """Wake everyone waiting now; a pulse nobody waits for is simply gone."""
         self._event.set()
         self._event = trio.Event()
 
     async def wait(self) -> None:
+        """Return at the next pulse."""
         await self._event.wait()

@@ -185,6 +185,7 @@ class MarketModel:
 
 
 def frame_of(events: list[Event]) -> bytes:
+    """Events as one Polygon data frame: a JSON array of their raw bytes."""
     return b"[" + b",".join(event.raw for event in events) + b"]"
 
 
