@@ -18,6 +18,8 @@ import pytest
 PACKAGE = Path(__file__).parent.parent / "proxy"
 LAYERS = {"core": 0, "net": 1, "app": 2, "sim": 3}
 ENTRY_POINT_LAYER = 4
+#: The modules outside the layers: the package and what ``trio-run`` / ``python -m`` names.
+ENTRY_POINTS = {"proxy", "proxy.firehose", "proxy.filtered", "proxy.simulator", "proxy.keys"}
 #: What the sans-I/O core must never import: event loops, sockets, TLS, metrics, files.
 CORE_FORBIDDEN = {"trio", "trio_websocket", "prometheus_client", "socket", "ssl", "selectors",
                   "asyncio", "os", "pathlib", "io", "shutil", "decouple", "h11"}
@@ -65,8 +67,7 @@ def test_the_layers_exist_and_hold_the_modules():
     assert {"proxy.core.protocol", "proxy.net.wsserver", "proxy.app.tier", "proxy.sim.simulator",
             "proxy.firehose", "proxy.filtered", "proxy.simulator"} <= set(names)
     # nothing but the entry points and the package itself sits outside a layer
-    assert {n for n in names if layer_of(n) == ENTRY_POINT_LAYER} == {
-        "proxy", "proxy.firehose", "proxy.filtered", "proxy.simulator"}
+    assert {n for n in names if layer_of(n) == ENTRY_POINT_LAYER} == ENTRY_POINTS
 
 
 @pytest.mark.parametrize("name", sorted(n for n in modules() if n.startswith("proxy.core")))
