@@ -129,6 +129,9 @@ class Hub:
         return None
 
     def close_session(self, session: ClientSession) -> None:
+        # The connection's notify is the session's: a reference cycle, which would keep both, and every
+        # byte they hold, until the cycle collector happened to run.
+        session.connection.notify = _ignore
         self.sessions.discard(session)
         self._touched.pop(session, None)
         ip = _ip(session.peer)
@@ -306,6 +309,10 @@ def _tls_context(config: TierConfig) -> ssl.SSLContext | None:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(config.tls_cert, config.tls_key)
     return context
+
+
+def _ignore() -> None:
+    pass
 
 
 def _ip(peer: str) -> str:

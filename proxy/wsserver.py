@@ -166,6 +166,7 @@ class WsConnection:
         self._parts: list = []  # the fragments of the message being received (str, or bytes)
         self._message_size = 0
         self._peer_closed = False
+        self._parser_failed = False
         #: The close code of the close handshake (ours or the peer's), 1006 if the peer vanished.
         self.close_code: int | None = None
         self.close_reason = ""
@@ -294,7 +295,10 @@ class WsConnection:
                 self._write(self._ws.send(event.response()))
         elif isinstance(event, CloseConnection):
             if self._ws.state is ConnectionState.OPEN:
-                self._close_now(event.code, event.reason or "")  # the peer's protocol error, as wsproto reports it
+                # Not a close frame (that would have moved the state on) but the peer's framing error, as
+                # wsproto reports it; its parser is dead from here and must not be fed again.
+                self._parser_failed = True
+                self._close_now(event.code, event.reason or "")
             else:
                 self._peer_closed = True  # the peer's close, or its answer to ours
                 if self._ws.state is ConnectionState.REMOTE_CLOSING:
@@ -319,17 +323,34 @@ class WsConnection:
             try:
                 await self.drain()
                 self.transport.shutdown_write()
-                while not self._peer_closed:  # read to the peer's answer, so our close frame is not lost to a reset
-                    data = await self.transport.receive_some()
-                    if not data:
-                        break
-                    self._ws.receive_data(data)
-                    for event in self._ws.events():
-                        if isinstance(event, CloseConnection):
-                            self._peer_closed = True
+                await self._read_to_peer_close()
             except (ConnectionClosed, OSError, ProtocolError):
-                pass  # gone, or past talking to (wsproto refuses more data once closed or rejected)
+                pass  # gone, or past talking to
         await self.transport.aclose()
+
+    async def _read_to_peer_close(self) -> None:
+        """Read to the peer's close frame or EOF, so that ours is not lost to a reset; a bounded amount.
+
+        A client with a message in flight when we closed sends at most
+        ``max_message_bytes`` more; past that (plus one read) it is flooding,
+        and gets the reset. What is read goes through wsproto only while its
+        parser works: after a framing error wsproto parses nothing more but
+        still appends every byte fed to its buffer (that held 550 MB of
+        random bytes in 2 s), and a connection that never opened has nothing
+        to parse. Dropped bytes cost one read each and no memory.
+        """
+        parse = self._ws.state is ConnectionState.LOCAL_CLOSING and not self._parser_failed
+        budget = self.max_message_bytes + RECEIVE_BYTES
+        while not self._peer_closed and budget > 0:
+            data = await self.transport.receive_some()
+            if not data:
+                return
+            budget -= len(data)
+            if parse:
+                self._ws.receive_data(data)
+                for event in self._ws.events():  # data frames come out in pieces as they arrive: nothing piles up
+                    if isinstance(event, CloseConnection):
+                        self._peer_closed = True  # its answer (or a framing error: nothing more to read then either)
 
 
 async def open_socket_listeners(host: str, port: int) -> list[socket.socket]:
