@@ -23,8 +23,10 @@ import logging
 import socket
 import ssl
 import struct
+from http import HTTPStatus
 from typing import Callable, Iterable
 
+import h11
 import trio
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
@@ -34,7 +36,6 @@ from wsproto.events import (
     CloseConnection,
     Ping,
     RejectConnection,
-    RejectData,
     Request,
     TextMessage,
 )
@@ -162,6 +163,8 @@ class WsConnection:
         self.max_message_bytes = max_message_bytes
         self.notify = notify
         self._ws = WSConnection(ConnectionType.SERVER)
+        #: Reads the opening handshake; None once it is answered. h11 refuses a request head over 16 KiB.
+        self._http: h11.Connection | None = h11.Connection(h11.SERVER, max_incomplete_event_size=16_384)
         self._backlog = bytearray()
         self._parts: list = []  # the fragments of the message being received (str, or bytes)
         self._message_size = 0
@@ -175,31 +178,85 @@ class WsConnection:
     # --- opening handshake ------------------------------------------------------------
 
     async def read_request(self) -> Request:
-        """The client's opening handshake; ConnectionClosed if it sends something else or leaves."""
+        """The client's opening handshake; ConnectionClosed if it sends something else or leaves.
+
+        h11 reads the HTTP request and wsproto checks that it asks for a
+        WebSocket (``initiate_upgrade_connection``, its API for a request
+        parsed elsewhere). Reading it ourselves keeps what arrived after the
+        request: a client may send its first frames without waiting for our
+        101, and wsproto's own handshake drops whatever its h11 read past the
+        request. :meth:`accept` hands those bytes on.
+        """
+        assert self._http is not None, "read_request is called once"
+        http = self._http
         while True:
-            for event in self._ws.events():
-                if isinstance(event, Request):
-                    return event
+            try:
+                event = http.next_event()
+            except h11.RemoteProtocolError as error:  # not HTTP, headers over h11's 16 KiB, and the like
+                self._reply(error.error_status_hint, f"bad HTTP request: {error}\n".encode())
+                raise ConnectionClosed(reason=f"not a WebSocket handshake: {error}") from None
+            if isinstance(event, h11.Request):
+                break
+            if event is not h11.NEED_DATA:
+                raise ConnectionClosed(reason="connection closed during the handshake")
             try:
                 data = await self.transport.receive_some()
             except OSError as error:
                 raise ConnectionClosed(reason=f"connection failed during the handshake: {error}") from None
             if not data:
                 raise ConnectionClosed(reason="connection closed during the handshake")
-            try:
-                self._ws.receive_data(data)
-            except RemoteProtocolError as error:
-                if error.event_hint is not None:  # a plain HTTP request, for one: answer 400
-                    self._write(self._ws.send(error.event_hint))
-                raise ConnectionClosed(reason=f"not a WebSocket handshake: {error}") from None
+            http.receive_data(data)
+        if event.method != b"GET" or not self._request_ended(http):
+            # wsproto would check the method, but initiate_upgrade_connection assumes GET; and bytes of a
+            # body must not be taken for frames.
+            self._reply(400, b"a WebSocket opening handshake is a GET without a body\n")
+            raise ConnectionClosed(reason="not a WebSocket handshake: not a GET without a body")
+        try:
+            self._ws.initiate_upgrade_connection(event.headers, event.target)
+        except RemoteProtocolError as error:  # not an upgrade, no key, version not 13 (426), ...
+            hint = error.event_hint
+            if isinstance(hint, RejectConnection):
+                self._reply(hint.status_code, f"{error}\n".encode(), hint.headers)
+            raise ConnectionClosed(reason=f"not a WebSocket handshake: {error}") from None
+        return next(event for event in self._ws.events() if isinstance(event, Request))
 
     def accept(self) -> None:
+        """Answer 101, then take the frames that came with the request as if just received."""
+        assert self._http is not None
+        pipelined, _ = self._http.trailing_data
+        self._http = None  # and with it the bytes it buffered
         self._write(self._ws.send(AcceptConnection()))
+        if pipelined:
+            self._ws.receive_data(pipelined)  # get_message parses what wsproto holds before it reads
 
     def reject(self, status_code: int, body: bytes) -> None:
-        headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"%d" % len(body))]
-        self._write(self._ws.send(RejectConnection(status_code=status_code, headers=headers, has_body=True)))
-        self._write(self._ws.send(RejectData(data=body)))
+        """Refuse the WebSocket with an HTTP error (after :meth:`read_request`); ``body`` is plain text."""
+        self._reply(status_code, body)
+
+    @staticmethod
+    def _request_ended(http: h11.Connection) -> bool:
+        try:
+            return isinstance(http.next_event(), h11.EndOfMessage)  # at once, for a request without a body
+        except h11.RemoteProtocolError:
+            return False
+
+    def _reply(self, status_code: int, body: bytes, headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
+        """An HTTP error response, with its reason phrase (wsproto's have none), that ends the connection."""
+        http, self._http = self._http, None
+        if http is None:
+            return
+        try:
+            reason = HTTPStatus(status_code).phrase.encode()
+        except ValueError:
+            reason = b""
+        all_headers = [*headers, (b"content-type", b"text/plain; charset=utf-8"),
+                       (b"content-length", b"%d" % len(body)), (b"connection", b"close")]
+        try:
+            data = http.send(h11.Response(status_code=status_code, reason=reason, headers=all_headers))
+            data += http.send(h11.Data(data=body)) + http.send(h11.EndOfMessage())
+        except h11.LocalProtocolError:
+            return  # h11 cannot answer in this state; closing says enough
+        self._write(data)
 
     # --- sending ------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ what grows is the proxy's.
 from __future__ import annotations
 
 import gc
+import json
 import os
 import socket
 import tracemalloc
@@ -15,9 +16,10 @@ import weakref
 
 import trio
 from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, Request
+from wsproto.connection import Connection
+from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Request, TextMessage
 
-from .conftest import firehose_config, start_simulator, start_tier, wait_until
+from .conftest import FIREHOSE_KEY, firehose_config, start_simulator, start_tier, wait_until
 
 MB = 1 << 20
 
@@ -97,3 +99,84 @@ async def test_a_closed_session_is_freed_without_waiting_for_the_cycle_collector
                          what="the session and its connection to be freed by reference counting")
     finally:
         gc.enable()
+
+
+def masked(message: str | bytes) -> bytes:
+    """One masked client frame, as a client would send it after the handshake."""
+    framer = Connection(ConnectionType.CLIENT)  # open from the start: frames without a handshake
+    event = TextMessage(data=message) if isinstance(message, str) else BytesMessage(data=message)
+    return framer.send(event)
+
+
+async def read_statuses(sock: trio.socket.SocketType, client: WSConnection, count: int) -> list[dict]:
+    """The next ``count`` statuses the proxy sends (the 101 is parsed on the way)."""
+    statuses: list[dict] = []
+    with trio.fail_after(10):
+        while len(statuses) < count:
+            for event in client.events():
+                if isinstance(event, TextMessage):
+                    statuses += [e for e in json.loads(event.data) if e.get("ev") == "status"]
+                elif isinstance(event, CloseConnection):
+                    raise AssertionError(f"closed {event.code} {event.reason!r} after {statuses}")
+            if len(statuses) < count:
+                data = await sock.recv(65536)
+                assert data, f"connection closed after {statuses}"
+                client.receive_data(data)
+    return statuses
+
+
+AUTH = json.dumps({"action": "auth", "params": FIREHOSE_KEY})
+SUBSCRIBE = json.dumps({"action": "subscribe", "params": "T.AAPL"})
+
+
+async def test_frames_sent_with_the_handshake_are_not_lost(nursery):
+    """A client may send its first frames without waiting for the 101: in the same segment, or cut anywhere."""
+    sim = await start_simulator(nursery)
+    firehose = await start_tier(nursery, firehose_config(sim))
+    frames = masked(AUTH) + masked(SUBSCRIBE)
+    for cut in (len(frames), 3, len(masked(AUTH)) + 5):  # all of it, inside a header, inside the second payload
+        client = WSConnection(ConnectionType.CLIENT)
+        request = client.send(Request(host="127.0.0.1", target="/"))
+        sock = trio.socket.socket()
+        await sock.connect(("127.0.0.1", firehose.port))
+        await sock.send(request + frames[:cut])
+        await trio.sleep(0.05)  # let the proxy read the first part alone, when there is a second
+        if cut < len(frames):
+            await sock.send(frames[cut:])
+        statuses = await read_statuses(sock, client, 3)
+        assert [s["status"] for s in statuses] == ["connected", "auth_success", "success"], cut
+        assert statuses[2]["message"] == "subscribed to: T.AAPL"
+        sock.close()
+
+
+async def http_exchange(port: int, request: bytes) -> bytes:
+    """Send ``request`` and read the whole answer, to the proxy's close."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    await stream.send_all(request)
+    reply = b""
+    with trio.fail_after(10):
+        while chunk := await stream.receive_some(65536):
+            reply += chunk
+    await stream.aclose()
+    return reply
+
+
+UPGRADE = (b"Host: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+           b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n")
+
+
+async def test_refused_handshakes_have_reason_phrases_and_say_why(nursery):
+    sim = await start_simulator(nursery)
+    firehose = await start_tier(nursery, firehose_config(sim))
+    old_version = await http_exchange(firehose.port, b"GET / HTTP/1.1\r\n" + UPGRADE + b"Sec-WebSocket-Version: 8\r\n\r\n")
+    assert old_version.startswith(b"HTTP/1.1 426 Upgrade Required\r\n")
+    assert b"\r\nsec-websocket-version: 13\r\n" in old_version.lower()
+    wrong_path = await http_exchange(firehose.port, b"GET /crypto HTTP/1.1\r\n" + UPGRADE + b"Sec-WebSocket-Version: 13\r\n\r\n")
+    assert wrong_path.startswith(b"HTTP/1.1 404 Not Found\r\n")
+    assert wrong_path.endswith(b"this proxy serves the stocks market at / and /stocks\n")
+    post = await http_exchange(firehose.port, b"POST / HTTP/1.1\r\n" + UPGRADE + b"Sec-WebSocket-Version: 13\r\n"
+                               b"Content-Length: 2\r\n\r\n{}")
+    assert post.startswith(b"HTTP/1.1 400 ") and post.endswith(b"a WebSocket opening handshake is a GET without a body\n")
+    no_key = await http_exchange(firehose.port, b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                                 b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    assert no_key.startswith(b"HTTP/1.1 400 ") and b"Sec-WebSocket-Key" in no_key
