@@ -35,6 +35,7 @@ from wsproto.events import (
     BytesMessage,
     CloseConnection,
     Ping,
+    Pong,
     RejectConnection,
     Request,
     TextMessage,
@@ -170,6 +171,7 @@ class WsConnection:
         self._message_size = 0
         self._peer_closed = False
         self._parser_failed = False
+        self._pending_pong: bytes | None = None  # the latest ping's payload, while a backlog delays its pong
         #: The close code of the close handshake (ours or the peer's), 1006 if the peer vanished.
         self.close_code: int | None = None
         self.close_reason = ""
@@ -262,8 +264,8 @@ class WsConnection:
 
     @property
     def backlogged(self) -> bool:
-        """True while earlier bytes wait for the kernel (or the connection broke): do not add more now."""
-        return bool(self._backlog) or self.broken is not None
+        """True while earlier bytes (or a pong) wait for the kernel, or the connection broke: add nothing now."""
+        return bool(self._backlog) or self._pending_pong is not None or self.broken is not None
 
     @property
     def open(self) -> bool:
@@ -304,11 +306,17 @@ class WsConnection:
     async def drain(self) -> None:
         """Wait until the kernel took every byte written so far; ConnectionClosed if it cannot."""
         await trio.lowlevel.checkpoint()
-        if self.broken is None and self._backlog:
-            try:
-                await self.transport.drain(self._backlog)
-            except OSError as error:
-                self.broken = error
+        while self.broken is None and (self._backlog or self._pending_pong is not None):
+            if self._backlog:
+                try:
+                    await self.transport.drain(self._backlog)
+                except OSError as error:
+                    self.broken = error
+                    break
+            if self._pending_pong is not None:
+                payload, self._pending_pong = self._pending_pong, None
+                if self._ws.state is ConnectionState.OPEN:  # never after our close frame
+                    self._write(self._ws.send(Pong(payload=payload)))
         if self.broken is not None:
             self.close_code = self.close_code or CLOSE_ABNORMAL
             raise ConnectionClosed(self.close_code, f"connection broken: {self.broken}")
@@ -348,8 +356,7 @@ class WsConnection:
                 self._parts, self._message_size = [], 0
                 return message
         elif isinstance(event, Ping):
-            if self._ws.state is ConnectionState.OPEN:
-                self._write(self._ws.send(event.response()))
+            self._answer_ping(event.payload)
         elif isinstance(event, CloseConnection):
             if self._ws.state is ConnectionState.OPEN:
                 # Not a close frame (that would have moved the state on) but the peer's framing error, as
@@ -363,6 +370,22 @@ class WsConnection:
                 if self.close_code is None:
                     self.close_code, self.close_reason = event.code, event.reason or ""
         return None
+
+    def _answer_ping(self, payload: bytes) -> None:
+        """Pong now, unless earlier bytes still wait for the kernel: then keep only this ping's payload.
+
+        RFC 6455 §5.5.3 lets a pong answer only the most recent ping, so a
+        client that pings without reading costs one pong, not one per ping
+        (a million pings queued 80-130 MB of them). :meth:`drain` sends the
+        pong once the backlog before it is gone.
+        """
+        if self._ws.state is not ConnectionState.OPEN:
+            return
+        if self._backlog or self.broken is not None:
+            self._pending_pong = payload
+            self.notify()
+        else:
+            self._write(self._ws.send(Pong(payload=payload)))
 
     def _close_now(self, code: int, reason: str) -> None:
         if self._ws.state is ConnectionState.OPEN:

@@ -17,7 +17,7 @@ import weakref
 import trio
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import Connection
-from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Request, TextMessage
+from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Ping, Pong, Request, TextMessage
 
 from .conftest import FIREHOSE_KEY, firehose_config, start_simulator, start_tier, wait_until
 
@@ -31,13 +31,19 @@ async def handshake(port: int, *, rcvbuf: int | None = None) -> tuple[trio.socke
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     await sock.connect(("127.0.0.1", port))
     client = WSConnection(ConnectionType.CLIENT)
-    await sock.send(client.send(Request(host="127.0.0.1", target="/")))
+    await send_all(sock, client.send(Request(host="127.0.0.1", target="/")))
     while True:
         data = await sock.recv(65536)
         assert data, "the proxy closed during the handshake"
         client.receive_data(data)
         if any(isinstance(event, AcceptConnection) for event in client.events()):
             return sock, client
+
+
+async def send_all(sock: trio.socket.SocketType, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[await sock.send(view):]
 
 
 async def flood(sock: trio.socket.SocketType, block: bytes, total: int) -> int:
@@ -139,10 +145,10 @@ async def test_frames_sent_with_the_handshake_are_not_lost(nursery):
         request = client.send(Request(host="127.0.0.1", target="/"))
         sock = trio.socket.socket()
         await sock.connect(("127.0.0.1", firehose.port))
-        await sock.send(request + frames[:cut])
+        await send_all(sock, request + frames[:cut])
         await trio.sleep(0.05)  # let the proxy read the first part alone, when there is a second
         if cut < len(frames):
-            await sock.send(frames[cut:])
+            await send_all(sock, frames[cut:])
         statuses = await read_statuses(sock, client, 3)
         assert [s["status"] for s in statuses] == ["connected", "auth_success", "success"], cut
         assert statuses[2]["message"] == "subscribed to: T.AAPL"
@@ -180,3 +186,39 @@ async def test_refused_handshakes_have_reason_phrases_and_say_why(nursery):
     no_key = await http_exchange(firehose.port, b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
                                  b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n")
     assert no_key.startswith(b"HTTP/1.1 400 ") and b"Sec-WebSocket-Key" in no_key
+
+
+async def test_a_client_that_pings_and_never_reads_costs_one_pong(nursery):
+    """Pongs wait for the kernel like data does; one waiting answers every ping before it (RFC 6455 §5.5.3).
+
+    Before: every ping queued its own pong behind the full socket (+80-130 MB
+    for a million pings); here 100,000 pings of 125 bytes would queue ~12 MB.
+    """
+    sim = await start_simulator(nursery)
+    firehose = await start_tier(nursery, firehose_config(sim, auth_timeout_seconds=120))
+    sock, client = await handshake(firehose.port, rcvbuf=4096)
+    pings = 100_000
+    batch = b"".join(client.send(Ping(payload=b"%09d" % n + b"p" * 116)) for n in range(1000))
+    last = b"last ping" + b"p" * 116
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        with trio.fail_after(120):
+            for _ in range(pings // 1000):
+                await send_all(sock, batch)  # never reading what comes back
+            await send_all(sock, client.send(Ping(payload=last)) + masked(AUTH))
+            # Frames are handled in order: once the auth after them is, every ping was answered.
+            await wait_until(lambda: any(s.state.phase.value == "authenticated" for s in firehose.hub.sessions),
+                             timeout=60, what="the pings and the auth after them to be handled")
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * MB, f"the proxy held {peak / MB:.1f} MB of pongs"
+    answers = []
+    with trio.fail_after(60):
+        while not answers or answers[-1] != last:
+            client.receive_data(await sock.recv(1 << 20))
+            answers += [event.payload for event in client.events() if isinstance(event, Pong)]
+    assert len(answers) < pings  # what the socket could not take at once was answered by one pong
+    sock.close()
