@@ -220,6 +220,7 @@ class Hub:
         frames = outbox.take_frames()
         stats = self.stats
         stats.bytes_out += connection.send_texts(frames)
+        outbox.unsent_events = events if connection.backlogged else 0  # the writer clears it once drained
         stats.frames_out += len(frames)
         stats.events_out += events
         session.events_sent += events
@@ -391,4 +392,5 @@ async def _drain_unless_overflowed(session: ClientSession) -> None:
         return
     with trio.CancelScope() as session.drain_scope:
         await session.connection.drain()
+        session.outbox.unsent_events = 0  # the kernel took every byte written
     session.drain_scope = None
