@@ -134,13 +134,13 @@ class _StreamTransport:
             try:
                 await self.stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
-                raise OSError(str(error)) from None
+                raise OSError(_why(error)) from None
 
     async def receive_some(self) -> bytes:
         try:
             return await self.stream.receive_some(RECEIVE_BYTES)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
-            raise OSError(str(error)) from None
+            raise OSError(_why(error)) from None
 
     def shutdown_write(self) -> None:
         pass  # TLS has no half-close; the close_notify goes out with aclose
@@ -497,6 +497,14 @@ async def _own_connection(
     finally:
         with trio.CancelScope(shield=True):
             await transport.aclose()
+
+
+def _why(error: BaseException) -> str:
+    """An error's text, else its cause's: trio's BrokenResourceError from a failed TLS handshake has none itself."""
+    if str(error):
+        return str(error)
+    cause = error.__cause__ or error.__context__
+    return str(cause) if cause is not None and str(cause) else type(error).__name__
 
 
 def _peer(address: object) -> str:

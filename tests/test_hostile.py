@@ -9,17 +9,22 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import os
 import socket
 import tracemalloc
 import weakref
 
+import pytest
 import trio
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import Connection
 from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Ping, Pong, Request, TextMessage
 
+from proxy.protocol import Auth, ProtocolError, parse_client_message
+
 from .conftest import FIREHOSE_KEY, firehose_config, start_simulator, start_tier, wait_until
+from .test_reliability import certificates  # noqa: F401 (a fixture)
 
 MB = 1 << 20
 
@@ -222,3 +227,27 @@ async def test_a_client_that_pings_and_never_reads_costs_one_pong(nursery):
             answers += [event.payload for event in client.events() if isinstance(event, Pong)]
     assert len(answers) < pings  # what the socket could not take at once was answered by one pong
     sock.close()
+
+
+@pytest.mark.parametrize("text, reason", [
+    (r'{"action":"auth","params":"\ud800"}', r"lone surrogate \ud800 in a string"),
+    (r'{"action":"auth","params":"k\udc00ey"}', r"lone surrogate \udc00 in a string"),
+    (r'{"action":"auth","params":"\uD800\u0041"}', r"lone surrogate \uD800 in a string"),
+    (r'{"action":"auth","params":"\\ud800', "Input data was truncated"),  # an escaped backslash, then truly cut
+    (r'{"action":"auth","params":"key', "Input data was truncated"),
+])
+def test_a_lone_surrogate_is_named_not_called_truncated(text, reason):
+    with pytest.raises(ProtocolError) as error:
+        parse_client_message(text)
+    assert error.value.message == f"message is not valid JSON ({reason})"
+    assert parse_client_message(r'{"action":"auth","params":"\ud83d\ude00"}') == Auth("\U0001f600")
+
+
+async def test_a_failed_tls_handshake_is_logged_with_the_ssl_error(nursery, certificates, caplog):
+    caplog.set_level(logging.INFO, logger="proxy.server")
+    sim = await start_simulator(nursery)
+    firehose = await start_tier(nursery, firehose_config(sim, tls_cert=certificates["cert"], tls_key=certificates["key"]))
+    await http_exchange(firehose.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # plain HTTP to a TLS port
+    await wait_until(lambda: any("refused" in r.getMessage() for r in caplog.records), what="the refusal's log line")
+    line = next(r.getMessage() for r in caplog.records if "refused" in r.getMessage())
+    assert "[SSL: HTTP_REQUEST]" in line.rsplit("during the handshake:", 1)[1], line  # it said nothing
