@@ -34,3 +34,19 @@ def test_one_entry_larger_than_the_capacity_into_an_empty_outbox_is_accepted():
     box = Outbox(capacity_events=2)
     assert box.put_frame("[1,2,3,4]", 4)
     assert box.take_frames() == ["[1,2,3,4]"]
+
+
+def test_events_written_but_not_yet_taken_by_the_kernel_count_toward_the_capacity():
+    box = Outbox(capacity_events=5, policy=SlowClientPolicy.DISCONNECT)
+    box.put_events(b"1,2,3", 3)
+    box.take_frames()
+    box.unsent_events = 3  # the connection's backlog holds them
+    assert box.put_events(b"4,5", 2)
+    assert not box.put_events(b"6", 1)  # 3 written + 2 queued + 1 > 5
+    assert box.overflowed and box.dropped_events == 3  # 4, 5, 6: the written ones are still sent
+
+    box = Outbox(capacity_events=5, policy=SlowClientPolicy.DROP_OLDEST)
+    box.unsent_events = 4
+    for n in range(1, 4):
+        assert box.put_events(str(n).encode(), 1)
+    assert box.take_frames() == [b"[3]"] and box.dropped_events == 2  # only the newest fits beside the 4

@@ -44,6 +44,10 @@ class Outbox:
     overflowed: bool = False
     #: When the oldest data now queued arrived from upstream (for the routing-latency metric).
     oldest_received_at: float | None = None
+    #: Events taken from here whose bytes still wait in the connection's backlog (the kernel did not
+    #: take them at once). They count toward the capacity: a slow client holds at most
+    #: ``capacity_events`` in the proxy, queued or written, not that twice over.
+    unsent_events: int = 0
     _entries: deque[_Entry] = attrs.field(factory=deque, init=False)
 
     def put_events(self, joined_events: bytes, count: int, received_at: float | None = None) -> bool:
@@ -63,14 +67,16 @@ class Outbox:
         if received_at is not None and self.oldest_received_at is None:
             self.oldest_received_at = received_at
         events = entry[1]
-        if self.queued_events + events > self.capacity_events and self._entries:
+        held = self.queued_events + self.unsent_events
+        if held + events > self.capacity_events and (self._entries or self.unsent_events):
             if self.policy is SlowClientPolicy.DISCONNECT:
                 self.overflowed = True
-                self.dropped_events += self.queued_events + events
+                self.dropped_events += self.queued_events + events  # the unsent ones still go out, before the status
                 self._entries.clear()
                 self.queued_events = 0
                 return False
-            while self._entries and self.queued_events + events > self.capacity_events:
+            # Only what is still queued can be dropped; what is written is on its way.
+            while self._entries and self.queued_events + self.unsent_events + events > self.capacity_events:
                 oldest_events = self._entries.popleft()[1]
                 self.queued_events -= oldest_events
                 self.dropped_events += oldest_events

@@ -206,7 +206,7 @@ def parse_client_message(message: str | bytes, *, max_channels: int = 10_000) ->
     try:
         decoded = _json_object_decoder.decode(message)
     except msgspec.DecodeError as error:
-        raise ProtocolError("not_json", f"message is not valid JSON ({error})") from None
+        raise ProtocolError("not_json", f"message is not valid JSON ({_decode_error_text(message, error)})") from None
     except RecursionError:
         raise ProtocolError("too_deep", "message is nested too deeply to be a control message") from None
     if not isinstance(decoded, dict):
@@ -236,6 +236,23 @@ def parse_client_message(message: str | bytes, *, max_channels: int = 10_000) ->
         "unknown_action",
         f"unknown action {wire.action[:40]!r}; expected auth, subscribe or unsubscribe",
     )
+
+
+#: A \\uD800-\\uDBFF escape not followed by a \\uDC00-\\uDFFF one, or the reverse, in JSON text: an odd
+#: number of backslashes before the ``u`` (an even number escapes the backslashes themselves).
+_LONE_SURROGATE = re.compile(
+    r"(?<!\\)(?:\\\\)*(\\u[dD][89abAB][0-9a-fA-F]{2})(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
+    r"|(?<!\\)(?<![dD][89abAB][0-9a-fA-F]{2})(?:\\\\)*(\\u[dD][c-fC-F][0-9a-fA-F]{2})"
+)
+
+
+def _decode_error_text(message: str, error: msgspec.DecodeError) -> str:
+    """msgspec's reason, unless it misreports a lone surrogate escape as truncated input."""
+    if "truncated" in str(error) or "surrogate" in str(error):
+        lone = _LONE_SURROGATE.search(message)
+        if lone is not None:
+            return f"lone surrogate {lone.group(1) or lone.group(2)} in a string"
+    return str(error)
 
 
 def auth_message(api_key: str) -> str:

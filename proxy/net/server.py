@@ -134,6 +134,9 @@ class Hub:
         return None
 
     def close_session(self, session: ClientSession) -> None:
+        # The connection's notify is the session's: a reference cycle, which would keep both, and every
+        # byte they hold, until the cycle collector happened to run.
+        session.connection.notify = _ignore
         self.sessions.discard(session)
         self._touched.pop(session, None)
         ip = _ip(session.peer)
@@ -226,6 +229,7 @@ class Hub:
         frames = outbox.take_frames()
         stats = self.stats
         stats.bytes_out += connection.send_texts(frames)
+        outbox.unsent_events = events if connection.backlogged else 0  # the writer clears it once drained
         stats.frames_out += len(frames)
         stats.events_out += events
         session.events_sent += events
@@ -322,6 +326,10 @@ def _tls_context(config: TierConfig) -> ssl.SSLContext | None:
     return context
 
 
+def _ignore() -> None:
+    pass
+
+
 def _ip(peer: str) -> str:
     return peer.rsplit(":", 1)[0]
 
@@ -398,4 +406,5 @@ async def _drain_unless_overflowed(session: ClientSession) -> None:
         return
     with trio.CancelScope() as session.drain_scope:
         await session.connection.drain()
+        session.outbox.unsent_events = 0  # the kernel took every byte written
     session.drain_scope = None

@@ -26,6 +26,7 @@ import struct
 from http import HTTPStatus
 from typing import Callable, Iterable
 
+import h11
 import trio
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
@@ -34,8 +35,8 @@ from wsproto.events import (
     BytesMessage,
     CloseConnection,
     Ping,
+    Pong,
     RejectConnection,
-    RejectData,
     Request,
     TextMessage,
 )
@@ -46,7 +47,6 @@ __all__ = [
     "CLOSE_ABNORMAL",
     "CLOSE_MESSAGE_TOO_BIG",
     "text_frame",
-    "with_reason_phrase",
     "ConnectionClosed",
     "WsConnection",
     "open_socket_listeners",
@@ -80,24 +80,6 @@ def text_frame(payload: bytes) -> bytes:
     if size < 65536:
         return _header_16(_FIN_TEXT, 126, size) + payload
     return _header_64(_FIN_TEXT, 127, size) + payload
-
-
-def with_reason_phrase(response_head: bytes) -> bytes:
-    """``response_head`` with the standard reason phrase on its status line where it has none.
-
-    wsproto has h11 write rejections as ``HTTP/1.1 400 `` (no phrase), which
-    tools print as ``HTTP Error 400: ``; the phrase is HTTP's own (``http.HTTPStatus``).
-    """
-    status_line, separator, rest = response_head.partition(b"\r\n")
-    version, _, tail = status_line.partition(b" ")
-    code, _, phrase = tail.partition(b" ")
-    if phrase or not code.isdigit():
-        return response_head
-    try:
-        standard = HTTPStatus(int(code)).phrase.encode()
-    except ValueError:
-        return response_head  # a code HTTP does not name: leave it as it is
-    return b"%s %s %s%s%s" % (version, code, standard, separator, rest)
 
 
 class ConnectionClosed(Exception):
@@ -163,13 +145,13 @@ class _StreamTransport:
             try:
                 await self.stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
-                raise OSError(str(error)) from None
+                raise OSError(_why(error)) from None
 
     async def receive_some(self) -> bytes:
         try:
             return await self.stream.receive_some(RECEIVE_BYTES)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
-            raise OSError(str(error)) from None
+            raise OSError(_why(error)) from None
 
     def shutdown_write(self) -> None:
         pass  # TLS has no half-close; the close_notify goes out with aclose
@@ -195,10 +177,14 @@ class WsConnection:
         #: The body of the 400 that a plain HTTP request gets: what this port is for.
         self.plain_http_body = b"this port speaks WebSocket; connect with a WebSocket client\n"
         self._ws = WSConnection(ConnectionType.SERVER)
+        #: Reads the opening handshake; None once it is answered. h11 refuses a request head over 16 KiB.
+        self._http: h11.Connection | None = h11.Connection(h11.SERVER, max_incomplete_event_size=16_384)
         self._backlog = bytearray()
         self._parts: list = []  # the fragments of the message being received (str, or bytes)
         self._message_size = 0
         self._peer_closed = False
+        self._parser_failed = False
+        self._pending_pong: bytes | None = None  # the latest ping's payload, while a backlog delays its pong
         #: The close code of the close handshake (ours or the peer's), 1006 if the peer vanished.
         self.close_code: int | None = None
         self.close_reason = ""
@@ -207,41 +193,92 @@ class WsConnection:
     # --- opening handshake ------------------------------------------------------------
 
     async def read_request(self) -> Request:
-        """The client's opening handshake; ConnectionClosed if it sends something else or leaves."""
+        """The client's opening handshake; ConnectionClosed if it sends something else or leaves.
+
+        h11 reads the HTTP request and wsproto checks that it asks for a
+        WebSocket (``initiate_upgrade_connection``, its API for a request
+        parsed elsewhere). Reading it ourselves keeps what arrived after the
+        request: a client may send its first frames without waiting for our
+        101, and wsproto's own handshake drops whatever its h11 read past the
+        request. :meth:`accept` hands those bytes on.
+        """
+        assert self._http is not None, "read_request is called once"
+        http = self._http
         while True:
-            for event in self._ws.events():
-                if isinstance(event, Request):
-                    return event
+            try:
+                event = http.next_event()
+            except h11.RemoteProtocolError as error:  # not HTTP, headers over h11's 16 KiB, and the like
+                self._reply(error.error_status_hint, f"bad HTTP request: {error}\n".encode())
+                raise ConnectionClosed(reason=f"not a WebSocket handshake: {error}") from None
+            if isinstance(event, h11.Request):
+                break
+            if event is not h11.NEED_DATA:
+                raise ConnectionClosed(reason="connection closed during the handshake")
             try:
                 data = await self.transport.receive_some()
             except OSError as error:
                 raise ConnectionClosed(reason=f"connection failed during the handshake: {error}") from None
             if not data:
                 raise ConnectionClosed(reason="connection closed during the handshake")
-            try:
-                self._ws.receive_data(data)
-            except RemoteProtocolError as error:
-                hint = error.event_hint
-                if isinstance(hint, RejectConnection):  # a plain HTTP request, for one: answer 400
-                    self.reject(hint.status_code, self.plain_http_body)
-                raise ConnectionClosed(reason=f"not a WebSocket handshake: {error}") from None
+            http.receive_data(data)
+        if event.method != b"GET" or not self._request_ended(http):
+            # wsproto would check the method, but initiate_upgrade_connection assumes GET; and bytes of a
+            # body must not be taken for frames.
+            self._reply(400, b"a WebSocket opening handshake is a GET without a body\n")
+            raise ConnectionClosed(reason="not a WebSocket handshake: not a GET without a body")
+        try:
+            self._ws.initiate_upgrade_connection(event.headers, event.target)
+        except RemoteProtocolError as error:  # not an upgrade, no key, version not 13 (426), ...
+            hint = error.event_hint
+            if isinstance(hint, RejectConnection):  # a plain HTTP request, for one: say what this port is
+                self._reply(hint.status_code, f"{error}: ".encode() + self.plain_http_body, hint.headers)
+            raise ConnectionClosed(reason=f"not a WebSocket handshake: {error}") from None
+        return next(event for event in self._ws.events() if isinstance(event, Request))
 
     def accept(self) -> None:
+        """Answer 101, then take the frames that came with the request as if just received."""
+        assert self._http is not None
+        pipelined, _ = self._http.trailing_data
+        self._http = None  # and with it the bytes it buffered
         self._write(self._ws.send(AcceptConnection()))
+        if pipelined:
+            self._ws.receive_data(pipelined)  # get_message parses what wsproto holds before it reads
 
     def reject(self, status_code: int, body: bytes) -> None:
-        """Refuse the handshake with an HTTP status, its reason phrase, and a one-line ``body``."""
-        headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"%d" % len(body))]
-        head = self._ws.send(RejectConnection(status_code=status_code, headers=headers, has_body=True))
-        self._write(with_reason_phrase(head))
-        self._write(self._ws.send(RejectData(data=body)))
+        """Refuse the WebSocket with an HTTP error (after :meth:`read_request`); ``body`` is plain text."""
+        self._reply(status_code, body)
+
+    @staticmethod
+    def _request_ended(http: h11.Connection) -> bool:
+        try:
+            return isinstance(http.next_event(), h11.EndOfMessage)  # at once, for a request without a body
+        except h11.RemoteProtocolError:
+            return False
+
+    def _reply(self, status_code: int, body: bytes, headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
+        """An HTTP error response, with its reason phrase (wsproto's have none), that ends the connection."""
+        http, self._http = self._http, None
+        if http is None:
+            return
+        try:
+            reason = HTTPStatus(status_code).phrase.encode()
+        except ValueError:
+            reason = b""
+        all_headers = [*headers, (b"content-type", b"text/plain; charset=utf-8"),
+                       (b"content-length", b"%d" % len(body)), (b"connection", b"close")]
+        try:
+            data = http.send(h11.Response(status_code=status_code, reason=reason, headers=all_headers))
+            data += http.send(h11.Data(data=body)) + http.send(h11.EndOfMessage())
+        except h11.LocalProtocolError:
+            return  # h11 cannot answer in this state; closing says enough
+        self._write(data)
 
     # --- sending ------------------------------------------------------------------
 
     @property
     def backlogged(self) -> bool:
-        """True while earlier bytes wait for the kernel (or the connection broke): do not add more now."""
-        return bool(self._backlog) or self.broken is not None
+        """True while earlier bytes (or a pong) wait for the kernel, or the connection broke: add nothing now."""
+        return bool(self._backlog) or self._pending_pong is not None or self.broken is not None
 
     @property
     def open(self) -> bool:
@@ -282,11 +319,17 @@ class WsConnection:
     async def drain(self) -> None:
         """Wait until the kernel took every byte written so far; ConnectionClosed if it cannot."""
         await trio.lowlevel.checkpoint()
-        if self.broken is None and self._backlog:
-            try:
-                await self.transport.drain(self._backlog)
-            except OSError as error:
-                self.broken = error
+        while self.broken is None and (self._backlog or self._pending_pong is not None):
+            if self._backlog:
+                try:
+                    await self.transport.drain(self._backlog)
+                except OSError as error:
+                    self.broken = error
+                    break
+            if self._pending_pong is not None:
+                payload, self._pending_pong = self._pending_pong, None
+                if self._ws.state is ConnectionState.OPEN:  # never after our close frame
+                    self._write(self._ws.send(Pong(payload=payload)))
         if self.broken is not None:
             self.close_code = self.close_code or CLOSE_ABNORMAL
             raise ConnectionClosed(self.close_code, f"connection broken: {self.broken}")
@@ -326,11 +369,13 @@ class WsConnection:
                 self._parts, self._message_size = [], 0
                 return message
         elif isinstance(event, Ping):
-            if self._ws.state is ConnectionState.OPEN:
-                self._write(self._ws.send(event.response()))
+            self._answer_ping(event.payload)
         elif isinstance(event, CloseConnection):
             if self._ws.state is ConnectionState.OPEN:
-                self._close_now(event.code, event.reason or "")  # the peer's protocol error, as wsproto reports it
+                # Not a close frame (that would have moved the state on) but the peer's framing error, as
+                # wsproto reports it; its parser is dead from here and must not be fed again.
+                self._parser_failed = True
+                self._close_now(event.code, event.reason or "")
             else:
                 self._peer_closed = True  # the peer's close, or its answer to ours
                 if self._ws.state is ConnectionState.REMOTE_CLOSING:
@@ -338,6 +383,22 @@ class WsConnection:
                 if self.close_code is None:
                     self.close_code, self.close_reason = event.code, event.reason or ""
         return None
+
+    def _answer_ping(self, payload: bytes) -> None:
+        """Pong now, unless earlier bytes still wait for the kernel: then keep only this ping's payload.
+
+        RFC 6455 §5.5.3 lets a pong answer only the most recent ping, so a
+        client that pings without reading costs one pong, not one per ping
+        (a million pings queued 80-130 MB of them). :meth:`drain` sends the
+        pong once the backlog before it is gone.
+        """
+        if self._ws.state is not ConnectionState.OPEN:
+            return
+        if self._backlog or self.broken is not None:
+            self._pending_pong = payload
+            self.notify()
+        else:
+            self._write(self._ws.send(Pong(payload=payload)))
 
     def _close_now(self, code: int, reason: str) -> None:
         if self._ws.state is ConnectionState.OPEN:
@@ -355,17 +416,34 @@ class WsConnection:
             try:
                 await self.drain()
                 self.transport.shutdown_write()
-                while not self._peer_closed:  # read to the peer's answer, so our close frame is not lost to a reset
-                    data = await self.transport.receive_some()
-                    if not data:
-                        break
-                    self._ws.receive_data(data)
-                    for event in self._ws.events():
-                        if isinstance(event, CloseConnection):
-                            self._peer_closed = True
+                await self._read_to_peer_close()
             except (ConnectionClosed, OSError, ProtocolError):
-                pass  # gone, or past talking to (wsproto refuses more data once closed or rejected)
+                pass  # gone, or past talking to
         await self.transport.aclose()
+
+    async def _read_to_peer_close(self) -> None:
+        """Read to the peer's close frame or EOF, so that ours is not lost to a reset; a bounded amount.
+
+        A client with a message in flight when we closed sends at most
+        ``max_message_bytes`` more; past that (plus one read) it is flooding,
+        and gets the reset. What is read goes through wsproto only while its
+        parser works: after a framing error wsproto parses nothing more but
+        still appends every byte fed to its buffer (that held 550 MB of
+        random bytes in 2 s), and a connection that never opened has nothing
+        to parse. Dropped bytes cost one read each and no memory.
+        """
+        parse = self._ws.state is ConnectionState.LOCAL_CLOSING and not self._parser_failed
+        budget = self.max_message_bytes + RECEIVE_BYTES
+        while not self._peer_closed and budget > 0:
+            data = await self.transport.receive_some()
+            if not data:
+                return
+            budget -= len(data)
+            if parse:
+                self._ws.receive_data(data)
+                for event in self._ws.events():  # data frames come out in pieces as they arrive: nothing piles up
+                    if isinstance(event, CloseConnection):
+                        self._peer_closed = True  # its answer (or a framing error: nothing more to read then either)
 
 
 async def open_socket_listeners(host: str, port: int) -> list[socket.socket]:
@@ -432,6 +510,14 @@ async def _own_connection(
     finally:
         with trio.CancelScope(shield=True):
             await transport.aclose()
+
+
+def _why(error: BaseException) -> str:
+    """An error's text, else its cause's: trio's BrokenResourceError from a failed TLS handshake has none itself."""
+    if str(error):
+        return str(error)
+    cause = error.__cause__ or error.__context__
+    return str(cause) if cause is not None and str(cause) else type(error).__name__
 
 
 def _peer(address: object) -> str:

@@ -1,0 +1,254 @@
+"""Hostile and heavy clients (issue 13, client I/O): what a client sends can cost the proxy only bounded memory.
+
+Memory is measured in-process with tracemalloc, which sees every buffer the
+proxy allocates (bytearrays included); the test client reuses one block, so
+what grows is the proxy's.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import socket
+import tracemalloc
+import weakref
+
+import pytest
+import trio
+from wsproto import ConnectionType, WSConnection
+from wsproto.connection import Connection
+from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Ping, Pong, Request, TextMessage
+
+from proxy.core.protocol import Auth, ProtocolError, parse_client_message
+
+from .conftest import FIREHOSE_KEY, firehose_config, start_simulator, start_tier, wait_until
+from .test_reliability import certificates  # noqa: F401 (a fixture)
+
+MB = 1 << 20
+
+
+async def handshake(port: int, *, rcvbuf: int | None = None) -> tuple[trio.socket.SocketType, WSConnection]:
+    """A raw socket that completed the WebSocket opening handshake, and its wsproto client."""
+    sock = trio.socket.socket()
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    await sock.connect(("127.0.0.1", port))
+    client = WSConnection(ConnectionType.CLIENT)
+    await send_all(sock, client.send(Request(host="127.0.0.1", target="/")))
+    while True:
+        data = await sock.recv(65536)
+        assert data, "the proxy closed during the handshake"
+        client.receive_data(data)
+        if any(isinstance(event, AcceptConnection) for event in client.events()):
+            return sock, client
+
+
+async def send_all(sock: trio.socket.SocketType, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[await sock.send(view):]
+
+
+async def flood(sock: trio.socket.SocketType, block: bytes, total: int) -> int:
+    """Send ``block`` over and over, ``total`` bytes at most; stop early when the proxy closes."""
+    sent = 0
+    try:
+        while sent < total:
+            sent += await sock.send(block)
+    except OSError:
+        pass  # reset by the proxy: it stopped reading, as it should
+    return sent
+
+
+async def test_random_bytes_after_the_handshake_cost_bounded_memory(nursery):
+    """Random bytes break the framing at once (close 1002); what follows must not be buffered.
+
+    The close timeout is long, so that a proxy which kept reading into a failed
+    parser would take what the client sends in those seconds (it took ~550 MB in 2 s before the fix).
+    """
+    sim = await start_simulator(nursery)
+    firehose = await start_tier(nursery, firehose_config(sim, shutdown_close_seconds=5))
+    flood_bytes = 256 * MB
+    sock, _ = await handshake(firehose.port)
+    block = os.urandom(64 * 1024)
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        with trio.fail_after(90):
+            await flood(sock, block, flood_bytes)
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+        sock.close()
+    assert peak < 16 * MB, f"the proxy held {peak / MB:.0f} MB of a client's flood"
+
+
+async def test_a_closed_session_is_freed_without_waiting_for_the_cycle_collector(nursery):
+    """What a connection held comes back when it closes, not whenever a full collection happens to run.
+
+    The session and its connection pointed at each other (the connection's
+    ``notify`` is the session's): freed only by the cycle collector, which an
+    idle server may not run for minutes, so a flood's buffers stayed.
+    """
+    sim = await start_simulator(nursery)
+    firehose = await start_tier(nursery, firehose_config(sim))
+    await wait_until(lambda: firehose.link.state.value == "connected")
+    gc.collect()
+    gc.disable()
+    try:
+        sock, _ = await handshake(firehose.port)
+        await wait_until(lambda: len(firehose.hub.sessions) == 1)
+        session = next(iter(firehose.hub.sessions))
+        references = [weakref.ref(session), weakref.ref(session.connection)]
+        del session
+        sock.close()
+        await wait_until(lambda: not firehose.hub.sessions, what="the session to end")
+        await wait_until(lambda: all(reference() is None for reference in references), timeout=10,
+                         what="the session and its connection to be freed by reference counting")
+    finally:
+        gc.enable()
+
+
+def masked(message: str | bytes) -> bytes:
+    """One masked client frame, as a client would send it after the handshake."""
+    framer = Connection(ConnectionType.CLIENT)  # open from the start: frames without a handshake
+    event = TextMessage(data=message) if isinstance(message, str) else BytesMessage(data=message)
+    return framer.send(event)
+
+
+async def read_statuses(sock: trio.socket.SocketType, client: WSConnection, count: int) -> list[dict]:
+    """The next ``count`` statuses the proxy sends (the 101 is parsed on the way)."""
+    statuses: list[dict] = []
+    with trio.fail_after(10):
+        while len(statuses) < count:
+            for event in client.events():
+                if isinstance(event, TextMessage):
+                    statuses += [e for e in json.loads(event.data) if e.get("ev") == "status"]
+                elif isinstance(event, CloseConnection):
+                    raise AssertionError(f"closed {event.code} {event.reason!r} after {statuses}")
+            if len(statuses) < count:
+                data = await sock.recv(65536)
+                assert data, f"connection closed after {statuses}"
+                client.receive_data(data)
+    return statuses
+
+
+AUTH = json.dumps({"action": "auth", "params": FIREHOSE_KEY})
+SUBSCRIBE = json.dumps({"action": "subscribe", "params": "T.AAPL"})
+
+
+async def test_frames_sent_with_the_handshake_are_not_lost(nursery):
+    """A client may send its first frames without waiting for the 101: in the same segment, or cut anywhere."""
+    sim = await start_simulator(nursery)
+    firehose = await start_tier(nursery, firehose_config(sim))
+    await wait_until(lambda: firehose.link.state.value == "connected")  # else an upstream status comes first
+    frames = masked(AUTH) + masked(SUBSCRIBE)
+    for cut in (len(frames), 3, len(masked(AUTH)) + 5):  # all of it, inside a header, inside the second payload
+        client = WSConnection(ConnectionType.CLIENT)
+        request = client.send(Request(host="127.0.0.1", target="/"))
+        sock = trio.socket.socket()
+        await sock.connect(("127.0.0.1", firehose.port))
+        await send_all(sock, request + frames[:cut])
+        await trio.sleep(0.05)  # let the proxy read the first part alone, when there is a second
+        if cut < len(frames):
+            await send_all(sock, frames[cut:])
+        statuses = await read_statuses(sock, client, 3)
+        assert [s["status"] for s in statuses] == ["connected", "auth_success", "success"], cut
+        assert statuses[2]["message"] == "subscribed to: T.AAPL"
+        sock.close()
+
+
+async def http_exchange(port: int, request: bytes) -> bytes:
+    """Send ``request`` and read the whole answer, to the proxy's close."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    await stream.send_all(request)
+    reply = b""
+    with trio.fail_after(10):
+        while chunk := await stream.receive_some(65536):
+            reply += chunk
+    await stream.aclose()
+    return reply
+
+
+UPGRADE = (b"Host: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+           b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n")
+
+
+async def test_refused_handshakes_have_reason_phrases_and_say_why(nursery):
+    sim = await start_simulator(nursery)
+    firehose = await start_tier(nursery, firehose_config(sim))
+    old_version = await http_exchange(firehose.port, b"GET / HTTP/1.1\r\n" + UPGRADE + b"Sec-WebSocket-Version: 8\r\n\r\n")
+    assert old_version.startswith(b"HTTP/1.1 426 Upgrade Required\r\n")
+    assert b"\r\nsec-websocket-version: 13\r\n" in old_version.lower()
+    wrong_path = await http_exchange(firehose.port, b"GET /crypto HTTP/1.1\r\n" + UPGRADE + b"Sec-WebSocket-Version: 13\r\n\r\n")
+    assert wrong_path.startswith(b"HTTP/1.1 404 Not Found\r\n")
+    assert wrong_path.endswith(b"this proxy serves the stocks market at / and /stocks\n")
+    post = await http_exchange(firehose.port, b"POST / HTTP/1.1\r\n" + UPGRADE + b"Sec-WebSocket-Version: 13\r\n"
+                               b"Content-Length: 2\r\n\r\n{}")
+    assert post.startswith(b"HTTP/1.1 400 ") and post.endswith(b"a WebSocket opening handshake is a GET without a body\n")
+    no_key = await http_exchange(firehose.port, b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                                 b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    assert no_key.startswith(b"HTTP/1.1 400 ") and b"Sec-WebSocket-Key" in no_key
+
+
+async def test_a_client_that_pings_and_never_reads_costs_one_pong(nursery):
+    """Pongs wait for the kernel like data does; one waiting answers every ping before it (RFC 6455 §5.5.3).
+
+    Before: every ping queued its own pong behind the full socket (+80-130 MB
+    for a million pings); here 100,000 pings of 125 bytes would queue ~12 MB.
+    """
+    sim = await start_simulator(nursery)
+    firehose = await start_tier(nursery, firehose_config(sim, auth_timeout_seconds=120))
+    sock, client = await handshake(firehose.port, rcvbuf=4096)
+    pings = 100_000
+    batch = b"".join(client.send(Ping(payload=b"%09d" % n + b"p" * 116)) for n in range(1000))
+    last = b"last ping" + b"p" * 116
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        with trio.fail_after(120):
+            for _ in range(pings // 1000):
+                await send_all(sock, batch)  # never reading what comes back
+            await send_all(sock, client.send(Ping(payload=last)) + masked(AUTH))
+            # Frames are handled in order: once the auth after them is, every ping was answered.
+            await wait_until(lambda: any(s.state.phase.value == "authenticated" for s in firehose.hub.sessions),
+                             timeout=60, what="the pings and the auth after them to be handled")
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * MB, f"the proxy held {peak / MB:.1f} MB of pongs"
+    answers = []
+    with trio.fail_after(60):
+        while not answers or answers[-1] != last:
+            client.receive_data(await sock.recv(1 << 20))
+            answers += [event.payload for event in client.events() if isinstance(event, Pong)]
+    assert len(answers) < pings  # what the socket could not take at once was answered by one pong
+    sock.close()
+
+
+@pytest.mark.parametrize("text, reason", [
+    (r'{"action":"auth","params":"\ud800"}', r"lone surrogate \ud800 in a string"),
+    (r'{"action":"auth","params":"k\udc00ey"}', r"lone surrogate \udc00 in a string"),
+    (r'{"action":"auth","params":"\uD800\u0041"}', r"lone surrogate \uD800 in a string"),
+    (r'{"action":"auth","params":"\\ud800', "Input data was truncated"),  # an escaped backslash, then truly cut
+    (r'{"action":"auth","params":"key', "Input data was truncated"),
+])
+def test_a_lone_surrogate_is_named_not_called_truncated(text, reason):
+    with pytest.raises(ProtocolError) as error:
+        parse_client_message(text)
+    assert error.value.message == f"message is not valid JSON ({reason})"
+    assert parse_client_message(r'{"action":"auth","params":"\ud83d\ude00"}') == Auth("\U0001f600")
+
+
+async def test_a_failed_tls_handshake_is_logged_with_the_ssl_error(nursery, certificates, caplog):
+    caplog.set_level(logging.INFO, logger="proxy.server")
+    sim = await start_simulator(nursery)
+    firehose = await start_tier(nursery, firehose_config(sim, tls_cert=certificates["cert"], tls_key=certificates["key"]))
+    await http_exchange(firehose.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # plain HTTP to a TLS port
+    await wait_until(lambda: any("refused" in r.getMessage() for r in caplog.records), what="the refusal's log line")
+    line = next(r.getMessage() for r in caplog.records if "refused" in r.getMessage())
+    assert "[SSL: HTTP_REQUEST]" in line.rsplit("during the handshake:", 1)[1], line  # it said nothing
