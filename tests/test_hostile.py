@@ -245,7 +245,7 @@ def test_a_lone_surrogate_is_named_not_called_truncated(text, reason):
 
 
 async def test_a_failed_tls_handshake_is_logged_with_the_ssl_error(nursery, certificates, caplog):
-    caplog.set_level(logging.INFO, logger="proxy.server")
+    caplog.set_level(logging.INFO, logger="proxy.net.server")
     sim = await start_simulator(nursery)
     firehose = await start_tier(nursery, firehose_config(sim, tls_cert=certificates["cert"], tls_key=certificates["key"]))
     await http_exchange(firehose.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # plain HTTP to a TLS port

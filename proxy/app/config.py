@@ -119,6 +119,7 @@ def _shared(source: decouple.Config) -> dict:
         market=_read(source, "MARKET", "stocks", _choice(MARKETS)),
         log_level=_read(source, "LOG_LEVEL", "info", _choice(LOG_LEVELS)),
         library_log_level=_read(source, "LOG_LEVEL_LIBRARIES", "", _optional(_choice(LOG_LEVELS))),
+        admin_token=_read(source, "ADMIN_TOKEN", "", _optional(_admin_token)),
         unsubscribe_grace_seconds=_read(source, "UNSUBSCRIBE_GRACE_SECONDS", "5", _seconds),
         client_queue_events=_read(source, "CLIENT_QUEUE_EVENTS", "50000", _positive_int),
         slow_client_policy=SlowClientPolicy(
@@ -133,6 +134,14 @@ def _shared(source: decouple.Config) -> dict:
         max_channels_per_client=_read(source, "MAX_CHANNELS_PER_CLIENT", "10000", _positive_int),
         control_messages_per_second=_read(source, "CONTROL_MESSAGES_PER_SECOND", "50", _positive_rate),
     )
+
+
+def _admin_token(raw: str) -> str:
+    if len(raw) < 16:
+        raise ValueError("use at least 16 characters (it guards client addresses and key names)")
+    if any(character in raw for character in ";, \t\"\\"):
+        raise ValueError("a token goes into a cookie: no spaces, commas, semicolons, quotes or backslashes")
+    return raw
 
 
 def _existing_file(raw: str) -> str | None:

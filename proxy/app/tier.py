@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 
 import attrs
 import trio
@@ -21,7 +22,8 @@ from prometheus_client import CollectorRegistry
 from ..core import protocol
 from .config import TierConfig, bind_error
 from ..net.http import serve_http
-from ..core.stats import TierSnapshot, TierStats
+from ..core.stats import TierHistory, TierSnapshot, TierStats
+from .admin import make_handler
 from .exposition import TierCollector
 from ..core.outbox import SlowClientPolicy
 from ..core.routing import FrameError, route_frame
@@ -39,7 +41,7 @@ __all__ = [
     "run_tier",
 ]
 
-log = logging.getLogger("proxy.tier")
+log = logging.getLogger(__name__)
 FRAME_QUEUE = 256
 SUMMARY_INTERVAL_SECONDS = 60.0
 UPSTREAM_DISCONNECTED = "upstream_disconnected"
@@ -57,6 +59,7 @@ class Tier:
     link: UpstreamLink
     stats: TierStats
     metrics: CollectorRegistry
+    history: TierHistory = attrs.field(factory=TierHistory)
     port: int = 0
     metrics_port: int = 0
 
@@ -104,6 +107,7 @@ async def run_tier(
     frames_send, frames_receive = trio.open_memory_channel[tuple[str | bytes, float]](FRAME_QUEUE)
     label = _upstream_label(config)
 
+    history = TierHistory()
     outage_started: list[float] = []  # when the current outage began, if one is going on
     connections: list[float] = []  # when the link connected; no client hears of the first one
 
@@ -116,6 +120,7 @@ async def run_tier(
         if outage_started:
             seconds = trio.current_time() - outage_started.pop()
             stats.outage_seconds += seconds
+            history.outage_ended(seconds)
             log.warning("%s connection restored after a %.1fs outage; events sent upstream in that "
                         "window are lost (Polygon has no replay)", label, seconds)
             message = f"{label} connection restored after {seconds:.1f}s; events of that window are lost"
@@ -141,6 +146,7 @@ async def run_tier(
     def disconnected(reason: str) -> None:
         stats.outages += 1
         outage_started.append(trio.current_time())
+        history.outage_began(int(time.time() * 1000), reason)
         log.warning("lost the %s connection (%s); clients stay connected", label, reason)
         hub.broadcast(protocol.status_frame(
             UPSTREAM_DISCONNECTED,
@@ -165,13 +171,15 @@ async def run_tier(
         close_seconds=config.shutdown_close_seconds,
     )
     hub.upstream_notice = upstream_notice
-    tier = Tier(config=config, registry=registry, hub=hub, link=link, stats=stats, metrics=metrics)
+    tier = Tier(config=config, registry=registry, hub=hub, link=link, stats=stats, metrics=metrics,
+                history=history)
     metrics.register(TierCollector(tier.snapshot))
     async with trio.open_nursery() as nursery:
         nursery.start_soon(link.run)
         nursery.start_soon(_route_frames, tier, frames_receive)
         nursery.start_soon(_expire_grace, tier)
         nursery.start_soon(_log_summary, tier)
+        nursery.start_soon(_sample_rates, tier)
         try:
             tier.port = await nursery.start(serve_clients, hub)
         except OSError as error:
@@ -181,7 +189,7 @@ async def run_tier(
             try:
                 tier.metrics_port = await nursery.start(
                     functools.partial(serve_http, name=config.tier),
-                    config.host, config.metrics_port, tier.readiness, metrics,
+                    config.host, config.metrics_port, make_handler(tier, metrics),
                 )
             except OSError as error:
                 raise bind_error(config.metrics_port_setting, config.host, config.metrics_port, error) from None
@@ -248,6 +256,13 @@ async def _expire_grace(tier: Tier) -> None:
             continue
         if registry.expire():
             demand.pulse()
+
+
+async def _sample_rates(tier: Tier, interval: float = 1.0) -> None:
+    """Once a second, the events in and out, for the status page's chart (the last ten minutes)."""
+    while True:
+        tier.history.sample(int(time.time() * 1000), tier.stats.events_in, tier.stats.events_out)
+        await trio.sleep(interval)
 
 
 async def _log_summary(tier: Tier, interval: float = SUMMARY_INTERVAL_SECONDS) -> None:

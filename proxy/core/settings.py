@@ -58,6 +58,8 @@ class TierConfig:
     #: On shutdown, how long to wait for clients and upstream to answer our close frame.
     shutdown_close_seconds: float = 2.0
     backoff: Backoff = Backoff()
+    #: The token that opens /clients and the status page; None: only loopback peers may see them.
+    admin_token: str | None = None
     #: The setting ``upstream_api_key`` was read from, named when upstream refuses it.
     upstream_api_key_source: str = "POLYGON_API_KEY"
     #: Log level of third-party libraries (trio-websocket logs every message at debug);

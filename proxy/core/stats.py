@@ -10,11 +10,12 @@ socket), is plain counts as well (:class:`LatencyHistogram`).
 from __future__ import annotations
 
 import bisect
+import collections
 import itertools
 
 import attrs
 
-__all__ = ["LATENCY_BUCKETS", "LatencyHistogram", "TierSnapshot", "TierStats"]
+__all__ = ["LATENCY_BUCKETS", "LatencyHistogram", "Outage", "RateSample", "TierHistory", "TierSnapshot", "TierStats"]
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -88,3 +89,55 @@ class TierSnapshot:
     dropped_slow_consumer: int
     upstream_connected: bool
     upstream_reconnects: int
+
+
+@attrs.frozen
+class RateSample:
+    """Events per second in and out over the second that ended at ``t_ms`` (ms since the epoch)."""
+
+    t_ms: int
+    events_in: int
+    events_out: int
+
+
+@attrs.define
+class Outage:
+    """An upstream outage: when it began (ms since the epoch), how long it lasted (None: going on), why."""
+
+    began_ms: int
+    reason: str
+    seconds: float | None = None
+
+
+@attrs.define
+class TierHistory:
+    """The last minutes of a tier, for a status page: per-second rates and the latest outages.
+
+    Bounded: ``RATE_SECONDS`` samples and ``OUTAGES_KEPT`` outages; the oldest go first.
+    """
+
+    RATE_SECONDS = 600
+    OUTAGES_KEPT = 50
+    rates: collections.deque[RateSample] = attrs.field(
+        factory=lambda: collections.deque(maxlen=TierHistory.RATE_SECONDS))
+    outages: collections.deque[Outage] = attrs.field(
+        factory=lambda: collections.deque(maxlen=TierHistory.OUTAGES_KEPT))
+    _last: tuple[float, int, int] | None = None
+
+    def sample(self, now_ms: int, events_in: int, events_out: int) -> None:
+        """Record the totals at ``now_ms``; the rate is the change since the previous sample."""
+        if self._last is not None:
+            then_ms, last_in, last_out = self._last
+            elapsed = max((now_ms - then_ms) / 1000, 1e-3)
+            self.rates.append(RateSample(now_ms, round((events_in - last_in) / elapsed),
+                                         round((events_out - last_out) / elapsed)))
+        self._last = (now_ms, events_in, events_out)
+
+    def outage_began(self, now_ms: int, reason: str) -> None:
+        """An outage starts now (``now_ms``), for ``reason``."""
+        self.outages.append(Outage(began_ms=now_ms, reason=reason))
+
+    def outage_ended(self, seconds: float) -> None:
+        """The outage going on ended after ``seconds``."""
+        if self.outages and self.outages[-1].seconds is None:
+            self.outages[-1].seconds = seconds

@@ -1,8 +1,10 @@
-"""A tier's HTTP side on its metrics port: ``/healthz``, ``/readyz`` and ``/metrics``.
+"""A tier's HTTP side on its metrics port: one request per connection, answered by a handler.
 
-h11 parses the requests (the HTTP/1.1 state machine trio-websocket's stack
-already uses); prometheus-client renders the exposition. One request per
-connection, then close: scrapers and probes need nothing more.
+h11 parses the request (the HTTP/1.1 state machine trio-websocket's stack
+already uses); what to answer is the app's (:mod:`proxy.app.admin`): the server
+hands it an :class:`HttpRequest` value and writes back the :class:`HttpResponse`
+it returns, with the status's reason phrase. Scrapers, probes and a status page
+need nothing more than one request per connection.
 """
 
 from __future__ import annotations
@@ -11,71 +13,101 @@ import functools
 import logging
 from http import HTTPStatus
 from typing import Callable
+from urllib.parse import parse_qsl, unquote, urlsplit
 
+import attrs
 import h11
 import trio
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-__all__ = ["REQUEST_TIMEOUT", "MAX_REQUEST_BYTES", "respond", "serve_http"]
+__all__ = ["MAX_REQUEST_BYTES", "REQUEST_TIMEOUT", "Handler", "HttpRequest", "HttpResponse", "serve_http"]
 
-log = logging.getLogger("proxy.http")
+log = logging.getLogger(__name__)
 REQUEST_TIMEOUT = 5.0
 MAX_REQUEST_BYTES = 16_384
+TEXT = "text/plain; charset=utf-8"
 
 
-def respond(path: str, readiness: Callable[[], tuple[bool, str]],
-            registry: CollectorRegistry, name: str = "proxy") -> tuple[int, str, bytes]:
-    """Status, content type and body for a GET of ``path`` on the metrics port of tier ``name``."""
-    if path == "/healthz":
-        return 200, "text/plain; charset=utf-8", b"ok\n"
-    if path == "/readyz":
-        ready, reason = readiness()
-        return (200 if ready else 503), "text/plain; charset=utf-8", (reason + "\n").encode()
-    if path == "/metrics":
-        return 200, CONTENT_TYPE_LATEST, generate_latest(registry)
-    return 404, "text/plain; charset=utf-8", (
-        f"not found: this is the {name} tier's health and metrics port; try /healthz, /readyz or /metrics\n"
-    ).encode()
+@attrs.frozen
+class HttpRequest:
+    """What a handler needs of a request: method, decoded path, query, headers (lowercase names), peer address."""
+
+    method: str
+    path: str
+    query: dict[str, str] = attrs.field(factory=dict)
+    headers: dict[str, str] = attrs.field(factory=dict)
+    peer: str = ""
+
+
+@attrs.frozen
+class HttpResponse:
+    """A complete answer: status, body, its content type, and any extra headers."""
+
+    status: int
+    body: bytes
+    content_type: str = TEXT
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+Handler = Callable[[HttpRequest], HttpResponse]
 
 
 async def serve_http(
-    host: str, port: int, readiness: Callable[[], tuple[bool, str]], registry: CollectorRegistry,
-    *, name: str = "proxy", task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    host: str, port: int, handler: Handler, *, name: str = "proxy",
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    """Answer HTTP on ``host``:``port`` with ``handler`` until cancelled; reports the bound port.
+
+    Raises OSError when the port cannot be opened (the caller names its setting).
+    """
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()[1]
-    log.info("Health and metrics on http://%s:%d (/healthz /readyz /metrics)", host, bound)
-    handler = functools.partial(_handle, readiness=readiness, registry=registry, name=name)
+    log.info("%s tier: health, metrics and status on http://%s:%d", name, host, bound)
     async with trio.open_nursery() as nursery:
-        await nursery.start(trio.serve_listeners, handler, listeners)
+        await nursery.start(trio.serve_listeners, functools.partial(_handle, handler=handler), listeners)
         task_status.started(bound)
 
 
-async def _handle(stream: trio.SocketStream, *, readiness: Callable[[], tuple[bool, str]],
-                  registry: CollectorRegistry, name: str) -> None:
+async def _handle(stream: trio.SocketStream, *, handler: Handler) -> None:
     connection = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_BYTES)
     try:
         with trio.move_on_after(REQUEST_TIMEOUT):
             request = await _read_request(stream, connection)
             if request is None:
                 return
-            if request.method not in (b"GET", b"HEAD"):
-                status, content_type, body = 405, "text/plain; charset=utf-8", b"only GET and HEAD\n"
+            method = request.method.decode("ascii", "replace")
+            if method not in ("GET", "HEAD"):
+                response = HttpResponse(405, b"only GET and HEAD\n")
             else:
-                path = request.target.decode("ascii", "replace").split("?", 1)[0]
-                status, content_type, body = respond(path, readiness, registry, name)
-            headers = [("content-type", content_type), ("content-length", str(len(body))),
-                       ("connection", "close")]
-            reason = HTTPStatus(status).phrase.encode()  # h11 leaves it empty: "HTTP/1.1 503 "
-            data = connection.send(h11.Response(status_code=status, headers=headers, reason=reason))
-            if request.method == b"GET":
-                data += connection.send(h11.Data(data=body))
+                response = handler(_request_value(request, method, stream))
+            headers = [("content-type", response.content_type), ("content-length", str(len(response.body))),
+                       ("connection", "close"), *response.headers]
+            reason = HTTPStatus(response.status).phrase.encode()  # h11 leaves it empty: "HTTP/1.1 503 "
+            data = connection.send(h11.Response(status_code=response.status, headers=headers, reason=reason))
+            if method == "GET":
+                data += connection.send(h11.Data(data=response.body))
             data += connection.send(h11.EndOfMessage())
             await stream.send_all(data)
     except (h11.RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
         pass
+    except Exception:  # a failing handler must cost this request only, never the server
+        log.exception("the HTTP handler failed; the request got no answer")
     finally:
         await stream.aclose()
+
+
+def _request_value(request: h11.Request, method: str, stream: trio.SocketStream) -> HttpRequest:
+    target = urlsplit(request.target.decode("ascii", "replace"))
+    try:
+        peer = str(stream.socket.getpeername()[0])
+    except OSError:
+        peer = ""
+    return HttpRequest(
+        method=method,
+        path=unquote(target.path) or "/",
+        query=dict(parse_qsl(target.query)),
+        headers={name.decode("latin-1").lower(): value.decode("latin-1") for name, value in request.headers},
+        peer=peer,
+    )
 
 
 async def _read_request(stream: trio.SocketStream, connection: h11.Connection) -> h11.Request | None:

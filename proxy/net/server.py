@@ -19,6 +19,7 @@ import functools
 import itertools
 import logging
 import math
+import time
 import ssl
 from typing import Callable
 from urllib.parse import urlsplit
@@ -43,9 +44,12 @@ from ..core.session import (
 from ..core.subscriptions import SubscriptionRegistry
 from .wsserver import ConnectionClosed, WsConnection, accept_connections, open_socket_listeners
 
-__all__ = ["DROP_LOG_INTERVAL", "SLOW_CONSUMER", "ClientSession", "Hub", "serve_clients"]
+__all__ = ["DROP_LOG_INTERVAL", "SLOW_CONSUMER", "UNAUTHENTICATED", "UNNAMED_KEY", "ClientSession", "Hub", "serve_clients"]
 
-log = logging.getLogger("proxy.server")
+log = logging.getLogger(__name__)
+#: How /clients and per-key metrics name a key from the *_API_KEYS lists, and a client not yet authenticated.
+UNNAMED_KEY = "unnamed"
+UNAUTHENTICATED = "(not authenticated)"
 DROP_LOG_INTERVAL = 10.0
 SLOW_CONSUMER = protocol.status_frame(
     "slow_consumer", "Slow consumer: events queued faster than this client read them"
@@ -67,6 +71,14 @@ class ClientSession:
     drain_scope: trio.CancelScope | None = None
     close_request: tuple[int, str] | None = None
     events_sent: int = 0
+    #: The path the client connected at (its market), and when, in ms since the epoch.
+    path: str = "/"
+    connected_at_ms: int = 0
+    #: The name of the key it authenticated with ("" before auth; "unnamed" for a key from
+    #: the *_API_KEYS lists), for logs, metrics and /clients: never the key.
+    key_name: str = ""
+    #: When it last sent a control message (trio.current_time()), or None.
+    last_control_at: float | None = None
     drops_logged: int = 0  # dropped_events when a drop was last logged (drop_oldest policy)
     drops_logged_at: float = -math.inf
 
@@ -97,13 +109,18 @@ class Hub:
     #: A status frame for a client that has just authenticated, or None: the tier says
     #: here whether its upstream is down, so that nobody subscribes into silence unwarned.
     upstream_notice: Callable[[], str | None] = lambda: None
+    #: Events sent and dropped by clients that have left, per key name.
+    closed_key_totals: dict[str, list[int]] = attrs.field(factory=dict)
     #: Sessions given events since the last flush, in the order they were first touched.
     _touched: dict[ClientSession, None] = attrs.field(factory=dict)
 
-    def open_session(self, peer: str, connection: WsConnection) -> ClientSession:
+    def open_session(self, peer: str, connection: WsConnection, path: str = "/") -> ClientSession:
+        """Register a client that completed the WebSocket handshake; it starts unauthenticated."""
         session = ClientSession(
             id=next(self._ids),
             peer=peer,
+            path=path,
+            connected_at_ms=int(time.time() * 1000),
             connection=connection,
             outbox=Outbox(self.config.client_queue_events, self.config.slow_client_policy),
             state=SessionState(
@@ -134,6 +151,10 @@ class Hub:
         return None
 
     def close_session(self, session: ClientSession) -> None:
+        """Forget a client that left: its channels are released and its totals kept per key."""
+        totals = self.closed_key_totals.setdefault(session.key_name or UNAUTHENTICATED, [0, 0])
+        totals[0] += session.events_sent
+        totals[1] += session.outbox.dropped_events
         # The connection's notify is the session's: a reference cycle, which would keep both, and every
         # byte they hold, until the cycle collector happened to run.
         session.connection.notify = _ignore
@@ -148,6 +169,16 @@ class Hub:
             self.stats.dropped_slow_consumer += session.outbox.dropped_events
         else:
             self.stats.dropped_drop_oldest += session.outbox.dropped_events
+
+    def key_totals(self) -> dict[str, tuple[int, int, int]]:
+        """Per key name: (clients connected, events sent, events dropped), those who left included."""
+        totals = {name: [0, sent, dropped] for name, (sent, dropped) in self.closed_key_totals.items()}
+        for session in self.sessions:
+            entry = totals.setdefault(session.key_name or UNAUTHENTICATED, [0, 0, 0])
+            entry[0] += 1
+            entry[1] += session.events_sent
+            entry[2] += session.outbox.dropped_events
+        return {name: (clients, sent, dropped) for name, (clients, sent, dropped) in totals.items()}
 
     def dropped(self, policy: SlowClientPolicy) -> int:
         """Events lost under one policy: closed sessions' counts plus those still connected."""
@@ -170,6 +201,7 @@ class Hub:
         for reply in reaction.replies:
             session.outbox.put_frame(reply)  # its writer sends it, after anything queued before
         if reaction.outcome == "authenticated":
+            session.key_name = UNNAMED_KEY
             notice = self.upstream_notice()
             if notice is not None:
                 session.outbox.put_frame(notice)
@@ -304,7 +336,7 @@ async def serve_clients(
             await connection.aclose(CLOSE_TRY_AGAIN_LATER, "connection limit", config.shutdown_close_seconds)
             return
         try:
-            await _run_session(hub, connection, peer)
+            await _run_session(hub, connection, peer, path)
         except Exception:  # a bug in one session must not end the server for everyone
             log.exception("client session from %s failed; other clients are unaffected", peer)
 
@@ -334,8 +366,8 @@ def _ip(peer: str) -> str:
     return peer.rsplit(":", 1)[0]
 
 
-async def _run_session(hub: Hub, connection: WsConnection, peer: str) -> None:
-    session = hub.open_session(peer, connection)
+async def _run_session(hub: Hub, connection: WsConnection, peer: str, path: str) -> None:
+    session = hub.open_session(peer, connection, path)
     log.info("%s connected", session.label)
     try:
         connection.send_texts([protocol.CONNECTED])
@@ -371,7 +403,8 @@ async def _read_loop(hub: Hub, session: ClientSession) -> None:
             log.info("%s sent no auth within %ss", session.label, hub.config.auth_timeout_seconds)
             hub.react(session, session.state.timed_out())
             return
-        reaction = session.state.receive(message, trio.current_time())
+        session.last_control_at = trio.current_time()
+        reaction = session.state.receive(message, session.last_control_at)
         if reaction.close_code is not None:
             log.info("%s: %s", session.label, reaction.close_reason)
         hub.react(session, reaction)

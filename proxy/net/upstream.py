@@ -45,7 +45,7 @@ __all__ = [
     "UpstreamLink",
 ]
 
-log = logging.getLogger("proxy.upstream")
+log = logging.getLogger(__name__)
 _jitter = random.Random()  # backoff jitter; not the global generator, which others may seed
 SUBSCRIBE_CHUNK = 500
 NOT_CONNECTED_YET = "not connected yet"

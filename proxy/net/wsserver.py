@@ -53,7 +53,7 @@ __all__ = [
     "accept_connections",
 ]
 
-log = logging.getLogger("proxy.wsserver")
+log = logging.getLogger(__name__)
 RECEIVE_BYTES = 65536
 CLOSE_ABNORMAL = 1006  # never sent: what a connection that vanished without a close frame is said to have
 CLOSE_MESSAGE_TOO_BIG = 1009

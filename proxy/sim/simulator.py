@@ -52,7 +52,7 @@ __all__ = [
     "main",
 ]
 
-log = logging.getLogger("proxy.simulator")
+log = logging.getLogger(__name__)
 TICK_SECONDS = 0.01
 MAX_FRAME_EVENTS = 200
 CONNECTION_QUEUE_FRAMES = 2000
