@@ -89,6 +89,15 @@ class TierCollector:
         yield gauge("proxy_upstream_connected", "1 while the upstream is connected and authenticated",
                     1 if snapshot.upstream_connected else 0)
         yield counter("proxy_upstream_reconnects", "Upstream reconnect attempts", snapshot.upstream_reconnects)
+        per_key = [("proxy_key_clients", "Clients connected now, per key name", GaugeMetricFamily, 0),
+                   ("proxy_key_events_sent", "Events sent to clients, per key name", CounterMetricFamily, 1),
+                   ("proxy_key_events_dropped", "Events not delivered to clients, per key name",
+                    CounterMetricFamily, 2)]
+        for metric, documentation, kind, index in per_key:
+            family = kind(metric, documentation, labels=["tier", "key"])
+            for key, figures in sorted(snapshot.keys.items()):
+                family.add_metric([*name, key], figures[index])
+            yield family
         yield histogram_family(
             stats.routing_latency, "proxy_routing_latency_seconds",
             "Time from a frame's arrival from upstream to its events being handed to a client socket",

@@ -76,6 +76,7 @@ class Tier:
             dropped_slow_consumer=hub.dropped(SlowClientPolicy.DISCONNECT),
             upstream_connected=self.link.state is LinkState.CONNECTED,
             upstream_reconnects=self.link.reconnects,
+            keys=hub.key_totals(),
         )
 
     def readiness(self) -> tuple[bool, str]:

@@ -89,6 +89,8 @@ class TierSnapshot:
     dropped_slow_consumer: int
     upstream_connected: bool
     upstream_reconnects: int
+    #: Per key name: (clients connected, events sent, events dropped), clients that left included.
+    keys: dict[str, tuple[int, int, int]] = attrs.field(factory=dict)
 
 
 @attrs.frozen
