@@ -21,12 +21,14 @@ from urllib.parse import urlsplit
 import attrs
 import decouple
 
+from ..core.entitlements import KeyBook, parse_key_file
 from ..core.errors import ConfigError
 from ..core.outbox import SlowClientPolicy
 from ..core.protocol import EVERYTHING_CHANNEL, Channel, ProtocolError, parse_channel_list
 from ..core.settings import MARKETS, SimulatorConfig, TierConfig
 
 __all__ = [
+    "read_key_file",
     "LOG_LEVELS",
     "load_firehose_config",
     "load_filtered_config",
@@ -173,6 +175,20 @@ def _required(source: decouple.Config, name: str) -> str:
     return value
 
 
+def read_key_file(path: str) -> KeyBook:
+    """The named keys in ``path`` (API_KEYS_FILE); ConfigError naming the file, line and problem."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError("API_KEYS_FILE", f"cannot read {path}: {error}") from None
+    return parse_key_file(text, path)
+
+
+def _key_file(source: decouple.Config) -> dict:
+    path = _read(source, "API_KEYS_FILE", "", str)
+    return dict(api_keys_file=path or None, key_book=read_key_file(path) if path else KeyBook())
+
+
 def load_firehose_config() -> TierConfig:
     """The firehose's configuration from the environment and ``.env``; raises ConfigError naming a bad variable."""
     source = _source()
@@ -190,6 +206,7 @@ def load_firehose_config() -> TierConfig:
         allow_any_key=False,
         metrics_port=_read(source, "FIREHOSE_METRICS_PORT", "9767", _port) or None,
         **_tls(source, "FIREHOSE"),
+        **_key_file(source),
         **_shared(source),
     )
 
@@ -202,6 +219,7 @@ def load_filtered_config() -> TierConfig:
     if not accepted and api_key:
         accepted = frozenset({api_key})
     firehose_key, firehose_key_source = _firehose_key(source, api_key)
+    keys = _key_file(source)
     return TierConfig(
         tier="filtered",
         upstream_url=_read(source, "FIREHOSE_URL", "ws://localhost:8767", _ws_url),
@@ -212,9 +230,10 @@ def load_filtered_config() -> TierConfig:
         host=_read(source, "FILTERED_PROXY_HOST", "0.0.0.0", str),
         port=_read(source, "FILTERED_PROXY_PORT", "8765", _port),
         api_keys=accepted,
-        allow_any_key=not accepted,
+        allow_any_key=not accepted and not keys["key_book"],
         metrics_port=_read(source, "FILTERED_METRICS_PORT", "9765", _port) or None,
         **_tls(source, "FILTERED_PROXY"),
+        **keys,
         **_shared(source),
     )
 

@@ -82,6 +82,7 @@ class TierCollector:
                                       labels=["tier", "reason"])
         refused.add_metric([*name, "max_clients"], stats.refused_max_clients)
         refused.add_metric([*name, "max_connections_per_ip"], stats.refused_per_ip)
+        refused.add_metric([*name, "key_max_connections"], stats.refused_per_key)
         yield refused
         yield counter("proxy_upstream_outages", "Upstream outages (connected, then lost)", stats.outages)
         yield counter("proxy_upstream_outage_seconds", "Seconds without upstream after a loss, in all "

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import signal
 import time
 
 import attrs
@@ -20,16 +22,18 @@ import trio
 from prometheus_client import CollectorRegistry
 
 from ..core import protocol
-from .config import TierConfig, bind_error
-from ..net.http import serve_http
-from ..core.stats import TierHistory, TierSnapshot, TierStats
-from .admin import make_handler
-from .exposition import TierCollector
+from ..core.errors import ConfigError
 from ..core.outbox import SlowClientPolicy
 from ..core.routing import FrameError, route_frame
-from ..net.server import Hub, serve_clients
+from ..core.settings import TierConfig
+from ..core.stats import TierHistory, TierSnapshot, TierStats
 from ..core.subscriptions import SubscriptionRegistry
+from ..net.http import serve_http
+from ..net.server import Hub, serve_clients
 from ..net.upstream import NOT_CONNECTED_YET, LinkState, UpstreamLink
+from .admin import make_handler
+from .config import bind_error, read_key_file
+from .exposition import TierCollector
 
 __all__ = [
     "FRAME_QUEUE",
@@ -104,7 +108,7 @@ async def run_tier(
     )
     stats = TierStats()
     metrics = CollectorRegistry()
-    hub = Hub(config=config, registry=registry, stats=stats)
+    hub = Hub(config=config, registry=registry, stats=stats, key_book=config.key_book)
     frames_send, frames_receive = trio.open_memory_channel[tuple[str | bytes, float]](FRAME_QUEUE)
     label = _upstream_label(config)
 
@@ -181,6 +185,7 @@ async def run_tier(
         nursery.start_soon(_expire_grace, tier)
         nursery.start_soon(_log_summary, tier)
         nursery.start_soon(_sample_rates, tier)
+        nursery.start_soon(_reload_keys, tier, config.api_keys_file)
         try:
             tier.port = await nursery.start(serve_clients, hub)
         except OSError as error:
@@ -257,6 +262,52 @@ async def _expire_grace(tier: Tier) -> None:
             continue
         if registry.expire():
             demand.pulse()
+
+
+#: How often the key file's modification time is checked (SIGHUP reloads at once).
+KEY_FILE_POLL_SECONDS = 2.0
+
+
+async def _reload_keys(tier: Tier, path: str | None, poll_seconds: float = KEY_FILE_POLL_SECONDS) -> None:
+    """Re-read API_KEYS_FILE on SIGHUP and whenever it changes; a bad file keeps the old keys.
+
+    SIGHUP is taken even without a key file (``systemctl reload`` must never stop a tier).
+    One process, one tier: SIGHUP goes to the receiver opened last, so only the tier a
+    process runs (as trio-run does) hears it; a change of the file is seen by any tier.
+    """
+    if path is None:
+        with trio.open_signal_receiver(signal.SIGHUP) as hangups:
+            async for _ in hangups:
+                log.info("SIGHUP: no API_KEYS_FILE is set, so there is nothing to re-read")
+        return
+
+    def stamp() -> tuple[float, int] | None:
+        try:
+            status = os.stat(path)
+        except OSError:
+            return None
+        return status.st_mtime_ns, status.st_size
+
+    last = stamp()
+    with trio.open_signal_receiver(signal.SIGHUP) as hangups:
+        while True:
+            hangup = False
+            with trio.move_on_after(poll_seconds):
+                async for _ in hangups:
+                    hangup = True
+                    break
+            now = stamp()
+            if not hangup and now == last:
+                continue
+            last = now
+            log.info("re-reading the key file %s (%s)", path, "SIGHUP" if hangup else "it changed")
+            try:
+                book = read_key_file(path)
+            except ConfigError as error:
+                log.error("key file not reloaded, the old keys stay in force: %s", error)
+                continue
+            tier.hub.reload_keys(book)
+            log.info("key file reloaded: %d named keys (%s)", len(book), ", ".join(book.names()) or "none")
 
 
 async def _sample_rates(tier: Tier, interval: float = 1.0) -> None:

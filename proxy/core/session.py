@@ -15,6 +15,7 @@ from typing import Collection
 import attrs
 
 from . import protocol
+from .entitlements import KeyBook, KeyEntry
 from .keys import key_matches
 from .protocol import Auth, Channel, ProtocolError, Subscribe, Unsubscribe
 
@@ -65,6 +66,12 @@ class SessionState:
 
     accepted_keys: frozenset[str]
     allow_any_key: bool = False
+    #: Named keys with entitlements (API_KEYS_FILE), besides the unnamed ``accepted_keys``.
+    key_book: KeyBook = attrs.field(factory=KeyBook)
+    #: The market this connection is for, checked against a named key's ``markets``.
+    market: str = "stocks"
+    #: The named key it authenticated with; None for an unnamed key (or before auth).
+    key: KeyEntry | None = None
     max_channels_per_message: int = 10_000
     max_channels_per_client: int = 10_000
     control_rate: float = 50.0
@@ -106,6 +113,14 @@ class SessionState:
                 outcome="error",
             )
         if isinstance(action, Subscribe):
+            if self.key is not None:
+                refused = self.key.refused(action.channels)
+                if refused:
+                    shown = ", ".join(channel.text for channel in refused[:10])
+                    more = f" and {len(refused) - 10} more" if len(refused) > 10 else ""
+                    return Reaction(replies=(protocol.error_frame(
+                        f"not entitled: key {self.key.name!r} may not subscribe {shown}{more}; "
+                        "nothing of this subscribe was applied"),), outcome="error")
             new = [channel for channel in action.channels if channel not in self.channels]
             if len(self.channels) + len(new) > self.max_channels_per_client:
                 return Reaction(replies=(protocol.error_frame(
@@ -126,6 +141,35 @@ class SessionState:
             unsubscribe=action.channels,
         )
 
+    def revoke(self, book: KeyBook) -> Reaction | None:
+        """After the key file changed: what to do about this session, or None if nothing changes.
+
+        A named key that is gone closes the session with a status saying why; channels
+        the key is no longer entitled to are unsubscribed with a status; otherwise the
+        session carries on with the key's new entitlements.
+        """
+        self.key_book = book
+        if self.key is None:
+            return None
+        current = next((entry for entry in book.entries if entry.sha256 == self.key.sha256), None)
+        if current is None:
+            name, self.key, self.phase = self.key.name, None, Phase.CLOSED
+            return Reaction(
+                replies=(protocol.status_frame("auth_revoked", f"key {name!r} was removed from the key file"),),
+                close_code=CLOSE_POLICY_VIOLATION, close_reason="key revoked", outcome="auth_failed",
+            )
+        self.key = current
+        dropped = tuple(sorted(current.refused(self.channels), key=lambda c: (c.ev_type, c.symbol)))
+        if not dropped:
+            return None
+        self.channels.difference_update(dropped)
+        return Reaction(
+            replies=(protocol.error_frame(
+                f"not entitled any more: key {current.name!r} lost {', '.join(c.text for c in dropped[:10])}"
+                + (f" and {len(dropped) - 10} more" if len(dropped) > 10 else "") + "; unsubscribed"),),
+            unsubscribe=dropped,
+        )
+
     def _take_token(self, now: float) -> bool:
         if self._tokens is None:
             self._tokens, self._last = self.control_burst, now
@@ -139,8 +183,17 @@ class SessionState:
     def _auth(self, action: Auth) -> Reaction:
         if self.phase is Phase.AUTHENTICATED:
             return Reaction(replies=(protocol.error_frame("already authenticated"),), outcome="error")
-        if self.allow_any_key or key_matches(action.api_key, self.accepted_keys):
+        named = self.key_book.identify(action.api_key) if len(self.key_book) else None
+        if named is not None and not named.serves(self.market):
+            self.phase = Phase.CLOSED
+            return Reaction(
+                replies=(protocol.status_frame(
+                    "auth_failed", f"key {named.name!r} is not entitled to the {self.market} market"),),
+                close_code=CLOSE_POLICY_VIOLATION, close_reason="market not entitled", outcome="auth_failed",
+            )
+        if named is not None or self.allow_any_key or key_matches(action.api_key, self.accepted_keys):
             self.phase = Phase.AUTHENTICATED
+            self.key = named
             return Reaction(replies=(protocol.AUTH_SUCCESS,), outcome="authenticated")
         self.phase = Phase.CLOSED
         return Reaction(

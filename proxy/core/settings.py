@@ -9,6 +9,7 @@ from __future__ import annotations
 import attrs
 
 from .backoff import Backoff
+from .entitlements import KeyBook
 from .outbox import SlowClientPolicy
 from .protocol import Channel
 
@@ -58,6 +59,9 @@ class TierConfig:
     #: On shutdown, how long to wait for clients and upstream to answer our close frame.
     shutdown_close_seconds: float = 2.0
     backoff: Backoff = Backoff()
+    #: Named keys with entitlements, read from ``api_keys_file`` (API_KEYS_FILE), which SIGHUP re-reads.
+    key_book: KeyBook = attrs.field(factory=KeyBook)
+    api_keys_file: str | None = None
     #: The token that opens /clients and the status page; None: only loopback peers may see them.
     admin_token: str | None = None
     #: The setting ``upstream_api_key`` was read from, named when upstream refuses it.

@@ -31,6 +31,7 @@ from ..core import protocol
 from .beacon import Beacon
 from ..core.settings import TierConfig
 from ..core.stats import TierStats
+from ..core.entitlements import KeyBook
 from ..core.outbox import Outbox, SlowClientPolicy
 from ..core.routing import RoutedFrame
 from ..core.session import (
@@ -109,6 +110,8 @@ class Hub:
     #: A status frame for a client that has just authenticated, or None: the tier says
     #: here whether its upstream is down, so that nobody subscribes into silence unwarned.
     upstream_notice: Callable[[], str | None] = lambda: None
+    #: Named keys (API_KEYS_FILE); replaced on reload.
+    key_book: KeyBook = attrs.field(factory=KeyBook)
     #: Events sent and dropped by clients that have left, per key name.
     closed_key_totals: dict[str, list[int]] = attrs.field(factory=dict)
     #: Sessions given events since the last flush, in the order they were first touched.
@@ -130,6 +133,8 @@ class Hub:
                 max_channels_per_client=self.config.max_channels_per_client,
                 control_rate=self.config.control_messages_per_second,
                 control_burst=2 * self.config.control_messages_per_second,
+                key_book=self.key_book,
+                market=self.config.market,
             ),
         )
         connection.notify = session.notify
@@ -170,6 +175,28 @@ class Hub:
         else:
             self.stats.dropped_drop_oldest += session.outbox.dropped_events
 
+    def _over_key_limit(self, session: ClientSession) -> str | None:
+        """Why ``session`` may not stay under its named key's ``max_connections``, or None."""
+        key = session.state.key
+        if key is None or key.max_connections is None:
+            return None
+        holding = sum(1 for other in self.sessions if other is not session and other.state.key is not None
+                      and other.state.key.sha256 == key.sha256 and other.close_request is None)
+        if holding < key.max_connections:
+            return None
+        return f"key {key.name!r} may hold at most {key.max_connections} connections (API_KEYS_FILE)"
+
+    def reload_keys(self, book: KeyBook) -> None:
+        """Use the key file's new contents: sessions of a removed key are closed, channels no longer
+        entitled are unsubscribed, and everyone else carries on unnoticed."""
+        self.key_book = book
+        for session in list(self.sessions):
+            reaction = session.state.revoke(book)
+            if reaction is not None:
+                log.info("%s: key file reloaded: %s", session.label,
+                         reaction.close_reason or "channels no longer entitled unsubscribed")
+                self.react(session, reaction)
+
     def key_totals(self) -> dict[str, tuple[int, int, int]]:
         """Per key name: (clients connected, events sent, events dropped), those who left included."""
         totals = {name: [0, sent, dropped] for name, (sent, dropped) in self.closed_key_totals.items()}
@@ -188,6 +215,8 @@ class Hub:
 
     def react(self, session: ClientSession, reaction: Reaction) -> None:
         """Apply what the session state decided: demand changes first, then answers."""
+        if reaction.outcome == "authenticated":
+            reaction = self._authenticated(session, reaction)
         if reaction.outcome == "error":
             self.stats.control_errors += 1
         elif reaction.outcome == "auth_failed":
@@ -200,14 +229,25 @@ class Hub:
             self._apply_demand(self.registry.unsubscribe(session, reaction.unsubscribe))
         for reply in reaction.replies:
             session.outbox.put_frame(reply)  # its writer sends it, after anything queued before
-        if reaction.outcome == "authenticated":
-            session.key_name = UNNAMED_KEY
-            notice = self.upstream_notice()
-            if notice is not None:
-                session.outbox.put_frame(notice)
         if reaction.close_code is not None:
             session.close_request = (reaction.close_code, reaction.close_reason)
         session.notify()
+
+    def _authenticated(self, session: ClientSession, reaction: Reaction) -> Reaction:
+        """Name the session's key; refuse it over its key's connection limit, as Polygon refuses
+        one connection too many; else tell it now if the upstream is down."""
+        key = session.state.key
+        session.key_name = UNNAMED_KEY if key is None else key.name
+        over = self._over_key_limit(session)
+        if over is not None:
+            log.warning("refused %s: %s", session.label, over)
+            self.stats.refused_per_key += 1
+            session.state.phase = Phase.CLOSED
+            return Reaction(replies=(protocol.status_frame("max_connections", over),),
+                            close_code=CLOSE_TRY_AGAIN_LATER, close_reason="key connection limit",
+                            outcome="refused")
+        notice = self.upstream_notice()
+        return reaction if notice is None else attrs.evolve(reaction, replies=(*reaction.replies, notice))
 
     def _apply_demand(self, delta: object) -> None:
         # Pulse even for an empty delta: an unsubscribe that only starts a grace
