@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import functools
 import logging
+import socket
 from typing import Callable
 
 import h11
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from .accepting import AcceptTrouble, PendingConnections, accept_forever, open_socket_listeners
 
 log = logging.getLogger("proxy.http")
 REQUEST_TIMEOUT = 5.0
@@ -35,15 +38,35 @@ def respond(path: str, readiness: Callable[[], tuple[bool, str]],
 
 async def serve_http(
     host: str, port: int, readiness: Callable[[], tuple[bool, str]], registry: CollectorRegistry,
-    *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    *, pending: PendingConnections | None = None, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    listeners = await trio.open_tcp_listeners(port, host=host)
-    bound = listeners[0].socket.getsockname()[1]
+    """Serve until cancelled. Out of descriptors, accept failures are logged once per episode (trio's
+    serve_listeners logged a traceback every 0.1 s) and, given the tier's ``pending`` connections, the
+    oldest unauthenticated client is closed to make room, as the client listener does: a probe must
+    get through while a crowd of clients holds the descriptors."""
+    listeners = await open_socket_listeners(host, port)
+    bound = listeners[0].getsockname()[1]
     log.info("Health and metrics on http://%s:%d (/healthz /readyz /metrics)", host, bound)
-    handler = functools.partial(_handle, readiness=readiness, registry=registry)
     async with trio.open_nursery() as nursery:
-        await nursery.start(trio.serve_listeners, handler, listeners)
+        for listener in listeners:
+            nursery.start_soon(_serve, listener, readiness, registry, pending)
         task_status.started(bound)
+
+
+async def _serve(listener: socket.socket, readiness: Callable[[], tuple[bool, str]], registry: CollectorRegistry,
+                 pending: PendingConnections | None) -> None:
+    trouble = AcceptTrouble(f"metrics listener {listener.getsockname()[0]}:{listener.getsockname()[1]}", log)
+    async with trio.open_nursery() as handlers:
+
+        def start(sock: socket.socket, _address: object) -> None:
+            stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+            handlers.start_soon(functools.partial(_handle, stream, readiness=readiness, registry=registry))
+
+        try:
+            await accept_forever(listener, start, trouble, pending)
+        finally:
+            trio.lowlevel.notify_closing(listener)
+            listener.close()
 
 
 async def _handle(stream: trio.SocketStream, *, readiness: Callable[[], tuple[bool, str]],

@@ -27,6 +27,7 @@ import attrs
 import trio
 
 from . import protocol
+from .accepting import PendingConnections, open_socket_listeners
 from .beacon import Beacon
 from .config import TierConfig
 from .metrics import TierStats
@@ -41,7 +42,7 @@ from .session import (
     SessionState,
 )
 from .subscriptions import SubscriptionRegistry
-from .wsserver import ConnectionClosed, WsConnection, accept_connections, open_socket_listeners
+from .wsserver import ConnectionClosed, WsConnection, accept_connections
 
 log = logging.getLogger("proxy.server")
 DROP_LOG_INTERVAL = 10.0
@@ -91,6 +92,8 @@ class Hub:
     demand_changed: Beacon = attrs.field(factory=Beacon)
     sessions: set[ClientSession] = attrs.field(factory=set)
     connections_per_ip: collections.Counter = attrs.field(factory=collections.Counter)
+    #: Connections not yet authenticated, oldest first: closed to make room when descriptors run out.
+    pending: PendingConnections = attrs.field(factory=PendingConnections)
     _ids: itertools.count = attrs.field(factory=lambda: itertools.count(1))
     #: Sessions given events since the last flush, in the order they were first touched.
     _touched: dict[ClientSession, None] = attrs.field(factory=dict)
@@ -300,6 +303,7 @@ async def serve_clients(
         for listener in listeners:
             nursery.start_soon(functools.partial(
                 accept_connections, listener, handle, max_message_bytes=config.max_message_bytes, tls_context=tls,
+                pending=hub.pending,
             ))
         task_status.started(listeners[0].getsockname()[1])
 
@@ -334,7 +338,9 @@ async def _run_session(hub: Hub, connection: WsConnection, peer: str) -> None:
         hub.close_session(session)
         code, reason = session.close_request or (1000, "")
         timeout = hub.config.shutdown_close_seconds
-        if trio.current_effective_deadline() == -math.inf:
+        if hub.pending.was_shed(connection):  # its descriptor is needed now: no close handshake to wait for
+            code, reason, timeout = CLOSE_TRY_AGAIN_LATER, "server overloaded: out of connections", 0
+        elif trio.current_effective_deadline() == -math.inf:
             code, reason = CLOSE_GOING_AWAY, "proxy shutting down"  # the tier is shutting down: say so
         elif session.outbox.overflowed:
             timeout = hub.config.slow_client_close_seconds  # it is slow by definition: give it time, not forever
@@ -361,6 +367,8 @@ async def _read_loop(hub: Hub, session: ClientSession) -> None:
         if reaction.close_code is not None:
             log.info("%s: %s", session.label, reaction.close_reason)
         hub.react(session, reaction)
+        if waiting_for_auth and session.state.phase is Phase.AUTHENTICATED:
+            hub.pending.discard(session.connection)  # never shed for descriptors from now on
 
 
 async def _write_loop(hub: Hub, session: ClientSession, stop: Callable[[], None]) -> None:

@@ -10,6 +10,7 @@ running :class:`Tier` to the caller (tests read its port, link and hub).
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import attrs
@@ -124,9 +125,9 @@ async def run_tier(
         tier.port = await nursery.start(serve_clients, hub)
         log.info("Listening for clients on ws://%s:%d", config.host, tier.port)
         if config.metrics_port is not None:
-            tier.metrics_port = await nursery.start(
-                serve_http, config.host, config.metrics_port, tier.readiness, metrics
-            )
+            tier.metrics_port = await nursery.start(functools.partial(
+                serve_http, config.host, config.metrics_port, tier.readiness, metrics, pending=hub.pending,
+            ))
         task_status.started(tier)
 
 

@@ -7,11 +7,16 @@ what grows is the proxy's.
 
 from __future__ import annotations
 
+import errno
+import functools
 import gc
 import json
 import logging
 import os
+import pathlib
 import socket
+import subprocess
+import sys
 import tracemalloc
 import weakref
 
@@ -22,6 +27,7 @@ from wsproto.connection import Connection
 from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Ping, Pong, Request, TextMessage
 
 from proxy.protocol import Auth, ProtocolError, parse_client_message
+from proxy.wsserver import accept_connections
 
 from .conftest import FIREHOSE_KEY, firehose_config, start_simulator, start_tier, wait_until
 from .test_reliability import certificates  # noqa: F401 (a fixture)
@@ -251,3 +257,135 @@ async def test_a_failed_tls_handshake_is_logged_with_the_ssl_error(nursery, cert
     await wait_until(lambda: any("refused" in r.getMessage() for r in caplog.records), what="the refusal's log line")
     line = next(r.getMessage() for r in caplog.records if "refused" in r.getMessage())
     assert "[SSL: HTTP_REQUEST]" in line.rsplit("during the handshake:", 1)[1], line  # it said nothing
+
+
+# --- running out of file descriptors -------------------------------------------------------------
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+async def _log_shows(path: pathlib.Path, text: str, timeout: float) -> str:
+    with trio.move_on_after(timeout):
+        while text not in (log := path.read_text()):
+            await trio.sleep(0.05)
+        return log
+    raise AssertionError(f"{text!r} never appeared in the tier's log:\n{path.read_text()[-3000:]}")
+
+
+async def test_out_of_descriptors_a_client_that_authenticates_still_gets_in_and_the_log_says_so_once(tmp_path):
+    """600 connections that never authenticate, against a tier allowed 200 descriptors.
+
+    Before: the accept loop logged an ERROR every 0.1 s, the metrics listener a
+    traceback per retry, and a real client waited in the kernel's queue until
+    the crowd's auth timeout (2 minutes here) freed descriptors. Now the oldest
+    unauthenticated connections are closed to make room, one per failed accept.
+    """
+    stderr = tmp_path / "tier.log"
+    overrides = {"metrics_port": 0, "auth_timeout_seconds": 120}
+    with open(stderr, "w") as err:
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "tests.limited_tier", "200", json.dumps(overrides)],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=err)
+    crowd: list[trio.socket.SocketType] = []
+    try:
+        assert process.stdout is not None
+        with trio.fail_after(60):
+            line = b""
+            while not line.endswith(b"\n"):
+                line += await process.stdout.receive_some(100)
+        port, metrics_port = map(int, line.split())
+        for _ in range(600):
+            sock = trio.socket.socket()
+            await sock.connect(("127.0.0.1", port))  # the kernel completes it, accepted or not
+            crowd.append(sock)
+        await _log_shows(stderr, "Too many open files", timeout=60)
+        # A probe gets through...
+        assert (await http_exchange(metrics_port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")).startswith(b"HTTP/1.1 200")
+        # ...and so does a client that authenticates, long before the crowd's auth timeout.
+        with trio.fail_after(60):
+            sock, client = await handshake(port)
+            await send_all(sock, masked(AUTH))
+            assert [s["status"] for s in await read_statuses(sock, client, 2)] == ["connected", "auth_success"]
+        for sock in crowd:
+            sock.close()
+        log = await _log_shows(stderr, "client listener 127.0.0.1:%d: accepting again" % port, timeout=60)
+    finally:
+        for sock in crowd:
+            sock.close()
+        process.kill()
+        await process.wait()
+    log = stderr.read_text()
+    client_listener = [line for line in log.splitlines() if line.startswith("ERROR") and "client listener" in line]
+    assert len(client_listener) == 1 and "EMFILE" in client_listener[0], client_listener[:5]
+    recovered = next(line for line in log.splitlines() if "client listener" in line and "accepting again" in line)
+    assert "unauthenticated connections closed to make room" in recovered
+    assert "Traceback" not in log
+    assert sum(line.startswith("ERROR") for line in log.splitlines()) <= 2  # the client and metrics listeners
+
+
+class _Listener(socket.socket):
+    """A listening socket whose accept() first fails ``failures`` times with ``error``."""
+
+    def __init__(self, error: int, failures: int) -> None:
+        super().__init__()
+        self.error, self.failures, self.calls = error, failures, 0
+        self.other_task_ran_meanwhile = 0  # counted by the test: did anything else run between the failures?
+        self.seen_by_failure: list[int] = []
+
+    def accept(self):  # type: ignore[override]
+        self.calls += 1
+        if self.error == errno.EINVAL and self.calls > 50:
+            raise AssertionError("accept was retried after an error that does not go away")
+        if self.calls <= self.failures:
+            self.seen_by_failure.append(self.other_task_ran_meanwhile)
+            raise OSError(self.error, os.strerror(self.error))
+        return super().accept()
+
+
+def _flatten(error: BaseException) -> list[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in _flatten(inner)]
+    return [error]
+
+
+async def test_accept_errors_are_retried_only_when_they_concern_one_connection():
+    async def handler(connection: object, peer: str) -> None:
+        pass
+
+    # Bound and not listening: EINVAL forever. It used to be retried without a checkpoint (a spin).
+    listener = _Listener(errno.EINVAL, failures=10**9)
+    listener.bind(("127.0.0.1", 0))
+    listener.setblocking(False)
+    with pytest.raises(BaseException) as raised:
+        with trio.fail_after(10):
+            await accept_connections(listener, handler, max_message_bytes=1000)
+    assert [getattr(e, "errno", e) for e in _flatten(raised.value)] == [errno.EINVAL]
+
+    # A connection aborted before it was accepted: the next one is; other tasks run in between.
+    listener = _Listener(errno.ECONNABORTED, failures=100)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.setblocking(False)
+    accepted = trio.Event()
+
+    async def count_turns() -> None:
+        while True:
+            listener.other_task_ran_meanwhile += 1
+            await trio.lowlevel.checkpoint()
+
+    async def served(connection: object, peer: str) -> None:
+        accepted.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(count_turns)
+        nursery.start_soon(functools.partial(accept_connections, listener, served, max_message_bytes=1000))
+        with trio.fail_after(10):
+            await trio.lowlevel.checkpoint()
+            client = trio.socket.socket()
+            await client.connect(listener.getsockname())
+            await accepted.wait()
+        nursery.cancel_scope.cancel()
+    client.close()
+    assert listener.calls > 100
+    turns = listener.seen_by_failure[-1] - listener.seen_by_failure[0]
+    assert turns > 0, "the accept loop retried 100 times without letting anything else run"
