@@ -26,11 +26,21 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.connection import Connection
 from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Ping, Pong, Request, TextMessage
 
+from proxy.outbox import SlowClientPolicy
 from proxy.protocol import Auth, ProtocolError, parse_client_message
 from proxy.wsserver import accept_connections
 
-from .conftest import FIREHOSE_KEY, firehose_config, start_simulator, start_tier, wait_until
-from .test_reliability import certificates  # noqa: F401 (a fixture)
+from .conftest import (
+    CLIENT_KEY,
+    FIREHOSE_KEY,
+    authed_client,
+    filtered_config,
+    firehose_config,
+    start_simulator,
+    start_tier,
+    wait_until,
+)
+from .test_reliability import ALL_STREAM, Neighbour, certificates  # noqa: F401 (certificates: a fixture)
 
 MB = 1 << 20
 
@@ -389,3 +399,105 @@ async def test_accept_errors_are_retried_only_when_they_concern_one_connection()
     assert listener.calls > 100
     turns = listener.seen_by_failure[-1] - listener.seen_by_failure[0]
     assert turns > 0, "the accept loop retried 100 times without letting anything else run"
+
+
+# --- slow clients under load ----------------------------------------------------------------------
+
+
+class SlowReader:
+    """A client with a 4 KiB receive buffer that reads 1 KiB at a time, then (``fast``) all it can."""
+
+    def __init__(self, sock: trio.socket.SocketType, client: WSConnection) -> None:
+        self.sock, self.client = sock, client
+        self.sequence: list[int] = []  # q of every event received (T, Q and LULD carry one, gapless upstream)
+        self.statuses: list[str] = []
+        self.close_code: int | None = None
+        self.fast = False
+        self._parts: list[str] = []
+
+    async def run(self) -> None:
+        while self.close_code is None:
+            data = await self.sock.recv(1 << 20 if self.fast else 1024)
+            self.client.receive_data(data or None)
+            for event in self.client.events():
+                if isinstance(event, CloseConnection):
+                    self.close_code = event.code
+                elif isinstance(event, TextMessage):
+                    self._parts.append(event.data)
+                    if event.message_finished:
+                        for item in json.loads("".join(self._parts)):
+                            if "q" in item:
+                                self.sequence.append(item["q"])
+                            elif item.get("ev") == "status":
+                                self.statuses.append(item["message"] if item["status"] == "success" else item["status"])
+                        self._parts = []
+            if not self.fast:
+                await trio.sleep(0.02)
+
+
+@pytest.mark.parametrize("policy", ["disconnect", "drop_oldest"])
+async def test_slow_client_policies_fire_under_load_and_the_neighbour_loses_nothing(nursery, policy):
+    """A reader far slower than its feed, while the kernel's buffers take what they can.
+
+    Checked: the policy fires; what the proxy holds for the slow client
+    (queued, plus written but still in the connection's backlog) stays within
+    CLIENT_QUEUE_EVENTS, give or take the one batch being queued; under
+    drop_oldest every event the client misses is one the proxy counted as
+    dropped, exactly; the `*` neighbour sees a gapless stream.
+    """
+    capacity = 2000
+    sim = await start_simulator(nursery, events_per_second=5000, symbols=200)
+    firehose = await start_tier(nursery, firehose_config(sim, static_channels=ALL_STREAM))
+    filtered = await start_tier(nursery, filtered_config(
+        firehose, client_queue_events=capacity, slow_client_policy=SlowClientPolicy(policy)))
+    await wait_until(lambda: filtered.link.state.value == "connected")
+    neighbour = Neighbour(await authed_client(nursery, filtered.port, CLIENT_KEY, subscribe="*"))
+    nursery.start_soon(neighbour.run)
+    sock, client = await handshake(filtered.port, rcvbuf=4096)
+    await send_all(sock, masked(json.dumps({"action": "auth", "params": CLIENT_KEY}))
+                   + masked(json.dumps({"action": "subscribe", "params": "T.*,Q.*,LULD.*"})))
+    slow = SlowReader(sock, client)
+    nursery.start_soon(slow.run)
+    await wait_until(lambda: "subscribed to: LULD.*" in slow.statuses, what="the subscription")
+    session = max(filtered.hub.sessions, key=lambda s: s.id)
+    largest_put = 0
+    frames_seen = 0
+
+    def check_what_the_proxy_holds() -> None:
+        nonlocal largest_put, frames_seen
+        for frame in neighbour.client.frames[frames_seen:]:  # no single put is larger than an upstream frame
+            largest_put = max(largest_put, frame.count('"ev":'))
+        frames_seen = len(neighbour.client.frames)
+        held = session.outbox.queued_events + session.outbox.unsent_events
+        assert held <= capacity + largest_put, (held, largest_put)
+
+    if policy == "disconnect":
+        with trio.move_on_after(30):
+            while filtered.stats.slow_consumer_disconnects == 0:
+                check_what_the_proxy_holds()
+                await trio.sleep(0.01)
+        assert filtered.stats.slow_consumer_disconnects == 1, "the slow client was never disconnected"
+        slow.fast = True
+        await wait_until(lambda: slow.close_code is not None, timeout=30, what="the slow consumer's close")
+        assert slow.close_code == 1008 and slow.statuses[-1] == "slow_consumer"
+        first = slow.sequence[0]
+        assert slow.sequence == list(range(first, first + len(slow.sequence)))  # a gapless prefix, then the status
+        await wait_until(lambda: session not in filtered.hub.sessions, what="the session to end")
+        assert filtered.stats.dropped_slow_consumer >= session.outbox.dropped_events > 0
+    else:
+        with trio.move_on_after(30):
+            while session.outbox.dropped_events < 5 * capacity:
+                check_what_the_proxy_holds()
+                await trio.sleep(0.01)
+        assert session.outbox.dropped_events >= 5 * capacity, "the slow client never lost events"
+        slow.fast = True  # catch up with the neighbour, then stop the feed and read to its end
+        target = neighbour.sequence[-1]
+        await wait_until(lambda: slow.sequence and slow.sequence[-1] > target, timeout=30, what="catching up")
+        await send_all(sock, masked(json.dumps({"action": "unsubscribe", "params": "T.*,Q.*,LULD.*"})))
+        await wait_until(lambda: "unsubscribed to: LULD.*" in slow.statuses, timeout=30, what="the unsubscribe")
+        assert slow.close_code is None and session in filtered.hub.sessions
+        received = slow.sequence
+        assert received == sorted(received)  # in order, never repeated
+        missing = (received[-1] - received[0] + 1) - len(received)
+        assert missing == session.outbox.dropped_events  # every loss counted, and only losses
+    neighbour.assert_no_gap()
