@@ -102,6 +102,37 @@ async def test_random_bytes_after_the_handshake_cost_bounded_memory(nursery):
     assert peak < 16 * MB, f"the proxy held {peak / MB:.0f} MB of a client's flood"
 
 
+
+async def test_a_frame_declaring_a_huge_length_is_refused_at_the_message_limit(nursery):
+    """A text frame that announces 2**62 bytes and then streams them: 1009 once MAX_MESSAGE_BYTES have come.
+
+    A guard, not a fix: wsproto hands a data frame's payload on in pieces as
+    they arrive (only control frames, at most 125 bytes, are buffered whole),
+    so the declared length costs nothing and our message-size check bounds
+    what is kept. This passed before this branch too.
+    """
+    sim = await start_simulator(nursery)
+    firehose = await start_tier(nursery, firehose_config(sim, max_message_bytes=100_000, shutdown_close_seconds=5))
+    sock, client = await handshake(firehose.port)
+    header = bytes([0x81, 0x80 | 127]) + (2**62).to_bytes(8, "big") + b"\0\0\0\0"  # masked with a zero key
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        with trio.fail_after(90):
+            await send_all(sock, header + b"a" * 120_000)  # past the limit, within what is read after a close
+            closes: list[int] = []
+            while not closes:
+                client.receive_data(await sock.recv(65536) or None)
+                closes = [event.code for event in client.events() if isinstance(event, CloseConnection)]
+            assert closes == [1009]
+            await flood(sock, b"a" * 65536, 256 * MB)  # and the rest of the frame, regardless
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+        sock.close()
+    assert peak < 16 * MB, f"the proxy held {peak / MB:.0f} MB of one frame"
+
 async def test_a_closed_session_is_freed_without_waiting_for_the_cycle_collector(nursery):
     """What a connection held comes back when it closes, not whenever a full collection happens to run.
 
