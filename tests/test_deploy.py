@@ -8,6 +8,8 @@ import importlib
 import re
 from pathlib import Path
 
+import attrs
+
 ROOT = Path(__file__).parent.parent
 DOCUMENTED = set(re.findall(r"^([A-Z_]+)=", (ROOT / ".env.example").read_text(), flags=re.MULTILINE))
 
@@ -29,3 +31,12 @@ def test_dockerfile_and_units_start_tiers_through_trio_run():
         module = re.search(r"ExecStart=\S+/trio-run (proxy\.[a-z]+)", unit.read_text()).group(1)
         assert callable(importlib.import_module(module).main)
         assert "KillSignal=SIGTERM" in unit.read_text()
+
+
+def test_units_allow_a_descriptor_per_client_and_more():
+    from proxy.config import TierConfig
+
+    max_clients = attrs.fields(TierConfig).max_clients.default
+    for unit in (ROOT / "deploy" / "systemd").glob("*.service"):
+        limit = re.search(r"^LimitNOFILE=(\d+)$", unit.read_text(), flags=re.MULTILINE)
+        assert limit and int(limit.group(1)) > 2 * max_clients, unit.name
