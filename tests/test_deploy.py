@@ -21,6 +21,7 @@ import trio
 
 from proxy.app import config
 from tests.conftest import filtered_config, firehose_config, start_simulator, start_tier
+import attrs
 
 ROOT = Path(__file__).parent.parent
 DOCUMENTED = set(re.findall(r"^([A-Z_]+)=", (ROOT / ".env.example").read_text(), flags=re.MULTILINE))
@@ -162,3 +163,10 @@ async def test_dockerfile_healthcheck_passes_for_each_running_tier_and_fails_wit
         assert await check(FILTERED_METRICS_PORT=str(filtered.port)) == 1
     finally:
         closed.close()
+def test_units_allow_a_descriptor_per_client_and_more():
+    from proxy.core.settings import TierConfig
+
+    max_clients = attrs.fields(TierConfig).max_clients.default
+    for unit in (ROOT / "deploy" / "systemd").glob("*.service"):
+        limit = re.search(r"^LimitNOFILE=(\d+)$", unit.read_text(), flags=re.MULTILINE)
+        assert limit and int(limit.group(1)) > 2 * max_clients, unit.name

@@ -7,11 +7,16 @@ what grows is the proxy's.
 
 from __future__ import annotations
 
+import errno
+import functools
 import gc
 import json
 import logging
 import os
+import pathlib
 import socket
+import subprocess
+import sys
 import tracemalloc
 import weakref
 
@@ -21,10 +26,21 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.connection import Connection
 from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Ping, Pong, Request, TextMessage
 
+from proxy.core.outbox import SlowClientPolicy
 from proxy.core.protocol import Auth, ProtocolError, parse_client_message
+from proxy.net.wsserver import accept_connections
 
-from .conftest import FIREHOSE_KEY, firehose_config, start_simulator, start_tier, wait_until
-from .test_reliability import certificates  # noqa: F401 (a fixture)
+from .conftest import (
+    CLIENT_KEY,
+    FIREHOSE_KEY,
+    authed_client,
+    filtered_config,
+    firehose_config,
+    start_simulator,
+    start_tier,
+    wait_until,
+)
+from .test_reliability import ALL_STREAM, Neighbour, certificates  # noqa: F401 (certificates: a fixture)
 
 MB = 1 << 20
 
@@ -85,6 +101,37 @@ async def test_random_bytes_after_the_handshake_cost_bounded_memory(nursery):
         sock.close()
     assert peak < 16 * MB, f"the proxy held {peak / MB:.0f} MB of a client's flood"
 
+
+
+async def test_a_frame_declaring_a_huge_length_is_refused_at_the_message_limit(nursery):
+    """A text frame that announces 2**62 bytes and then streams them: 1009 once MAX_MESSAGE_BYTES have come.
+
+    A guard, not a fix: wsproto hands a data frame's payload on in pieces as
+    they arrive (only control frames, at most 125 bytes, are buffered whole),
+    so the declared length costs nothing and our message-size check bounds
+    what is kept. This passed before this branch too.
+    """
+    sim = await start_simulator(nursery)
+    firehose = await start_tier(nursery, firehose_config(sim, max_message_bytes=100_000, shutdown_close_seconds=5))
+    sock, client = await handshake(firehose.port)
+    header = bytes([0x81, 0x80 | 127]) + (2**62).to_bytes(8, "big") + b"\0\0\0\0"  # masked with a zero key
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        with trio.fail_after(90):
+            await send_all(sock, header + b"a" * 120_000)  # past the limit, within what is read after a close
+            closes: list[int] = []
+            while not closes:
+                client.receive_data(await sock.recv(65536) or None)
+                closes = [event.code for event in client.events() if isinstance(event, CloseConnection)]
+            assert closes == [1009]
+            await flood(sock, b"a" * 65536, 256 * MB)  # and the rest of the frame, regardless
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+        sock.close()
+    assert peak < 16 * MB, f"the proxy held {peak / MB:.0f} MB of one frame"
 
 async def test_a_closed_session_is_freed_without_waiting_for_the_cycle_collector(nursery):
     """What a connection held comes back when it closes, not whenever a full collection happens to run.
@@ -252,3 +299,237 @@ async def test_a_failed_tls_handshake_is_logged_with_the_ssl_error(nursery, cert
     await wait_until(lambda: any("refused" in r.getMessage() for r in caplog.records), what="the refusal's log line")
     line = next(r.getMessage() for r in caplog.records if "refused" in r.getMessage())
     assert "[SSL: HTTP_REQUEST]" in line.rsplit("during the handshake:", 1)[1], line  # it said nothing
+
+
+# --- running out of file descriptors -------------------------------------------------------------
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+async def _log_shows(path: pathlib.Path, text: str, timeout: float) -> str:
+    with trio.move_on_after(timeout):
+        while text not in (log := path.read_text()):
+            await trio.sleep(0.05)
+        return log
+    raise AssertionError(f"{text!r} never appeared in the tier's log:\n{path.read_text()[-3000:]}")
+
+
+async def test_out_of_descriptors_a_client_that_authenticates_still_gets_in_and_the_log_says_so_once(tmp_path):
+    """600 connections that never authenticate, against a tier allowed 200 descriptors.
+
+    Before: the accept loop logged an ERROR every 0.1 s, the metrics listener a
+    traceback per retry, and a real client waited in the kernel's queue until
+    the crowd's auth timeout (2 minutes here) freed descriptors. Now the oldest
+    unauthenticated connections are closed to make room, one per failed accept.
+    """
+    stderr = tmp_path / "tier.log"
+    overrides = {"metrics_port": 0, "auth_timeout_seconds": 120}
+    with open(stderr, "w") as err:
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "tests.limited_tier", "200", json.dumps(overrides)],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=err)
+    crowd: list[trio.socket.SocketType] = []
+    try:
+        assert process.stdout is not None
+        with trio.fail_after(60):
+            line = b""
+            while not line.endswith(b"\n"):
+                line += await process.stdout.receive_some(100)
+        port, metrics_port = map(int, line.split())
+        for _ in range(600):
+            sock = trio.socket.socket()
+            await sock.connect(("127.0.0.1", port))  # the kernel completes it, accepted or not
+            crowd.append(sock)
+        await _log_shows(stderr, "Too many open files", timeout=60)
+        # A probe gets through...
+        assert (await http_exchange(metrics_port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")).startswith(b"HTTP/1.1 200")
+        # ...and so does a client that authenticates, long before the crowd's auth timeout.
+        with trio.fail_after(60):
+            sock, client = await handshake(port)
+            await send_all(sock, masked(AUTH))
+            assert [s["status"] for s in await read_statuses(sock, client, 2)] == ["connected", "auth_success"]
+        for sock in crowd:
+            sock.close()
+        log = await _log_shows(stderr, "client listener 127.0.0.1:%d: accepting again" % port, timeout=60)
+    finally:
+        for sock in crowd:
+            sock.close()
+        process.kill()
+        await process.wait()
+    log = stderr.read_text()
+    client_listener = [line for line in log.splitlines() if line.startswith("ERROR") and "client listener" in line]
+    assert len(client_listener) == 1 and "EMFILE" in client_listener[0], client_listener[:5]
+    recovered = next(line for line in log.splitlines() if "client listener" in line and "accepting again" in line)
+    assert "unauthenticated connections closed to make room" in recovered
+    assert "Traceback" not in log
+    assert sum(line.startswith("ERROR") for line in log.splitlines()) <= 2  # the client and metrics listeners
+
+
+class _Listener(socket.socket):
+    """A listening socket whose accept() first fails ``failures`` times with ``error``."""
+
+    def __init__(self, error: int, failures: int) -> None:
+        super().__init__()
+        self.error, self.failures, self.calls = error, failures, 0
+        self.other_task_ran_meanwhile = 0  # counted by the test: did anything else run between the failures?
+        self.seen_by_failure: list[int] = []
+
+    def accept(self):  # type: ignore[override]
+        self.calls += 1
+        if self.error == errno.EINVAL and self.calls > 50:
+            raise AssertionError("accept was retried after an error that does not go away")
+        if self.calls <= self.failures:
+            self.seen_by_failure.append(self.other_task_ran_meanwhile)
+            raise OSError(self.error, os.strerror(self.error))
+        return super().accept()
+
+
+def _flatten(error: BaseException) -> list[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in _flatten(inner)]
+    return [error]
+
+
+async def test_accept_errors_are_retried_only_when_they_concern_one_connection():
+    async def handler(connection: object, peer: str) -> None:
+        pass
+
+    # Bound and not listening: EINVAL forever. It used to be retried without a checkpoint (a spin).
+    listener = _Listener(errno.EINVAL, failures=10**9)
+    listener.bind(("127.0.0.1", 0))
+    listener.setblocking(False)
+    with pytest.raises(BaseException) as raised:
+        with trio.fail_after(10):
+            await accept_connections(listener, handler, max_message_bytes=1000)
+    assert [getattr(e, "errno", e) for e in _flatten(raised.value)] == [errno.EINVAL]
+
+    # A connection aborted before it was accepted: the next one is; other tasks run in between.
+    listener = _Listener(errno.ECONNABORTED, failures=100)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.setblocking(False)
+    accepted = trio.Event()
+
+    async def count_turns() -> None:
+        while True:
+            listener.other_task_ran_meanwhile += 1
+            await trio.lowlevel.checkpoint()
+
+    async def served(connection: object, peer: str) -> None:
+        accepted.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(count_turns)
+        nursery.start_soon(functools.partial(accept_connections, listener, served, max_message_bytes=1000))
+        with trio.fail_after(10):
+            await trio.lowlevel.checkpoint()
+            client = trio.socket.socket()
+            await client.connect(listener.getsockname())
+            await accepted.wait()
+        nursery.cancel_scope.cancel()
+    client.close()
+    assert listener.calls > 100
+    turns = listener.seen_by_failure[-1] - listener.seen_by_failure[0]
+    assert turns > 0, "the accept loop retried 100 times without letting anything else run"
+
+
+# --- slow clients under load ----------------------------------------------------------------------
+
+
+class SlowReader:
+    """A client with a 4 KiB receive buffer that reads 1 KiB at a time, then (``fast``) all it can."""
+
+    def __init__(self, sock: trio.socket.SocketType, client: WSConnection) -> None:
+        self.sock, self.client = sock, client
+        self.sequence: list[int] = []  # q of every event received (T, Q and LULD carry one, gapless upstream)
+        self.statuses: list[str] = []
+        self.close_code: int | None = None
+        self.fast = False
+        self._parts: list[str] = []
+
+    async def run(self) -> None:
+        while self.close_code is None:
+            data = await self.sock.recv(1 << 20 if self.fast else 1024)
+            self.client.receive_data(data or None)
+            for event in self.client.events():
+                if isinstance(event, CloseConnection):
+                    self.close_code = event.code
+                elif isinstance(event, TextMessage):
+                    self._parts.append(event.data)
+                    if event.message_finished:
+                        for item in json.loads("".join(self._parts)):
+                            if "q" in item:
+                                self.sequence.append(item["q"])
+                            elif item.get("ev") == "status":
+                                self.statuses.append(item["message"] if item["status"] == "success" else item["status"])
+                        self._parts = []
+            if not self.fast:
+                await trio.sleep(0.02)
+
+
+@pytest.mark.parametrize("policy", ["disconnect", "drop_oldest"])
+async def test_slow_client_policies_fire_under_load_and_the_neighbour_loses_nothing(nursery, policy):
+    """A reader far slower than its feed, while the kernel's buffers take what they can.
+
+    Checked: the policy fires; what the proxy holds for the slow client
+    (queued, plus written but still in the connection's backlog) stays within
+    CLIENT_QUEUE_EVENTS, give or take the one batch being queued; under
+    drop_oldest every event the client misses is one the proxy counted as
+    dropped, exactly; the `*` neighbour sees a gapless stream.
+    """
+    capacity = 2000
+    sim = await start_simulator(nursery, events_per_second=5000, symbols=200)
+    firehose = await start_tier(nursery, firehose_config(sim, static_channels=ALL_STREAM))
+    filtered = await start_tier(nursery, filtered_config(
+        firehose, client_queue_events=capacity, slow_client_policy=SlowClientPolicy(policy)))
+    await wait_until(lambda: filtered.link.state.value == "connected")
+    neighbour = Neighbour(await authed_client(nursery, filtered.port, CLIENT_KEY, subscribe="*"))
+    nursery.start_soon(neighbour.run)
+    sock, client = await handshake(filtered.port, rcvbuf=4096)
+    await send_all(sock, masked(json.dumps({"action": "auth", "params": CLIENT_KEY}))
+                   + masked(json.dumps({"action": "subscribe", "params": "T.*,Q.*,LULD.*"})))
+    slow = SlowReader(sock, client)
+    nursery.start_soon(slow.run)
+    await wait_until(lambda: "subscribed to: LULD.*" in slow.statuses, what="the subscription")
+    session = max(filtered.hub.sessions, key=lambda s: s.id)
+    largest_put = 0
+    frames_seen = 0
+
+    def check_what_the_proxy_holds() -> None:
+        nonlocal largest_put, frames_seen
+        for frame in neighbour.client.frames[frames_seen:]:  # no single put is larger than an upstream frame
+            largest_put = max(largest_put, frame.count('"ev":'))
+        frames_seen = len(neighbour.client.frames)
+        held = session.outbox.queued_events + session.outbox.unsent_events
+        assert held <= capacity + largest_put, (held, largest_put)
+
+    if policy == "disconnect":
+        with trio.move_on_after(30):
+            while filtered.stats.slow_consumer_disconnects == 0:
+                check_what_the_proxy_holds()
+                await trio.sleep(0.01)
+        assert filtered.stats.slow_consumer_disconnects == 1, "the slow client was never disconnected"
+        slow.fast = True
+        await wait_until(lambda: slow.close_code is not None, timeout=30, what="the slow consumer's close")
+        assert slow.close_code == 1008 and slow.statuses[-1] == "slow_consumer"
+        first = slow.sequence[0]
+        assert slow.sequence == list(range(first, first + len(slow.sequence)))  # a gapless prefix, then the status
+        await wait_until(lambda: session not in filtered.hub.sessions, what="the session to end")
+        assert filtered.stats.dropped_slow_consumer >= session.outbox.dropped_events > 0
+    else:
+        with trio.move_on_after(30):
+            while session.outbox.dropped_events < 5 * capacity:
+                check_what_the_proxy_holds()
+                await trio.sleep(0.01)
+        assert session.outbox.dropped_events >= 5 * capacity, "the slow client never lost events"
+        slow.fast = True  # catch up with the neighbour, then stop the feed and read to its end
+        target = neighbour.sequence[-1]
+        await wait_until(lambda: slow.sequence and slow.sequence[-1] > target, timeout=30, what="catching up")
+        await send_all(sock, masked(json.dumps({"action": "unsubscribe", "params": "T.*,Q.*,LULD.*"})))
+        await wait_until(lambda: "unsubscribed to: LULD.*" in slow.statuses, timeout=30, what="the unsubscribe")
+        assert slow.close_code is None and session in filtered.hub.sessions
+        received = slow.sequence
+        assert received == sorted(received)  # in order, never repeated
+        missing = (received[-1] - received[0] + 1) - len(received)
+        assert missing == session.outbox.dropped_events  # every loss counted, and only losses
+    neighbour.assert_no_gap()

@@ -10,10 +10,13 @@ running :class:`Tier` to the caller (tests read its port, link and hub).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import math
 import os
 import signal
+import threading
 import time
 
 import attrs
@@ -194,7 +197,7 @@ async def run_tier(
         if config.metrics_port is not None:
             try:
                 tier.metrics_port = await nursery.start(
-                    functools.partial(serve_http, name=config.tier),
+                    functools.partial(serve_http, name=config.tier, pending=hub.pending),
                     config.host, config.metrics_port, make_handler(tier, metrics),
                 )
             except OSError as error:
@@ -274,28 +277,30 @@ async def _reload_keys(tier: Tier, path: str | None, poll_seconds: float = KEY_F
     SIGHUP is taken even without a key file (``systemctl reload`` must never stop a tier).
     One process, one tier: SIGHUP goes to the receiver opened last, so only the tier a
     process runs (as trio-run does) hears it; a change of the file is seen by any tier.
+    Signals reach only the main thread: a tier run in another thread (a test) only polls.
     """
-    if path is None:
-        with trio.open_signal_receiver(signal.SIGHUP) as hangups:
-            async for _ in hangups:
-                log.info("SIGHUP: no API_KEYS_FILE is set, so there is nothing to re-read")
-        return
 
-    def stamp() -> tuple[float, int] | None:
+    def stamp() -> tuple[int, int] | None:
         try:
-            status = os.stat(path)
+            status = os.stat(path) if path else None
         except OSError:
             return None
-        return status.st_mtime_ns, status.st_size
+        return None if status is None else (status.st_mtime_ns, status.st_size)
 
+    in_main_thread = threading.current_thread() is threading.main_thread()
     last = stamp()
-    with trio.open_signal_receiver(signal.SIGHUP) as hangups:
+    with (trio.open_signal_receiver(signal.SIGHUP) if in_main_thread else contextlib.nullcontext()) as hangups:
         while True:
             hangup = False
-            with trio.move_on_after(poll_seconds):
+            with trio.move_on_after(poll_seconds if path else math.inf):
+                if hangups is None:
+                    await trio.sleep_forever()
                 async for _ in hangups:
                     hangup = True
                     break
+            if path is None:
+                log.info("SIGHUP: no API_KEYS_FILE is set, so there is nothing to re-read")
+                continue
             now = stamp()
             if not hangup and now == last:
                 continue

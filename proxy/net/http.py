@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import socket
 from http import HTTPStatus
 from typing import Callable
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -18,6 +19,8 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import attrs
 import h11
 import trio
+
+from .accepting import AcceptTrouble, PendingConnections, accept_forever, open_socket_listeners
 
 __all__ = ["MAX_REQUEST_BYTES", "REQUEST_TIMEOUT", "Handler", "HttpRequest", "HttpResponse", "serve_http"]
 
@@ -52,19 +55,39 @@ Handler = Callable[[HttpRequest], HttpResponse]
 
 
 async def serve_http(
-    host: str, port: int, handler: Handler, *, name: str = "proxy",
+    host: str, port: int, handler: Handler, *, name: str = "proxy", pending: PendingConnections | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Answer HTTP on ``host``:``port`` with ``handler`` until cancelled; reports the bound port.
 
-    Raises OSError when the port cannot be opened (the caller names its setting).
+    Raises OSError when the port cannot be opened (the caller names its setting). Out of
+    descriptors, accept failures are logged once per episode (trio's serve_listeners logged
+    a traceback every 0.1 s) and, given the tier's ``pending`` connections, the oldest
+    unauthenticated client is closed to make room, as the client listener does: a probe
+    must get through while a crowd of clients holds the descriptors.
     """
-    listeners = await trio.open_tcp_listeners(port, host=host)
-    bound = listeners[0].socket.getsockname()[1]
+    listeners = await open_socket_listeners(host, port)
+    bound = listeners[0].getsockname()[1]
     log.info("%s tier: health, metrics and status on http://%s:%d", name, host, bound)
     async with trio.open_nursery() as nursery:
-        await nursery.start(trio.serve_listeners, functools.partial(_handle, handler=handler), listeners)
+        for listener in listeners:
+            nursery.start_soon(_serve, listener, handler, pending)
         task_status.started(bound)
+
+
+async def _serve(listener: socket.socket, handler: Handler, pending: PendingConnections | None) -> None:
+    trouble = AcceptTrouble(f"metrics listener {listener.getsockname()[0]}:{listener.getsockname()[1]}", log)
+    async with trio.open_nursery() as handlers:
+
+        def start(sock: socket.socket, _address: object) -> None:
+            stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+            handlers.start_soon(functools.partial(_handle, stream, handler=handler))
+
+        try:
+            await accept_forever(listener, start, trouble, pending)
+        finally:
+            trio.lowlevel.notify_closing(listener)
+            listener.close()
 
 
 async def _handle(stream: trio.SocketStream, *, handler: Handler) -> None:

@@ -28,6 +28,7 @@ import attrs
 import trio
 
 from ..core import protocol
+from .accepting import PendingConnections, open_socket_listeners
 from .beacon import Beacon
 from ..core.settings import TierConfig
 from ..core.stats import TierStats
@@ -43,7 +44,7 @@ from ..core.session import (
     SessionState,
 )
 from ..core.subscriptions import SubscriptionRegistry
-from .wsserver import ConnectionClosed, WsConnection, accept_connections, open_socket_listeners
+from .wsserver import ConnectionClosed, WsConnection, accept_connections
 
 __all__ = ["DROP_LOG_INTERVAL", "SLOW_CONSUMER", "UNAUTHENTICATED", "UNNAMED_KEY", "ClientSession", "Hub", "serve_clients"]
 
@@ -106,6 +107,8 @@ class Hub:
     demand_changed: Beacon = attrs.field(factory=Beacon)
     sessions: set[ClientSession] = attrs.field(factory=set)
     connections_per_ip: collections.Counter = attrs.field(factory=collections.Counter)
+    #: Connections not yet authenticated, oldest first: closed to make room when descriptors run out.
+    pending: PendingConnections = attrs.field(factory=PendingConnections)
     _ids: itertools.count = attrs.field(factory=lambda: itertools.count(1))
     #: A status frame for a client that has just authenticated, or None: the tier says
     #: here whether its upstream is down, so that nobody subscribes into silence unwarned.
@@ -386,6 +389,7 @@ async def serve_clients(
         for listener in listeners:
             nursery.start_soon(functools.partial(
                 accept_connections, listener, handle, max_message_bytes=config.max_message_bytes, tls_context=tls,
+                pending=hub.pending,
             ))
         task_status.started(listeners[0].getsockname()[1])
 
@@ -420,7 +424,9 @@ async def _run_session(hub: Hub, connection: WsConnection, peer: str, path: str)
         hub.close_session(session)
         code, reason = session.close_request or (1000, "")
         timeout = hub.config.shutdown_close_seconds
-        if trio.current_effective_deadline() == -math.inf:
+        if hub.pending.was_shed(connection):  # its descriptor is needed now: no close handshake to wait for
+            code, reason, timeout = CLOSE_TRY_AGAIN_LATER, "server overloaded: out of connections", 0
+        elif trio.current_effective_deadline() == -math.inf:
             code, reason = CLOSE_GOING_AWAY, "proxy shutting down"  # the tier is shutting down: say so
         elif session.outbox.overflowed:
             timeout = hub.config.slow_client_close_seconds  # it is slow by definition: give it time, not forever
@@ -448,6 +454,8 @@ async def _read_loop(hub: Hub, session: ClientSession) -> None:
         if reaction.close_code is not None:
             log.info("%s: %s", session.label, reaction.close_reason)
         hub.react(session, reaction)
+        if waiting_for_auth and session.state.phase is Phase.AUTHENTICATED:
+            hub.pending.discard(session.connection)  # never shed for descriptors from now on
 
 
 async def _write_loop(hub: Hub, session: ClientSession, stop: Callable[[], None]) -> None:

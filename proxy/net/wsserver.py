@@ -18,7 +18,6 @@ writer's path.
 
 from __future__ import annotations
 
-import errno
 import logging
 import socket
 import ssl
@@ -42,6 +41,8 @@ from wsproto.events import (
 )
 from wsproto.utilities import ProtocolError, RemoteProtocolError
 
+from .accepting import AcceptTrouble, PendingConnections, accept_forever
+
 __all__ = [
     "RECEIVE_BYTES",
     "CLOSE_ABNORMAL",
@@ -49,7 +50,6 @@ __all__ = [
     "text_frame",
     "ConnectionClosed",
     "WsConnection",
-    "open_socket_listeners",
     "accept_connections",
 ]
 
@@ -57,8 +57,6 @@ log = logging.getLogger(__name__)
 RECEIVE_BYTES = 65536
 CLOSE_ABNORMAL = 1006  # never sent: what a connection that vanished without a close frame is said to have
 CLOSE_MESSAGE_TOO_BIG = 1009
-#: accept() errors that mean "out of a resource now", after which accepting resumes shortly (as trio does)
-_ACCEPT_RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 _FIN_TEXT = 0x81  # FIN bit + text opcode (RFC 6455 §5.2); a server's frames are never masked
 _header_short = struct.Struct("!BB").pack
 _header_16 = struct.Struct("!BBH").pack
@@ -446,43 +444,30 @@ class WsConnection:
                         self._peer_closed = True  # its answer (or a framing error: nothing more to read then either)
 
 
-async def open_socket_listeners(host: str, port: int) -> list[socket.socket]:
-    """Bound, listening, non-blocking sockets for ``host`` and ``port`` (trio resolves and binds)."""
-    listeners = await trio.open_tcp_listeners(port, host=host)
-    sockets = []
-    for listener in listeners:
-        sock = socket.socket(fileno=listener.socket.detach())
-        sock.setblocking(False)
-        sockets.append(sock)
-    return sockets
-
-
 async def accept_connections(
     listener: socket.socket,
     handler: Callable[[WsConnection, str], object],
     *,
     max_message_bytes: int,
     tls_context: ssl.SSLContext | None = None,
+    pending: PendingConnections | None = None,
 ) -> None:
     """Accept forever on ``listener``, running ``handler(connection, peer)`` in a task per client.
 
     The handler owns the connection; the socket is closed when it returns.
+    Each connection is in ``pending`` from its accept until the handler
+    discards it (once authenticated); when accept fails for want of
+    descriptors, the oldest there is closed to make room (:mod:`proxy.accepting`).
     """
+    pending = PendingConnections() if pending is None else pending
+    trouble = AcceptTrouble(f"client listener {_peer(listener.getsockname())}", log)
     async with trio.open_nursery() as nursery:
+
+        def start(sock: socket.socket, address: object) -> None:
+            nursery.start_soon(_own_connection, sock, address, handler, max_message_bytes, tls_context, pending)
+
         try:
-            while True:
-                try:
-                    sock, address = listener.accept()
-                except BlockingIOError:
-                    await trio.lowlevel.wait_readable(listener)
-                    continue
-                except OSError as error:
-                    if error.errno in _ACCEPT_RESOURCE_ERRORS:
-                        log.error("cannot accept connections now (%s); retrying in 0.1s", error)
-                        await trio.sleep(0.1)
-                    continue  # the peer left before we accepted, and the like
-                nursery.start_soon(_own_connection, sock, address, handler, max_message_bytes, tls_context)
-                await trio.lowlevel.checkpoint()
+            await accept_forever(listener, start, trouble, pending)
         finally:
             trio.lowlevel.notify_closing(listener)
             listener.close()
@@ -490,7 +475,7 @@ async def accept_connections(
 
 async def _own_connection(
     sock: socket.socket, address: object, handler: Callable[[WsConnection, str], object],
-    max_message_bytes: int, tls_context: ssl.SSLContext | None,
+    max_message_bytes: int, tls_context: ssl.SSLContext | None, pending: PendingConnections,
 ) -> None:
     sock.setblocking(False)
     if sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -504,12 +489,15 @@ async def _own_connection(
         )
     connection = WsConnection(transport, max_message_bytes=max_message_bytes)
     try:
-        await handler(connection, _peer(address))  # type: ignore[misc]
+        with trio.CancelScope() as scope:  # cancelled if the connection is shed
+            pending.add(connection, scope)
+            await handler(connection, _peer(address))  # type: ignore[misc]
     except Exception:  # a bug in one connection must not end the accept loop for everyone
         log.exception("connection from %s failed; other clients are unaffected", _peer(address))
     finally:
         with trio.CancelScope(shield=True):
             await transport.aclose()
+        pending.closed(connection)
 
 
 def _why(error: BaseException) -> str:
