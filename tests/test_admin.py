@@ -200,3 +200,40 @@ async def test_metrics_per_key_name_count_clients_sent_and_dropped(nursery):
     assert 'proxy_key_clients{key="unnamed",tier="filtered"} 0.0' in text  # it left; its totals stay
     kept = [line for line in text.splitlines() if line.startswith('proxy_key_events_sent_total{key="unnamed"')]
     assert float(kept[0].rsplit(" ", 1)[1]) >= float(sent[0].rsplit(" ", 1)[1])
+
+
+# --- dead connections --------------------------------------------------------------------------
+
+
+async def test_a_half_open_client_is_released_within_ping_and_timeout_and_live_ones_stay(nursery):
+    """A client whose socket stops answering (not closed: a vanished laptop) is closed 1011 after
+    CLIENT_PING_SECONDS + CLIENT_PONG_TIMEOUT_SECONDS, its channels released; one that answers
+    pings, as every WebSocket library does, never notices."""
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import AcceptConnection, Request, TextMessage
+
+    sim = await start_simulator(nursery, events_per_second=200)
+    firehose = await start_tier(nursery, firehose_config(sim, client_ping_seconds=0.4, client_pong_timeout_seconds=0.4))
+    await wait_until(lambda: firehose.link.state.value == "connected")
+    live = await authed_client(nursery, firehose.port, "firehose-key", subscribe="LULD.AAPL")  # a rare channel
+    # the silent one: handshake, auth and subscribe over a raw socket, then it reads and answers nothing
+    peer = WSConnection(ConnectionType.CLIENT)
+    sock = trio.socket.socket()
+    await sock.connect(("127.0.0.1", firehose.port))
+    await sock.send(peer.send(Request(host="127.0.0.1", target="/stocks")))
+    with trio.fail_after(5):
+        while not any(isinstance(event, AcceptConnection) for event in peer.events()):
+            peer.receive_data(await sock.recv(65536))
+    await sock.send(peer.send(TextMessage('{"action":"auth","params":"firehose-key"}'))
+                    + peer.send(TextMessage('{"action":"subscribe","params":"Q.ZZZZ"}')))
+    await wait_until(lambda: "Q.ZZZZ" in {c.text for c in firehose.registry.upstream}, what="its subscribe applied")
+    started = trio.current_time()
+    await wait_until(lambda: len(firehose.hub.sessions) == 1, timeout=10, what="the silent client released")
+    assert trio.current_time() - started >= 0.4  # it was given its ping and its timeout
+    assert firehose.stats.dead_clients_closed == 1
+    await wait_until(lambda: "Q.ZZZZ" not in {c.text for c in firehose.registry.upstream}, timeout=5,
+                     what="its channel released")
+    await trio.sleep(1.5)  # several ping intervals: the live client, idle as it is, answers and stays
+    assert len(firehose.hub.sessions) == 1 and firehose.stats.dead_clients_closed == 1
+    assert live.ws.closed is None
+    sock.close()

@@ -122,6 +122,8 @@ def _shared(source: decouple.Config) -> dict:
         log_level=_read(source, "LOG_LEVEL", "info", _choice(LOG_LEVELS)),
         library_log_level=_read(source, "LOG_LEVEL_LIBRARIES", "", _optional(_choice(LOG_LEVELS))),
         admin_token=_read(source, "ADMIN_TOKEN", "", _optional(_admin_token)),
+        client_ping_seconds=_read(source, "CLIENT_PING_SECONDS", "30", _positive_seconds),
+        client_pong_timeout_seconds=_read(source, "CLIENT_PONG_TIMEOUT_SECONDS", "20", _positive_seconds),
         unsubscribe_grace_seconds=_read(source, "UNSUBSCRIBE_GRACE_SECONDS", "5", _seconds),
         client_queue_events=_read(source, "CLIENT_QUEUE_EVENTS", "50000", _positive_int),
         slow_client_policy=SlowClientPolicy(
@@ -136,6 +138,13 @@ def _shared(source: decouple.Config) -> dict:
         max_channels_per_client=_read(source, "MAX_CHANNELS_PER_CLIENT", "10000", _positive_int),
         control_messages_per_second=_read(source, "CONTROL_MESSAGES_PER_SECOND", "50", _positive_rate),
     )
+
+
+def _positive_seconds(raw: str) -> float:
+    value = _seconds(raw)
+    if value <= 0:
+        raise ValueError("expected a number of seconds above 0")
+    return value
 
 
 def _admin_token(raw: str) -> str:

@@ -73,6 +73,8 @@ class TierCollector:
         yield dropped
         yield counter("proxy_slow_consumer_disconnects", "Clients disconnected as slow consumers",
                       stats.slow_consumer_disconnects)
+        yield counter("proxy_dead_clients_closed", "Clients closed for answering no ping (1011)",
+                      stats.dead_clients_closed)
         yield counter("proxy_auth_failures", "Client authentications refused", stats.auth_failures)
         yield counter("proxy_control_errors", "Client control messages answered with an error",
                       stats.control_errors)

@@ -62,6 +62,10 @@ class TierConfig:
     #: Named keys with entitlements, read from ``api_keys_file`` (API_KEYS_FILE), which SIGHUP re-reads.
     key_book: KeyBook = attrs.field(factory=KeyBook)
     api_keys_file: str | None = None
+    #: A client that sent nothing this long is pinged; one that then answers nothing within
+    #: the pong timeout is closed (1011) as gone.
+    client_ping_seconds: float = 30.0
+    client_pong_timeout_seconds: float = 20.0
     #: The token that opens /clients and the status page; None: only loopback peers may see them.
     admin_token: str | None = None
     #: The setting ``upstream_api_key`` was read from, named when upstream refuses it.

@@ -68,6 +68,7 @@ class TierStats:
     refused_max_clients: int = 0
     refused_per_ip: int = 0
     refused_per_key: int = 0
+    dead_clients_closed: int = 0
     outages: int = 0
     outage_seconds: float = 0.0
     routing_latency: LatencyHistogram = attrs.field(factory=LatencyHistogram)

@@ -49,6 +49,8 @@ from .wsserver import ConnectionClosed, WsConnection, accept_connections
 __all__ = ["DROP_LOG_INTERVAL", "SLOW_CONSUMER", "UNAUTHENTICATED", "UNNAMED_KEY", "ClientSession", "Hub", "serve_clients"]
 
 log = logging.getLogger(__name__)
+#: Sent to a client that answered no ping: the peer is gone (what websockets sends on a keepalive timeout).
+CLOSE_INTERNAL_ERROR = 1011
 #: How /clients and per-key metrics name a key from the *_API_KEYS lists, and a client not yet authenticated.
 UNNAMED_KEY = "unnamed"
 UNAUTHENTICATED = "(not authenticated)"
@@ -418,8 +420,8 @@ async def _run_session(hub: Hub, connection: WsConnection, peer: str, path: str)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_write_loop, hub, session, nursery.cancel_scope.cancel)
             await _read_loop(hub, session)
-            if session.close_request is None:
-                nursery.cancel_scope.cancel()  # the client left: nothing more to write
+            if session.close_request is None or session.close_request[0] == CLOSE_INTERNAL_ERROR:
+                nursery.cancel_scope.cancel()  # the client left, or is gone: nothing more to write
     finally:
         hub.close_session(session)
         code, reason = session.close_request or (1000, "")
@@ -437,17 +439,49 @@ async def _run_session(hub: Hub, connection: WsConnection, peer: str, path: str)
 
 
 async def _read_loop(hub: Hub, session: ClientSession) -> None:
-    deadline = trio.current_time() + hub.config.auth_timeout_seconds
+    """Read control messages until the client leaves or must go.
+
+    Besides the auth deadline, it watches for a dead peer: a client that has sent
+    nothing for ``client_ping_seconds`` is pinged, and one that answers nothing within
+    ``client_pong_timeout_seconds`` more (a laptop that vanished, a half-open TCP
+    connection) is closed with 1011, its channels released like any leaving client's.
+    Every WebSocket library answers pings, so live clients never notice.
+    """
+    config, connection = hub.config, session.connection
+    auth_deadline = trio.current_time() + config.auth_timeout_seconds
+    pinged_at: float | None = None
     while session.close_request is None:
         waiting_for_auth = session.state.phase is Phase.AWAITING_AUTH
-        with trio.move_on_at(deadline if waiting_for_auth else math.inf) as scope:
+        if pinged_at is not None and connection.last_received_at > pinged_at:
+            pinged_at = None  # it answered (a pong, or anything else)
+        if waiting_for_auth:
+            deadline = auth_deadline
+        elif pinged_at is None:
+            deadline = connection.last_received_at + config.client_ping_seconds
+        else:
+            deadline = pinged_at + config.client_pong_timeout_seconds
+        with trio.move_on_at(deadline) as scope:
             try:
-                message = await session.connection.get_message()
+                message = await connection.get_message()
             except ConnectionClosed:
                 return
         if scope.cancelled_caught:
-            log.info("%s sent no auth within %ss", session.label, hub.config.auth_timeout_seconds)
-            hub.react(session, session.state.timed_out())
+            if waiting_for_auth:
+                log.info("%s sent no auth within %ss", session.label, config.auth_timeout_seconds)
+                hub.react(session, session.state.timed_out())
+                return
+            if pinged_at is None:
+                if connection.last_received_at + config.client_ping_seconds > trio.current_time():
+                    continue  # bytes came meanwhile (part of a message): not silent
+                pinged_at = trio.current_time()
+                connection.ping(b"proxy keepalive")
+                continue
+            if connection.last_received_at > pinged_at:
+                continue  # answered just now
+            log.info("%s answered no ping within %ss: closing it as gone (1011)",
+                     session.label, config.client_pong_timeout_seconds)
+            hub.stats.dead_clients_closed += 1
+            session.close_request = (CLOSE_INTERNAL_ERROR, "no answer to ping")
             return
         session.last_control_at = trio.current_time()
         reaction = session.state.receive(message, session.last_control_at)

@@ -187,6 +187,8 @@ class WsConnection:
         self.close_code: int | None = None
         self.close_reason = ""
         self.broken: OSError | None = None
+        #: When bytes last came from the peer (trio.current_time()); a pong counts like anything else.
+        self.last_received_at = trio.current_time()
 
     # --- opening handshake ------------------------------------------------------------
 
@@ -352,7 +354,13 @@ class WsConnection:
                 if self.close_code is None:
                     self.close_code, self.close_reason = CLOSE_ABNORMAL, "connection lost without a close frame"
                 raise ConnectionClosed(self.close_code, self.close_reason)
+            self.last_received_at = trio.current_time()
             self._ws.receive_data(data)
+
+    def ping(self, payload: bytes) -> None:
+        """Send a ping now (behind anything queued); its pong, like any bytes, moves ``last_received_at``."""
+        if self.open:
+            self._write(self._ws.send(Ping(payload=payload)))
 
     def _take(self, event: object) -> str | bytes | None:
         if isinstance(event, (TextMessage, BytesMessage)):
