@@ -183,3 +183,21 @@ class EntitledSession(RuleBasedStateMachine):
 
 EntitledSession.TestCase.settings = settings(max_examples=150, stateful_step_count=25, deadline=None)
 test_entitled_session = EntitledSession.TestCase
+
+
+def test_a_malformed_key_file_stops_start_up_with_one_line_and_exit_2(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    keys = tmp_path / "keys.toml"
+    keys.write_text(f'[keys.research]\nsha256 = "{hash_key(RESEARCH)}"\n\n[keys.trading]\nsha256 = "short"\n')
+    (tmp_path / "none.env").write_text("")
+    env = {**os.environ, "PROXY_ENV_FILE": str(tmp_path / "none.env"), "POLYGON_API_KEY": "k",
+           "API_KEYS_FILE": str(keys), "FIREHOSE_PORT": "0", "FIREHOSE_METRICS_PORT": "0"}
+    result = subprocess.run([str(Path(sys.executable).parent / "trio-run"), "proxy.firehose"], env=env,
+                            capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"configuration error: API_KEYS_FILE: {keys}:4: [keys.trading]: sha256 must be the key's SHA-256 "
+        "in hex, 64 characters (python -m proxy.keys hash prints it)"]
