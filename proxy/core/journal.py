@@ -531,6 +531,7 @@ def walk_blocks(
     *,
     check_payloads: bool = True,
     decode: Callable[[BlockHeader, Buffer, int], object] | None = None,
+    after_seq: int | None = None,
 ) -> Iterator[BlockSpan | Damage | TornTail]:
     """Walk a segment's blocks from ``offset``: each intact block, each damaged stretch,
     and at most one torn tail, last, in file order.
@@ -541,10 +542,10 @@ def walk_blocks(
     called on each block (``BlockCodec.decode``) and a :class:`JournalFormatError`
     it raises makes that block damage. After damage, the walk resumes at the next
     offset where a block's checksums hold. Seqs are checked to follow across
-    blocks (``seq_gap``, ``seq_order``).
+    blocks (``seq_gap``, ``seq_order``), from ``after_seq`` when given (the seq
+    before the segment's first, from its header).
     """
     size = len(buf)
-    after_seq: int | None = None
     pending: tuple[int, JournalFormatError] | None = None  # damage found, not yet closed
     position = offset
 
@@ -654,17 +655,15 @@ def scan_segment(
         damage.append(Damage(0, min(len(buf), SEGMENT_HEADER_SIZE), error.kind, error.message, None, None))
     blocks: list[BlockSpan] = []
     torn: TornTail | None = None
-    for item in walk_blocks(buf, SEGMENT_HEADER_SIZE, check_payloads=check_payloads, decode=decode):
+    before_first = None if header is None else header.first_seq - 1
+    for item in walk_blocks(buf, SEGMENT_HEADER_SIZE, check_payloads=check_payloads, decode=decode,
+                            after_seq=before_first):
         if isinstance(item, BlockSpan):
             blocks.append(item)
         elif isinstance(item, Damage):
             damage.append(item)
         else:
             torn = item
-    if header is not None and blocks and blocks[0].header.first_seq != header.first_seq:
-        damage.append(Damage(SEGMENT_HEADER_SIZE, SEGMENT_HEADER_SIZE, "seq_order",
-                             f"the segment header says seq {header.first_seq} comes first, the first "
-                             f"block starts at {blocks[0].header.first_seq}", None, blocks[0].header.first_seq))
     return SegmentScan(len(buf), header, tuple(blocks), tuple(damage), torn)
 
 
