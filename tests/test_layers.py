@@ -3,7 +3,7 @@ ones, there are no import cycles, and every module declares its public surface.
 
 Layers, lowest first: ``proxy.core`` (sans-I/O), ``proxy.net`` (Trio shells),
 ``proxy.app`` (wiring), ``proxy.sim`` (the simulator, which uses all of them), and the
-entry points ``proxy.firehose``, ``proxy.filtered``, ``proxy.simulator``.
+entry points ``proxy.firehose``, ``proxy.filtered``, ``proxy.simulator``, ``proxy.journal``.
 Imports are read from the source (``ast``), including those under ``TYPE_CHECKING``:
 a cycle that only the type checker sees is still a cycle in the design.
 """
@@ -66,7 +66,7 @@ def test_the_layers_exist_and_hold_the_modules():
             "proxy.firehose", "proxy.filtered", "proxy.simulator"} <= set(names)
     # nothing but the entry points and the package itself sits outside a layer
     assert {n for n in names if layer_of(n) == ENTRY_POINT_LAYER} == {
-        "proxy", "proxy.firehose", "proxy.filtered", "proxy.simulator"}
+        "proxy", "proxy.firehose", "proxy.filtered", "proxy.simulator", "proxy.journal"}
 
 
 @pytest.mark.parametrize("name", sorted(n for n in modules() if n.startswith("proxy.core")))
