@@ -398,6 +398,7 @@ ODD_EVENTS = [
     b'{"ev":5,"sym":"AAPL"}',
     b'{"ev":"T","sym":"BRK.A","p":1}',
     b'{"ev":"T","sym":"aapl"}',
+    b'{"ev":"st\\u0061tus","message":"a status spelled with an escape"}',
 ]
 CHANNEL_POOL = ["*", "T.*", "Q.*", "LULD.*", "T.AAPL", "Q.AAPL", "LULD.AAPL", "T.MSFT", "AM.*", "A.AAPL",
                 "XT.BTC-USD", "C.EUR/USD", "NEW.AAPL", "NEW.ABC", "T.BRK.A", "T.aapl", "FMV.*"]
