@@ -186,6 +186,10 @@ def _short(received_ns: int) -> str:
     return format_ns(received_ns)[:23] + "Z"  # to the millisecond
 
 
+def _count(count: int, noun: str) -> str:
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
+
+
 def _size(size: int) -> str:
     return f"{size / 1e6:,.1f} MB" if size >= 100_000 else f"{size:,} bytes"
 
@@ -215,7 +219,7 @@ def _ls(segments: list[SegmentFile], directory: str, out: IO[str], err: IO[str])
             total.merge(tally)
     finally:
         progress.close()
-    for line in total.lines(f"total: {len(segments)} segments, {_size(sum(s.size for s in segments))}"):
+    for line in total.lines(f"total: {_count(len(segments), 'segment')}, {_size(sum(s.size for s in segments))}"):
         print(line, file=out)
     return 1 if problems else 0
 
@@ -285,7 +289,7 @@ def _verify(segments: list[SegmentFile], out: IO[str], err: IO[str]) -> int:
         progress.close()
     span = f", seqs {first_seq:,}..{last_seq:,}" if first_seq is not None else ""
     verdict = "clean" if not problems else f"{problems} problem{'s' if problems > 1 else ''} found"
-    print(f"verified {len(segments)} segments, {blocks:,} blocks{span}: {verdict}", file=out)
+    print(f"verified {_count(len(segments), 'segment')}, {blocks:,} blocks{span}: {verdict}", file=out)
     return 1 if problems else 0
 
 
