@@ -202,6 +202,39 @@ async def test_a_slow_disk_costs_a_gap_never_a_wait(tmp_path, monkeypatch, caplo
     assert any(DISK_BEHIND in message for message in caplog.messages)
 
 
+@pytest.mark.parametrize("how", ["stop", "pause"])
+async def test_records_dropped_after_the_last_queued_still_get_their_gap(tmp_path, monkeypatch, how):
+    """No record follows them to reveal the hole: the writer writes their gap when the feed
+    pauses (a second without records) or at the stop."""
+    release = trio.Event()
+    original_append = SegmentAppender.append
+
+    def held_append(self, block: bytes) -> None:
+        while not release.is_set():
+            time.sleep(0.01)
+        original_append(self, block)
+
+    monkeypatch.setattr(SegmentAppender, "append", held_append)
+    async with trio.open_nursery() as nursery:
+        writer, journal = await start(nursery, tmp_path, queue_records=4, fsync_seconds=0.2)
+        for _ in range(20):  # the first batch is held in the write, 4 wait, the rest are dropped
+            journal.frame(frame_bytes(journal.next_seq), time.time_ns())
+            await trio.sleep(0.001)
+        release.set()
+        if how == "pause":
+            await trio.sleep(0.6)
+            records = on_disk(tmp_path)
+            assert records[-1].kind is RecordKind.GAP and records[-1].end_seq == 20
+        nursery.cancel_scope.cancel()
+    records = on_disk(tmp_path)
+    assert writer.stats.records_dropped > 0
+    gap = records[-1]
+    assert gap.kind is RecordKind.GAP and gap.end_seq == 20
+    assert gap.reason == f"{DISK_BEHIND}: seqs {gap.seq}..20 not on disk"
+    assert [r.seq for r in records[:-1]] == list(range(1, gap.seq))
+    assert_clean(tmp_path)
+
+
 async def test_a_failing_disk_is_a_gap_and_the_writer_carries_on(tmp_path, monkeypatch, caplog):
     failures = [3]
     original_append = SegmentAppender.append

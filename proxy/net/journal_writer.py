@@ -241,6 +241,8 @@ class JournalWriter:
         self._send, self._receive = trio.open_memory_channel[Record](queue_records)
         self._send_nowait = self._send.send_nowait  # bound once: offer runs for every frame
         self._dropping = False
+        self._last_offered = 0  # the highest seq offered, queued or not
+        self._last_written_ns = 0
         #: first missing seq -> (receive time of the first record missing, why)
         self._gap_causes: dict[int, tuple[int, str]] = {}
         self._expected: int | None = None  # the seq the next record on disk must have
@@ -255,6 +257,7 @@ class JournalWriter:
         (the record is counted as dropped, and a gap record will stand in its place)."""
         stats = self.stats
         stats.records_offered += 1
+        self._last_offered = record.end_seq
         try:
             self._send_nowait(record)
         except trio.WouldBlock:
@@ -287,6 +290,7 @@ class JournalWriter:
             recovered = await trio.to_thread.run_sync(recover, self.directory)
             self._report_recovery(recovered)
             self._expected = recovered.next_seq
+            self._last_written_ns = recovered.last_ns
             self._disk = _Disk(self, [segment.info for segment in recovered.segments])
             task_status.started(recovered)
             try:
@@ -335,23 +339,39 @@ class JournalWriter:
             await self._write(batch)
 
     async def _first_record(self) -> Record | None:
-        """The next record; None when it was time to sync an idle file instead."""
+        """The next record; None when the feed paused for ``fsync_seconds`` and there was
+        something to finish first: records dropped after the last one queued (their gap has no
+        record after it to reveal it), or a file to sync."""
         disk = self._disk
         assert disk is not None
-        if disk.current is not None and disk.current.dirty:
-            with trio.move_on_at(trio.current_time() + self.fsync_seconds):
-                return await self._receive.receive()
-            if await trio.to_thread.run_sync(disk.sync):
-                self.stats.fsyncs += 1
-            return None
-        return await self._receive.receive()
+        if not ((disk.current is not None and disk.current.dirty) or self._trailing_drop()):
+            return await self._receive.receive()
+        with trio.move_on_at(trio.current_time() + self.fsync_seconds):
+            return await self._receive.receive()
+        if self._trailing_drop():
+            await self._write_records([self._trailing_gap()])
+        if await trio.to_thread.run_sync(disk.sync):
+            self.stats.fsyncs += 1
+        return None
+
+    def _trailing_drop(self) -> bool:
+        return (self._expected is not None and self._last_offered >= self._expected and not self._pending
+                and trio.current_time() >= self._failed_until)
+
+    def _trailing_gap(self) -> Record:
+        first, last = self._expected_seq(), self._last_offered
+        received_ns, reason = self._gap_causes.get(first, (self._last_written_ns, DISK_BEHIND))
+        received_ns = max(received_ns, self._last_written_ns)
+        return gap_record(first, last, received_ns, f"{reason}: seqs {first}..{last} not on disk")
 
     async def _write(self, batch: list[Record]) -> None:
         if trio.current_time() < self._failed_until:
             # still backing off after a failed write: these records become part of the gap
             self._note_gap(self._expected_seq(), batch[0].received_ns, "disk writes were failing")
             return
-        records = self._with_gaps(batch)
+        await self._write_records(self._with_gaps(batch))
+
+    async def _write_records(self, records: list[Record]) -> None:
         disk = self._disk
         assert disk is not None
         # A thread cannot be cancelled: a stop arriving now would only lose the result, and
@@ -410,6 +430,7 @@ class JournalWriter:
         if result.deleted:
             log.info("journal: retention deleted %s", ", ".join(result.deleted))
         self._expected = records[-1].end_seq + 1
+        self._last_written_ns = records[-1].received_ns
         stats.last_written_seq = records[-1].end_seq
 
     def _note_gap(self, first_seq: int, received_ns: int, reason: str) -> None:
@@ -438,6 +459,8 @@ class JournalWriter:
                 batch, size = [], 0
         if batch:
             await self._write(batch)
+        if self._trailing_drop():
+            await self._write_records([self._trailing_gap()])
         try:
             await trio.to_thread.run_sync(disk.close)
             self.stats.fsyncs += 1
