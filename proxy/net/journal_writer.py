@@ -4,10 +4,11 @@ from a worker thread.
 The router never waits for the disk. It hands each record to :meth:`JournalWriter.offer`,
 which puts it in a bounded Trio memory channel with ``send_nowait``; when the channel is
 full the record is counted as dropped, and that is all the router pays. The writer task
-takes records from the channel, batches them into blocks (:data:`BLOCK_BYTES` of raw
-records or :data:`BLOCK_SECONDS` after a block's first record, whichever comes first),
-and has a worker thread (``trio.to_thread.run_sync``) compress, write, sync and expire
-segments, so that neither zstd nor a slow disk ever holds up the Trio thread.
+wakes for a record, lets :data:`BLOCK_SECONDS` of them gather (unless :data:`BLOCK_BYTES`
+are already queued), takes them all and has a worker thread (``trio.to_thread.run_sync``)
+compress and write them as blocks of at most :data:`BLOCK_BYTES`, sync and expire segments,
+so that neither zstd nor a slow disk ever holds up the Trio thread. Waking once per block,
+not once per record, matters: a task switch costs more than journaling a frame.
 
 Gaps are found where they must be true: a block's records must follow the last seq on
 disk. When they do not (the router dropped records, or a write failed), the writer puts
@@ -72,10 +73,10 @@ log = logging.getLogger("proxy.journal")
 #: Records the channel holds for the writer. They are references to records the memory ring
 #: holds anyway; at 2,000 frames/s this rides out 8 s of a stalled disk.
 WRITE_QUEUE_RECORDS = 16_384
-#: A block is written when its records reach this size, uncompressed...
-BLOCK_BYTES = 256 * 1024
-#: ... or this long after its first record arrived. At 20,000 events/s both come together.
+#: Records gather this long after the first of a block arrives before they are written...
 BLOCK_SECONDS = 0.1
+#: ... as blocks of at most this much, uncompressed. At 20,000 events/s, 100 ms is about this.
+BLOCK_BYTES = 256 * 1024
 #: A segment is closed and a new one begun past this size on disk...
 SEGMENT_BYTES = 64 * 1024 * 1024
 #: ... or when its records span this long (retention deletes whole segments).
@@ -111,9 +112,10 @@ class JournalWriterStats:
 
 @attrs.define
 class _WriteResult:
-    written: int = 0
-    synced: bool = False
-    created: bool = False
+    blocks: int = 0  # how many of the blocks asked for were written, in order
+    written: int = 0  # bytes
+    synced: int = 0
+    created: int = 0
     deleted: list[str] = attrs.field(factory=list)
     error: OSError | None = None
 
@@ -130,29 +132,32 @@ class _Disk:
         self.last_sync = time.monotonic()
         self.last_retention = -math.inf
 
-    def write(self, records: list[Record]) -> _WriteResult:
+    def write(self, blocks: list[list[Record]]) -> _WriteResult:
+        """Encode and append each block; stops at the first I/O error, which it returns."""
         result = _WriteResult()
         writer = self.writer
         try:
-            block = self.codec.encode(records)
-            current = self.current
-            first = records[0]
-            if current is not None and current.blocks and (
-                    current.size + len(block) > writer.segment_bytes
-                    or first.received_ns - current.start_ns >= writer.segment_seconds * 1e9):
-                self._close_current()
-                current = None
-                result.synced = True
-            if current is None:
-                current = self.current = SegmentAppender.create(self.directory, first.seq, first.received_ns)
-                result.created = True
-            current.append(block)
-            result.written = len(block)
+            for records in blocks:
+                block = self.codec.encode(records)
+                current = self.current
+                first = records[0]
+                if current is not None and current.blocks and (
+                        current.size + len(block) > writer.segment_bytes
+                        or first.received_ns - current.start_ns >= writer.segment_seconds * 1e9):
+                    self._close_current()
+                    current = None
+                    result.synced += 1
+                if current is None:
+                    current = self.current = SegmentAppender.create(self.directory, first.seq, first.received_ns)
+                    result.created += 1
+                current.append(block)
+                result.blocks += 1
+                result.written += len(block)
             now = time.monotonic()
-            if now - self.last_sync >= writer.fsync_seconds:
-                current.sync()
+            if self.current is not None and now - self.last_sync >= writer.fsync_seconds:
+                self.current.sync()
                 self.last_sync = now
-                result.synced = True
+                result.synced += 1
             if result.created or now - self.last_retention >= writer.retention_check_seconds:
                 result.deleted = self._expire(now)
         except OSError as error:
@@ -318,25 +323,31 @@ class JournalWriter:
         log.info("journal: writing to %s, continuing at seq %d", self.directory, recovered.next_seq)
 
     async def _write_forever(self) -> None:
-        receive = self._receive
         while True:
             first = await self._first_record()
             if first is None:
                 continue
             # The batch lives on the writer, so that a stop in the middle of gathering it
             # still writes it (_flush_and_close).
-            batch = self._pending = [first]
-            size = len(first.data)
-            with trio.move_on_after(self.block_seconds):
-                while size < self.block_bytes:
-                    try:
-                        record = receive.receive_nowait()
-                    except trio.WouldBlock:
-                        record = await receive.receive()
-                    batch.append(record)
-                    size += len(record.data)
-            self._pending = []
+            self._pending = [first]
+            if self._drain() < self.block_bytes:
+                # One wake-up per block, not one per record: a task switch costs more than
+                # journaling a frame does, and the router sends a record per frame.
+                await trio.sleep(self.block_seconds)
+                self._drain()
+            batch, self._pending = self._pending, []
             await self._write(batch)
+
+    def _drain(self) -> int:
+        """Move every queued record to the pending batch; returns the batch's size in bytes."""
+        pending = self._pending
+        receive_nowait = self._receive.receive_nowait
+        while True:
+            try:
+                pending.append(receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+        return sum(len(record.data) for record in pending)
 
     async def _first_record(self) -> Record | None:
         """The next record; None when the feed paused for ``fsync_seconds`` and there was
@@ -372,13 +383,23 @@ class JournalWriter:
         await self._write_records(self._with_gaps(batch))
 
     async def _write_records(self, records: list[Record]) -> None:
+        """Write ``records`` (already checked to follow what is on disk) as blocks of at most
+        ``block_bytes`` each, in one trip to a worker thread."""
+        blocks: list[list[Record]] = []
+        size = self.block_bytes
+        for record in records:
+            if size >= self.block_bytes:
+                blocks.append([])
+                size = 0
+            blocks[-1].append(record)
+            size += len(record.data)
         disk = self._disk
         assert disk is not None
         # A thread cannot be cancelled: a stop arriving now would only lose the result, and
         # the next block would take records already on disk for a gap. So wait it out.
         with trio.CancelScope(shield=True):
-            result = await trio.to_thread.run_sync(disk.write, records)
-            self._account(records, result)
+            result = await trio.to_thread.run_sync(disk.write, blocks)
+            self._account(blocks, result)
 
     def _expected_seq(self) -> int:
         assert self._expected is not None
@@ -402,36 +423,38 @@ class JournalWriter:
             expected = record.end_seq + 1
         return records
 
-    def _account(self, records: list[Record], result: _WriteResult) -> None:
+    def _account(self, blocks: list[list[Record]], result: _WriteResult) -> None:
         stats = self.stats
-        if result.error is not None:
-            stats.write_errors += 1
-            self._failed_until = trio.current_time() + self.retry_seconds
-            error = result.error
-            self._note_gap(self._expected_seq(), records[0].received_ns,
-                           f"a write failed ({error.strerror or error})")
-            log.error("journal: writing to %s failed (%s); %d records lost, retrying in %.1fs while the "
-                      "tier carries on", self.directory, error.strerror or error, len(records), self.retry_seconds)
-            return
-        for record in records:
-            if record.kind is RecordKind.GAP:
-                missing = record.end_seq - record.seq + 1
-                stats.gaps += 1
-                stats.seqs_missing += missing
-                self._gap_causes.pop(record.seq, None)
-                log.warning("journal: %s (%d records)", record.reason, missing)
-        stats.records_written += len(records)
-        stats.blocks_written += 1
+        for records in blocks[:result.blocks]:
+            for record in records:
+                if record.kind is RecordKind.GAP:
+                    missing = record.end_seq - record.seq + 1
+                    stats.gaps += 1
+                    stats.seqs_missing += missing
+                    self._gap_causes.pop(record.seq, None)
+                    log.warning("journal: %s (%d records)", record.reason, missing)
+                stats.raw_bytes_written += len(record.data)
+            stats.records_written += len(records)
+            self._expected = records[-1].end_seq + 1
+            self._last_written_ns = records[-1].received_ns
+            stats.last_written_seq = records[-1].end_seq
+        stats.blocks_written += result.blocks
         stats.bytes_written += result.written
-        stats.raw_bytes_written += sum(len(record.data) for record in records)
         stats.fsyncs += result.synced
         stats.segments_created += result.created
         stats.segments_deleted += len(result.deleted)
         if result.deleted:
             log.info("journal: retention deleted %s", ", ".join(result.deleted))
-        self._expected = records[-1].end_seq + 1
-        self._last_written_ns = records[-1].received_ns
-        stats.last_written_seq = records[-1].end_seq
+        if result.error is not None:
+            stats.write_errors += 1
+            self._failed_until = trio.current_time() + self.retry_seconds
+            error = result.error
+            lost = blocks[result.blocks:]
+            self._note_gap(self._expected_seq(), lost[0][0].received_ns,
+                           f"a write failed ({error.strerror or error})")
+            log.error("journal: writing to %s failed (%s); %d records lost, retrying in %.1fs while the "
+                      "tier carries on", self.directory, error.strerror or error,
+                      sum(len(records) for records in lost), self.retry_seconds)
 
     def _note_gap(self, first_seq: int, received_ns: int, reason: str) -> None:
         known = self._gap_causes.get(first_seq)
@@ -441,22 +464,12 @@ class JournalWriter:
             self._gap_causes[first_seq] = (known[0], f"{known[1]}, then {reason}")
 
     async def _flush_and_close(self) -> None:
-        """Write everything queued, then sync and close the segment."""
+        """Write everything gathered and queued, then sync and close the segment."""
         disk = self._disk
         if disk is None:
             return
+        self._drain()
         batch, self._pending = self._pending, []
-        size = sum(len(record.data) for record in batch)
-        while True:
-            try:
-                record = self._receive.receive_nowait()
-            except (trio.WouldBlock, trio.EndOfChannel):
-                break
-            batch.append(record)
-            size += len(record.data)
-            if size >= self.block_bytes:
-                await self._write(batch)
-                batch, size = [], 0
         if batch:
             await self._write(batch)
         if self._trailing_drop():

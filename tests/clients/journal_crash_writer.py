@@ -52,6 +52,8 @@ async def main(directory: str) -> None:
                 else:
                     journal.upstream_lost(data.decode(), time.time_ns())
             await trio.sleep(0)
+            while journal.next_seq - 1 - writer.stats.last_written_seq > 4096:
+                await trio.sleep(0.001)  # stay within the writer's queue: a kill, not gaps, is tested
             if writer.stats.last_written_seq != reported:
                 reported = writer.stats.last_written_seq
                 print(f"written {reported}", flush=True)
