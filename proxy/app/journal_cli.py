@@ -97,6 +97,7 @@ class Progress:
         self._drawn = False
 
     def advance(self, amount: int) -> None:
+        """Count ``amount`` more bytes done, and redraw if it is time."""
         self.done += amount
         if not self.enabled:
             return
@@ -111,6 +112,7 @@ class Progress:
             self._drawn = True
 
     def close(self) -> None:
+        """Erase the bar, if drawn (it is drawn again on the next advance)."""
         if self._drawn:
             self.stream.write("\r\x1b[K")
             self.stream.flush()
@@ -429,4 +431,5 @@ class _TextAsBytes:
     stream: IO[str]
 
     def write(self, data: bytes) -> int:
+        """Write UTF-8 ``data`` as text; returns what the stream returns."""
         return self.stream.write(data.decode())

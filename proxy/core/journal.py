@@ -157,7 +157,9 @@ class Buffer(Protocol):
 
     def __getitem__(self, index: slice, /) -> bytes: ...
 
-    def find(self, sub: bytes, start: int = ..., /) -> int: ...
+    def find(self, sub: bytes, start: int = ..., /) -> int:
+        """The offset of ``sub`` from ``start``, or -1."""
+        ...
 
 
 SEGMENT_MAGIC = b"PJOURNAL"
@@ -501,6 +503,7 @@ class SegmentScan:
 
     @property
     def intact_end(self) -> int:
+        """Where the torn tail starts (the length recovery truncates to), or the size."""
         return self.torn.offset if self.torn is not None else self.size
 
     @property
@@ -510,18 +513,22 @@ class SegmentScan:
 
     @property
     def first_seq(self) -> int | None:
+        """The first seq of the first intact block (None without one)."""
         return self.blocks[0].header.first_seq if self.blocks else None
 
     @property
     def last_seq(self) -> int | None:
+        """The highest seq of any intact block (None without one)."""
         return max(block.header.last_seq for block in self.blocks) if self.blocks else None
 
     @property
     def first_ns(self) -> int | None:
+        """The receive time of the first intact block's first record (None without one)."""
         return self.blocks[0].header.first_ns if self.blocks else None
 
     @property
     def last_ns(self) -> int | None:
+        """The receive time of the last intact block's last record (None without one)."""
         return self.blocks[-1].header.last_ns if self.blocks else None
 
 
@@ -610,6 +617,8 @@ def _may_be_torn(buf: Buffer, position: int) -> bool:
 
 
 def _all_zero(buf: Buffer, position: int) -> bool:
+    if buf[position:position + 1] != b"\0":
+        return False  # the usual answer, without copying the rest of the file
     rest = bytes(buf[position:])
     return len(rest) > 0 and rest.count(0) == len(rest)
 
@@ -751,10 +760,12 @@ class JournalRing:
 
     @property
     def oldest_ns(self) -> int | None:
+        """The receive time of the oldest record held, or None when empty."""
         return self._times[self._head] if len(self) else None
 
     @property
     def newest_ns(self) -> int | None:
+        """The receive time of the newest record held, or None when empty."""
         return self._times[-1] if len(self) else None
 
     def append(self, record: Record) -> None:
@@ -910,6 +921,7 @@ class Journal:
 
     @sink.setter
     def sink(self, sink: Callable[[Record], object] | None) -> None:
+        """Send the records from now on to ``sink`` (None: nowhere)."""
         self._sink = sink
 
 

@@ -78,18 +78,22 @@ class SegmentFile:
 
     @property
     def name(self) -> str:
+        """The file's name."""
         return self.info.name
 
     @property
     def first_seq(self) -> int:
+        """The seq of its first record, from its name."""
         return self.info.first_seq
 
     @property
     def start_ns(self) -> int:
+        """The receive time of its first record, from its name."""
         return self.info.start_ns
 
     @property
     def size(self) -> int:
+        """Its size in bytes when listed."""
         return self.info.size
 
 
