@@ -343,3 +343,22 @@ def test_reading_reports_damage_and_carries_on(tmp_path):
     lost = set(range(1, 101)) - set(seqs)
     first, last = problems[0].lost
     assert lost == set(range(first, last + 1))
+
+
+async def test_a_failing_sync_is_logged_and_counted_not_raised(tmp_path, monkeypatch, caplog):
+    def failing_sync(self) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(SegmentAppender, "sync", failing_sync)
+    async with trio.open_nursery() as nursery:
+        writer, journal = await start(nursery, tmp_path, fsync_seconds=0.05)
+        journal.frame(frame_bytes(1), T0)
+        await trio.sleep(0.4)  # the block is written, the feed pauses: the writer syncs
+        journal.frame(frame_bytes(2), T0 + 1)
+        await trio.sleep(0.2)
+        nursery.cancel_scope.cancel()
+    assert writer.stats.write_errors >= 1 and writer.stats.last_written_seq == 2
+    assert any("Input/output error" in message for message in caplog.messages)
+    # the segment whose sync failed was left; the next record began a new one
+    assert [s.first_seq for s in list_segments(tmp_path)] == [1, 2]
+    assert [r.seq for r in on_disk(tmp_path)] == [1, 2]

@@ -133,7 +133,8 @@ class _Disk:
         self.last_retention = -math.inf
 
     def write(self, blocks: list[list[Record]]) -> _WriteResult:
-        """Encode and append each block; stops at the first I/O error, which it returns."""
+        """Encode and append each block, stopping at the first I/O error; then sync when it is
+        time and expire old segments. Errors are returned, never raised."""
         result = _WriteResult()
         writer = self.writer
         try:
@@ -153,28 +154,42 @@ class _Disk:
                 current.append(block)
                 result.blocks += 1
                 result.written += len(block)
-            now = time.monotonic()
-            if self.current is not None and now - self.last_sync >= writer.fsync_seconds:
-                self.current.sync()
-                self.last_sync = now
+        except OSError as error:
+            result.error = error
+            self._abandon()
+            return result
+        now = time.monotonic()
+        try:
+            if now - self.last_sync >= writer.fsync_seconds and self.sync():
                 result.synced += 1
             if result.created or now - self.last_retention >= writer.retention_check_seconds:
                 result.deleted = self._expire(now)
         except OSError as error:
             result.error = error
-            if self.current is not None:
-                self.current.abandon()
-                # what it holds stays, as a closed segment, for retention and readers
-                self.closed.append(self.current.info)
-                self.current = None
         return result
 
     def sync(self) -> bool:
+        """Sync the segment being written, if anything is unsynced; whether it synced.
+
+        A failed sync abandons the segment (after a failed fsync the kernel may already have
+        dropped the pages it could not write, so what follows is begun afresh) and raises.
+        """
+        self.last_sync = time.monotonic()
         if self.current is None or not self.current.dirty:
             return False
-        self.current.sync()
-        self.last_sync = time.monotonic()
+        try:
+            self.current.sync()
+        except OSError:
+            self._abandon()
+            raise
         return True
+
+    def _abandon(self) -> None:
+        if self.current is not None:
+            self.current.abandon()
+            # what it holds stays, as a closed segment, for retention and readers
+            self.closed.append(self.current.info)
+            self.current = None
 
     def _close_current(self) -> None:
         assert self.current is not None
@@ -282,7 +297,8 @@ class JournalWriter:
         write what is queued, sync and close (within ``close_seconds``).
 
         Raises :class:`~proxy.core.errors.ConfigError` (naming ``setting``) when the
-        directory cannot be created, written or locked.
+        directory cannot be created, written, locked or recovered. Disk errors after the
+        start are logged and counted, and become gaps: they never stop the tier.
         """
         try:
             lock = await trio.to_thread.run_sync(lock_directory, self.directory)
@@ -292,7 +308,11 @@ class JournalWriter:
             raise ConfigError(self.setting, f"cannot write a journal in {self.directory}: "
                                             f"{error.strerror or error}") from None
         try:
-            recovered = await trio.to_thread.run_sync(recover, self.directory)
+            try:
+                recovered = await trio.to_thread.run_sync(recover, self.directory)
+            except OSError as error:
+                raise ConfigError(self.setting, f"cannot recover the journal in {self.directory}: "
+                                                f"{error.strerror or error}") from None
             self._report_recovery(recovered)
             self._expected = recovered.next_seq
             self._last_written_ns = recovered.last_ns
@@ -361,8 +381,13 @@ class JournalWriter:
             return await self._receive.receive()
         if self._trailing_drop():
             await self._write_records([self._trailing_gap()])
-        if await trio.to_thread.run_sync(disk.sync):
-            self.stats.fsyncs += 1
+        try:
+            if await trio.to_thread.run_sync(disk.sync):
+                self.stats.fsyncs += 1
+        except OSError as error:
+            self.stats.write_errors += 1
+            log.error("journal: syncing %s failed (%s); a new segment is begun", self.directory,
+                      error.strerror or error)
         return None
 
     def _trailing_drop(self) -> bool:
@@ -445,16 +470,20 @@ class JournalWriter:
         stats.segments_deleted += len(result.deleted)
         if result.deleted:
             log.info("journal: retention deleted %s", ", ".join(result.deleted))
-        if result.error is not None:
-            stats.write_errors += 1
-            self._failed_until = trio.current_time() + self.retry_seconds
-            error = result.error
-            lost = blocks[result.blocks:]
-            self._note_gap(self._expected_seq(), lost[0][0].received_ns,
-                           f"a write failed ({error.strerror or error})")
-            log.error("journal: writing to %s failed (%s); %d records lost, retrying in %.1fs while the "
-                      "tier carries on", self.directory, error.strerror or error,
-                      sum(len(records) for records in lost), self.retry_seconds)
+        error = result.error
+        if error is None:
+            return
+        stats.write_errors += 1
+        lost = blocks[result.blocks:]
+        if not lost:  # the blocks went in; syncing or expiring failed
+            log.error("journal: syncing or expiring in %s failed (%s); a new segment is begun",
+                      self.directory, error.strerror or error)
+            return
+        self._failed_until = trio.current_time() + self.retry_seconds
+        self._note_gap(self._expected_seq(), lost[0][0].received_ns, f"a write failed ({error.strerror or error})")
+        log.error("journal: writing to %s failed (%s); %d records lost, retrying in %.1fs while the "
+                  "tier carries on", self.directory, error.strerror or error,
+                  sum(len(records) for records in lost), self.retry_seconds)
 
     def _note_gap(self, first_seq: int, received_ns: int, reason: str) -> None:
         known = self._gap_causes.get(first_seq)
