@@ -3,7 +3,7 @@ ones, there are no import cycles, and every module declares its public surface.
 
 Layers, lowest first: ``proxy.core`` (sans-I/O), ``proxy.net`` (Trio shells),
 ``proxy.app`` (wiring), ``proxy.sim`` (the simulator, which uses all of them), and the
-entry points ``proxy.firehose``, ``proxy.filtered``, ``proxy.simulator``.
+entry points ``proxy.firehose``, ``proxy.filtered``, ``proxy.simulator``, ``proxy.journal``.
 Imports are read from the source (``ast``), including those under ``TYPE_CHECKING``:
 a cycle that only the type checker sees is still a cycle in the design.
 """
@@ -19,7 +19,8 @@ PACKAGE = Path(__file__).parent.parent / "proxy"
 LAYERS = {"core": 0, "net": 1, "app": 2, "sim": 3}
 ENTRY_POINT_LAYER = 4
 #: The modules outside the layers: the package and what ``trio-run`` / ``python -m`` names.
-ENTRY_POINTS = {"proxy", "proxy.firehose", "proxy.filtered", "proxy.simulator", "proxy.keys", "proxy.client"}
+ENTRY_POINTS = {"proxy", "proxy.firehose", "proxy.filtered", "proxy.simulator", "proxy.keys", "proxy.client",
+                "proxy.journal"}
 #: What the sans-I/O core must never import: event loops, sockets, TLS, metrics, files.
 CORE_FORBIDDEN = {"trio", "trio_websocket", "prometheus_client", "socket", "ssl", "selectors",
                   "asyncio", "os", "pathlib", "io", "shutil", "decouple", "h11"}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -137,6 +138,11 @@ def _shared(source: decouple.Config) -> dict:
         max_connections_per_ip=_read(source, "MAX_CONNECTIONS_PER_IP", "1000", _positive_int),
         max_channels_per_client=_read(source, "MAX_CHANNELS_PER_CLIENT", "10000", _positive_int),
         control_messages_per_second=_read(source, "CONTROL_MESSAGES_PER_SECOND", "50", _positive_rate),
+        journal_memory_seconds=_read(source, "JOURNAL_MEMORY_SECONDS", "300", _seconds),
+        journal_memory_bytes=int(_read(source, "JOURNAL_MEMORY_MB", "256", _amount) * 1e6),
+        journal_dir=_read(source, "JOURNAL_DIR", "", _directory),
+        journal_retention_seconds=_unbounded_if_zero(_read(source, "JOURNAL_RETENTION_HOURS", "24", _amount) * 3600),
+        journal_max_bytes=_unbounded_if_zero(int(_read(source, "JOURNAL_MAX_GB", "10", _amount) * 1e9)),
     )
 
 
@@ -153,6 +159,24 @@ def _admin_token(raw: str) -> str:
     if any(character in raw for character in ";, \t\"\\"):
         raise ValueError("a token goes into a cookie: no spaces, commas, semicolons, quotes or backslashes")
     return raw
+
+
+def _amount(raw: str) -> float:
+    value = float(raw)
+    if not 0 <= value < math.inf:
+        raise ValueError("expected a number, 0 or more")
+    return value
+
+
+def _unbounded_if_zero(value: T) -> T | None:
+    return value or None
+
+
+def _directory(raw: str) -> str | None:
+    """A directory to write in: it may not exist yet (it is created), but it may not be a file."""
+    if raw and Path(raw).exists() and not Path(raw).is_dir():
+        raise ValueError("exists and is not a directory")
+    return raw or None
 
 
 def _existing_file(raw: str) -> str | None:

@@ -73,6 +73,15 @@ class TierConfig:
     #: Log level of third-party libraries (trio-websocket logs every message at debug);
     #: None: as ``log_level``, but never below info.
     library_log_level: str | None = None
+    #: The journal (docs/journal.md): the recent past kept in memory, bounded by seconds and
+    #: by bytes, whichever binds first (0: none kept) ...
+    journal_memory_seconds: float = 300.0
+    journal_memory_bytes: int = 256_000_000
+    #: ... and the directory it is written to (None: memory only), with how long and how much
+    #: of it is kept there (None: no bound of that kind).
+    journal_dir: str | None = None
+    journal_retention_seconds: float | None = 24 * 3600.0
+    journal_max_bytes: int | None = 10_000_000_000
 
     @property
     def port_setting(self) -> str:

@@ -1,0 +1,445 @@
+"""The journal's sans-I/O core: records and blocks round-trip, torn tails are told from damage
+at every byte, damage is located precisely, the memory ring keeps its bounds and finds records,
+and replay selects exactly the events live routing would."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proxy.core.journal import (
+    BLOCK_HEADER_SIZE,
+    SEGMENT_HEADER_SIZE,
+    BlockCodec,
+    EventSelector,
+    Journal,
+    JournalFormatError,
+    JournalRing,
+    Record,
+    RecordKind,
+    SegmentInfo,
+    SeqEvicted,
+    count_event_types,
+    encode_segment_header,
+    format_ns,
+    frame_record,
+    gap_record,
+    outage_record,
+    parse_block_header,
+    parse_segment_name,
+    retention_victims,
+    scan_segment,
+    segment_name,
+)
+from proxy.core.protocol import parse_channel_list
+from proxy.core.routing import FrameError, route_frame
+from proxy.core.subscriptions import SubscriptionRegistry
+from proxy.sim.market import MarketModel, frame_of, synthetic_symbols
+
+CODEC = BlockCodec()
+T0 = 1_764_000_000_000_000_000  # ns, late 2025
+
+
+def as_stored(record: Record) -> Record:
+    """A record as it reads back from disk: frames as bytes, reasons as str."""
+    data = record.data
+    if record.kind is RecordKind.FRAME and isinstance(data, str):
+        data = data.encode()
+    elif record.kind is not RecordKind.FRAME and isinstance(data, bytes):
+        data = data.decode()
+    return Record(record.kind, record.seq, record.received_ns, data, record.end_seq)
+
+
+def numbered(specs: list[tuple[int, object, int, int]], first_seq: int = 1) -> list[Record]:
+    """Records from (kind, data, ns step, gap length) with contiguous seqs and rising times."""
+    records, seq, ns = [], first_seq, T0
+    for kind, data, step, gap_length in specs:
+        ns += step
+        if kind == RecordKind.FRAME:
+            records.append(frame_record(seq, ns, data))
+        elif kind == RecordKind.GAP:
+            records.append(gap_record(seq, seq + gap_length, ns, str(data)))
+        else:
+            records.append(outage_record(RecordKind(kind), seq, ns, str(data)))
+        seq = records[-1].end_seq + 1
+    return records
+
+
+def segment_of(blocks: list[list[Record]]) -> tuple[bytes, list[int]]:
+    """A segment holding these blocks, and each block's offset."""
+    data = bytearray(encode_segment_header(blocks[0][0].seq, blocks[0][0].received_ns))
+    offsets = []
+    for records in blocks:
+        offsets.append(len(data))
+        data += CODEC.encode(records)
+    return bytes(data), offsets
+
+
+def sample_blocks(count: int = 3, per_block: int = 5) -> list[list[Record]]:
+    model = MarketModel(synthetic_symbols(10), seed=3)
+    records = numbered([(RecordKind.FRAME, frame_of(model.stream_events(20, 1000 + i)), 1000, 0)
+                        for i in range(count * per_block)])
+    return [records[i:i + per_block] for i in range(0, len(records), per_block)]
+
+
+def decoded(data: bytes) -> list[Record]:
+    scan = scan_segment(data, decode=CODEC.decode)
+    out = []
+    for span in scan.blocks:
+        start = span.offset + BLOCK_HEADER_SIZE
+        out += CODEC.decode(span.header, data[start:start + span.header.payload_size], span.offset)
+    return out
+
+
+# --- the block format --------------------------------------------------------------------------
+
+record_specs = st.lists(
+    st.tuples(
+        st.sampled_from(list(RecordKind)),
+        st.one_of(st.binary(max_size=300), st.text(max_size=100)),
+        st.integers(0, 10**9),
+        st.integers(0, 50),
+    ),
+    min_size=1, max_size=40,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(record_specs, st.integers(1, 2**40), st.data())
+def test_records_round_trip_through_blocks_and_segments(specs, first_seq, data):
+    records = numbered(specs, first_seq)
+    cuts = sorted(data.draw(st.sets(st.integers(1, len(records) - 1), max_size=5)) if len(records) > 1 else [])
+    blocks = [records[a:b] for a, b in zip([0] + cuts, cuts + [len(records)])]
+    segment, offsets = segment_of(blocks)
+    scan = scan_segment(segment, decode=CODEC.decode)
+    assert scan.clean and scan.torn is None
+    assert [span.offset for span in scan.blocks] == offsets
+    assert scan.header.first_seq == first_seq and scan.first_seq == first_seq
+    assert scan.last_seq == records[-1].end_seq
+    assert decoded(segment) == [as_stored(record) for record in records]
+    for span, block in zip(scan.blocks, blocks):
+        header = span.header
+        assert (header.first_seq, header.last_seq, header.count) == (block[0].seq, block[-1].end_seq, len(block))
+        assert (header.first_ns, header.last_ns) == (block[0].received_ns, block[-1].received_ns)
+
+
+def test_the_encoder_refuses_records_out_of_order():
+    with pytest.raises(ValueError):
+        CODEC.encode([frame_record(2, T0, b"[]"), frame_record(2, T0, b"[]")])
+    with pytest.raises(ValueError):
+        CODEC.encode([frame_record(2, T0, b"[]"), frame_record(3, T0 - 1, b"[]")])
+    with pytest.raises(ValueError):
+        CODEC.encode([gap_record(2, 5, T0, "x"), frame_record(5, T0, b"[]")])  # inside the gap
+    with pytest.raises(ValueError):
+        CODEC.encode([])
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 10**19), st.integers(0, 4_000_000_000 * 10**9))
+def test_segment_names_sort_by_seq_and_carry_the_start(seq, start_ns):
+    name = segment_name(seq, start_ns)
+    assert parse_segment_name(name) == (seq, start_ns)
+    assert segment_name(seq + 1, 0) > segment_name(seq, start_ns)
+
+
+def test_other_names_are_not_segments():
+    for name in ("LOCK", "journal-1-20261125T101500.000000000Z.seg", "notes.txt",
+                 segment_name(1, T0) + ".bak", "x" + segment_name(1, T0)):
+        assert parse_segment_name(name) is None
+
+
+# --- torn tails and damage -------------------------------------------------------------------------
+
+
+def test_a_torn_tail_at_every_byte_of_the_last_block_keeps_everything_before_it():
+    blocks = sample_blocks()
+    segment, offsets = segment_of(blocks)
+    last = offsets[-1]
+    expected = [as_stored(record) for block in blocks[:-1] for record in block]
+    for cut in range(last, len(segment)):
+        scan = scan_segment(segment[:cut], decode=CODEC.decode)
+        assert scan.clean, (cut, scan.damage)
+        assert len(scan.blocks) == len(blocks) - 1
+        if cut == last:
+            assert scan.torn is None
+        else:
+            assert scan.torn is not None and scan.torn.offset == last and scan.torn.size == cut - last
+        assert scan.intact_end == last
+        assert decoded(segment[:cut]) == expected
+    assert scan_segment(segment, decode=CODEC.decode).torn is None
+
+
+def test_a_torn_segment_header_is_a_torn_tail_at_byte_zero():
+    segment, _ = segment_of(sample_blocks(1))
+    for cut in range(1, SEGMENT_HEADER_SIZE):
+        scan = scan_segment(segment[:cut])
+        assert scan.clean and scan.blocks == () and scan.torn.offset == 0
+    empty = scan_segment(segment[:SEGMENT_HEADER_SIZE])
+    assert empty.clean and empty.torn is None and empty.blocks == ()
+
+
+def test_a_zero_filled_tail_is_torn_not_damage():
+    segment, offsets = segment_of(sample_blocks())
+    scan = scan_segment(segment + bytes(5000))
+    assert scan.clean and len(scan.blocks) == 3
+    assert scan.torn.offset == len(segment) and scan.torn.zeroed
+
+
+def test_garbage_after_the_last_block_is_damage():
+    segment, _ = segment_of(sample_blocks())
+    scan = scan_segment(segment + b"not a block at all")
+    assert not scan.clean and scan.torn is None
+    assert scan.damage[0].offset == len(segment) and scan.damage[0].end == len(segment) + 18
+
+
+def test_a_flipped_byte_anywhere_in_a_middle_block_is_located_and_costs_only_that_block():
+    blocks = sample_blocks()
+    segment, offsets = segment_of(blocks)
+    start, end = offsets[1], offsets[2]
+    lost = (blocks[1][0].seq, blocks[1][-1].end_seq)
+    for position in range(start, end):
+        damaged = bytearray(segment)
+        damaged[position] ^= 0x40
+        scan = scan_segment(bytes(damaged), decode=CODEC.decode)
+        assert len(scan.damage) == 1, position
+        damage = scan.damage[0]
+        assert (damage.offset, damage.end) == (start, end), position
+        assert damage.lost == lost
+        expected_kind = ("bad_magic" if position < start + 4 else
+                         "header_checksum" if position < start + BLOCK_HEADER_SIZE else "payload_checksum")
+        assert damage.kind == expected_kind, position
+        assert [span.offset for span in scan.blocks] == [offsets[0], offsets[2]]
+        assert scan.torn is None
+
+
+def test_a_damaged_segment_header_is_reported_and_the_blocks_still_read():
+    segment, offsets = segment_of(sample_blocks())
+    damaged = bytearray(segment)
+    damaged[10] ^= 1
+    scan = scan_segment(bytes(damaged), decode=CODEC.decode)
+    assert [d.offset for d in scan.damage] == [0] and scan.damage[0].kind == "segment_header"
+    assert scan.header is None and len(scan.blocks) == 3
+
+
+def test_a_block_missing_from_the_middle_is_a_seq_gap():
+    blocks = sample_blocks()
+    segment, offsets = segment_of(blocks)
+    holed = segment[:offsets[1]] + segment[offsets[2]:]
+    scan = scan_segment(holed, decode=CODEC.decode)
+    assert len(scan.blocks) == 2
+    (damage,) = scan.damage
+    assert damage.kind == "seq_gap" and damage.lost == (blocks[1][0].seq, blocks[1][-1].end_seq)
+
+
+def test_a_gap_record_makes_a_hole_in_seqs_legitimate():
+    records = numbered([(RecordKind.FRAME, b"[]", 1, 0), (RecordKind.GAP, "disk", 1, 9),
+                        (RecordKind.FRAME, b"[]", 1, 0)])
+    segment, _ = segment_of([records[:1], records[1:2], records[2:]])
+    scan = scan_segment(segment, decode=CODEC.decode)
+    assert scan.clean and records[2].seq == 12
+
+
+def test_a_header_cannot_claim_an_absurd_size():
+    segment, offsets = segment_of(sample_blocks(1))
+    header = parse_block_header(segment, offsets[0])
+    assert header.count == 5
+    with pytest.raises(JournalFormatError) as raised:
+        parse_block_header(segment, offsets[0] + 1)
+    assert raised.value.kind == "bad_magic" and raised.value.offset == offsets[0] + 1
+
+
+# --- retention ---------------------------------------------------------------------------------------
+
+HOUR = 3600 * 10**9
+
+
+def infos(*specs: tuple[int, int]) -> list[SegmentInfo]:
+    """Segments from (start hour, size)."""
+    return [SegmentInfo(f"s{i}", i * 100 + 1, T0 + hour * HOUR, size) for i, (hour, size) in enumerate(specs)]
+
+
+def test_retention_deletes_segments_whose_every_record_is_too_old():
+    segments = infos((0, 10), (1, 10), (2, 10), (3, 10))
+    now = T0 + 4 * HOUR
+    # segment 0 ends when segment 1 starts (hour 1): older than 2.5 h
+    assert retention_victims(segments, now_ns=now, max_age_ns=int(2.5 * HOUR), max_bytes=None) == 1
+    assert retention_victims(segments, now_ns=now, max_age_ns=int(1.5 * HOUR), max_bytes=None) == 2
+    # the newest is never deleted, however old
+    assert retention_victims(segments, now_ns=T0 + 100 * HOUR, max_age_ns=HOUR, max_bytes=None) == 3
+    assert retention_victims(segments, now_ns=now, max_age_ns=10 * HOUR, max_bytes=None) == 0
+
+
+def test_retention_deletes_the_oldest_while_over_the_size_bound():
+    segments = infos((0, 40), (1, 30), (2, 20), (3, 10))
+    now = T0 + 4 * HOUR
+    assert retention_victims(segments, now_ns=now, max_age_ns=None, max_bytes=100) == 0
+    assert retention_victims(segments, now_ns=now, max_age_ns=None, max_bytes=99) == 1
+    assert retention_victims(segments, now_ns=now, max_age_ns=None, max_bytes=30) == 2
+    assert retention_victims(segments, now_ns=now, max_age_ns=None, max_bytes=1) == 3
+    assert retention_victims(segments[:1], now_ns=now, max_age_ns=1, max_bytes=1) == 0
+
+
+# --- the ring ------------------------------------------------------------------------------------------
+
+
+def fill(ring: JournalRing, count: int, step_ns: int = 10**9, size: int = 100, first: int = 1) -> list[Record]:
+    records = [frame_record(first + i, T0 + (first - 1 + i) * step_ns, b"x" * size) for i in range(count)]
+    for record in records:
+        ring.append(record)
+    return records
+
+
+def test_the_ring_keeps_the_last_seconds():
+    ring = JournalRing(max_seconds=10, max_bytes=10**9)
+    records = fill(ring, 100)  # one a second
+    assert len(ring) == 11  # ages 0..10 s from the newest
+    assert (ring.first_seq, ring.last_seq) == (90, 100)
+    assert ring.oldest_ns == records[89].received_ns and ring.newest_ns == records[99].received_ns
+
+
+def test_the_ring_keeps_its_byte_bound():
+    ring = JournalRing(max_seconds=10**6, max_bytes=10_000)
+    fill(ring, 1000, size=840)  # 1000 bytes each with the overhead
+    assert len(ring) == 10 and ring.size_bytes == 10_000
+    assert ring.first_seq == 991
+
+
+def test_whichever_bound_binds_first():
+    by_time = JournalRing(max_seconds=5, max_bytes=10_000)
+    fill(by_time, 50, step_ns=10**9, size=40)  # 200 bytes each: time binds (6 records)
+    by_bytes = JournalRing(max_seconds=5, max_bytes=10_000)
+    fill(by_bytes, 500, step_ns=10**6, size=40)  # 1 ms apart: bytes bind (50 records)
+    assert len(by_time) == 6 and len(by_bytes) == 50
+
+
+def test_ring_lookups_by_time_and_seq():
+    ring = JournalRing(max_seconds=1000, max_bytes=10**9)
+    records = fill(ring, 50, step_ns=1000)
+    assert ring.get(7) is records[6]
+    assert ring.seq_at_time(T0 + 7000) == 8
+    assert ring.seq_at_time(T0 + 6999) == 8
+    assert ring.seq_at_time(T0 - 5) == 1
+    assert ring.seq_at_time(T0 + 10**9) == 51  # after the newest: the next seq to come
+    assert [r.seq for r in ring.records_from(45)] == [45, 46, 47, 48, 49, 50]
+    assert [r.seq for r in ring.records_from(45, limit=2)] == [45, 46]
+    assert ring.records_from(51) == []
+    with pytest.raises(SeqEvicted):
+        ring.get(51)
+
+
+def test_ring_lookups_survive_eviction_and_compaction():
+    ring = JournalRing(max_seconds=10**6, max_bytes=500 * 260)
+    records = fill(ring, 5000, step_ns=1000)
+    assert len(ring) == 500 and ring.first_seq == 4501
+    assert ring.get(4700) is records[4699]
+    assert ring.seq_at_time(records[4799].received_ns) == 4800
+    assert not ring.covers_time(records[4000].received_ns)
+    assert ring.covers_time(records[4600].received_ns)
+    with pytest.raises(SeqEvicted):
+        ring.get(4500)
+    with pytest.raises(SeqEvicted):
+        ring.records_from(10)
+
+
+def test_iterating_the_ring_sees_appends_and_notices_falling_behind():
+    ring = JournalRing(max_seconds=10**6, max_bytes=20 * 260)
+    fill(ring, 10)
+    reader = ring.iter_from(5)
+    assert [next(reader).seq for _ in range(6)] == [5, 6, 7, 8, 9, 10]
+    fill(ring, 2, first=11)
+    assert [r.seq for r in reader] == [11, 12]
+    behind = ring.iter_from(ring.first_seq)
+    next(behind)
+    fill(ring, 40, first=13)
+    with pytest.raises(SeqEvicted):
+        list(behind)
+
+
+def test_a_ring_with_a_zero_bound_is_off():
+    ring = JournalRing(max_seconds=0, max_bytes=10**9)
+    fill(ring, 5)
+    assert len(ring) == 0 and not ring.covers_time(T0)
+
+
+def test_the_ring_refuses_holes_and_time_going_back():
+    ring = JournalRing(max_seconds=10, max_bytes=10**9)
+    fill(ring, 3)
+    with pytest.raises(ValueError):
+        ring.append(frame_record(5, T0 + 10**10, b""))
+    with pytest.raises(ValueError):
+        ring.append(frame_record(4, T0, b""))
+
+
+def test_the_journal_numbers_records_clamps_time_and_feeds_its_sink():
+    sunk: list[Record] = []
+    journal = Journal(next_seq=41, not_before_ns=T0, memory_seconds=60, memory_bytes=10**6, sink=sunk.append)
+    a = journal.frame("[]", T0 + 5)
+    b = journal.upstream_lost("connection closed (1006)", T0 + 3)  # the wall clock stepped back
+    c = journal.upstream_restored("after 1.0s", T0 + 9)
+    d = journal.frame(b"[]", T0 - 100)
+    assert [r.seq for r in sunk] == [41, 42, 43, 44] and sunk == [a, b, c, d]
+    assert [r.received_ns for r in sunk] == [T0 + 5, T0 + 5, T0 + 9, T0 + 9]
+    assert b.kind is RecordKind.UPSTREAM_LOST and b.reason == "connection closed (1006)"
+    assert journal.ring.get(43) is c and journal.next_seq == 45
+
+
+# --- replay selection ----------------------------------------------------------------------------------
+
+ODD_EVENTS = [
+    b'{"ev":"status","status":"success","message":"subscribed to: T.AAPL"}',
+    b'{"ev":"LULD","T":"AAPL","h":1}',
+    b'{"ev":"XT","pair":"BTC-USD","p":1}',
+    b'{"ev":"C","p":"EUR/USD","a":1}',
+    b'{"ev":"NEW","pair":"ABC","sym":"AAPL"}',  # not in the table: the first of sym, pair, T
+    b'{"ev":"T","p":1}',  # no symbol: only `*` gets it
+    b'{"ev":5,"sym":"AAPL"}',
+    b'{"ev":"T","sym":"BRK.A","p":1}',
+    b'{"ev":"T","sym":"aapl"}',
+    b'{"ev":"st\\u0061tus","message":"a status spelled with an escape"}',
+]
+CHANNEL_POOL = ["*", "T.*", "Q.*", "LULD.*", "T.AAPL", "Q.AAPL", "LULD.AAPL", "T.MSFT", "AM.*", "A.AAPL",
+                "XT.BTC-USD", "C.EUR/USD", "NEW.AAPL", "NEW.ABC", "T.BRK.A", "T.aapl", "FMV.*"]
+MODEL_FRAMES = []
+_model = MarketModel(synthetic_symbols(12), seed=11)
+for _i in range(30):
+    MODEL_FRAMES.append(frame_of(_model.stream_events(15, 1000 + _i)))
+MODEL_FRAMES.append(frame_of(_model.second_aggregates(1000)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(CHANNEL_POOL), min_size=1, max_size=5, unique=True),
+       st.lists(st.sampled_from(ODD_EVENTS), max_size=6), st.sampled_from(MODEL_FRAMES), st.booleans())
+def test_replay_selects_exactly_what_live_routing_sends(channels, odd, model_frame, as_text):
+    frame = b"[" + b",".join([*odd, model_frame[1:-1]]) + b"]"
+    parsed = parse_channel_list(",".join(channels))
+    registry = SubscriptionRegistry(clock=lambda: 0.0)
+    registry.subscribe("live", parsed)
+    registry.subscribe("someone else", parse_channel_list("T.ZZZZ"))  # so routing reads events
+    routed = route_frame(frame.decode() if as_text else frame, registry)
+    if "*" in channels:
+        live = routed.whole
+        live = b"" if live is None else (live.encode() if isinstance(live, str) else live)[1:-1]
+    else:
+        live = routed.batches.get("live", (b"", 0))[0]
+    replayed = b",".join(EventSelector(parsed).select(frame.decode() if as_text else frame))
+    assert replayed == live
+
+
+def test_replay_refuses_what_routing_refuses():
+    selector = EventSelector(parse_channel_list("T.*"))
+    for bad in (b"not json", b'{"ev":"T"}', b"[1,2]"):
+        with pytest.raises(FrameError):
+            selector.select(bad)
+
+
+def test_events_are_counted_by_type():
+    counts: Counter[str] = Counter()
+    assert count_event_types(b'[{"ev":"T"},{"ev":"Q"},{"ev":"T"},{"ev":3},{"x":1}]', counts) == 5
+    assert counts == {"T": 2, "Q": 1, "?": 2}
+
+
+def test_receive_times_print_to_the_ns_in_utc():
+    assert format_ns(1_764_065_700_123_456_789) == "2025-11-25T10:15:00.123456789Z"
