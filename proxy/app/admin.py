@@ -44,7 +44,7 @@ class Observed(Protocol):
     """What the operator views read of a running tier (:class:`~proxy.app.tier.Tier` is one)."""
 
     config: TierConfig
-    registry: SubscriptionRegistry
+    registry: SubscriptionRegistry[ClientSession]
     hub: Hub
     link: UpstreamLink
     history: TierHistory

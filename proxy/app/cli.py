@@ -60,7 +60,7 @@ def run_module_main(main: Callable[[], Awaitable[object]]) -> int:
         print(config_errors[0], file=sys.stderr)
         return 2
     finally:
-        if profiler is not None:
+        if profiler is not None and profile_path:
             profiler.disable()
             profiler.dump_stats(profile_path)
     return 0

@@ -298,7 +298,7 @@ def _verify(segments: list[SegmentFile], out: IO[str], err: IO[str]) -> int:
 # --- cat -------------------------------------------------------------------------------------------
 
 
-def _cat(segments: list[SegmentFile], directory: str, args: argparse.Namespace, out: IO[bytes],
+def _cat(segments: list[SegmentFile], directory: str, args: argparse.Namespace, out: IO[bytes] | _TextAsBytes,
          err: IO[str]) -> int:
     selector = EventSelector(args.channels)
     to_ns = args.to

@@ -32,7 +32,7 @@ from ..core.settings import TierConfig
 from ..core.stats import TierHistory, TierSnapshot, TierStats
 from ..core.subscriptions import SubscriptionRegistry
 from ..net.http import serve_http
-from ..net.server import Hub, serve_clients
+from ..net.server import ClientSession, Hub, serve_clients
 from ..net.upstream import NOT_CONNECTED_YET, LinkState, UpstreamLink
 from .admin import make_handler
 from .config import bind_error, read_key_file
@@ -61,7 +61,7 @@ RELAYED_STATUSES = frozenset({UPSTREAM_DISCONNECTED, UPSTREAM_CONNECTED})
 class Tier:
     """A running tier's parts, handed to whoever started it (tests read its ports, link and hub)."""
     config: TierConfig
-    registry: SubscriptionRegistry
+    registry: SubscriptionRegistry[ClientSession]
     hub: Hub
     link: UpstreamLink
     stats: TierStats
@@ -104,7 +104,7 @@ async def run_tier(
 
     Reports the running :class:`Tier` through ``task_status`` once it listens.
     Raises ConfigError when a port cannot be opened (named by its variable)."""
-    registry = SubscriptionRegistry(
+    registry: SubscriptionRegistry[ClientSession] = SubscriptionRegistry(
         clock=trio.current_time,
         grace_seconds=config.unsubscribe_grace_seconds,
         static=config.static_channels,

@@ -110,7 +110,8 @@ def parse_key_file(text: str, filename: str = "API_KEYS_FILE") -> KeyBook:
     tables = document.get("keys", {})
     if not isinstance(tables, dict):
         raise ConfigError("API_KEYS_FILE", f"{filename}: `keys` must be tables like [keys.research]")
-    entries, seen_hashes = [], {}
+    entries: list[KeyEntry] = []
+    seen_hashes: dict[str, str] = {}
     for name, table in tables.items():
         where = f"{filename}:{_line_of(text, name)}"
         entry = _entry(name, table, where)

@@ -38,7 +38,10 @@ import re
 import struct
 import zlib
 from collections import Counter
-from typing import Callable, Iterable, Iterator, Protocol, Sequence
+from typing import Callable, Iterable, Iterator, Protocol, Sequence, TYPE_CHECKING, TypeAlias
+
+if TYPE_CHECKING:
+    import mmap
 
 import attrs
 import msgspec
@@ -149,17 +152,9 @@ def gap_record(first_seq: int, last_seq: int, received_ns: int, reason: str) -> 
 
 # --- the on-disk format: segment header -----------------------------------------------------
 
-class Buffer(Protocol):
-    """What the decoders read: ``bytes``, or an ``mmap`` of a segment file (which the
-    shells map so that a reader touches only the blocks it needs)."""
-
-    def __len__(self) -> int: ...
-
-    def __getitem__(self, index: slice, /) -> bytes: ...
-
-    def find(self, sub: bytes, start: int = ..., /) -> int:
-        """The offset of ``sub`` from ``start``, or -1."""
-        ...
+#: What the decoders read: ``bytes``, or an ``mmap`` of a segment file (which the shells map
+#: so that a reader touches only the blocks it needs). A type only: nothing here opens files.
+Buffer: TypeAlias = "bytes | bytearray | mmap.mmap"
 
 
 SEGMENT_MAGIC = b"PJOURNAL"
@@ -383,7 +378,7 @@ class BlockCodec:
             raise JournalFormatError("payload_checksum", offset, f"block payload checksum mismatch "
                                      f"(stored {header.payload_crc:#010x}, computed {computed:#010x})")
         try:
-            raw = self._decompressor.decompress(payload, max_output_size=header.raw_size)
+            raw = self._decompressor.decompress(memoryview(payload), max_output_size=header.raw_size)
         except zstandard.ZstdError as error:
             raise JournalFormatError("bad_payload", offset, f"payload does not decompress: {error}") from None
         if len(raw) != header.raw_size:
@@ -973,7 +968,7 @@ class EventSelector:
         channels = tuple(channels)
         self.channels = channels
         self.everything = EVERYTHING_CHANNEL in channels
-        self._registry = SubscriptionRegistry(clock=lambda: 0.0)
+        self._registry: SubscriptionRegistry[str] = SubscriptionRegistry(clock=lambda: 0.0)
         self._registry.subscribe("replay", channels)
 
     def select(self, frame: str | bytes) -> list[msgspec.Raw]:

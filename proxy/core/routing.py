@@ -9,13 +9,13 @@ notices) are taken out of the data path and returned separately.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Generic
 
 import attrs
 import msgspec
 
 from .protocol import EventKey, event_symbol
-from .subscriptions import SubscriberId, SubscriptionRegistry
+from .subscriptions import S, SubscriptionRegistry
 
 __all__ = ["FrameError", "RoutedFrame", "route_frame"]
 
@@ -36,7 +36,7 @@ class FrameError(ValueError):
 
 
 @attrs.frozen
-class RoutedFrame:
+class RoutedFrame(Generic[S]):
     """Where one frame's events go.
 
     ``whole`` is what ``*`` holders receive: the original frame text when it
@@ -47,11 +47,11 @@ class RoutedFrame:
 
     whole: str | bytes | None
     event_count: int
-    batches: dict[SubscriberId, tuple[bytes, int]]
+    batches: dict[S, tuple[bytes, int]]
     statuses: list[dict[str, Any]]
 
 
-def route_frame(frame: str | bytes, registry: SubscriptionRegistry) -> RoutedFrame:
+def route_frame(frame: str | bytes, registry: SubscriptionRegistry[S]) -> RoutedFrame[S]:
     """Split one upstream frame by subscriber: the events each selected subscriber gets.
 
     Takes a frame as upstream sent it (a JSON array of event objects) and the
@@ -72,7 +72,7 @@ def route_frame(frame: str | bytes, registry: SubscriptionRegistry) -> RoutedFra
         raise FrameError(f"upstream frame is not a JSON array: {error}") from None
     statuses: list[dict[str, Any]] = []
     data: list[msgspec.Raw] = []
-    per_subscriber: dict[SubscriberId, list[msgspec.Raw]] = {}
+    per_subscriber: dict[S, list[msgspec.Raw]] = {}
     targets_of = registry.channel_targets
     for raw in raw_events:
         try:

@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
-from typing import Callable, Hashable, Iterable
+from typing import Callable, Generic, Hashable, Iterable, TypeVar
 
 import attrs
 
 from .protocol import Channel
 
-__all__ = ["UpstreamDelta", "SubscriptionRegistry"]
+__all__ = ["S", "SubscriberId", "SubscriptionRegistry", "UpstreamDelta"]
 
+#: Whoever subscribes: a client session in the tiers, any hashable value in tests.
+S = TypeVar("S", bound=Hashable)
+#: Kept for readers of older code: any subscriber.
 SubscriberId = Hashable
 
 
@@ -35,8 +38,12 @@ class UpstreamDelta:
         return bool(self.subscribe or self.unsubscribe)
 
 
-class SubscriptionRegistry:
-    """Subscribers' channel sets, the routing index, and the upstream set with its grace timers."""
+class SubscriptionRegistry(Generic[S]):
+    """Subscribers' channel sets, the routing index, and the upstream set with its grace timers.
+
+    Generic over the subscriber type ``S`` (the tiers use their client sessions), so
+    that what routing hands back is typed as what was put in.
+    """
 
     def __init__(
         self,
@@ -48,12 +55,12 @@ class SubscriptionRegistry:
         self._clock = clock
         self._grace_seconds = grace_seconds
         self._static = frozenset(channel for channel in static if not channel.is_everything)
-        self._channels: dict[SubscriberId, set[Channel]] = {}
+        self._channels: dict[S, set[Channel]] = {}
         self._wanted: Counter[Channel] = Counter()  # subscribers holding each channel
-        self._everything: set[SubscriberId] = set()
-        self._by_type: dict[str, set[SubscriberId]] = {}
-        self._by_channel: dict[tuple[str, str], set[SubscriberId]] = {}
-        self._route_cache: dict[tuple[str, str], tuple[SubscriberId, ...]] = {}
+        self._everything: set[S] = set()
+        self._by_type: dict[str, set[S]] = {}
+        self._by_channel: dict[tuple[str, str], set[S]] = {}
+        self._route_cache: dict[tuple[str, str], tuple[S, ...]] = {}
         self._routes_by_channel: bool | None = None  # cached answer of routes_by_channel
         self._grace_deadline: dict[Channel, float] = {}
         self._upstream: set[Channel] = set()
@@ -67,14 +74,14 @@ class SubscriptionRegistry:
         return frozenset(self._upstream)
 
     @property
-    def everything_subscribers(self) -> frozenset[SubscriberId]:
+    def everything_subscribers(self) -> frozenset[S]:
         """Subscribers holding ``*``: they get every frame whole, and nothing else."""
         return frozenset(self._everything)
 
-    def subscribers(self) -> frozenset[SubscriberId]:
+    def subscribers(self) -> frozenset[S]:
         return frozenset(self._channels)
 
-    def channels_of(self, subscriber: SubscriberId) -> frozenset[Channel]:
+    def channels_of(self, subscriber: S) -> frozenset[Channel]:
         return frozenset(self._channels.get(subscriber, ()))
 
     def in_grace(self) -> dict[Channel, float]:
@@ -95,7 +102,7 @@ class SubscriptionRegistry:
             )
         return self._routes_by_channel
 
-    def channel_targets(self, ev_type: str, symbol: str) -> tuple[SubscriberId, ...]:
+    def channel_targets(self, ev_type: str, symbol: str) -> tuple[S, ...]:
         """Subscribers selecting this event by a channel, excluding ``*`` holders (they get frames)."""
         key = (ev_type, symbol)
         try:
@@ -109,10 +116,10 @@ class SubscriptionRegistry:
 
     # --- changes -------------------------------------------------------------
 
-    def add_subscriber(self, subscriber: SubscriberId) -> None:
+    def add_subscriber(self, subscriber: S) -> None:
         self._channels.setdefault(subscriber, set())
 
-    def subscribe(self, subscriber: SubscriberId, channels: Iterable[Channel]) -> UpstreamDelta:
+    def subscribe(self, subscriber: S, channels: Iterable[Channel]) -> UpstreamDelta:
         held = self._channels.setdefault(subscriber, set())
         added = [channel for channel in channels if channel not in held]
         for channel in added:
@@ -120,7 +127,7 @@ class SubscriptionRegistry:
             self._index(subscriber, channel, add=True)
         return self._reconcile(added)
 
-    def unsubscribe(self, subscriber: SubscriberId, channels: Iterable[Channel]) -> UpstreamDelta:
+    def unsubscribe(self, subscriber: S, channels: Iterable[Channel]) -> UpstreamDelta:
         held = self._channels.get(subscriber, set())
         removed = [channel for channel in channels if channel in held]
         for channel in removed:
@@ -128,7 +135,7 @@ class SubscriptionRegistry:
             self._index(subscriber, channel, add=False)
         return self._reconcile(removed)
 
-    def remove_subscriber(self, subscriber: SubscriberId) -> UpstreamDelta:
+    def remove_subscriber(self, subscriber: S) -> UpstreamDelta:
         held = self._channels.pop(subscriber, set())
         for channel in held:
             self._index(subscriber, channel, add=False)
@@ -141,7 +148,7 @@ class SubscriptionRegistry:
 
     # --- internals -------------------------------------------------------------
 
-    def _index(self, subscriber: SubscriberId, channel: Channel, *, add: bool) -> None:
+    def _index(self, subscriber: S, channel: Channel, *, add: bool) -> None:
         self._route_cache.clear()
         self._routes_by_channel = None
         if channel.is_everything:
@@ -153,7 +160,7 @@ class SubscriptionRegistry:
             table: dict = self._by_type
         else:
             key = (channel.ev_type, channel.symbol)
-            index = self._by_channel.setdefault(key, set())  # type: ignore[arg-type]
+            index = self._by_channel.setdefault(key, set())
             table = self._by_channel
         if add:
             index.add(subscriber)

@@ -104,7 +104,7 @@ class Hub:
     """Sessions, the registry they subscribe through, and the fan-out that never blocks."""
 
     config: TierConfig
-    registry: SubscriptionRegistry
+    registry: SubscriptionRegistry[ClientSession]
     stats: TierStats = attrs.field(factory=TierStats)
     demand_changed: Beacon = attrs.field(factory=Beacon)
     sessions: set[ClientSession] = attrs.field(factory=set)
@@ -261,7 +261,7 @@ class Hub:
             log.debug("upstream demand changed: %s", delta)
         self.demand_changed.pulse()
 
-    def deliver(self, routed: RoutedFrame, received_at: float) -> None:
+    def deliver(self, routed: RoutedFrame[ClientSession], received_at: float) -> None:
         """Queue a routed frame for every selected session; never waits on any of them.
 
         Nothing is written yet: :meth:`flush` does, once the router has queued

@@ -191,16 +191,17 @@ class UpstreamLink:
         """TCP, then TLS with its handshake done here (so a bad certificate is named, not
         hidden behind a timeout), then the WebSocket opening handshake."""
         parts = urlsplit(self.url)
+        hostname = parts.hostname or ""  # the configuration checked that a ws:// URL has a host
         secure = parts.scheme == "wss"
         port = parts.port or (443 if secure else 80)
         stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]
-        stream = await trio.open_tcp_stream(parts.hostname, port)
+        stream = await trio.open_tcp_stream(hostname, port)
         if secure:
-            stream = trio.SSLStream(stream, self._ssl_context(), server_hostname=parts.hostname,
-                                    https_compatible=True)
+            stream = trio.SSLStream(stream, ssl.create_default_context(cafile=self.ca_file),
+                                    server_hostname=hostname, https_compatible=True)
             await stream.do_handshake()
         resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        host = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
+        host = hostname if parts.port is None else f"{hostname}:{parts.port}"
         return await wrap_client_stream(
             nursery, stream, host, resource,
             max_message_size=64 * 1024 * 1024,
@@ -251,7 +252,7 @@ class UpstreamLink:
                 log.info("upstream subscriptions: +%d -%d, %d held", len(added), len(removed), len(target))
                 log.debug("subscribed %s; unsubscribed %s",
                           protocol.format_channel_list(added), protocol.format_channel_list(removed))
-            self._sent = target
+            self._sent = set(target)
             await self.demand_changed.wait()
 
     async def _keepalive(self, ws: WebSocketConnection) -> None:
@@ -265,11 +266,6 @@ class UpstreamLink:
                 raise UpstreamProtocolError(
                     f"no answer to a ping for {self.keepalive_timeout:.0f}s: upstream is silent"
                 ) from None
-
-    def _ssl_context(self) -> ssl.SSLContext | None:
-        if not self.url.startswith("wss://"):
-            return None
-        return ssl.create_default_context(cafile=self.ca_file)
 
 
 @attrs.define

@@ -98,7 +98,7 @@ class WsPeer:
             raise PeerClosed() from None
         if not data:
             raise PeerClosed()
-        self.ws.receive_data(data)
+        self.ws.receive_data(bytes(data))
         self._events.extend(self.ws.events())
 
     async def _write(self, data: bytes) -> None:
