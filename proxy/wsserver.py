@@ -219,7 +219,7 @@ class WsConnection:
             self._reply(400, b"a WebSocket opening handshake is a GET without a body\n")
             raise ConnectionClosed(reason="not a WebSocket handshake: not a GET without a body")
         try:
-            self._ws.initiate_upgrade_connection(event.headers, event.target)
+            self._ws.initiate_upgrade_connection(list(event.headers), event.target)
         except RemoteProtocolError as error:  # not an upgrade, no key, version not 13 (426), ...
             hint = error.event_hint
             if isinstance(hint, RejectConnection):
