@@ -9,11 +9,17 @@ client's socket at once, synchronously, while the kernel's buffer has room
 (:meth:`WsConnection.send_texts`). What the kernel does not take waits, in
 order, in the connection's backlog, which the session's own writer task drains
 as the socket becomes writable (:meth:`WsConnection.drain`); while a backlog
-exists nothing more is written past it. The protocol (opening handshake,
-parsing what clients send, ping, close handshake, UTF-8 checks) is wsproto's,
-and so is every frame we send but data: see :func:`text_frame`. TLS
-connections go through :class:`trio.SSLStream`, where every write takes the
-writer's path.
+exists nothing more is written past it. The protocol (the opening handshake's
+checks, parsing what clients send, ping, close handshake, UTF-8 checks) is
+wsproto's, and so is every frame we send but data: see :func:`text_frame`; h11
+reads the handshake's HTTP request and writes refusals. TLS connections go
+through :class:`trio.SSLStream`, where every write takes the writer's path.
+
+What a client sends costs bounded memory: h11 refuses a request head over 16
+KiB, a message over ``max_message_bytes`` is closed 1009 (wsproto hands data
+frames on in pieces, so a frame's declared length costs nothing), one pong at
+most waits for a client that does not read, and after our close at most one
+message's worth more is read, never into a parser that failed.
 """
 
 from __future__ import annotations
