@@ -26,8 +26,9 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.connection import Connection
 from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Ping, Pong, Request, TextMessage
 
+from proxy.core.errors import ClientMessageError
 from proxy.core.outbox import SlowClientPolicy
-from proxy.core.protocol import Auth, ProtocolError, parse_client_message
+from proxy.core.protocol import Auth, parse_client_message
 from proxy.net.wsserver import accept_connections
 
 from .conftest import (
@@ -285,7 +286,7 @@ async def test_a_client_that_pings_and_never_reads_costs_one_pong(nursery):
     (r'{"action":"auth","params":"key', "Input data was truncated"),
 ])
 def test_a_lone_surrogate_is_named_not_called_truncated(text, reason):
-    with pytest.raises(ProtocolError) as error:
+    with pytest.raises(ClientMessageError) as error:
         parse_client_message(text)
     assert error.value.message == f"message is not valid JSON ({reason})"
     assert parse_client_message(r'{"action":"auth","params":"\ud83d\ude00"}') == Auth("\U0001f600")

@@ -7,13 +7,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from proxy.core.errors import ClientMessageError
 from proxy.core import protocol
 from proxy.core.protocol import (
     EVERYTHING_CHANNEL,
     Auth,
     Channel,
     EventKey,
-    ProtocolError,
     Subscribe,
     Unsubscribe,
     event_symbol,
@@ -97,7 +97,7 @@ def test_bare_star_is_everything_and_type_star_is_not():
     ],
 )
 def test_bad_channels_are_rejected_with_their_kind(text, kind):
-    with pytest.raises(ProtocolError) as caught:
+    with pytest.raises(ClientMessageError) as caught:
         parse_channel(text)
     assert caught.value.kind == kind
 
@@ -107,9 +107,9 @@ def test_channel_list_strips_whitespace_and_drops_duplicates():
 
 
 def test_channel_list_rejects_empty_items_and_too_many():
-    with pytest.raises(ProtocolError, match="stray comma"):
+    with pytest.raises(ClientMessageError, match="stray comma"):
         parse_channel_list("T.AAPL,,Q.MSFT")
-    with pytest.raises(ProtocolError) as caught:
+    with pytest.raises(ClientMessageError) as caught:
         parse_channel_list(",".join(f"T.S{i}" for i in range(11)), max_channels=10)
     assert caught.value.kind == "too_many_channels"
 
@@ -135,7 +135,7 @@ def test_channel_list_round_trips(channels):
 def test_random_text_parses_to_a_valid_channel_or_a_protocol_error(text):
     try:
         channel = parse_channel(text)
-    except ProtocolError as error:
+    except ClientMessageError as error:
         assert error.kind in {"bad_channel", "empty_channel", "channel_too_long"}
         return
     # Whatever is accepted round-trips and only holds allowed characters.
@@ -180,7 +180,7 @@ def test_parse_actions():
     ],
 )
 def test_malformed_messages_have_distinct_kinds(message, kind):
-    with pytest.raises(ProtocolError) as caught:
+    with pytest.raises(ClientMessageError) as caught:
         parse_client_message(message)
     assert caught.value.kind == kind
     assert caught.value.message  # a readable sentence for the client
@@ -189,7 +189,7 @@ def test_malformed_messages_have_distinct_kinds(message, kind):
 def test_a_binary_message_holding_utf8_json_is_the_same_message_as_text():
     text = '{"action":"subscribe","params":"T.AAPL,Q.*"}'
     assert parse_client_message(text.encode()) == parse_client_message(text)
-    with pytest.raises(ProtocolError) as caught:
+    with pytest.raises(ClientMessageError) as caught:
         parse_client_message('{"action":"auth","params":"caf\u00e9"}'.encode("latin-1"))
     assert caught.value.kind == "binary_frame" and "not UTF-8" in caught.value.message
 
@@ -206,7 +206,7 @@ def test_lowercase_channels_get_a_warning_naming_what_was_meant():
 
 def test_ten_thousand_channels_in_one_message_is_the_cap():
     params = ",".join(f"T.S{i}" for i in range(10_001))
-    with pytest.raises(ProtocolError) as caught:
+    with pytest.raises(ClientMessageError) as caught:
         parse_client_message(json.dumps({"action": "subscribe", "params": params}))
     assert caught.value.kind == "too_many_channels"
 
@@ -215,7 +215,7 @@ def test_ten_thousand_channels_in_one_message_is_the_cap():
 def test_any_input_parses_or_raises_protocol_error(message):
     try:
         parse_client_message(message)
-    except ProtocolError:
+    except ClientMessageError:
         pass
 
 

@@ -2,9 +2,10 @@
 
 import json
 
+from proxy.core.errors import CloseReason
 from proxy.core import protocol
 from proxy.core.keys import key_matches
-from proxy.core.session import CLOSE_POLICY_VIOLATION, Phase, SessionState
+from proxy.core.session import Phase, SessionState
 
 
 def statuses(reaction):
@@ -27,7 +28,7 @@ def test_wrong_key_fails_and_closes():
     state = SessionState(accepted_keys=frozenset({"good"}))
     reaction = state.receive('{"action":"auth","params":"bad"}')
     assert reaction.replies == (protocol.AUTH_FAILED,)
-    assert reaction.close_code == CLOSE_POLICY_VIOLATION
+    assert reaction.close_code == CloseReason.POLICY_VIOLATION
     assert state.receive('{"action":"auth","params":"good"}').replies == ()  # closed: nothing more
 
 
@@ -55,7 +56,7 @@ def test_auth_twice_is_an_error_and_any_key_mode_accepts_anything():
 
 def test_timeout_answers_auth_timeout_and_closes():
     reaction = SessionState(accepted_keys=frozenset({"k"})).timed_out()
-    assert reaction.replies == (protocol.AUTH_TIMEOUT,) and reaction.close_code == CLOSE_POLICY_VIOLATION
+    assert reaction.replies == (protocol.AUTH_TIMEOUT,) and reaction.close_code == CloseReason.POLICY_VIOLATION
 
 
 def test_key_matches_every_accepted_key_and_nothing_else():

@@ -11,7 +11,8 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Ping, Pong, RejectConnection, Request, TextMessage
 
 from proxy.core.protocol import parse_channel_list
-from proxy.net.wsserver import ConnectionClosed, WsConnection, _SocketTransport, text_frame
+from proxy.core.errors import WebSocketClosed
+from proxy.net.wsserver import WsConnection, _SocketTransport, text_frame
 
 from .conftest import FIREHOSE_KEY, firehose_config, start_simulator, start_tier, wait_until
 
@@ -110,7 +111,7 @@ async def test_pings_are_answered_and_messages_reassembled():
 async def test_a_message_over_the_limit_closes_1009():
     server, stream, client = await _open_pair(max_message_bytes=100)
     await stream.send_all(client.send(TextMessage(data="x" * 101)))
-    with pytest.raises(ConnectionClosed) as closed:
+    with pytest.raises(WebSocketClosed) as closed:
         await server.get_message()
     assert closed.value.code == 1009
     events = await _client_events(stream, client, CloseConnection)
@@ -120,7 +121,7 @@ async def test_a_message_over_the_limit_closes_1009():
 async def test_a_protocol_error_closes_with_its_code():
     server, stream, client = await _open_pair()
     await stream.send_all(bytes([0x81, 0x80 | 2, 0, 0, 0, 0]) + b"\xff\xfe")  # text frame, not UTF-8
-    with pytest.raises(ConnectionClosed) as closed, trio.fail_after(5):
+    with pytest.raises(WebSocketClosed) as closed, trio.fail_after(5):
         await server.get_message()
     assert closed.value.code == 1007
     events = await _client_events(stream, client, CloseConnection)
@@ -130,7 +131,7 @@ async def test_a_protocol_error_closes_with_its_code():
 async def test_the_peers_close_is_answered_and_ours_reaches_it():
     server, stream, client = await _open_pair()
     await stream.send_all(client.send(CloseConnection(code=1000, reason="bye")))
-    with pytest.raises(ConnectionClosed) as closed:
+    with pytest.raises(WebSocketClosed) as closed:
         await server.get_message()
     assert (closed.value.code, server.close_code) == (1000, 1000)
     events = await _client_events(stream, client, CloseConnection)

@@ -23,10 +23,10 @@ import attrs
 import decouple
 
 from ..core.entitlements import KeyBook, parse_key_file
-from ..core.errors import ConfigError
+from ..core.errors import ClientMessageError, ConfigError
 from ..core.outbox import SlowClientPolicy
-from ..core.protocol import EVERYTHING_CHANNEL, Channel, ProtocolError, parse_channel_list
-from ..core.settings import MARKETS, SimulatorConfig, TierConfig
+from ..core.protocol import EVERYTHING_CHANNEL, Channel, parse_channel_list
+from ..core.settings import MARKETS, SimulatorConfig, TierConfig, TierKind
 
 __all__ = [
     "read_key_file",
@@ -61,7 +61,7 @@ def _read(source: decouple.Config, name: str, default: str, parse: Callable[[str
         return parse(raw)
     except ConfigError:
         raise
-    except (ValueError, ProtocolError) as error:
+    except (ValueError, ClientMessageError) as error:
         raise ConfigError(name, f"{raw!r} is not valid: {error}") from None
 
 
@@ -228,7 +228,7 @@ def load_firehose_config() -> TierConfig:
     api_key = _required(source, "POLYGON_API_KEY")
     accepted = _read(source, "FIREHOSE_API_KEYS", "", _keys)
     return TierConfig(
-        tier="firehose",
+        tier=TierKind.FIREHOSE,
         upstream_url=_read(source, "POLYGON_URL", "wss://socket.polygon.io/stocks", _ws_url),
         upstream_api_key=api_key,
         upstream_extra=(),
@@ -254,7 +254,7 @@ def load_filtered_config() -> TierConfig:
     firehose_key, firehose_key_source = _firehose_key(source, api_key)
     keys = _key_file(source)
     return TierConfig(
-        tier="filtered",
+        tier=TierKind.FILTERED,
         upstream_url=_read(source, "FIREHOSE_URL", "ws://localhost:8767", _ws_url),
         upstream_api_key=firehose_key,
         upstream_api_key_source=firehose_key_source,

@@ -33,6 +33,7 @@ from typing import IO
 
 import attrs
 
+from ..core.errors import ClientMessageError
 from ..core.journal import (
     BlockCodec,
     Damage,
@@ -43,7 +44,7 @@ from ..core.journal import (
     count_event_types,
     format_ns,
 )
-from ..core.protocol import EVERYTHING_CHANNEL, ProtocolError, parse_channel_list
+from ..core.protocol import EVERYTHING_CHANNEL, parse_channel_list
 from ..core.routing import FrameError
 from ..net.journal_store import SegmentFile, list_segments, read_blocks, scan_file
 
@@ -413,7 +414,7 @@ def main(argv: list[str] | None = None, *, stdout: IO[str] | None = None, stderr
             args.channels = parse_channel_list(args.channels) if args.channels.strip() else (EVERYTHING_CHANNEL,)
             args.from_ = None if args.from_ is None else parse_time(args.from_, now)
             args.to = None if args.to is None else parse_time(args.to, now)
-        except (ValueError, ProtocolError) as error:
+        except (ValueError, ClientMessageError) as error:
             parser.error(str(error))
         binary = out.buffer if hasattr(out, "buffer") else _TextAsBytes(out)
         return _cat(segments, directory, args, binary, err)

@@ -28,7 +28,7 @@ from ..core import protocol
 from ..core.errors import ConfigError
 from ..core.outbox import SlowClientPolicy
 from ..core.routing import FrameError, route_frame
-from ..core.settings import TierConfig
+from ..core.settings import TierConfig, TierKind
 from ..core.stats import TierHistory, TierSnapshot, TierStats
 from ..core.subscriptions import SubscriptionRegistry
 from ..net.http import serve_http
@@ -94,7 +94,7 @@ class Tier:
 
 
 def _upstream_label(config: TierConfig) -> str:
-    return "Polygon" if config.tier == "firehose" else "firehose proxy"
+    return "Polygon" if config.tier is TierKind.FIREHOSE else "firehose proxy"
 
 
 async def run_tier(

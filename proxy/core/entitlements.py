@@ -26,8 +26,8 @@ from typing import Any, Iterable
 
 import attrs
 
-from .errors import ConfigError
-from .protocol import Channel, ProtocolError, parse_channel
+from .errors import ClientMessageError, ConfigError
+from .protocol import Channel, parse_channel
 
 __all__ = ["KeyBook", "KeyEntry", "hash_key", "parse_key_file"]
 
@@ -145,7 +145,7 @@ def _entry(name: str, table: Any, where: str) -> KeyEntry:
             raise problem('channels must be a list of channel patterns like ["T.*", "Q.AAPL"]')
         try:
             parsed = tuple(parse_channel(item) for item in channels)
-        except ProtocolError as error:
+        except ClientMessageError as error:
             raise problem(f"channels: {error.message}") from None
     markets = table.get("markets")
     if markets is not None and (not isinstance(markets, list)

@@ -47,6 +47,7 @@ import attrs
 import msgspec
 import zstandard
 
+from .errors import JournalFormatError, SeqEvicted
 from .protocol import EVERYTHING_CHANNEL, Channel, EventKey, event_symbol
 from .routing import FrameError
 from .subscriptions import SubscriptionRegistry
@@ -179,22 +180,6 @@ MAX_BLOCK_RAW_BYTES = 64 * 1024 * 1024
 #: kind, seq, received ns, data length; a GAP's data starts with its end seq.
 _RECORD = struct.Struct("<BQqI")
 _GAP_END = struct.Struct("<Q")
-
-
-class JournalFormatError(ValueError):
-    """Bytes that are not what the format says. ``kind`` names the check that failed,
-    ``offset`` is where in the segment it failed.
-
-    Kinds: ``truncated`` (the bytes end early: a torn write when at the end of the
-    last segment), ``bad_magic``, ``header_checksum``, ``bad_header``,
-    ``payload_checksum``, ``bad_payload``, ``segment_header``.
-    """
-
-    def __init__(self, kind: str, offset: int, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.offset = offset
-        self.message = message
 
 
 @attrs.frozen
@@ -713,10 +698,6 @@ def retention_victims(
 #: What one record costs in memory beyond its data's length: the Record object, its
 #: slot in two lists, the str or bytes header (an estimate, not a measurement per record).
 RECORD_OVERHEAD_BYTES = 160
-
-
-class SeqEvicted(LookupError):
-    """The seq asked for has already left the memory ring (or never reached it)."""
 
 
 class JournalRing:

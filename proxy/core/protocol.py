@@ -4,7 +4,7 @@ Parses untrusted client control messages (``auth`` / ``subscribe`` /
 ``unsubscribe``) into attrs values through cattrs, parses and validates channel
 lists, builds the exact status frames Polygon sends, and reads an event's type
 and symbol by the per-type field table of ``docs/protocol.md``.
-Every malformed input raises :class:`ProtocolError` with a distinct ``kind`` and
+Every malformed input raises :class:`ClientMessageError` with a distinct ``kind`` and
 a sentence a client developer can act on.
 """
 
@@ -17,12 +17,14 @@ import attrs
 import cattrs
 import msgspec
 
+from .errors import ClientMessageError
+
 __all__ = [
     "EVERYTHING",
     "MAX_CHANNEL_LENGTH",
     "Channel",
     "EVERYTHING_CHANNEL",
-    "ProtocolError",
+    "ClientMessageError",
     "parse_channel",
     "parse_channel_list",
     "format_channel_list",
@@ -93,22 +95,13 @@ class Channel:
 EVERYTHING_CHANNEL: Final = Channel(EVERYTHING, EVERYTHING)
 
 
-class ProtocolError(ValueError):
-    """A client message or channel that breaks the protocol; ``kind`` names the case."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.message = message
-
-
 def parse_channel(text: str) -> Channel:
     """Parse one channel, split at the FIRST dot (``T.BRK.A`` is type ``T``, symbol ``BRK.A``)."""
     channel = text.strip()
     if not channel:
-        raise ProtocolError("empty_channel", "empty channel in params (check for a stray comma)")
+        raise ClientMessageError("empty_channel", "empty channel in params (check for a stray comma)")
     if len(channel) > MAX_CHANNEL_LENGTH:
-        raise ProtocolError(
+        raise ClientMessageError(
             "channel_too_long",
             f"channel is {len(channel)} characters long; at most {MAX_CHANNEL_LENGTH} are allowed",
         )
@@ -116,15 +109,15 @@ def parse_channel(text: str) -> Channel:
         return EVERYTHING_CHANNEL
     ev_type, dot, symbol = channel.partition(".")
     if not dot or not symbol:
-        raise ProtocolError(
+        raise ClientMessageError(
             "bad_channel", f"bad channel {channel!r}: expected TYPE.SYMBOL, TYPE.* or *"
         )
     if not _TYPE_RE.fullmatch(ev_type):
-        raise ProtocolError(
+        raise ClientMessageError(
             "bad_channel", f"bad channel {channel!r}: event type {ev_type!r} is not a Polygon type"
         )
     if symbol != "*" and not _SYMBOL_RE.fullmatch(symbol):
-        raise ProtocolError(
+        raise ClientMessageError(
             "bad_channel",
             f"bad channel {channel!r}: a symbol may hold letters, digits and . : - / only",
         )
@@ -135,7 +128,7 @@ def parse_channel_list(params: str, *, max_channels: int = 10_000) -> tuple[Chan
     """Parse comma-separated ``params``; whitespace around items is ignored, duplicates dropped."""
     items = params.split(",")
     if len(items) > max_channels:
-        raise ProtocolError(
+        raise ClientMessageError(
             "too_many_channels",
             f"{len(items)} channels in one message; at most {max_channels} are allowed",
         )
@@ -193,46 +186,46 @@ _json_object_decoder = msgspec.json.Decoder()
 
 
 def parse_client_message(message: str | bytes, *, max_channels: int = 10_000) -> ClientAction:
-    """Turn one untrusted client frame into an action, or raise :class:`ProtocolError`."""
+    """Turn one untrusted client frame into an action, or raise :class:`ClientMessageError`."""
     if isinstance(message, bytes):
         # Many clients send JSON as bytes (orjson.dumps), which becomes a binary frame:
         # UTF-8 JSON is the same message whatever the frame type.
         try:
             message = message.decode("utf-8")
         except UnicodeDecodeError:
-            raise ProtocolError(
+            raise ClientMessageError(
                 "binary_frame", "binary frame is not UTF-8 JSON; send the JSON message as text"
             ) from None
     try:
         decoded = _json_object_decoder.decode(message)
     except msgspec.DecodeError as error:
-        raise ProtocolError("not_json", f"message is not valid JSON ({_decode_error_text(message, error)})") from None
+        raise ClientMessageError("not_json", f"message is not valid JSON ({_decode_error_text(message, error)})") from None
     except RecursionError:
-        raise ProtocolError("too_deep", "message is nested too deeply to be a control message") from None
+        raise ClientMessageError("too_deep", "message is nested too deeply to be a control message") from None
     if not isinstance(decoded, dict):
-        raise ProtocolError(
+        raise ClientMessageError(
             "not_object",
             'message must be one JSON object like {"action":"subscribe","params":"T.AAPL"}',
         )
     if "action" not in decoded:
-        raise ProtocolError("missing_action", 'message has no "action"')
+        raise ClientMessageError("missing_action", 'message has no "action"')
     if "params" not in decoded:
-        raise ProtocolError("missing_params", 'message has no "params"')
+        raise ClientMessageError("missing_params", 'message has no "params"')
     try:
         wire = _converter.structure(decoded, _WireAction)
     except cattrs.ClassValidationError as error:
         field = "params" if "params" in " ".join(cattrs.transform_error(error)) else "action"
-        raise ProtocolError(f"{field}_not_string", f'"{field}" must be a string') from None
+        raise ClientMessageError(f"{field}_not_string", f'"{field}" must be a string') from None
     if wire.action == "auth":
         if not wire.params:
-            raise ProtocolError("empty_params", 'auth needs the API key in "params"')
+            raise ClientMessageError("empty_params", 'auth needs the API key in "params"')
         return Auth(wire.params)
     if wire.action in ("subscribe", "unsubscribe"):
         if not wire.params.strip():
-            raise ProtocolError("empty_params", f'{wire.action} needs channels in "params"')
+            raise ClientMessageError("empty_params", f'{wire.action} needs channels in "params"')
         channels = parse_channel_list(wire.params, max_channels=max_channels)
         return Subscribe(channels) if wire.action == "subscribe" else Unsubscribe(channels)
-    raise ProtocolError(
+    raise ClientMessageError(
         "unknown_action",
         f"unknown action {wire.action[:40]!r}; expected auth, subscribe or unsubscribe",
     )

@@ -14,6 +14,8 @@ from typing import Any, Generic
 import attrs
 import msgspec
 
+from .errors import FrameError
+
 from .protocol import EventKey, event_symbol
 from .subscriptions import S, SubscriptionRegistry
 
@@ -29,10 +31,6 @@ class _AnyObject(msgspec.Struct):
 
 
 _check_objects = msgspec.json.Decoder(list[_AnyObject]).decode
-
-
-class FrameError(ValueError):
-    """An upstream frame that is not a JSON array of objects."""
 
 
 @attrs.frozen

@@ -15,29 +15,36 @@ from typing import Collection
 import attrs
 
 from . import protocol
+from .errors import ClientMessageError, CloseReason
 from .entitlements import KeyBook, KeyEntry
 from .keys import key_matches
-from .protocol import Auth, Channel, ProtocolError, Subscribe, Unsubscribe
+from .protocol import Auth, Channel, Subscribe, Unsubscribe
 
 __all__ = [
-    "CLOSE_NORMAL",
-    "CLOSE_GOING_AWAY",
-    "CLOSE_POLICY_VIOLATION",
-    "CLOSE_TOO_BIG",
-    "CLOSE_TRY_AGAIN_LATER",
+    "Outcome",
     "Phase",
     "Reaction",
     "SessionState",
 ]
 
-CLOSE_NORMAL = 1000
-CLOSE_GOING_AWAY = 1001
-CLOSE_POLICY_VIOLATION = 1008
-CLOSE_TOO_BIG = 1009
-CLOSE_TRY_AGAIN_LATER = 1013
+
+
+class Outcome(enum.StrEnum):
+    """What a control message came to, for the tier's counters and the hub's next step."""
+
+    OK = "ok"
+    AUTHENTICATED = "authenticated"  # auth just succeeded
+    ERROR = "error"  # answered with an error status
+    AUTH_FAILED = "auth_failed"
+    AUTH_TIMEOUT = "auth_timeout"
+    RATE_LIMITED = "rate_limited"  # over the control-message budget: ignored
+    FLOOD = "flood"  # over it for too long: closed
+    REFUSED = "refused"  # over a connection limit: closed
 
 
 class Phase(enum.Enum):
+    """Where a client's conversation is: before auth, authenticated, or closed."""
+
     AWAITING_AUTH = "awaiting_auth"
     AUTHENTICATED = "authenticated"
     CLOSED = "closed"
@@ -48,11 +55,10 @@ class Reaction:
     replies: tuple[str, ...] = ()
     subscribe: tuple[Channel, ...] = ()
     unsubscribe: tuple[Channel, ...] = ()
-    close_code: int | None = None
+    close_code: CloseReason | None = None
     close_reason: str = ""
-    #: "ok", "authenticated" (auth just succeeded), or what went wrong: "error",
-    #: "auth_failed", "auth_timeout", "rate_limited" or "flood" (counted by the tier).
-    outcome: str = "ok"
+    #: What it came to (counted by the tier).
+    outcome: Outcome = Outcome.OK
 
 
 @attrs.define
@@ -92,25 +98,29 @@ class SessionState:
                 self.phase = Phase.CLOSED
                 return Reaction(
                     replies=(protocol.error_frame("control message flood: closing the connection"),),
-                    close_code=CLOSE_POLICY_VIOLATION, close_reason="control message flood",
-                    outcome="flood",
+                    close_code=CloseReason.POLICY_VIOLATION, close_reason="control message flood",
+                    outcome=Outcome.FLOOD,
                 )
             return Reaction(replies=(protocol.error_frame(
                 f"rate limited: at most {self.control_rate:g} control messages a second; "
-                "this one was ignored"),), outcome="rate_limited")
+                "this one was ignored"),), outcome=Outcome.RATE_LIMITED)
         try:
             action = protocol.parse_client_message(
                 message, max_channels=self.max_channels_per_message
             )
-        except ProtocolError as error:
-            return Reaction(replies=(protocol.error_frame(error.message),), outcome="error")
+        except ClientMessageError as error:
+            if error.close_code is not None:  # one the protocol says must end the connection
+                self.phase = Phase.CLOSED
+                return Reaction(replies=(protocol.error_frame(error.message),), close_code=error.close_code,
+                                close_reason=error.kind, outcome=Outcome.ERROR)
+            return Reaction(replies=(protocol.error_frame(error.message),), outcome=Outcome.ERROR)
         if isinstance(action, Auth):
             return self._auth(action)
         if self.phase is not Phase.AUTHENTICATED:
             return Reaction(
                 replies=(protocol.error_frame(
                     f"not authenticated: send auth before {type(action).__name__.lower()}"),),
-                outcome="error",
+                outcome=Outcome.ERROR,
             )
         if isinstance(action, Subscribe):
             if self.key is not None:
@@ -120,13 +130,13 @@ class SessionState:
                     more = f" and {len(refused) - 10} more" if len(refused) > 10 else ""
                     return Reaction(replies=(protocol.error_frame(
                         f"not entitled: key {self.key.name!r} may not subscribe {shown}{more}; "
-                        "nothing of this subscribe was applied"),), outcome="error")
+                        "nothing of this subscribe was applied"),), outcome=Outcome.ERROR)
             new = [channel for channel in action.channels if channel not in self.channels]
             if len(self.channels) + len(new) > self.max_channels_per_client:
                 return Reaction(replies=(protocol.error_frame(
                     f"channel limit: this connection holds {len(self.channels)} channels and may hold "
                     f"{self.max_channels_per_client}; nothing of this subscribe was applied"),),
-                    outcome="error")
+                    outcome=Outcome.ERROR)
             self.channels.update(new)
             warning = protocol.lowercase_warning(action.channels)
             return Reaction(
@@ -156,7 +166,7 @@ class SessionState:
             name, self.key, self.phase = self.key.name, None, Phase.CLOSED
             return Reaction(
                 replies=(protocol.status_frame("auth_revoked", f"key {name!r} was removed from the key file"),),
-                close_code=CLOSE_POLICY_VIOLATION, close_reason="key revoked", outcome="auth_failed",
+                close_code=CloseReason.POLICY_VIOLATION, close_reason="key revoked", outcome=Outcome.AUTH_FAILED,
             )
         self.key = current
         dropped = tuple(sorted(current.refused(self.channels), key=lambda c: (c.ev_type, c.symbol)))
@@ -182,25 +192,25 @@ class SessionState:
 
     def _auth(self, action: Auth) -> Reaction:
         if self.phase is Phase.AUTHENTICATED:
-            return Reaction(replies=(protocol.error_frame("already authenticated"),), outcome="error")
+            return Reaction(replies=(protocol.error_frame("already authenticated"),), outcome=Outcome.ERROR)
         named = self.key_book.identify(action.api_key) if len(self.key_book) else None
         if named is not None and not named.serves(self.market):
             self.phase = Phase.CLOSED
             return Reaction(
                 replies=(protocol.status_frame(
                     "auth_failed", f"key {named.name!r} is not entitled to the {self.market} market"),),
-                close_code=CLOSE_POLICY_VIOLATION, close_reason="market not entitled", outcome="auth_failed",
+                close_code=CloseReason.POLICY_VIOLATION, close_reason="market not entitled", outcome=Outcome.AUTH_FAILED,
             )
         if named is not None or self.allow_any_key or key_matches(action.api_key, self.accepted_keys):
             self.phase = Phase.AUTHENTICATED
             self.key = named
-            return Reaction(replies=(protocol.AUTH_SUCCESS,), outcome="authenticated")
+            return Reaction(replies=(protocol.AUTH_SUCCESS,), outcome=Outcome.AUTHENTICATED)
         self.phase = Phase.CLOSED
         return Reaction(
             replies=(protocol.AUTH_FAILED,),
-            close_code=CLOSE_POLICY_VIOLATION,
+            close_code=CloseReason.POLICY_VIOLATION,
             close_reason="authentication failed",
-            outcome="auth_failed",
+            outcome=Outcome.AUTH_FAILED,
         )
 
     def timed_out(self) -> Reaction:
@@ -208,7 +218,7 @@ class SessionState:
         self.phase = Phase.CLOSED
         return Reaction(
             replies=(protocol.AUTH_TIMEOUT,),
-            close_code=CLOSE_POLICY_VIOLATION,
+            close_code=CloseReason.POLICY_VIOLATION,
             close_reason="authentication timeout",
-            outcome="auth_timeout",
+            outcome=Outcome.AUTH_TIMEOUT,
         )

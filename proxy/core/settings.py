@@ -6,6 +6,8 @@ and tools build them directly. Every layer may read them; none may change them.
 
 from __future__ import annotations
 
+import enum
+
 import attrs
 
 from .backoff import Backoff
@@ -13,17 +15,24 @@ from .entitlements import KeyBook
 from .outbox import SlowClientPolicy
 from .protocol import Channel
 
-__all__ = ["MARKETS", "SimulatorConfig", "TierConfig"]
+__all__ = ["MARKETS", "SimulatorConfig", "TierConfig", "TierKind"]
 
 #: Polygon's markets, each served at its own path.
 MARKETS = ("stocks", "options", "forex", "crypto", "indices", "futures")
+
+
+class TierKind(enum.StrEnum):
+    """The two tiers: the one connection to Polygon, and where users connect."""
+
+    FIREHOSE = "firehose"
+    FILTERED = "filtered"
 
 
 @attrs.frozen
 class TierConfig:
     """Everything one proxy tier needs; the firehose and the filtered proxy differ only here."""
 
-    tier: str  # "firehose" or "filtered"
+    tier: TierKind = attrs.field(converter=TierKind)
     upstream_url: str
     upstream_api_key: str
     #: Channels asked upstream beyond the registry's set: ``*`` for the filtered tier.
@@ -86,12 +95,12 @@ class TierConfig:
     @property
     def port_setting(self) -> str:
         """The variable that sets :attr:`port`, for error messages."""
-        return "FIREHOSE_PORT" if self.tier == "firehose" else "FILTERED_PROXY_PORT"
+        return "FIREHOSE_PORT" if self.tier is TierKind.FIREHOSE else "FILTERED_PROXY_PORT"
 
     @property
     def metrics_port_setting(self) -> str:
         """The variable that sets :attr:`metrics_port`, for error messages."""
-        return "FIREHOSE_METRICS_PORT" if self.tier == "firehose" else "FILTERED_METRICS_PORT"
+        return "FIREHOSE_METRICS_PORT" if self.tier is TierKind.FIREHOSE else "FILTERED_METRICS_PORT"
 
 
 @attrs.frozen

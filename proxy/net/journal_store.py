@@ -25,6 +25,7 @@ from typing import Callable, Iterator
 
 import attrs
 
+from ..core.errors import JournalLocked
 from ..core.journal import (
     BLOCK_HEADER_SIZE,
     SEGMENT_HEADER_SIZE,
@@ -63,10 +64,6 @@ __all__ = [
 LOCK_NAME = "LOCK"
 #: data_sync(fd): the data and the size, not every inode time (fsync where there is no fdatasync).
 _data_sync: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
-
-
-class JournalLocked(OSError):
-    """Another process holds the journal directory's lock: it is writing there."""
 
 
 @attrs.frozen

@@ -36,21 +36,19 @@ from ..core.entitlements import KeyBook
 from ..core.outbox import Outbox, SlowClientPolicy
 from ..core.routing import RoutedFrame
 from ..core.session import (
-    CLOSE_GOING_AWAY,
-    CLOSE_POLICY_VIOLATION,
-    CLOSE_TRY_AGAIN_LATER,
+    Outcome,
     Phase,
     Reaction,
     SessionState,
 )
 from ..core.subscriptions import SubscriptionRegistry
-from .wsserver import ConnectionClosed, WsConnection, accept_connections
+from ..core.errors import CloseReason, WebSocketClosed
+from .wsserver import WsConnection, accept_connections
 
 __all__ = ["DROP_LOG_INTERVAL", "SLOW_CONSUMER", "UNAUTHENTICATED", "UNNAMED_KEY", "ClientSession", "Hub", "serve_clients"]
 
 log = logging.getLogger(__name__)
 #: Sent to a client that answered no ping: the peer is gone (what websockets sends on a keepalive timeout).
-CLOSE_INTERNAL_ERROR = 1011
 #: How /clients and per-key metrics name a key from the *_API_KEYS lists, and a client not yet authenticated.
 UNNAMED_KEY = "unnamed"
 UNAUTHENTICATED = "(not authenticated)"
@@ -220,13 +218,13 @@ class Hub:
 
     def react(self, session: ClientSession, reaction: Reaction) -> None:
         """Apply what the session state decided: demand changes first, then answers."""
-        if reaction.outcome == "authenticated":
+        if reaction.outcome is Outcome.AUTHENTICATED:
             reaction = self._authenticated(session, reaction)
-        if reaction.outcome == "error":
+        if reaction.outcome is Outcome.ERROR:
             self.stats.control_errors += 1
-        elif reaction.outcome == "auth_failed":
+        elif reaction.outcome is Outcome.AUTH_FAILED:
             self.stats.auth_failures += 1
-        elif reaction.outcome in ("rate_limited", "flood"):
+        elif reaction.outcome in (Outcome.RATE_LIMITED, Outcome.FLOOD):
             self.stats.control_rate_limited += 1
         if reaction.subscribe:
             self._apply_demand(self.registry.subscribe(session, reaction.subscribe))
@@ -249,8 +247,8 @@ class Hub:
             self.stats.refused_per_key += 1
             session.state.phase = Phase.CLOSED
             return Reaction(replies=(protocol.status_frame("max_connections", over),),
-                            close_code=CLOSE_TRY_AGAIN_LATER, close_reason="key connection limit",
-                            outcome="refused")
+                            close_code=CloseReason.TRY_AGAIN_LATER, close_reason="key connection limit",
+                            outcome=Outcome.REFUSED)
         notice = self.upstream_notice()
         return reaction if notice is None else attrs.evolve(reaction, replies=(*reaction.replies, notice))
 
@@ -330,7 +328,7 @@ class Hub:
 
     def _overflowed(self, session: ClientSession) -> None:
         if session.close_request is None:
-            session.close_request = (CLOSE_POLICY_VIOLATION, "slow consumer")
+            session.close_request = (CloseReason.POLICY_VIOLATION, "slow consumer")
             self.stats.slow_consumer_disconnects += 1
             log.warning(
                 "%s is a slow consumer: %d events dropped, disconnecting (SLOW_CLIENT_POLICY=disconnect)",
@@ -358,7 +356,7 @@ async def serve_clients(
         with trio.move_on_after(config.auth_timeout_seconds) as handshake:
             try:
                 request = await connection.read_request()
-            except ConnectionClosed as closed:
+            except WebSocketClosed as closed:
                 log.info("refused %s: %s", peer, closed.reason)
                 await connection.aclose(timeout=config.shutdown_close_seconds)
                 return
@@ -378,7 +376,7 @@ async def serve_clients(
             log.warning("refused %s: %s", peer, refusal)
             # As Polygon does: `connected` first, always, then the refusal.
             connection.send_texts([protocol.CONNECTED, protocol.status_frame("max_connections", refusal)])
-            await connection.aclose(CLOSE_TRY_AGAIN_LATER, "connection limit", config.shutdown_close_seconds)
+            await connection.aclose(CloseReason.TRY_AGAIN_LATER, "connection limit", config.shutdown_close_seconds)
             return
         try:
             await _run_session(hub, connection, peer, path)
@@ -408,6 +406,12 @@ def _ignore() -> None:
     pass
 
 
+def _tier_is_stopping() -> bool:
+    """True when the current task is cancelled from outside: the tier is shutting down (a
+    session's own end never cancels the scope its close runs in)."""
+    return trio.current_effective_deadline() == -math.inf
+
+
 def _ip(peer: str) -> str:
     return peer.rsplit(":", 1)[0]
 
@@ -420,16 +424,16 @@ async def _run_session(hub: Hub, connection: WsConnection, peer: str, path: str)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_write_loop, hub, session, nursery.cancel_scope.cancel)
             await _read_loop(hub, session)
-            if session.close_request is None or session.close_request[0] == CLOSE_INTERNAL_ERROR:
+            if session.close_request is None or session.close_request[0] == CloseReason.INTERNAL_ERROR:
                 nursery.cancel_scope.cancel()  # the client left, or is gone: nothing more to write
     finally:
         hub.close_session(session)
         code, reason = session.close_request or (1000, "")
         timeout = hub.config.shutdown_close_seconds
         if hub.pending.was_shed(connection):  # its descriptor is needed now: no close handshake to wait for
-            code, reason, timeout = CLOSE_TRY_AGAIN_LATER, "server overloaded: out of connections", 0
-        elif trio.current_effective_deadline() == -math.inf:
-            code, reason = CLOSE_GOING_AWAY, "proxy shutting down"  # the tier is shutting down: say so
+            code, reason, timeout = CloseReason.TRY_AGAIN_LATER, "server overloaded: out of connections", 0
+        elif _tier_is_stopping():
+            code, reason = CloseReason.GOING_AWAY, "proxy shutting down"  # the tier is shutting down: say so
         elif session.outbox.overflowed:
             timeout = hub.config.slow_client_close_seconds  # it is slow by definition: give it time, not forever
         with trio.CancelScope(shield=True):
@@ -463,7 +467,7 @@ async def _read_loop(hub: Hub, session: ClientSession) -> None:
         with trio.move_on_at(deadline) as scope:
             try:
                 message = await connection.get_message()
-            except ConnectionClosed:
+            except WebSocketClosed:
                 return
         if scope.cancelled_caught:
             if waiting_for_auth:
@@ -481,7 +485,7 @@ async def _read_loop(hub: Hub, session: ClientSession) -> None:
             log.info("%s answered no ping within %ss: closing it as gone (1011)",
                      session.label, config.client_pong_timeout_seconds)
             hub.stats.dead_clients_closed += 1
-            session.close_request = (CLOSE_INTERNAL_ERROR, "no answer to ping")
+            session.close_request = (CloseReason.INTERNAL_ERROR, "no answer to ping")
             return
         session.last_control_at = trio.current_time()
         reaction = session.state.receive(message, session.last_control_at)
@@ -508,7 +512,7 @@ async def _write_loop(hub: Hub, session: ClientSession, stop: Callable[[], None]
             await _drain_unless_overflowed(session)
             if session.close_request is not None and not len(outbox) and not outbox.overflowed:
                 return  # everything queued is written; the session's end sends the close
-    except ConnectionClosed:
+    except WebSocketClosed:
         pass
     finally:
         stop()

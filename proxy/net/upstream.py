@@ -29,7 +29,7 @@ from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection
 from ..core import protocol
 from ..core.backoff import Backoff
 from ..core.keys import redact
-from ..core.errors import leaves
+from ..core.errors import UpstreamProtocolError, UpstreamRefused, leaves
 from ..core.protocol import Channel
 from .beacon import Beacon
 
@@ -60,18 +60,6 @@ class LinkState(enum.Enum):
     CONNECTING = "connecting"
     CONNECTED = "connected"  # authenticated and subscribed: data flows
     REFUSED = "refused"  # auth_failed or max_connections: waiting the long backoff
-
-
-class UpstreamRefused(Exception):
-    """Upstream answered auth with something other than ``auth_success``."""
-
-    def __init__(self, status: str, message: str) -> None:
-        super().__init__(f"{status}: {message}")
-        self.status = status
-
-
-class UpstreamProtocolError(Exception):
-    """Upstream said something the protocol does not allow at that point."""
 
 
 def chunks(channels: Iterable[Channel], size: int = SUBSCRIBE_CHUNK) -> list[list[Channel]]:

@@ -45,24 +45,20 @@ from wsproto.events import (
     Request,
     TextMessage,
 )
-from wsproto.utilities import ProtocolError, RemoteProtocolError
+from wsproto.utilities import ProtocolError as WsprotoProtocolError, RemoteProtocolError
 
+from ..core.errors import CloseReason, WebSocketClosed
 from .accepting import AcceptTrouble, PendingConnections, accept_forever
 
 __all__ = [
     "RECEIVE_BYTES",
-    "CLOSE_ABNORMAL",
-    "CLOSE_MESSAGE_TOO_BIG",
     "text_frame",
-    "ConnectionClosed",
     "WsConnection",
     "accept_connections",
 ]
 
 log = logging.getLogger(__name__)
 RECEIVE_BYTES = 65536
-CLOSE_ABNORMAL = 1006  # never sent: what a connection that vanished without a close frame is said to have
-CLOSE_MESSAGE_TOO_BIG = 1009
 _FIN_TEXT = 0x81  # FIN bit + text opcode (RFC 6455 §5.2); a server's frames are never masked
 _header_short = struct.Struct("!BB").pack
 _header_16 = struct.Struct("!BBH").pack
@@ -84,15 +80,6 @@ def text_frame(payload: bytes) -> bytes:
     if size < 65536:
         return _header_16(_FIN_TEXT, 126, size) + payload
     return _header_64(_FIN_TEXT, 127, size) + payload
-
-
-class ConnectionClosed(Exception):
-    """The WebSocket is closed or the connection is gone; ``code`` says how, when known."""
-
-    def __init__(self, code: int | None = None, reason: str = "") -> None:
-        super().__init__(code, reason)
-        self.code = code
-        self.reason = reason
 
 
 class _SocketTransport:
@@ -199,7 +186,7 @@ class WsConnection:
     # --- opening handshake ------------------------------------------------------------
 
     async def read_request(self) -> Request:
-        """The client's opening handshake; ConnectionClosed if it sends something else or leaves.
+        """The client's opening handshake; WebSocketClosed if it sends something else or leaves.
 
         h11 reads the HTTP request and wsproto checks that it asks for a
         WebSocket (``initiate_upgrade_connection``, its API for a request
@@ -215,30 +202,30 @@ class WsConnection:
                 event = http.next_event()
             except h11.RemoteProtocolError as error:  # not HTTP, headers over h11's 16 KiB, and the like
                 self._reply(error.error_status_hint, f"bad HTTP request: {error}\n".encode())
-                raise ConnectionClosed(reason=f"not a WebSocket handshake: {error}") from None
+                raise WebSocketClosed(reason=f"not a WebSocket handshake: {error}") from None
             if isinstance(event, h11.Request):
                 break
             if event is not h11.NEED_DATA:
-                raise ConnectionClosed(reason="connection closed during the handshake")
+                raise WebSocketClosed(reason="connection closed during the handshake")
             try:
                 data = await self.transport.receive_some()
             except OSError as error:
-                raise ConnectionClosed(reason=f"connection failed during the handshake: {error}") from None
+                raise WebSocketClosed(reason=f"connection failed during the handshake: {error}") from None
             if not data:
-                raise ConnectionClosed(reason="connection closed during the handshake")
+                raise WebSocketClosed(reason="connection closed during the handshake")
             http.receive_data(data)
         if event.method != b"GET" or not self._request_ended(http):
             # wsproto would check the method, but initiate_upgrade_connection assumes GET; and bytes of a
             # body must not be taken for frames.
             self._reply(400, b"a WebSocket opening handshake is a GET without a body\n")
-            raise ConnectionClosed(reason="not a WebSocket handshake: not a GET without a body")
+            raise WebSocketClosed(reason="not a WebSocket handshake: not a GET without a body")
         try:
             self._ws.initiate_upgrade_connection(list(event.headers), event.target)
         except RemoteProtocolError as error:  # not an upgrade, no key, version not 13 (426), ...
             hint = error.event_hint
             if isinstance(hint, RejectConnection):  # a plain HTTP request, for one: say what this port is
                 self._reply(hint.status_code, f"{error}: ".encode() + self.plain_http_body, hint.headers)
-            raise ConnectionClosed(reason=f"not a WebSocket handshake: {error}") from None
+            raise WebSocketClosed(reason=f"not a WebSocket handshake: {error}") from None
         return next(event for event in self._ws.events() if isinstance(event, Request))
 
     def accept(self) -> None:
@@ -323,7 +310,7 @@ class WsConnection:
         self.notify()
 
     async def drain(self) -> None:
-        """Wait until the kernel took every byte written so far; ConnectionClosed if it cannot."""
+        """Wait until the kernel took every byte written so far; WebSocketClosed if it cannot."""
         await trio.lowlevel.checkpoint()
         while self.broken is None and (self._backlog or self._pending_pong is not None):
             if self._backlog:
@@ -337,20 +324,20 @@ class WsConnection:
                 if self._ws.state is ConnectionState.OPEN:  # never after our close frame
                     self._write(self._ws.send(Pong(payload=payload)))
         if self.broken is not None:
-            self.close_code = self.close_code or CLOSE_ABNORMAL
-            raise ConnectionClosed(self.close_code, f"connection broken: {self.broken}")
+            self.close_code = self.close_code or CloseReason.ABNORMAL_CLOSURE
+            raise WebSocketClosed(self.close_code, f"connection broken: {self.broken}")
 
     # --- receiving ----------------------------------------------------------------
 
     async def get_message(self) -> str | bytes:
-        """The next whole message from the client; answers pings; ConnectionClosed at the end."""
+        """The next whole message from the client; answers pings; WebSocketClosed at the end."""
         while True:
             for event in self._ws.events():
                 message = self._take(event)
                 if message is not None:
                     return message
             if self.close_code is not None or self.broken is not None:
-                raise ConnectionClosed(self.close_code, self.close_reason)
+                raise WebSocketClosed(self.close_code, self.close_reason)
             try:
                 data = await self.transport.receive_some()
             except OSError:
@@ -358,8 +345,8 @@ class WsConnection:
             if not data:
                 self._peer_closed = True
                 if self.close_code is None:
-                    self.close_code, self.close_reason = CLOSE_ABNORMAL, "connection lost without a close frame"
-                raise ConnectionClosed(self.close_code, self.close_reason)
+                    self.close_code, self.close_reason = CloseReason.ABNORMAL_CLOSURE, "connection lost without a close frame"
+                raise WebSocketClosed(self.close_code, self.close_reason)
             self.last_received_at = trio.current_time()
             self._ws.receive_data(data)
 
@@ -372,7 +359,7 @@ class WsConnection:
         if isinstance(event, (TextMessage, BytesMessage)):
             self._message_size += len(event.data)
             if self._message_size > self.max_message_bytes:
-                self._close_now(CLOSE_MESSAGE_TOO_BIG, f"message over {self.max_message_bytes} bytes")
+                self._close_now(CloseReason.MESSAGE_TOO_BIG, f"message over {self.max_message_bytes} bytes")
                 return None
             self._parts.append(event.data)
             if event.message_finished:
@@ -429,7 +416,7 @@ class WsConnection:
                 await self.drain()
                 self.transport.shutdown_write()
                 await self._read_to_peer_close()
-            except (ConnectionClosed, OSError, ProtocolError):
+            except (WebSocketClosed, OSError, WsprotoProtocolError):
                 pass  # gone, or past talking to
         await self.transport.aclose()
 

@@ -31,12 +31,13 @@ from wsproto.events import (
     TextMessage,
 )
 
+from ..core.errors import ClientMessageError
 from ..core import protocol
 from ..app.config import bind_error, load_simulator_config, setup_logging
 from ..core.keys import redact
 from ..core.settings import SimulatorConfig
 from .market import Event, MarketModel, frame_of, prebuild, stamp, synthetic_symbols
-from ..core.protocol import Auth, Channel, ProtocolError, Subscribe
+from ..core.protocol import Auth, Channel, Subscribe
 
 __all__ = [
     "TICK_SECONDS",
@@ -408,7 +409,7 @@ async def _receive_auth(peer: WsPeer) -> Auth:
     while True:
         try:
             action = protocol.parse_client_message(await peer.receive())
-        except ProtocolError as error:
+        except ClientMessageError as error:
             await peer.send_text(protocol.error_frame(error.message))
             continue
         if isinstance(action, Auth):
@@ -426,7 +427,7 @@ async def _read_control(simulator: Simulator, peer: WsPeer, connection: SimConne
         message = await peer.receive()
         try:
             action = protocol.parse_client_message(message)
-        except ProtocolError as error:
+        except ClientMessageError as error:
             await peer.send_text(protocol.error_frame(error.message))
             continue
         if isinstance(action, Auth):
