@@ -29,7 +29,7 @@ from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Ping
 from proxy.core.errors import ClientMessageError
 from proxy.core.outbox import SlowClientPolicy
 from proxy.core.protocol import Auth, parse_client_message
-from proxy.net.wsserver import accept_connections
+from proxy.net.listener import accept_connections
 
 from .conftest import (
     CLIENT_KEY,

@@ -65,7 +65,7 @@ def layer_of(name: str) -> int:
 
 def test_the_layers_exist_and_hold_the_modules():
     names = modules()
-    assert {"proxy.core.protocol", "proxy.net.wsserver", "proxy.app.tier", "proxy.sim.simulator",
+    assert {"proxy.core.protocol", "proxy.net.connection", "proxy.app.tier", "proxy.sim.simulator",
             "proxy.firehose", "proxy.filtered", "proxy.simulator"} <= set(names)
     # nothing but the entry points and the package itself sits outside a layer
     assert {n for n in names if layer_of(n) == ENTRY_POINT_LAYER} == ENTRY_POINTS

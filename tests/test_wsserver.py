@@ -12,7 +12,9 @@ from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Ping
 
 from proxy.core.protocol import parse_channel_list
 from proxy.core.errors import WebSocketClosed
-from proxy.net.wsserver import WsConnection, _SocketTransport, text_frame
+from proxy.net.connection import WsConnection
+from proxy.net.frames import text_frame
+from proxy.net.transport import SocketTransport as _SocketTransport
 
 from .conftest import FIREHOSE_KEY, firehose_config, start_simulator, start_tier, wait_until
 

@@ -5,7 +5,7 @@ frames and it queues them into each client's :class:`~proxy.outbox.Outbox`
 without ever waiting, then, once per pass over the frames queued from upstream,
 :meth:`Hub.flush` writes every touched client's queue to its socket at once
 (one frame per run of events) wherever the kernel has room
-(:mod:`proxy.wsserver`). :func:`serve_clients` runs the accept loop; each
+(:mod:`proxy.net.connection`). :func:`serve_clients` runs the accept loop; each
 :class:`ClientSession` lives in its own nursery with a reader (control
 messages through :class:`~proxy.session.SessionState`) and a writer, which
 sends what could not be written at once: a backlog, control replies,
@@ -43,7 +43,8 @@ from ..core.session import (
 )
 from ..core.subscriptions import SubscriptionRegistry
 from ..core.errors import CloseReason, WebSocketClosed
-from .wsserver import WsConnection, accept_connections
+from .connection import WsConnection
+from .listener import accept_connections
 
 __all__ = ["DROP_LOG_INTERVAL", "SLOW_CONSUMER", "UNAUTHENTICATED", "UNNAMED_KEY", "ClientSession", "Hub", "serve_clients"]
 

@@ -1,4 +1,4 @@
-"""Server-side WebSocket connections whose writes never wait: wsproto framing straight to the socket.
+"""One server-side WebSocket connection whose writes never wait: wsproto framing straight to the socket.
 
 A tier sends one WebSocket message per client per upstream frame. Through an
 async send (trio-websocket, or websockets' Trio implementation) each message
@@ -24,10 +24,6 @@ message's worth more is read, never into a parser that failed.
 
 from __future__ import annotations
 
-import logging
-import socket
-import ssl
-import struct
 from http import HTTPStatus
 from typing import Callable, Iterable
 
@@ -48,107 +44,11 @@ from wsproto.events import (
 from wsproto.utilities import ProtocolError as WsprotoProtocolError, RemoteProtocolError
 
 from ..core.errors import CloseReason, WebSocketClosed
-from .accepting import AcceptTrouble, PendingConnections, accept_forever
+from .frames import text_frame
+from .transport import RECEIVE_BYTES, Transport
 
-__all__ = [
-    "RECEIVE_BYTES",
-    "text_frame",
-    "WsConnection",
-    "accept_connections",
-]
+__all__ = ["WsConnection"]
 
-log = logging.getLogger(__name__)
-RECEIVE_BYTES = 65536
-_FIN_TEXT = 0x81  # FIN bit + text opcode (RFC 6455 §5.2); a server's frames are never masked
-_header_short = struct.Struct("!BB").pack
-_header_16 = struct.Struct("!BBH").pack
-_header_64 = struct.Struct("!BBQ").pack
-
-
-def text_frame(payload: bytes) -> bytes:
-    """One unfragmented, unmasked text frame holding ``payload`` (UTF-8 JSON, as upstream sent it).
-
-    Written here rather than through wsproto because wsproto frames only
-    ``str`` as text: our events are bytes, so each write would be decoded and
-    re-encoded and pass four layers of calls, 5.4 µs per 7.6 kB write against
-    0.44 µs here (websockets' ``Frame.serialize``: 1.5 µs). Only the header is
-    ours; tests parse these frames with wsproto at every length boundary.
-    """
-    size = len(payload)
-    if size < 126:
-        return _header_short(_FIN_TEXT, size) + payload
-    if size < 65536:
-        return _header_16(_FIN_TEXT, 126, size) + payload
-    return _header_64(_FIN_TEXT, 127, size) + payload
-
-
-class _SocketTransport:
-    """A connected non-blocking socket, waited on with trio.lowlevel; sends may complete at once."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-
-    def try_send(self, data: bytes | bytearray) -> int:
-        """Bytes the kernel took now, maybe 0; raises OSError if the connection is broken."""
-        try:
-            return self.sock.send(data)
-        except BlockingIOError:
-            return 0
-
-    async def drain(self, backlog: bytearray) -> None:
-        while backlog:
-            await trio.lowlevel.wait_writable(self.sock)
-            del backlog[:self.try_send(backlog)]
-
-    async def receive_some(self) -> bytes:
-        await trio.lowlevel.checkpoint()  # a peer that floods us must not starve the other tasks
-        while True:
-            try:
-                return self.sock.recv(RECEIVE_BYTES)
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(self.sock)
-
-    def shutdown_write(self) -> None:
-        try:
-            self.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-
-    async def aclose(self) -> None:
-        if self.sock.fileno() >= 0:
-            trio.lowlevel.notify_closing(self.sock)
-            self.sock.close()
-
-
-class _StreamTransport:
-    """Any Trio stream (TLS): no synchronous path, the writer task sends everything."""
-
-    def __init__(self, stream: trio.abc.Stream) -> None:
-        self.stream = stream
-
-    def try_send(self, data: bytes | bytearray) -> int:
-        return 0
-
-    async def drain(self, backlog: bytearray) -> None:
-        while backlog:
-            data = bytes(backlog)
-            backlog.clear()  # what is written meanwhile queues behind this, in order
-            try:
-                await self.stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
-                raise OSError(_why(error)) from None
-
-    async def receive_some(self) -> bytes:
-        try:
-            return bytes(await self.stream.receive_some(RECEIVE_BYTES))
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
-            raise OSError(_why(error)) from None
-
-    def shutdown_write(self) -> None:
-        pass  # TLS has no half-close; the close_notify goes out with aclose
-
-    async def aclose(self) -> None:
-        await trio.aclose_forcefully(self.stream)
 
 
 class WsConnection:
@@ -159,7 +59,7 @@ class WsConnection:
     """
 
     def __init__(
-        self, transport: _SocketTransport | _StreamTransport, *, max_message_bytes: int,
+        self, transport: Transport, *, max_message_bytes: int,
         notify: Callable[[], None] = lambda: None,
     ) -> None:
         self.transport = transport
@@ -443,73 +343,3 @@ class WsConnection:
                 for event in self._ws.events():  # data frames come out in pieces as they arrive: nothing piles up
                     if isinstance(event, CloseConnection):
                         self._peer_closed = True  # its answer (or a framing error: nothing more to read then either)
-
-
-async def accept_connections(
-    listener: socket.socket,
-    handler: Callable[[WsConnection, str], object],
-    *,
-    max_message_bytes: int,
-    tls_context: ssl.SSLContext | None = None,
-    pending: PendingConnections | None = None,
-) -> None:
-    """Accept forever on ``listener``, running ``handler(connection, peer)`` in a task per client.
-
-    The handler owns the connection; the socket is closed when it returns.
-    Each connection is in ``pending`` from its accept until the handler
-    discards it (once authenticated); when accept fails for want of
-    descriptors, the oldest there is closed to make room (:mod:`proxy.accepting`).
-    """
-    pending = PendingConnections() if pending is None else pending
-    trouble = AcceptTrouble(f"client listener {_peer(listener.getsockname())}", log)
-    async with trio.open_nursery() as nursery:
-
-        def start(sock: socket.socket, address: object) -> None:
-            nursery.start_soon(_own_connection, sock, address, handler, max_message_bytes, tls_context, pending)
-
-        try:
-            await accept_forever(listener, start, trouble, pending)
-        finally:
-            trio.lowlevel.notify_closing(listener)
-            listener.close()
-
-
-async def _own_connection(
-    sock: socket.socket, address: object, handler: Callable[[WsConnection, str], object],
-    max_message_bytes: int, tls_context: ssl.SSLContext | None, pending: PendingConnections,
-) -> None:
-    sock.setblocking(False)
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # frames are already batched: send now
-    transport: _SocketTransport | _StreamTransport
-    if tls_context is None:
-        transport = _SocketTransport(sock)
-    else:
-        transport = _StreamTransport(
-            trio.SSLStream(trio.SocketStream(trio.socket.from_stdlib_socket(sock)), tls_context, server_side=True)
-        )
-    connection = WsConnection(transport, max_message_bytes=max_message_bytes)
-    try:
-        with trio.CancelScope() as scope:  # cancelled if the connection is shed
-            pending.add(connection, scope)
-            await handler(connection, _peer(address))  # type: ignore[misc]
-    except Exception:  # a bug in one connection must not end the accept loop for everyone
-        log.exception("connection from %s failed; other clients are unaffected", _peer(address))
-    finally:
-        with trio.CancelScope(shield=True):
-            await transport.aclose()
-        pending.closed(connection)
-
-
-def _why(error: BaseException) -> str:
-    """An error's text, else its cause's: trio's BrokenResourceError from a failed TLS handshake has none itself."""
-    if str(error):
-        return str(error)
-    cause = error.__cause__ or error.__context__
-    return str(cause) if cause is not None and str(cause) else type(error).__name__
-
-
-def _peer(address: object) -> str:
-    if isinstance(address, tuple) and len(address) >= 2:
-        return f"{address[0]}:{address[1]}"
-    return str(address)
