@@ -216,6 +216,7 @@ async def test_a_half_open_client_is_released_within_ping_and_timeout_and_live_o
     firehose = await start_tier(nursery, firehose_config(sim, client_ping_seconds=0.4, client_pong_timeout_seconds=0.4))
     await wait_until(lambda: firehose.link.state.value == "connected")
     live = await authed_client(nursery, firehose.port, "firehose-key", subscribe="LULD.AAPL")  # a rare channel
+    nursery.start_soon(live.collect, 60)  # it reads what comes (trio-websocket answers pings only while read)
     # the silent one: handshake, auth and subscribe over a raw socket, then it reads and answers nothing
     peer = WSConnection(ConnectionType.CLIENT)
     sock = trio.socket.socket()

@@ -49,9 +49,13 @@ class Observed(Protocol):
     link: UpstreamLink
     history: TierHistory
 
-    def snapshot(self) -> TierSnapshot: ...
+    def snapshot(self) -> TierSnapshot:
+        """The tier's figures now."""
+        ...
 
-    def readiness(self) -> tuple[bool, str]: ...
+    def readiness(self) -> tuple[bool, str]:
+        """Whether the upstream is connected, and why not."""
+        ...
 
 
 def client_view(tier: Observed, session: ClientSession, now: float, *, all_channels: bool = False) -> dict[str, Any]:

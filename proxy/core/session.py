@@ -52,6 +52,7 @@ class Phase(enum.Enum):
 
 @attrs.frozen
 class Reaction:
+    """What a control message leads to: frames to answer, channels to add or drop, a close, its outcome."""
     replies: tuple[str, ...] = ()
     subscribe: tuple[Channel, ...] = ()
     unsubscribe: tuple[Channel, ...] = ()
@@ -90,6 +91,7 @@ class SessionState:
     _last: float = 0.0
 
     def receive(self, message: str | bytes, now: float = 0.0) -> Reaction:
+        """React to one message from the client (``now`` for the rate limit); never raises: bad input is an error status."""
         if self.phase is Phase.CLOSED:
             return Reaction()
         if not self._take_token(now):

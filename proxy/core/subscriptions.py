@@ -79,9 +79,11 @@ class SubscriptionRegistry(Generic[S]):
         return frozenset(self._everything)
 
     def subscribers(self) -> frozenset[S]:
+        """Everyone registered, subscribed to anything or not."""
         return frozenset(self._channels)
 
     def channels_of(self, subscriber: S) -> frozenset[Channel]:
+        """The channels ``subscriber`` holds (a copy)."""
         return frozenset(self._channels.get(subscriber, ()))
 
     def in_grace(self) -> dict[Channel, float]:
@@ -89,6 +91,7 @@ class SubscriptionRegistry(Generic[S]):
         return dict(self._grace_deadline)
 
     def next_deadline(self) -> float | None:
+        """When the earliest grace period ends (the clock's time), or None when none runs."""
         return min(self._grace_deadline.values(), default=None)
 
     @property
@@ -117,9 +120,11 @@ class SubscriptionRegistry(Generic[S]):
     # --- changes -------------------------------------------------------------
 
     def add_subscriber(self, subscriber: S) -> None:
+        """Register ``subscriber`` with no channels."""
         self._channels.setdefault(subscriber, set())
 
     def subscribe(self, subscriber: S, channels: Iterable[Channel]) -> UpstreamDelta:
+        """Add ``channels`` to ``subscriber``'s set; returns what to subscribe upstream now."""
         held = self._channels.setdefault(subscriber, set())
         added = [channel for channel in channels if channel not in held]
         for channel in added:
@@ -128,6 +133,7 @@ class SubscriptionRegistry(Generic[S]):
         return self._reconcile(added)
 
     def unsubscribe(self, subscriber: S, channels: Iterable[Channel]) -> UpstreamDelta:
+        """Drop ``channels`` from ``subscriber``'s set; what nobody holds any more starts its grace period."""
         held = self._channels.get(subscriber, set())
         removed = [channel for channel in channels if channel in held]
         for channel in removed:
@@ -136,6 +142,7 @@ class SubscriptionRegistry(Generic[S]):
         return self._reconcile(removed)
 
     def remove_subscriber(self, subscriber: S) -> UpstreamDelta:
+        """Forget ``subscriber`` and release all its channels, as unsubscribe does."""
         held = self._channels.pop(subscriber, set())
         for channel in held:
             self._index(subscriber, channel, add=False)

@@ -56,6 +56,7 @@ class AcceptTrouble:
     _reminded: float = 0.0
 
     def failed(self, error: OSError) -> None:
+        """Count one failed accept; logs only at the start of an episode and once a minute while it lasts."""
         now = trio.current_time()
         self.failures += 1
         if self.failures == 1:
@@ -105,6 +106,7 @@ class PendingConnections:
     shed_total: int = 0
 
     def add(self, connection: object, scope: trio.CancelScope) -> None:
+        """Remember a connection not yet authenticated, with the scope that ends it if it must be shed."""
         self._scopes[connection] = scope
 
     def discard(self, connection: object) -> None:
@@ -112,6 +114,7 @@ class PendingConnections:
         self._scopes.pop(connection, None)
 
     def closed(self, connection: object) -> None:
+        """Forget a connection that has ended, whatever its state."""
         self._scopes.pop(connection, None)
         released = self._released.pop(connection, None)
         if released is not None:

@@ -175,6 +175,7 @@ class WsConnection:
 
     @property
     def open(self) -> bool:
+        """True while frames may be sent: the WebSocket is open and the socket not broken."""
         return self._ws.state is ConnectionState.OPEN and self.broken is None
 
     def send_texts(self, texts: Iterable[str | bytes]) -> int:

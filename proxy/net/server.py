@@ -86,6 +86,7 @@ class ClientSession:
     drops_logged_at: float = -math.inf
 
     def notify(self) -> None:
+        """Wake the client's writer: something was queued, or the session must close."""
         self.wakeup.set()
 
     @property

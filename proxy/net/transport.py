@@ -32,11 +32,13 @@ class SocketTransport:
             return 0
 
     async def drain(self, backlog: bytearray) -> None:
+        """Wait until the kernel took all of ``backlog`` (which is consumed); OSError if the socket broke."""
         while backlog:
             await trio.lowlevel.wait_writable(self.sock)
             del backlog[:self.try_send(backlog)]
 
     async def receive_some(self) -> bytes:
+        """The next bytes from the peer (empty at its end); checkpoints first, so a flood cannot starve others."""
         await trio.lowlevel.checkpoint()  # a peer that floods us must not starve the other tasks
         while True:
             try:
@@ -45,12 +47,14 @@ class SocketTransport:
                 await trio.lowlevel.wait_readable(self.sock)
 
     def shutdown_write(self) -> None:
+        """Send FIN: nothing more from us; reading goes on."""
         try:
             self.sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass
 
     async def aclose(self) -> None:
+        """Close the socket, waking any task waiting on it."""
         if self.sock.fileno() >= 0:
             trio.lowlevel.notify_closing(self.sock)
             self.sock.close()
@@ -63,9 +67,11 @@ class StreamTransport:
         self.stream = stream
 
     def try_send(self, data: bytes | bytearray) -> int:
+        """Always 0: a stream writes only from the writer task."""
         return 0
 
     async def drain(self, backlog: bytearray) -> None:
+        """Send all of ``backlog`` (consumed); OSError if the stream broke."""
         while backlog:
             data = bytes(backlog)
             backlog.clear()  # what is written meanwhile queues behind this, in order
@@ -75,15 +81,18 @@ class StreamTransport:
                 raise OSError(describe_error(error)) from None
 
     async def receive_some(self) -> bytes:
+        """The next bytes from the peer (empty at its end); OSError if the stream broke."""
         try:
             return bytes(await self.stream.receive_some(RECEIVE_BYTES))
         except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
             raise OSError(describe_error(error)) from None
 
     def shutdown_write(self) -> None:
+        """Nothing: TLS has no half-close; its close_notify goes with aclose."""
         pass  # TLS has no half-close; the close_notify goes out with aclose
 
     async def aclose(self) -> None:
+        """Close the stream at once, without waiting on the peer."""
         await trio.aclose_forcefully(self.stream)
 
 

@@ -56,6 +56,7 @@ _read_statuses = msgspec.json.Decoder(list[dict[str, Any]]).decode
 
 
 class LinkState(enum.Enum):
+    """Where the upstream link is; only CONNECTED means data flows."""
     DISCONNECTED = "disconnected"
     CONNECTING = "connecting"
     CONNECTED = "connected"  # authenticated and subscribed: data flows
@@ -63,12 +64,18 @@ class LinkState(enum.Enum):
 
 
 def chunks(channels: Iterable[Channel], size: int = SUBSCRIBE_CHUNK) -> list[list[Channel]]:
+    """Channels sorted and cut into subscribe-sized lists (``size`` each at most)."""
     ordered = sorted(channels, key=lambda channel: (channel.ev_type, channel.symbol))
     return [ordered[start:start + size] for start in range(0, len(ordered), size)]
 
 
 @attrs.define(eq=False)
 class UpstreamLink:
+    """The one connection upstream, kept up forever: connect, authenticate, subscribe, relay frames.
+
+    Frames go to ``frames`` with their receive time; ``desired()`` is the channel set to
+    hold, re-read whenever ``demand_changed`` pulses; ``on_connected`` and
+    ``on_disconnected`` tell the tier about outages. :meth:`run` returns only by cancellation."""
     label: str  # "Polygon" or "firehose proxy", for log lines
     url: str
     api_key: str
