@@ -208,3 +208,30 @@ def test_log_level_libraries_is_read_and_checked(monkeypatch):
     monkeypatch.setenv("LOG_LEVEL_LIBRARIES", "loud")
     with pytest.raises(ConfigError, match="LOG_LEVEL_LIBRARIES"):
         load_filtered_config()
+
+
+def test_a_configuration_built_in_code_is_checked_too():
+    from proxy.core.settings import TierConfig
+
+    base = dict(tier="firehose", upstream_url="ws://127.0.0.1:1/stocks", upstream_api_key="k", upstream_extra=(),
+                static_channels=(), host="127.0.0.1", port=0, api_keys=frozenset(), allow_any_key=False,
+                metrics_port=None)
+    assert TierConfig(**base).port == 0
+    for field, bad in [("port", 70_000), ("metrics_port", -1), ("client_queue_events", 0), ("market", "bonds"),
+                       ("control_messages_per_second", 0.0), ("unsubscribe_grace_seconds", -1.0),
+                       ("client_ping_seconds", 0.0), ("tier", "middle")]:
+        with pytest.raises(ValueError, match=field if field != "tier" else "middle"):
+            TierConfig(**{**base, field: bad})
+
+
+def test_the_defaults_read_from_the_environment_are_the_fields_defaults(monkeypatch):
+    import attrs
+
+    from proxy.core.settings import TierConfig
+
+    monkeypatch.setenv("POLYGON_API_KEY", "k")
+    config = load_firehose_config()
+    for name in ("market", "client_queue_events", "slow_client_policy", "max_message_bytes", "max_clients",
+                 "max_connections_per_ip", "control_messages_per_second", "client_ping_seconds",
+                 "unsubscribe_grace_seconds", "journal_memory_seconds"):
+        assert getattr(config, name) == attrs.fields_dict(TierConfig)[name].default, name

@@ -11,6 +11,7 @@ raises :class:`ConfigError`, which ``trio-run`` prints as one line (exit 2).
 
 from __future__ import annotations
 
+import enum
 import errno
 import logging
 import math
@@ -117,28 +118,38 @@ def _bool(raw: str) -> bool:
     raise ValueError("expected true or false")
 
 
+def _default(name: str) -> str:
+    """A TierConfig field's default as the text of its variable: defaults are declared once, there."""
+    value = attrs.fields_dict(TierConfig)[name].default
+    if isinstance(value, enum.Enum):
+        return str(value.value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return "" if value is None else str(value)
+
+
 def _shared(source: decouple.Config) -> dict:
     return dict(
-        market=_read(source, "MARKET", "stocks", _choice(MARKETS)),
-        log_level=_read(source, "LOG_LEVEL", "info", _choice(LOG_LEVELS)),
+        market=_read(source, "MARKET", _default("market"), _choice(MARKETS)),
+        log_level=_read(source, "LOG_LEVEL", _default("log_level"), _choice(LOG_LEVELS)),
         library_log_level=_read(source, "LOG_LEVEL_LIBRARIES", "", _optional(_choice(LOG_LEVELS))),
         admin_token=_read(source, "ADMIN_TOKEN", "", _optional(_admin_token)),
-        client_ping_seconds=_read(source, "CLIENT_PING_SECONDS", "30", _positive_seconds),
-        client_pong_timeout_seconds=_read(source, "CLIENT_PONG_TIMEOUT_SECONDS", "20", _positive_seconds),
-        unsubscribe_grace_seconds=_read(source, "UNSUBSCRIBE_GRACE_SECONDS", "5", _seconds),
-        client_queue_events=_read(source, "CLIENT_QUEUE_EVENTS", "50000", _positive_int),
+        client_ping_seconds=_read(source, "CLIENT_PING_SECONDS", _default("client_ping_seconds"), _positive_seconds),
+        client_pong_timeout_seconds=_read(source, "CLIENT_PONG_TIMEOUT_SECONDS", _default("client_pong_timeout_seconds"), _positive_seconds),
+        unsubscribe_grace_seconds=_read(source, "UNSUBSCRIBE_GRACE_SECONDS", _default("unsubscribe_grace_seconds"), _seconds),
+        client_queue_events=_read(source, "CLIENT_QUEUE_EVENTS", _default("client_queue_events"), _positive_int),
         slow_client_policy=SlowClientPolicy(
-            _read(source, "SLOW_CLIENT_POLICY", "disconnect", _choice(("disconnect", "drop_oldest")))
+            _read(source, "SLOW_CLIENT_POLICY", _default("slow_client_policy"), _choice(("disconnect", "drop_oldest")))
         ),
-        slow_client_close_seconds=_read(source, "SLOW_CLIENT_CLOSE_SECONDS", "5", _seconds),
-        max_message_bytes=_read(source, "MAX_MESSAGE_BYTES", "262144", _positive_int),
-        auth_timeout_seconds=_read(source, "AUTH_TIMEOUT_SECONDS", "10", _seconds),
+        slow_client_close_seconds=_read(source, "SLOW_CLIENT_CLOSE_SECONDS", _default("slow_client_close_seconds"), _seconds),
+        max_message_bytes=_read(source, "MAX_MESSAGE_BYTES", _default("max_message_bytes"), _positive_int),
+        auth_timeout_seconds=_read(source, "AUTH_TIMEOUT_SECONDS", _default("auth_timeout_seconds"), _seconds),
         upstream_ca_file=_read(source, "UPSTREAM_CA_FILE", "", _existing_file),
-        max_clients=_read(source, "MAX_CLIENTS", "10000", _positive_int),
-        max_connections_per_ip=_read(source, "MAX_CONNECTIONS_PER_IP", "1000", _positive_int),
-        max_channels_per_client=_read(source, "MAX_CHANNELS_PER_CLIENT", "10000", _positive_int),
-        control_messages_per_second=_read(source, "CONTROL_MESSAGES_PER_SECOND", "50", _positive_rate),
-        journal_memory_seconds=_read(source, "JOURNAL_MEMORY_SECONDS", "300", _seconds),
+        max_clients=_read(source, "MAX_CLIENTS", _default("max_clients"), _positive_int),
+        max_connections_per_ip=_read(source, "MAX_CONNECTIONS_PER_IP", _default("max_connections_per_ip"), _positive_int),
+        max_channels_per_client=_read(source, "MAX_CHANNELS_PER_CLIENT", _default("max_channels_per_client"), _positive_int),
+        control_messages_per_second=_read(source, "CONTROL_MESSAGES_PER_SECOND", _default("control_messages_per_second"), _positive_rate),
+        journal_memory_seconds=_read(source, "JOURNAL_MEMORY_SECONDS", _default("journal_memory_seconds"), _seconds),
         journal_memory_bytes=int(_read(source, "JOURNAL_MEMORY_MB", "256", _amount) * 1e6),
         journal_dir=_read(source, "JOURNAL_DIR", "", _directory),
         journal_retention_seconds=_unbounded_if_zero(_read(source, "JOURNAL_RETENTION_HOURS", "24", _amount) * 3600),
@@ -315,7 +326,7 @@ def load_simulator_config() -> SimulatorConfig:
         events_per_second=_read(source, "SIMULATOR_EVENTS_PER_SECOND", "50", _events_rate),
         seed=_read(source, "SIMULATOR_SEED", "", _optional(int)),
         auth_timeout_seconds=_read(source, "AUTH_TIMEOUT_SECONDS", "10", _seconds),
-        log_level=_read(source, "LOG_LEVEL", "info", _choice(LOG_LEVELS)),
+        log_level=_read(source, "LOG_LEVEL", _default("log_level"), _choice(LOG_LEVELS)),
         library_log_level=_read(source, "LOG_LEVEL_LIBRARIES", "", _optional(_choice(LOG_LEVELS))),
         drop_after_seconds=_read(source, "SIMULATOR_DROP_AFTER_SECONDS", "", _optional(_seconds)),
         drop_after_frames=_read(source, "SIMULATOR_DROP_AFTER_FRAMES", "", _optional(_positive_int)),

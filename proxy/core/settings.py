@@ -7,6 +7,7 @@ and tools build them directly. Every layer may read them; none may change them.
 from __future__ import annotations
 
 import enum
+from typing import Any, Callable
 
 import attrs
 
@@ -15,7 +16,26 @@ from .entitlements import KeyBook
 from .outbox import SlowClientPolicy
 from .protocol import Channel
 
-__all__ = ["MARKETS", "SimulatorConfig", "TierConfig", "TierKind"]
+__all__ = ["ABOVE_ZERO", "AT_LEAST_ONE", "MARKETS", "NOT_NEGATIVE", "PORT", "SECONDS", "SimulatorConfig",
+           "TierConfig", "TierKind"]
+
+def _within(check: "Callable[[Any], bool]", expected: str) -> "Callable[[Any, attrs.Attribute, Any], None]":
+    """An attrs validator: ``check(value)`` must hold, else ValueError naming the field and what it expects."""
+
+    def validate(_instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if value is not None and not check(value):
+            raise ValueError(f"{attribute.name} must be {expected}, not {value!r}")
+
+    return validate
+
+
+#: The rules a value must keep however the configuration was built (from the environment,
+#: which names the variable in its one-line error, or in code, as tests and tools do).
+PORT = _within(lambda v: isinstance(v, int) and 0 <= v <= 65535, "a port number from 0 to 65535")
+AT_LEAST_ONE = _within(lambda v: isinstance(v, int) and v >= 1, "a whole number of at least 1")
+SECONDS = _within(lambda v: 0 <= v < 86_400 * 365, "a number of seconds, 0 or more")
+ABOVE_ZERO = _within(lambda v: v > 0, "a number above 0")
+NOT_NEGATIVE = _within(lambda v: v >= 0, "0 or more")
 
 #: Polygon's markets, each served at its own path.
 MARKETS = ("stocks", "options", "forex", "crypto", "indices", "futures")
@@ -39,42 +59,42 @@ class TierConfig:
     upstream_extra: tuple[Channel, ...]
     static_channels: tuple[Channel, ...]
     host: str
-    port: int
+    port: int = attrs.field(validator=PORT)
     #: Keys clients must present; empty with allow_any_key means anyone may connect.
     api_keys: frozenset[str]
     allow_any_key: bool
     #: HTTP port for /healthz, /readyz, /metrics; None = off (the variable set to 0).
-    metrics_port: int | None
-    market: str = "stocks"
+    metrics_port: int | None = attrs.field(validator=PORT)
+    market: str = attrs.field(default="stocks", validator=attrs.validators.in_(MARKETS))
     log_level: str = "info"
-    unsubscribe_grace_seconds: float = 5.0
-    client_queue_events: int = 50_000
+    unsubscribe_grace_seconds: float = attrs.field(default=5.0, validator=SECONDS)
+    client_queue_events: int = attrs.field(default=50_000, validator=AT_LEAST_ONE)
     slow_client_policy: SlowClientPolicy = SlowClientPolicy.DISCONNECT
     #: How long a client disconnected as a slow consumer gets to read what is already on its
     #: socket, the slow_consumer status and the close frame, before its TCP connection is closed.
-    slow_client_close_seconds: float = 5.0
-    max_message_bytes: int = 262_144
-    auth_timeout_seconds: float = 10.0
-    max_channels_per_message: int = 10_000
-    max_channels_per_client: int = 10_000
-    max_clients: int = 10_000
-    max_connections_per_ip: int = 1_000
-    control_messages_per_second: float = 50.0
+    slow_client_close_seconds: float = attrs.field(default=5.0, validator=SECONDS)
+    max_message_bytes: int = attrs.field(default=262_144, validator=AT_LEAST_ONE)
+    auth_timeout_seconds: float = attrs.field(default=10.0, validator=SECONDS)
+    max_channels_per_message: int = attrs.field(default=10_000, validator=AT_LEAST_ONE)
+    max_channels_per_client: int = attrs.field(default=10_000, validator=AT_LEAST_ONE)
+    max_clients: int = attrs.field(default=10_000, validator=AT_LEAST_ONE)
+    max_connections_per_ip: int = attrs.field(default=1_000, validator=AT_LEAST_ONE)
+    control_messages_per_second: float = attrs.field(default=50.0, validator=ABOVE_ZERO)
     tls_cert: str | None = None
     tls_key: str | None = None
-    keepalive_interval_seconds: float = 10.0
-    keepalive_timeout_seconds: float = 20.0
+    keepalive_interval_seconds: float = attrs.field(default=10.0, validator=ABOVE_ZERO)
+    keepalive_timeout_seconds: float = attrs.field(default=20.0, validator=ABOVE_ZERO)
     upstream_ca_file: str | None = None
     #: On shutdown, how long to wait for clients and upstream to answer our close frame.
-    shutdown_close_seconds: float = 2.0
+    shutdown_close_seconds: float = attrs.field(default=2.0, validator=SECONDS)
     backoff: Backoff = Backoff()
     #: Named keys with entitlements, read from ``api_keys_file`` (API_KEYS_FILE), which SIGHUP re-reads.
     key_book: KeyBook = attrs.field(factory=KeyBook)
     api_keys_file: str | None = None
     #: A client that sent nothing this long is pinged; one that then answers nothing within
     #: the pong timeout is closed (1011) as gone.
-    client_ping_seconds: float = 30.0
-    client_pong_timeout_seconds: float = 20.0
+    client_ping_seconds: float = attrs.field(default=30.0, validator=ABOVE_ZERO)
+    client_pong_timeout_seconds: float = attrs.field(default=20.0, validator=ABOVE_ZERO)
     #: The token that opens /clients and the status page; None: only loopback peers may see them.
     admin_token: str | None = None
     #: The setting ``upstream_api_key`` was read from, named when upstream refuses it.
@@ -84,8 +104,8 @@ class TierConfig:
     library_log_level: str | None = None
     #: The journal (docs/journal.md): the recent past kept in memory, bounded by seconds and
     #: by bytes, whichever binds first (0: none kept) ...
-    journal_memory_seconds: float = 300.0
-    journal_memory_bytes: int = 256_000_000
+    journal_memory_seconds: float = attrs.field(default=300.0, validator=NOT_NEGATIVE)
+    journal_memory_bytes: int = attrs.field(default=256_000_000, validator=NOT_NEGATIVE)
     #: ... and the directory it is written to (None: memory only), with how long and how much
     #: of it is kept there (None: no bound of that kind).
     journal_dir: str | None = None
