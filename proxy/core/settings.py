@@ -12,10 +12,20 @@ from .backoff import Backoff
 from .outbox import SlowClientPolicy
 from .protocol import Channel
 
-__all__ = ["MARKETS", "SimulatorConfig", "TierConfig"]
+__all__ = ["MARKETS", "FRAME_ADAPTIVE", "FRAME_TICK", "MAX_FRAME_EVENTS", "SimulatorConfig", "TierConfig"]
 
 #: Polygon's markets, each served at its own path.
 MARKETS = ("stocks", "options", "forex", "crypto", "indices", "futures")
+
+#: ``SIMULATOR_FRAME_EVENTS=adaptive``: each event its own frame, sent as soon as it is due; what
+#: piles up while the connection's socket is backed up goes out as one frame. That is how Polygon
+#: frames: several events in one message only when its send buffer backs up.
+FRAME_ADAPTIVE = "adaptive"
+#: ``SIMULATOR_FRAME_EVENTS=tick``: one 10 ms tick's events per frame (rate / 100, 1 to 200),
+#: 100 frames a second at most: the simulator's only framing before the setting existed.
+FRAME_TICK = "tick"
+#: The most events a fixed framing may put in a frame, and the most an adaptive batch holds.
+MAX_FRAME_EVENTS = 1000
 
 
 @attrs.frozen
@@ -77,6 +87,8 @@ class TierConfig:
 
 @attrs.frozen
 class SimulatorConfig:
+    """Everything the simulator needs; :func:`proxy.app.config.load_simulator_config` reads it."""
+
     host: str = "127.0.0.1"
     port: int = 8766
     api_keys: frozenset[str] = frozenset()
@@ -98,3 +110,6 @@ class SimulatorConfig:
     force_max_connections: bool = False
     #: For benchmarks: cycle through this many pre-built events instead of generating live (0 = live).
     prebuilt_events: int = 0
+    #: Events per data frame: a whole number N (1 to :data:`MAX_FRAME_EVENTS`; frames evenly
+    #: paced, rate / N a second), :data:`FRAME_ADAPTIVE` or :data:`FRAME_TICK`.
+    frame_events: int | str = FRAME_ADAPTIVE
