@@ -7,17 +7,31 @@ Scenarios:
   idle           simulator → firehose → filtered proxy → N mostly idle clients (default 1000):
                  each holds one rarely traded symbol; for the filtered tier's memory.
 
+Framing: the tiers' cost is per upstream frame, so how many events the simulator puts
+in a frame matters as much as the rate. --frame-events sets it for the simulator
+(SIMULATOR_FRAME_EVENTS): N events a frame, frames evenly paced (rate / N a second);
+"adaptive", as Polygon sends (each event its own frame, batched only while the
+firehose's socket is backed up); or "tick" (the default, as before this option: a
+10 ms tick's events a frame, rate / 100 up to 200, so 200 at 20,000/s). --framings
+1,10,200 runs the scenario once per framing and prints one table. "ev/frame" is what
+the firehose really got: events over data frames the simulator wrote in the window.
+
 Each run: warm up, send a mark through the stream, run for the duration, send a second
 mark. Clients count what they received between the marks; the simulator says what it sent,
 by channel, so each client's expected count is exact. CPU seconds and peak RSS per tier
 come from /proc (the OS's accounting of each process). "join" is how long a new client
 waits from connecting to its first event, probed five times while the load runs, from a
 process of its own.
+
+The clients are split over --client-processes processes (round-robin over the plan), so
+that the harness is not what limits a run; each process's CPU (% of one core) is in
+every run's output, with a warning when one is near a whole core.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import json
 import os
@@ -32,6 +46,8 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+from proxy.app.config import parse_frame_events
+from proxy.core.settings import FRAME_TICK
 from proxy.sim.market import synthetic_symbols
 
 PYTHON = sys.executable
@@ -39,6 +55,8 @@ TRIO_RUN = str(Path(sys.executable).parent / "trio-run")
 TICKS = os.sysconf("SC_CLK_TCK")
 SYMBOLS = 3000
 POLYGON_KEY, FIREHOSE_KEY, CLIENT_KEY = "bench-polygon", "bench-firehose", "bench-client"
+#: A client process above this share of one core may be what limits the run, not the tiers.
+SATURATED_PERCENT = 90
 
 
 def free_port() -> int:
@@ -79,6 +97,34 @@ def zipf_plan(clients: int, seed: int) -> list[str]:
 def idle_plan(clients: int) -> list[str]:
     tail = synthetic_symbols(SYMBOLS)[-clients:]
     return [f"T.{symbol}" for symbol in tail]
+
+
+def split_plan(plan: list[str], processes: int) -> list[list[str]]:
+    """The plan over ``processes`` client processes, round-robin, so the few ``T.*`` clients spread."""
+    count = max(1, min(processes, len(plan)))
+    return [plan[index::count] for index in range(count)]
+
+
+def merged_latency(histograms: list[dict[str, int]]) -> dict[str, Any]:
+    """p50, p99 and max (ms, to 0.1 ms) over every sample of several client processes' histograms."""
+    counts: collections.Counter[int] = collections.Counter()
+    for histogram in histograms:
+        for bucket, count in histogram.items():
+            counts[int(bucket)] += count
+    total = sum(counts.values())
+    if not total:
+        return {"p50": None, "p99": None, "max": None, "samples": 0}
+    ordered = sorted(counts.items())
+
+    def at(fraction: float) -> float:  # the sample at index int(fraction * total), as percentile() picks
+        index, seen = min(total - 1, int(fraction * total)), 0
+        for bucket, count in ordered:
+            seen += count
+            if seen > index:
+                return bucket / 10
+        raise AssertionError("unreachable")
+
+    return {"p50": at(0.50), "p99": at(0.99), "max": ordered[-1][0] / 10, "samples": total}
 
 
 def expected_count(channels: str, counts: dict[str, int]) -> int:
@@ -142,7 +188,7 @@ def read_json_line(stream: IO[bytes], timeout: float, what: str) -> dict:
     return json.loads(line)
 
 
-def run_once(args: argparse.Namespace, rate: float) -> dict[str, Any]:
+def run_once(args: argparse.Namespace, rate: float, frame_events: int | str) -> dict[str, Any]:
     logs = Path(tempfile.mkdtemp(prefix="bench-"))
     processes = Processes(logs)
     scenario = args.scenario
@@ -156,6 +202,7 @@ def run_once(args: argparse.Namespace, rate: float) -> dict[str, Any]:
             **shared, "LOG_LEVEL": "info", "SIMULATOR_PORT": "0", "SIMULATOR_SYMBOLS": str(SYMBOLS),
             "SIMULATOR_EVENTS_PER_SECOND": str(rate), "SIMULATOR_SEED": "1",
             "SIMULATOR_API_KEYS": POLYGON_KEY, "SIMULATOR_PREBUILT_EVENTS": str(args.prebuilt),
+            "SIMULATOR_FRAME_EVENTS": str(frame_events),
         }, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         simulator_port = read_json_line(simulator.stdout, 120, "the simulator")["port"]
         static = "T.*,Q.*,LULD.*,FMV.*" if scenario == "firehose-star" else ""
@@ -182,14 +229,19 @@ def run_once(args: argparse.Namespace, rate: float) -> dict[str, Any]:
             tiers["filtered"] = processes.running["filtered"].pid
             url, key = f"ws://127.0.0.1:{filtered_port}/stocks", CLIENT_KEY
             plan = idle_plan(args.clients) if scenario == "idle" else zipf_plan(args.clients, args.seed)
-        plan_file, no_plan = logs / "plan.json", logs / "no-plan.json"
-        plan_file.write_text(json.dumps(plan))
+        no_plan = logs / "no-plan.json"
         no_plan.write_text("[]")
         client_command = [PYTHON, "-m", "bench.client_process", "--url", url, "--key", key,
                           "--timeout", str(args.duration + args.warmup + 300)]
-        clients = processes.start("clients", [*client_command, "--plan", str(plan_file), "--join-probes", "0"],
-                                  {}, stdout=subprocess.PIPE)
-        ready = read_json_line(clients.stdout, 300, "the clients")["ready"]
+        clients: dict[str, subprocess.Popen] = {}
+        for index, chunk in enumerate(split_plan(plan, args.client_processes), 1):
+            plan_file = logs / f"plan-{index}.json"
+            plan_file.write_text(json.dumps(chunk))
+            clients[f"clients-{index}"] = processes.start(
+                f"clients-{index}", [*client_command, "--plan", str(plan_file), "--join-probes", "0"],
+                {}, stdout=subprocess.PIPE)
+        ready = sum(read_json_line(process.stdout, 300, f"the client process {name}")["ready"]
+                    for name, process in clients.items())
         # The join probes run in a process of their own: in the clients' process they would wait
         # behind 100 busy clients' event loop, and measure that instead of the proxy.
         joiner = processes.start("joiner", [
@@ -197,10 +249,12 @@ def run_once(args: argparse.Namespace, rate: float) -> dict[str, Any]:
             "--join-delay", str(args.warmup + min(1.0, args.duration / 4)),
         ], {}, stdout=subprocess.PIPE)
         read_json_line(joiner.stdout, 60, "the join probe")
-        _progress(f"{scenario} @ {rate:,.0f} ev/s: {ready}/{len(plan)} clients subscribed; warming up")
+        _progress(f"{scenario} @ {rate:,.0f} ev/s, frames of {frame_events}: {ready}/{len(plan)} clients "
+                  f"subscribed in {len(clients)} process(es); warming up")
         time.sleep(args.warmup)
 
-        harness = {"simulator": simulator.pid, "clients": clients.pid, "joiner": joiner.pid}
+        harness = {"simulator": simulator.pid, **{name: process.pid for name, process in clients.items()},
+                   "joiner": joiner.pid}
         before = {name: cpu_seconds(pid) for name, pid in {**tiers, **harness}.items()}
         started = time.monotonic()
         simulator.stdin.write(b"mark\n")
@@ -216,32 +270,43 @@ def run_once(args: argparse.Namespace, rate: float) -> dict[str, Any]:
         window = time.monotonic() - started
         after = {name: cpu_seconds(pid) for name, pid in {**tiers, **harness}.items()}
         sent = read_json_line(simulator.stdout, 30, "the simulator")
-        result = read_json_line(clients.stdout, 120, "the clients")
+        answers = [read_json_line(process.stdout, 120, f"the client process {name}")
+                   for name, process in clients.items()]
         joins = read_json_line(joiner.stdout, 120, "the join probe")["join_seconds"]
         rss = {name: peak_rss_mb(pid) for name, pid in tiers.items()}
     finally:
         processes.stop()
 
     counts = sent["counts"]
-    expected = [expected_count(channels, counts) for channels in result["channels"]]
-    received = result["received"]
+    channels = [item for answer in answers for item in answer["channels"]]
+    received = [count for answer in answers for count in answer["received"]]
+    expected = [expected_count(item, counts) for item in channels]
     lost = sum(max(0, e - r) for e, r in zip(expected, received))
     extra = sum(max(0, r - e) for e, r in zip(expected, received))
     events_in = sent["window_events"]
+    cpu_percent = {name: round(100 * (after[name] - before[name]) / window, 1) for name in after}
     return {
         "scenario": scenario, "clients": len(plan), "rate_offered": rate,
+        "frame_events": str(frame_events),
+        # what the firehose really got: a connection gets only the events its channels select
+        "events_per_frame": round(events_in / max(sent["window_frames"], 1), 1),
+        "frames_into_firehose_per_s": round(sent["window_frames"] / window),
+        "simulator_events_skipped": sent["events_skipped"],
         "duration_s": round(window, 2),
         "generated_per_s": round(sent["events_generated"] / max(window, 1e-9)),  # whole run, approx
         "into_firehose_per_s": round(events_in / window),
         "delivered_per_s": round(sum(received) / window),
         "expected_events": sum(expected), "received_events": sum(received),
         "lost_events": lost, "unexpected_events": extra,
-        "clients_complete": result["saw_both_marks"], "client_failures": result["failures"],
-        "latency_ms": result["latency_ms"],
+        "clients_complete": sum(answer["saw_both_marks"] for answer in answers),
+        "client_failures": [failure for answer in answers for failure in answer["failures"]],
+        "latency_ms": merged_latency([answer["latency_histogram"] for answer in answers]),
         "join_ms": [round(seconds * 1000, 1) for seconds in joins],
         "cpu_us_per_input_event": {
             name: round(1e6 * (after[name] - before[name]) / max(events_in, 1), 2) for name in tiers},
-        "cpu_percent": {name: round(100 * (after[name] - before[name]) / window, 1) for name in after},
+        "cpu_percent": cpu_percent,
+        "client_processes": len(clients),
+        "client_cpu_percent": [cpu_percent[name] for name in clients],
         "peak_rss_mb": {name: round(value, 1) for name, value in rss.items()},
         "logs": str(logs),
     }
@@ -260,29 +325,69 @@ def passes(result: dict[str, Any]) -> bool:
     return result["lost_events"] == 0 and p99 is not None and p99 <= 50
 
 
+def _ms(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.1f}" if value < 10 else f"{value:.0f}"
+
+
 def table(results: list[dict[str, Any]]) -> str:
-    header = (f"{'scenario':<14}{'clients':>8}{'offered/s':>11}{'in/s':>9}{'out/s':>10}{'lost':>7}"
-              f"{'p50ms':>7}{'p99ms':>7}{'maxms':>7}{'join ms':>9}  CPU µs/event (tier)  peak RSS MB")
+    """One row per run: framing, rates, loss, latency, CPU per input event per tier, the harness's CPU."""
+    header = (f"{'scenario':<14}{'framing':>9}{'ev/frame':>9}{'clients':>8}{'offered/s':>11}{'in/s':>9}"
+              f"{'out/s':>11}{'lost':>8}{'p50ms':>7}{'p99ms':>7}{'maxms':>7}{'join ms':>8}"
+              f"  CPU µs/event (tier)        client CPU %  sim CPU %  peak RSS MB")
     rows = [header, "-" * len(header)]
     for r in results:
         latency = r["latency_ms"]
-        fmt = lambda v: "-" if v is None else f"{v:.0f}"  # noqa: E731
         cpu = " ".join(f"{k}={v}" for k, v in r["cpu_us_per_input_event"].items())
         rss = " ".join(f"{k}={v}" for k, v in r["peak_rss_mb"].items())
+        clients_cpu = "+".join(f"{value:.0f}" for value in r["client_cpu_percent"])
         rows.append(
-            f"{r['scenario']:<14}{r['clients']:>8}{r['rate_offered']:>11,.0f}{r['into_firehose_per_s']:>9,}"
-            f"{r['delivered_per_s']:>10,}{r['lost_events']:>7}{fmt(latency['p50']):>7}{fmt(latency['p99']):>7}"
-            f"{fmt(latency['max']):>7}{max(r['join_ms']):>9.0f}  {cpu}  {rss}"
+            f"{r['scenario']:<14}{r['frame_events']:>9}{r['events_per_frame']:>9}{r['clients']:>8}"
+            f"{r['rate_offered']:>11,.0f}{r['into_firehose_per_s']:>9,}{r['delivered_per_s']:>11,}"
+            f"{r['lost_events']:>8}{_ms(latency['p50']):>7}{_ms(latency['p99']):>7}{_ms(latency['max']):>7}"
+            f"{max(r['join_ms'], default=0):>8.0f}  {cpu:<27}{clients_cpu:>12}{r['cpu_percent']['simulator']:>11.0f}"
+            f"  {rss}"
         )
     return "\n".join(rows)
 
 
-def main(argv: list[str] | None = None) -> int:
+def warnings(result: dict[str, Any]) -> list[str]:
+    """What makes a run's figures say less about the tiers than they seem to."""
+    found = []
+    for index, percent in enumerate(result["client_cpu_percent"], 1):
+        if percent >= SATURATED_PERCENT:
+            found.append(f"client process {index} used {percent:.0f}% of a core: the clients may be what "
+                         f"limits this run (raise --client-processes)")
+    if result["simulator_events_skipped"]:
+        found.append(f"the simulator could not keep the offered rate: {result['simulator_events_skipped']:,} "
+                     f"events skipped (in/s is what was sent)")
+    return found
+
+
+def _framing(raw: str) -> int | str:
+    try:
+        return parse_frame_events(raw)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _framings(raw: str) -> list[int | str]:
+    return [_framing(item) for item in raw.split(",") if item.strip()]
+
+
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="scripts/bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenario", choices=("filtered", "firehose-star", "idle"), default="filtered")
     parser.add_argument("--clients", type=int, help="default: 100 (filtered), 1000 (idle), 4 (firehose-star)")
     parser.add_argument("--rate", type=float, default=20_000, help="offered events/s (default 20000)")
+    parser.add_argument("--frame-events", type=_framing, default=FRAME_TICK, metavar="N|adaptive|tick",
+                        help="events per simulator frame (default tick: rate / 100, at most 200)")
+    parser.add_argument("--framings", type=_framings, metavar="LIST",
+                        help="run the scenario once per framing, e.g. 1,10,200 (overrides --frame-events)")
+    parser.add_argument("--client-processes", type=int, default=1,
+                        help="processes the clients are split over (default 1)")
     parser.add_argument("--duration", type=float, default=10, help="measured seconds per run (default 10)")
     parser.add_argument("--warmup", type=float, default=3, help="seconds before measuring (default 3)")
     parser.add_argument("--sweep", action="store_true",
@@ -296,23 +401,36 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.clients is None:
         args.clients = {"filtered": 100, "idle": 1000, "firehose-star": 4}[args.scenario]
+    if args.client_processes < 1:
+        parser.error("--client-processes must be at least 1")
+    if args.framings == []:
+        parser.error("--framings needs at least one framing")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_arguments(argv)
     results = []
-    rate = args.rate
-    while True:
-        result = run_once(args, rate)
-        results.append(result)
-        _progress(table([result]))
-        if not args.sweep or not passes(result):
-            break
-        rate *= 2
+    for frame_events in args.framings or [args.frame_events]:
+        rate = args.rate
+        while True:
+            result = run_once(args, rate, frame_events)
+            results.append(result)
+            _progress(table([result]))
+            if not args.sweep or not passes(result):
+                break
+            rate *= 2
     print(table(results))
     for r in results:
-        print(f"CPU use during the window (% of one core): "
-              + ", ".join(f"{name} {value}" for name, value in r["cpu_percent"].items()))
+        print(f"CPU use during the window (% of one core), frames of {r['frame_events']} at "
+              f"{r['rate_offered']:,.0f}/s: " + ", ".join(f"{name} {value}" for name, value in r["cpu_percent"].items()))
+        for warning in warnings(r):
+            print(f"warning: {warning}")
     if args.sweep:
-        passing = [r["rate_offered"] for r in results if passes(r)]
-        print(f"highest offered rate with zero loss and p99 <= 50 ms: "
-              f"{max(passing):,.0f} events/s" if passing else "no rate passed")
+        for frame_events in args.framings or [args.frame_events]:
+            passing = [r["rate_offered"] for r in results if passes(r) and r["frame_events"] == str(frame_events)]
+            print(f"frames of {frame_events}: highest offered rate with zero loss and p99 <= 50 ms: "
+                  f"{max(passing):,.0f} events/s" if passing else f"frames of {frame_events}: no rate passed")
     path = args.json or Path("bench-results") / f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{args.scenario}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({

@@ -3,7 +3,9 @@
 Configured like ``trio-run proxy.simulator`` (``SIMULATOR_*`` variables). Reads
 commands on standard input, one a line: ``mark`` sends a ``BENCH.MARK`` event to
 every connection and opens or closes the counting window; after the closing mark
-it prints one JSON line: the events sent in the window, by channel.
+it prints one JSON line: the events sent in the window, by channel, the data frames
+written in it (so the events per frame the firehose really got, whatever the
+framing), and the events the generator skipped because it could not keep the rate.
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ async def _commands(simulator: Simulator) -> None:
                 simulator.mark()
                 if not simulator.counting:
                     print(json.dumps({"window_events": simulator.window_events,
+                                      "window_frames": simulator.window_frames,
                                       "counts": dict(simulator.window_counts),
-                                      "events_generated": simulator.events_generated}), flush=True)
+                                      "events_generated": simulator.events_generated,
+                                      "events_skipped": simulator.events_skipped}), flush=True)
 
 
 async def main() -> None:

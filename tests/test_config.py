@@ -22,6 +22,7 @@ VARIABLES = [
     "UNSUBSCRIBE_GRACE_SECONDS", "CLIENT_QUEUE_EVENTS", "SLOW_CLIENT_POLICY", "SLOW_CLIENT_CLOSE_SECONDS",
     "MAX_MESSAGE_BYTES",
     "AUTH_TIMEOUT_SECONDS", "PROXY_ENV_FILE", "MARKET", "LOG_LEVEL_LIBRARIES", "FILTERED_PROXY_FIREHOSE_KEY",
+    "SIMULATOR_EVENTS_PER_SECOND", "SIMULATOR_FRAME_EVENTS", "SIMULATOR_PREBUILT_EVENTS",
 ]
 
 
@@ -83,6 +84,10 @@ def test_env_file_and_proxy_env_file(monkeypatch, tmp_path):
         ("SLOW_CLIENT_CLOSE_SECONDS", "soon", load_filtered_config),
         ("LOG_LEVEL", "loud", load_filtered_config),
         ("SIMULATOR_EVENTS_PER_SECOND", "fast", load_simulator_config),
+        ("SIMULATOR_FRAME_EVENTS", "0", load_simulator_config),
+        ("SIMULATOR_FRAME_EVENTS", "1001", load_simulator_config),
+        ("SIMULATOR_FRAME_EVENTS", "2.5", load_simulator_config),
+        ("SIMULATOR_FRAME_EVENTS", "lumps", load_simulator_config),
     ],
 )
 def test_bad_values_name_the_variable(monkeypatch, variable, value, loader):
@@ -92,6 +97,16 @@ def test_bad_values_name_the_variable(monkeypatch, variable, value, loader):
         loader()
     assert caught.value.variable == variable
     assert variable in str(caught.value)
+
+
+def test_simulator_frame_events(monkeypatch):
+    assert load_simulator_config().frame_events == "adaptive"  # as Polygon frames
+    for raw, parsed in (("tick", "tick"), (" Adaptive ", "adaptive"), ("1", 1), ("10", 10), ("1000", 1000)):
+        monkeypatch.setenv("SIMULATOR_FRAME_EVENTS", raw)
+        assert load_simulator_config().frame_events == parsed
+    Path(".env").write_text("SIMULATOR_FRAME_EVENTS=200\n")
+    monkeypatch.delenv("SIMULATOR_FRAME_EVENTS")
+    assert load_simulator_config().frame_events == 200
 
 
 def test_missing_polygon_key_is_an_error_for_the_firehose():

@@ -1,10 +1,15 @@
 """The simulator behaves like Polygon: handshake, statuses, filtering, rate, faults, determinism."""
 
+import collections
 import json
 import logging
+import socket
 
+import pytest
 import trio
+from trio_websocket import wrap_client_stream
 
+from proxy.sim.framing import Pacer, events_per_frame, take_frame
 from proxy.sim.market import MarketModel, frame_of, synthetic_symbols
 from tests.conftest import POLYGON_KEY, Client, authed_client, connect, start_simulator
 
@@ -275,3 +280,127 @@ async def test_faults_are_switchable_by_configuration(nursery):
     await trio.sleep(1.0)
     with trio.fail_after(1):
         await client.ws.ping()  # and answering again after the stall
+
+
+# --- framing ------------------------------------------------------------------------------
+
+
+def test_events_per_frame_for_each_framing():
+    assert events_per_frame("adaptive", 20_000) == 1
+    assert [events_per_frame("tick", rate) for rate in (50, 2000, 20_000, 100_000)] == [1, 20, 200, 200]
+    assert [events_per_frame(n, 20_000) for n in (1, 10, 200)] == [1, 10, 200]
+    for bad in (0, 1001, "lumps"):
+        with pytest.raises(ValueError):
+            events_per_frame(bad, 20_000)
+
+
+@pytest.mark.parametrize("rate, per_frame", [(20_000, 1), (20_000, 10), (20_000, 200), (500, 1)])
+def test_pacer_spreads_frames_evenly_and_keeps_the_rate(rate, per_frame):
+    """Woken every millisecond, as Trio's sleep allows, the pacer hands out exactly rate / N frames
+    a second, each within a millisecond of its time: never the lumps of a 10 ms tick."""
+    pacer = Pacer(frames_per_second=rate / per_frame, start=0.0)
+    period = per_frame / rate
+    given = []
+    for ms in range(1000):
+        now = ms / 1000
+        for _ in range(pacer.due(now)):
+            index = len(given)
+            assert index * period <= now + 1e-9 < index * period + max(period, 0.001) + 1e-9
+            given.append(now)
+        assert now < pacer.next_at() <= now + period + 1e-9
+    # frames 0 .. k with k * period <= 0.999 s
+    assert len(given) == int(0.999 / period + 1e-9) + 1
+    assert len(given) * per_frame == pytest.approx(rate, rel=0.01)
+    assert pacer.skipped == 0
+    if period >= 0.002:  # frames further apart than a wake-up come one at a time
+        assert max(given.count(t) for t in given) == 1
+
+
+def test_pacer_skips_what_it_fell_too_far_behind_on():
+    pacer = Pacer(frames_per_second=1000, start=0.0, max_lag_seconds=0.5)
+    assert pacer.due(0.0) == 1
+    assert pacer.due(2.0) == 501  # frames 1500..2000: the last half second
+    assert pacer.skipped == 1499 and pacer.sent == 502
+    assert pacer.due(2.0) == 0 and pacer.next_at() == pytest.approx(2.001)
+
+
+def test_take_frame_joins_queued_frames_only_when_told_and_within_the_limit():
+    def queue():
+        return collections.deque([(1, b'[{"a":1}]'), (2, b'[{"b":2},{"c":3}]'), (1, b'[{"d":4}]')])
+
+    pending = queue()
+    assert take_frame(pending, merge=False) == (1, b'[{"a":1}]') and len(pending) == 2
+    pending = queue()
+    assert take_frame(pending, merge=True) == (4, b'[{"a":1},{"b":2},{"c":3},{"d":4}]') and not pending
+    pending = queue()
+    assert take_frame(pending, merge=True, limit=3) == (3, b'[{"a":1},{"b":2},{"c":3}]')
+    assert list(pending) == [(1, b'[{"d":4}]')]
+    json.loads(take_frame(queue(), merge=True)[1])  # still one JSON array
+
+
+def _ms(event: dict) -> float:
+    """An event's time in milliseconds (T and Q carry ms, LULD µs, FMV ns)."""
+    return event["t"] / {"LULD": 1e3, "FMV": 1e6}.get(event["ev"], 1)
+
+
+@pytest.mark.parametrize("prebuilt", [0, 5000], ids=["live", "prebuilt"])
+@pytest.mark.parametrize("frame_events, rate", [(1, 500), (10, 2000), (200, 20_000)])
+async def test_fixed_framing_puts_exactly_n_events_in_every_frame_at_the_offered_rate(
+        nursery, frame_events, rate, prebuilt):
+    sim = await start_simulator(nursery, events_per_second=rate, frame_events=frame_events,
+                                prebuilt_events=prebuilt)
+    client = await authed_client(nursery, sim.port, POLYGON_KEY, subscribe="T.*,Q.*,LULD.*,FMV.*")
+    await client.collect(0.2)
+    start = len(client.frames)
+    await client.collect(1.4)
+    frames = [json.loads(f) for f in client.frames[start:] if '"ev":"status"' not in f]
+    assert frames and {len(frame) for frame in frames} == {frame_events}
+    # The rate, from the events' own times (stamped when published), not from how fast we read:
+    # the events of one second of stream time, from the first frame on.
+    times = [_ms(frame[0]) for frame in frames]
+    assert times[-1] - times[0] >= 1000, "collected less than a second of stream"
+    in_one_second = sum(len(frame) for frame, t in zip(frames, times) if t < times[0] + 1000)
+    assert 0.9 * rate <= in_one_second <= 1.1 * rate, in_one_second
+
+
+async def _client_with_small_receive_buffer(nursery, port: int) -> Client:
+    """A client whose kernel buffers little: when it stops reading, the simulator's socket backs up
+    within a few hundred kilobytes instead of the megabytes loopback autotuning allows."""
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)  # before connect: fixes the window
+    await sock.connect(("127.0.0.1", port))
+    ws = await wrap_client_stream(nursery, trio.SocketStream(sock), "127.0.0.1", "/stocks")
+    client = Client(ws)
+    await client.receive()  # connected
+    assert (await client.auth(POLYGON_KEY))[0]["status"] == "auth_success"
+    await client.send("subscribe", "T.*,Q.*,LULD.*,FMV.*")
+    await client.next_status()
+    return client
+
+
+async def test_adaptive_framing_sends_one_event_per_frame_and_batches_only_while_the_reader_stalls(nursery):
+    sim = await start_simulator(nursery, events_per_second=2000, frame_events="adaptive")
+    sim.record_frames = True
+    client = await _client_with_small_receive_buffer(nursery, sim.port)
+    sent = lambda: sim.sent_frames.get(1, [])  # noqa: E731  what the simulator wrote, frame by frame
+    sizes = lambda frames: [len(json.loads(frame)) for frame in frames]  # noqa: E731
+
+    await client.collect(0.5)  # keeping up
+    keeping_up = sizes(sent())
+    assert len(keeping_up) > 500 and set(keeping_up) == {1}
+
+    before_stall = len(sent())
+    await trio.sleep(1.5)  # not reading: ~500 kB arrive for a 64 kB window
+    await client.collect(1.5)  # reads the backlog, then keeps up again
+    after_stall = sizes(sent()[before_stall:])
+    assert max(after_stall) > 1, "nothing was batched while the socket was backed up"
+    assert sum(after_stall) >= 2000 * 2.5  # the rate held: batched, not dropped
+
+    caught_up = len(sent())
+    await client.collect(0.5)
+    again = sizes(sent()[caught_up:])
+    assert len(again) > 500 and again.count(1) >= 0.9 * len(again), again
+    # and every event the simulator sent arrived, in order
+    sent_events = [e["q"] for frame in sent() for e in json.loads(frame) if "q" in e]
+    received = [e["q"] for e in client.events if "q" in e]
+    assert received == sent_events[:len(received)] and len(received) >= len(sent_events) - 2000

@@ -27,7 +27,7 @@ from ..core.entitlements import KeyBook, parse_key_file
 from ..core.errors import ClientMessageError, ConfigError
 from ..core.outbox import SlowClientPolicy
 from ..core.protocol import EVERYTHING_CHANNEL, Channel, parse_channel_list
-from ..core.settings import MARKETS, SimulatorConfig, TierConfig, TierKind
+from ..core.settings import FRAME_ADAPTIVE, FRAME_TICK, MARKETS, MAX_FRAME_EVENTS, SimulatorConfig, TierConfig, TierKind
 
 __all__ = [
     "read_key_file",
@@ -35,6 +35,7 @@ __all__ = [
     "load_firehose_config",
     "load_filtered_config",
     "load_simulator_config",
+    "parse_frame_events",
     "setup_logging",
     "LIBRARY_LOGGERS",
     "bind_error",
@@ -337,7 +338,20 @@ def load_simulator_config() -> SimulatorConfig:
         stall_seconds=_read(source, "SIMULATOR_STALL_SECONDS", "0", _seconds),
         force_max_connections=_read(source, "SIMULATOR_FORCE_MAX_CONNECTIONS", "false", _bool),
         prebuilt_events=_read(source, "SIMULATOR_PREBUILT_EVENTS", "0", _count),
+        frame_events=_read(source, "SIMULATOR_FRAME_EVENTS", FRAME_ADAPTIVE, parse_frame_events),
     )
+
+
+def parse_frame_events(raw: str) -> int | str:
+    """``SIMULATOR_FRAME_EVENTS`` (and ``scripts/bench --frame-events``): ``adaptive``, ``tick``,
+    or a whole number of events per frame from 1 to :data:`MAX_FRAME_EVENTS`."""
+    value = raw.strip().lower()
+    if value in (FRAME_ADAPTIVE, FRAME_TICK):
+        return value
+    if value.isdigit() and 1 <= int(value) <= MAX_FRAME_EVENTS:
+        return int(value)
+    raise ValueError(f"expected {FRAME_ADAPTIVE}, {FRAME_TICK} or a whole number of events "
+                     f"per frame from 1 to {MAX_FRAME_EVENTS}")
 
 
 def _count(raw: str) -> int:

@@ -16,8 +16,8 @@ from .entitlements import KeyBook
 from .outbox import SlowClientPolicy
 from .protocol import Channel
 
-__all__ = ["ABOVE_ZERO", "AT_LEAST_ONE", "MARKETS", "NOT_NEGATIVE", "PORT", "SECONDS", "SimulatorConfig",
-           "TierConfig", "TierKind"]
+__all__ = ["ABOVE_ZERO", "AT_LEAST_ONE", "FRAME_ADAPTIVE", "FRAME_TICK", "MARKETS", "MAX_FRAME_EVENTS", "NOT_NEGATIVE",
+           "PORT", "SECONDS", "SimulatorConfig", "TierConfig", "TierKind"]
 
 def _within(check: "Callable[[Any], bool]", expected: str) -> "Callable[[Any, attrs.Attribute, Any], None]":
     """An attrs validator: ``check(value)`` must hold, else ValueError naming the field and what it expects."""
@@ -39,6 +39,16 @@ NOT_NEGATIVE = _within(lambda v: v >= 0, "0 or more")
 
 #: Polygon's markets, each served at its own path.
 MARKETS = ("stocks", "options", "forex", "crypto", "indices", "futures")
+
+#: ``SIMULATOR_FRAME_EVENTS=adaptive``: each event its own frame, sent as soon as it is due; what
+#: piles up while the connection's socket is backed up goes out as one frame. That is how Polygon
+#: frames: several events in one message only when its send buffer backs up.
+FRAME_ADAPTIVE = "adaptive"
+#: ``SIMULATOR_FRAME_EVENTS=tick``: one 10 ms tick's events per frame (rate / 100, 1 to 200),
+#: 100 frames a second at most: the simulator's only framing before the setting existed.
+FRAME_TICK = "tick"
+#: The most events a fixed framing may put in a frame, and the most an adaptive batch holds.
+MAX_FRAME_EVENTS = 1000
 
 
 class TierKind(enum.StrEnum):
@@ -125,7 +135,8 @@ class TierConfig:
 
 @attrs.frozen
 class SimulatorConfig:
-    """Everything the simulator needs: where it listens, its data, and the faults it injects."""
+    """Everything the simulator needs; :func:`proxy.app.config.load_simulator_config` reads it."""
+
     host: str = "127.0.0.1"
     port: int = 8766
     api_keys: frozenset[str] = frozenset()
@@ -147,3 +158,6 @@ class SimulatorConfig:
     force_max_connections: bool = False
     #: For benchmarks: cycle through this many pre-built events instead of generating live (0 = live).
     prebuilt_events: int = 0
+    #: Events per data frame: a whole number N (1 to :data:`MAX_FRAME_EVENTS`; frames evenly
+    #: paced, rate / N a second), :data:`FRAME_ADAPTIVE` or :data:`FRAME_TICK`.
+    frame_events: int | str = FRAME_ADAPTIVE

@@ -1,0 +1,104 @@
+"""The benchmark harness (bench/): its options, how it splits and merges client processes, its report.
+
+These run in the default suite because they start nothing; the one real run is marked slow.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.client_process import histogram, percentile
+from bench.runner import merged_latency, parse_arguments, split_plan, table, warnings
+
+
+def test_frame_events_and_framings_are_parsed_as_the_simulator_reads_them():
+    args = parse_arguments([])
+    assert (args.frame_events, args.framings, args.client_processes) == ("tick", None, 1)
+    assert parse_arguments(["--frame-events", "1"]).frame_events == 1
+    assert parse_arguments(["--frame-events", "Adaptive"]).frame_events == "adaptive"
+    assert parse_arguments(["--framings", "1,10,200"]).framings == [1, 10, 200]
+    assert parse_arguments(["--framings", "adaptive,tick"]).framings == ["adaptive", "tick"]
+    assert parse_arguments(["--scenario", "idle", "--frame-events", "10"]).clients == 1000
+
+
+@pytest.mark.parametrize("argv", [["--frame-events", "0"], ["--frame-events", "1001"], ["--framings", "1,x"],
+                                  ["--framings", ","], ["--client-processes", "0"]])
+def test_bad_framing_options_are_refused(argv, capsys):
+    with pytest.raises(SystemExit) as exited:
+        parse_arguments(argv)
+    assert exited.value.code == 2
+    assert "scripts/bench: error:" in capsys.readouterr().err
+
+
+def test_split_plan_covers_every_client_once_and_spreads_them():
+    plan = [f"T.S{n}" for n in range(10)]
+    chunks = split_plan(plan, 3)
+    assert [len(chunk) for chunk in chunks] == [4, 3, 3]
+    assert sorted(sum(chunks, [])) == sorted(plan)
+    assert split_plan(plan[:2], 4) == [["T.S0"], ["T.S1"]]  # no empty client process
+    assert split_plan(plan, 1) == [plan]
+
+
+def test_merged_latency_equals_the_percentiles_of_all_samples_to_a_tenth_of_a_ms():
+    rnd = random.Random(5)
+    processes = [[rnd.expovariate(1 / 8) for _ in range(n)] for n in (3000, 500, 1200)]
+    merged = merged_latency([histogram(values) for values in processes])
+    every = [value for values in processes for value in values]
+    for key, fraction in (("p50", 0.50), ("p99", 0.99)):
+        assert percentile(every, fraction) - 0.1 < merged[key] <= percentile(every, fraction)
+    assert max(every) - 0.1 < merged["max"] <= max(every)
+    assert merged["samples"] == len(every)
+    assert merged_latency([{}, {}])["p50"] is None
+
+
+def _result(**overrides):
+    result = {
+        "scenario": "filtered", "frame_events": "10", "events_per_frame": 9.1, "clients": 100,
+        "rate_offered": 20000, "into_firehose_per_s": 18000, "delivered_per_s": 780000, "lost_events": 0,
+        "latency_ms": {"p50": 6.2, "p99": 19.0, "max": 40.0}, "join_ms": [12.0, 14.5],
+        "cpu_us_per_input_event": {"firehose": 2.5, "filtered": 15.1},
+        "client_cpu_percent": [48.0, 51.0], "cpu_percent": {"simulator": 20.0},
+        "peak_rss_mb": {"firehose": 35.0, "filtered": 41.0}, "simulator_events_skipped": 0,
+    }
+    return {**result, **overrides}
+
+
+def test_the_table_shows_the_framing_and_the_clients_cpu():
+    rows = table([_result(), _result(frame_events="1", events_per_frame=1.0)]).splitlines()
+    assert "framing" in rows[0] and "ev/frame" in rows[0] and "client CPU %" in rows[0]
+    assert rows[2].split()[:3] == ["filtered", "10", "9.1"] and "48+51" in rows[2]
+    assert rows[3].split()[:3] == ["filtered", "1", "1.0"]
+
+
+def test_warnings_name_a_saturated_client_process_and_a_simulator_that_fell_behind():
+    assert warnings(_result()) == []
+    found = warnings(_result(client_cpu_percent=[60.0, 97.0], simulator_events_skipped=1500))
+    assert len(found) == 2
+    assert "client process 2 used 97%" in found[0] and "--client-processes" in found[0]
+    assert "1,500 events skipped" in found[1]
+
+
+@pytest.mark.slow
+def test_a_short_benchmark_at_two_framings_records_them(tmp_path):
+    """The whole harness, briefly: every process, two framings, exact loss, the framing in the JSON."""
+    import subprocess
+
+    output = tmp_path / "result.json"
+    subprocess.run(
+        [sys.executable, "-m", "bench.runner", "--framings", "1,10", "--rate", "2000", "--clients", "6",
+         "--client-processes", "2", "--duration", "2", "--warmup", "1", "--prebuilt", "20000",
+         "--json", str(output)],
+        check=True, timeout=300, capture_output=True, cwd=Path(__file__).parent.parent,
+    )
+    results = json.loads(output.read_text())["results"]
+    assert [r["frame_events"] for r in results] == ["1", "10"]
+    for r in results:
+        assert r["lost_events"] == 0 and r["clients_complete"] == 6
+        assert r["client_processes"] == 2 and len(r["client_cpu_percent"]) == 2
+    assert results[0]["events_per_frame"] == 1.0  # frames of one event hold one event, whatever is selected
+    assert 1.0 < results[1]["events_per_frame"] <= 10.0
