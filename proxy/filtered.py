@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import logging
 
-from .app.config import check_market_url, load_filtered_config, setup_logging
-from .app.tier import run_tier
+from .app.config import load_filtered_config, setup_logging
+from .app.tier import log_start_up, run_tier
 
 log = logging.getLogger("proxy.filtered")
 
@@ -18,13 +18,7 @@ log = logging.getLogger("proxy.filtered")
 async def main() -> None:
     config = load_filtered_config()
     setup_logging(config.log_level, config.library_log_level)
-    log.info("Starting Polygon Filtered WebSocket Proxy")
-    log.info("Firehose URL: %s", config.upstream_url)
-    log.info("Market: %s (clients connect at / and /%s)", config.market, config.market)
-    mismatch = check_market_url(config.market, config.upstream_url, "FIREHOSE_URL")
-    if mismatch:
-        log.warning("%s", mismatch)
-    log.info("Listening port: %d", config.port)
+    log_start_up(log, config, "Polygon Filtered WebSocket Proxy", "FIREHOSE_URL")
     if config.allow_any_key:
         log.warning(
             "!!! NO CLIENT AUTHENTICATION: FILTERED_PROXY_API_KEYS and POLYGON_API_KEY are both "

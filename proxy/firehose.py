@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import logging
 
-from .app.config import check_market_url, load_firehose_config, setup_logging
-from .app.tier import run_tier
+from .app.config import load_firehose_config, setup_logging
+from .app.tier import log_start_up, run_tier
 
 log = logging.getLogger("proxy.firehose")
 
@@ -18,13 +18,7 @@ log = logging.getLogger("proxy.firehose")
 async def main() -> None:
     config = load_firehose_config()
     setup_logging(config.log_level, config.library_log_level)
-    log.info("Starting Polygon Firehose Proxy")
-    log.info("Polygon URL: %s", config.upstream_url)
-    log.info("Market: %s (clients connect at / and /%s)", config.market, config.market)
-    mismatch = check_market_url(config.market, config.upstream_url, "POLYGON_URL")
-    if mismatch:
-        log.warning("%s", mismatch)
-    log.info("Listening port: %d", config.port)
+    log_start_up(log, config, "Polygon Firehose Proxy", "POLYGON_URL")
     if config.static_channels:
         log.info("Always subscribed: %s", ",".join(c.text for c in config.static_channels))
     await run_tier(config)

@@ -35,10 +35,11 @@ from ..net.http import serve_http
 from ..net.server import ClientSession, Hub, serve_clients
 from ..net.upstream import NOT_CONNECTED_YET, LinkState, UpstreamLink
 from .admin import make_handler
-from .config import bind_error, read_key_file
+from .config import bind_error, check_market_url, read_key_file
 from .exposition import TierCollector
 
 __all__ = [
+    "log_start_up",
     "FRAME_QUEUE",
     "SUMMARY_INTERVAL_SECONDS",
     "UPSTREAM_DISCONNECTED",
@@ -95,6 +96,18 @@ class Tier:
 
 def _upstream_label(config: TierConfig) -> str:
     return "Polygon" if config.tier is TierKind.FIREHOSE else "firehose proxy"
+
+
+def log_start_up(log: logging.Logger, config: TierConfig, title: str, url_setting: str) -> None:
+    """The lines an operator reads first: what runs, its upstream, its market (warned when the
+    upstream URL names another), its port."""
+    log.info("Starting %s", title)
+    log.info("%s: %s", url_setting, config.upstream_url)
+    log.info("Market: %s (clients connect at / and /%s)", config.market, config.market)
+    mismatch = check_market_url(config.market, config.upstream_url, url_setting)
+    if mismatch:
+        log.warning("%s", mismatch)
+    log.info("Listening port: %d", config.port)
 
 
 async def run_tier(
