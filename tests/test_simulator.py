@@ -8,10 +8,12 @@ import socket
 import pytest
 import trio
 from trio_websocket import wrap_client_stream
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, BytesMessage, Request, TextMessage
 
 from proxy.sim.framing import Pacer, events_per_frame, take_frame
 from proxy.sim.market import MarketModel, frame_of, synthetic_symbols
-from tests.conftest import POLYGON_KEY, Client, authed_client, connect, start_simulator
+from tests.conftest import POLYGON_KEY, Client, authed_client, connect, firehose_config, start_simulator, start_tier
 
 
 def data_types(events):
@@ -36,6 +38,56 @@ async def test_handshake_and_subscription_statuses_are_exact(nursery):
         await client.receive()
     assert client.frames[-1] == '[{"ev":"status","status":"success","message":"unsubscribed to: T.AAPL"}]'
     assert sim.control_log == [(1, "subscribe", "T.AAPL,Q.MSFT"), (1, "unsubscribe", "T.AAPL")]
+
+
+async def test_a_fragmented_binary_control_message_is_reassembled(nursery):
+    # The simulator serves through the tiers' WebSocket server: a message in several frames is one message.
+    sim = await start_simulator(nursery, events_per_second=50)
+    stream = await trio.open_tcp_stream("127.0.0.1", sim.port)
+    ws = WSConnection(ConnectionType.CLIENT)
+    await stream.send_all(ws.send(Request(host="x", target="/stocks")))
+    texts: list[str] = []
+
+    async def next_text() -> str:
+        with trio.fail_after(5):
+            while not texts:
+                ws.receive_data(await stream.receive_some(65536))
+                for event in ws.events():
+                    assert not isinstance(event, BytesMessage)
+                    if isinstance(event, TextMessage):
+                        texts.append(event.data)
+                    else:
+                        assert isinstance(event, AcceptConnection), event
+        return texts.pop(0)
+
+    assert '"connected"' in await next_text()
+    auth = json.dumps({"action": "auth", "params": POLYGON_KEY}).encode()
+    for start in range(0, len(auth), 7):  # binary frames of 7 bytes, as many clients' JSON bytes go
+        chunk = auth[start:start + 7]
+        await stream.send_all(ws.send(BytesMessage(data=chunk, message_finished=start + 7 >= len(auth))))
+    assert json.loads(await next_text())[0]["status"] == "auth_success"
+    assert sim.auth_attempts == 1
+
+
+async def _plain_http_reply(port: int) -> bytes:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    await stream.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    reply = b""
+    with trio.fail_after(5):
+        while chunk := await stream.receive_some(65536):
+            reply += chunk
+    await stream.aclose()
+    return reply
+
+
+async def test_a_plain_http_request_gets_the_tiers_400_with_its_reason_phrase(nursery):
+    sim = await start_simulator(nursery, max_connections=2)  # the firehose's connection, and ours below
+    firehose = await start_tier(nursery, firehose_config(sim, shutdown_close_seconds=0.5))
+    ours, tiers = await _plain_http_reply(sim.port), await _plain_http_reply(firehose.port)
+    status_line = b"HTTP/1.1 400 Bad Request\r\n"
+    assert ours.startswith(status_line) and tiers.startswith(status_line)
+    assert ours.endswith(b"connect a WebSocket client to /stocks\n")
+    await authed_client(nursery, sim.port, POLYGON_KEY, subscribe="T.*")  # and it serves on as usual
 
 
 async def test_wrong_key_gets_auth_failed_and_close(nursery):

@@ -97,6 +97,18 @@ async def test_what_the_kernel_does_not_take_waits_in_order_and_drains():
     assert received == messages  # every byte, in order, nothing interleaved
 
 
+async def test_send_text_says_whether_the_kernel_took_it_at_once_and_sends_nothing_once_closing():
+    server, stream, client = await _open_pair()
+    assert server.send_text(b'[{"n":0}]')  # an empty socket takes it at once
+    events = await _client_events(stream, client, TextMessage)
+    assert [event.data for event in events if isinstance(event, TextMessage)] == ['[{"n":0}]']
+    pad = "x" * 5000
+    taken = [server.send_text(f'[{{"n":{n},"pad":"{pad}"}}]'.encode()) for n in range(1, 200)]
+    assert not all(taken) and server.backlogged  # ~1 MB: the socket backed up, and it said so
+    server._close_now(1000, "")  # our close frame, queued
+    assert not server.send_text(b"[]") and not server.open
+
+
 async def test_pings_are_answered_and_messages_reassembled():
     server, stream, client = await _open_pair()
     await stream.send_all(client.send(Ping(payload=b"hi")))

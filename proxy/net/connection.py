@@ -194,6 +194,19 @@ class WsConnection:
         self._write(frames[0] if len(frames) == 1 else b"".join(frames))
         return size
 
+    def send_text(self, payload: bytes) -> bool:
+        """One text message of UTF-8 bytes, written now; True if everything so far went to the kernel at once.
+
+        :meth:`send_texts` for one message with less work per call (the
+        simulator writes one frame per event). False means bytes wait in the
+        backlog (the socket is backed up), or the WebSocket is no longer
+        :attr:`open`, when nothing was sent.
+        """
+        if self._ws.state is not ConnectionState.OPEN or self.broken is not None:
+            return False
+        self._write(text_frame(payload))
+        return not self._backlog and self._pending_pong is None and self.broken is None
+
     def _write(self, data: bytes) -> None:
         if self.broken is not None:
             return

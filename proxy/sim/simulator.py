@@ -5,11 +5,13 @@ It speaks the protocol as Polygon does (``connected`` first, auth against
 status per channel, a bare ``*`` refused unless ``SIMULATOR_ALLOW_STAR``) and
 sends each connection only the events its channels select, in frames cut and
 paced as ``SIMULATOR_FRAME_EVENTS`` says (:mod:`proxy.sim.framing`). The
-WebSocket layer is wsproto on the raw non-blocking socket, so faults can be real
-(an abrupt close sends no close frame, a stall answers not even pings) and a
-write can tell whether the kernel took it at once, which is what the adaptive
-framing batches on. :class:`Faults` switches each fault by configuration or from
-a test at run time.
+WebSocket server is the tiers' own (:mod:`proxy.net.listener`,
+:class:`~proxy.net.connection.WsConnection`), whose writes go to the socket at
+once: so faults can be real (an abrupt close sends no close frame, a stall
+answers not even pings) and a write can tell whether the kernel took it at once,
+which is what the adaptive framing batches on. :class:`Faults` switches each
+fault by configuration or from a test at run time; :class:`FaultyConnection`
+applies them to one connection.
 """
 
 from __future__ import annotations
@@ -20,39 +22,32 @@ import logging
 import math
 import socket
 import time
+from typing import Awaitable, Callable, TypeVar
 
 import attrs
 import msgspec
 import trio
-from wsproto import ConnectionType, WSConnection
-from wsproto.connection import ConnectionState
-from wsproto.utilities import LocalProtocolError
-from wsproto.events import (
-    AcceptConnection,
-    BytesMessage,
-    CloseConnection,
-    Ping,
-    Request,
-    TextMessage,
-)
 
-from ..core.errors import ClientMessageError
+from ..core.errors import ClientMessageError, WebSocketClosed
 from ..core import protocol
 from ..app.config import bind_error, load_simulator_config, setup_logging
 from ..core.keys import redact
 from ..core.settings import FRAME_ADAPTIVE, SimulatorConfig
-from ..net.frames import text_frame
+from ..net.accepting import PendingConnections, open_socket_listeners
+from ..net.connection import WsConnection
+from ..net.listener import accept_connections
+from ..net.transport import SocketTransport
 from .framing import Pacer, Unit, events_per_frame, take_frame
 from .market import Event, MarketModel, frame_of, prebuild, stamp, synthetic_symbols
 from ..core.protocol import Auth, Channel, Subscribe
 
 __all__ = [
     "CONNECTION_QUEUE_EVENTS",
-    "RECEIVE_BYTES",
+    "MAX_MESSAGE_BYTES",
     "MALFORMED_FRAME",
-    "PeerClosed",
+    "CLOSE_SECONDS",
     "Faults",
-    "WsPeer",
+    "FaultyConnection",
     "SimConnection",
     "Simulator",
     "run_simulator",
@@ -63,15 +58,16 @@ log = logging.getLogger(__name__)
 #: Events queued for one connection beyond which it is dropped as a slow consumer: counted in
 #: events, not frames, so that the bound means the same at every framing (10 s at 25,000/s).
 CONNECTION_QUEUE_EVENTS = 250_000
-RECEIVE_BYTES = 65536
+#: The largest message a client may send (subscribe lists included); a longer one is closed 1009.
+MAX_MESSAGE_BYTES = 262_144
 #: A connection's writer checks in with the scheduler at least this often while frames go out
 #: at once, so that a catch-up burst does not hold up the other connections.
 _FRAMES_BETWEEN_CHECKPOINTS = 64
 MALFORMED_FRAME = '[{"ev":"T","sym":"AAPL","p":'
+#: How long a close handshake of ours waits for the client's answer.
+CLOSE_SECONDS = 1.0
 
-
-class PeerClosed(Exception):
-    """The peer went away (close frame, EOF or a broken stream)."""
+T = TypeVar("T")
 
 
 @attrs.define
@@ -85,157 +81,78 @@ class Faults:
     stall_until: float = 0.0  # trio time until which connections neither read nor send
     refuse_auth: int = 0  # this many next auth attempts get auth_failed
     force_max_connections: bool = False
+    #: The scopes of the reads and drains under way: a stall cancels them, so it starts at once.
+    _interruptible: set[trio.CancelScope] = attrs.field(factory=set, init=False, repr=False)
 
     def stall(self, seconds: float) -> None:
         self.stall_until = trio.current_time() + seconds
+        for scope in self._interruptible:
+            scope.cancel()
+
+    def stalled(self) -> bool:
+        return self.stall_until > trio.current_time()
+
+    async def wait_out_stall(self) -> None:
+        if self.stalled():
+            await trio.sleep_until(self.stall_until)
+
+    async def unless_stalled(self, operation: Callable[[], Awaitable[T]]) -> T:
+        """``operation()``, run only while no stall is on: one that starts cancels it, and it runs
+        again once the stall is over (so the operation must be safe to cancel and repeat)."""
+        while True:
+            await self.wait_out_stall()
+            with trio.CancelScope() as scope:
+                self._interruptible.add(scope)
+                try:
+                    return await operation()
+                finally:
+                    self._interruptible.discard(scope)
 
 
-class WsPeer:
-    """One server-side WebSocket on a non-blocking socket, with the few operations faults need.
+class FaultyConnection:
+    """The simulator's faults around one :class:`~proxy.net.connection.WsConnection`, the tiers' server.
 
-    Writes go to the socket at once, synchronously, while the kernel takes them, as a
-    server writing to its socket does; what the kernel does not take waits, in order, in
-    a backlog that :meth:`drain` sends as the socket becomes writable. So frames are
-    never interleaved or cut by a cancellation, and :meth:`write_data` can say whether a
-    frame went out at once: when it did not, the socket is backed up, which is when the
-    adaptive framing batches. (A Trio stream's ``send_all`` cannot say so, and costs a
-    task switch per frame, too much at 20,000 frames a second.)
+    The WebSocket is the tiers' (handshake, reassembly, pings, close
+    handshake); this adds only what the faults need. A stall stops reading
+    and writing: :meth:`receive` and :meth:`drain` neither start nor go on
+    while one is on (WsConnection answers pings only inside ``get_message``,
+    so a stalled connection answers none), and the writer waits it out before
+    each frame. :meth:`abort` closes the TCP stream without a close frame.
     """
 
-    def __init__(self, sock: socket.socket, faults: Faults | None = None) -> None:
-        self.sock = sock
-        self.faults = faults or Faults()
-        self.ws = WSConnection(ConnectionType.SERVER)
-        self._events: collections.deque = collections.deque()
-        self._backlog = bytearray()
-        self._drain_lock = trio.Lock()  # one task at a time may wait for the socket to be writable
-        self._text_parts: list[str] = []
+    def __init__(self, connection: WsConnection, faults: Faults) -> None:
+        self.connection = connection
+        self.faults = faults
+        self._drain_lock = trio.Lock()  # the reader (its replies) and the writer may both drain
 
-    async def _pump(self) -> None:
-        await _stall_if_told(self.faults)
-        await trio.lowlevel.checkpoint()  # a peer that floods us must not starve the other tasks
-        while True:
-            try:
-                data = self.sock.recv(RECEIVE_BYTES)
-                break
-            except BlockingIOError:
-                try:
-                    await trio.lowlevel.wait_readable(self.sock)
-                except (trio.ClosedResourceError, ValueError, OSError):
-                    raise PeerClosed() from None
-            except OSError:
-                raise PeerClosed() from None
-        if not data:
-            raise PeerClosed()
-        self.ws.receive_data(bytes(data))
-        self._events.extend(self.ws.events())
-
-    def _stalled(self) -> bool:
-        until = self.faults.stall_until
-        return until > 0 and until > trio.current_time()
-
-    def _put(self, data: bytes) -> bool:
-        """Write ``data`` behind anything still waiting; True if the kernel took all of it now."""
-        if not self._backlog and not self._stalled():
-            try:
-                sent = self.sock.send(data)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                raise PeerClosed() from None
-            if sent == len(data):
-                return True
-            data = data[sent:]
-        self._backlog += data
-        return False
-
-    def write_data(self, frame: bytes) -> bool:
-        """Write one data frame (bytes already framed); True if it went out at once.
-
-        False means the socket is backed up: the caller must :meth:`drain` before
-        writing more, and what it queues meanwhile is what the adaptive framing joins.
-        """
-        if self.ws.state is not ConnectionState.OPEN:
-            raise PeerClosed()  # closing: data after a close frame would break the protocol
-        return self._put(frame)
+    async def receive(self) -> str | bytes:
+        """The next whole message; WebSocketClosed at the end."""
+        return await self.faults.unless_stalled(self.connection.get_message)
 
     async def drain(self) -> None:
         """Wait until the kernel took everything written so far (a stall holds it back)."""
-        if not self._backlog:
-            return
-        async with self._drain_lock:
-            while self._backlog:
-                await _stall_if_told(self.faults)
-                try:
-                    await trio.lowlevel.wait_writable(self.sock)
-                    sent = self.sock.send(self._backlog)
-                except BlockingIOError:
-                    continue
-                except (trio.ClosedResourceError, ValueError, OSError):
-                    raise PeerClosed() from None
-                del self._backlog[:sent]
-
-    async def _write(self, data: bytes) -> None:
-        self._put(data)
-        await self.drain()
-
-    async def accept(self) -> str:
-        while True:
-            while self._events:
-                event = self._events.popleft()
-                if isinstance(event, Request):
-                    await self._write(self.ws.send(AcceptConnection()))
-                    return event.target
-            await self._pump()
-
-    async def receive(self) -> str | bytes:
-        while True:
-            while self._events:
-                event = self._events.popleft()
-                if isinstance(event, TextMessage):
-                    self._text_parts.append(event.data)
-                    if event.message_finished:
-                        text, self._text_parts = "".join(self._text_parts), []
-                        return text
-                elif isinstance(event, BytesMessage):
-                    return bytes(event.data)
-                elif isinstance(event, Ping):
-                    await self._write(self.ws.send(event.response()))
-                elif isinstance(event, CloseConnection):
-                    try:
-                        await self._write(self.ws.send(event.response()))
-                    finally:
-                        self.close_socket()
-                    raise PeerClosed()
-            await self._pump()
+        if self.connection.backlogged:
+            async with self._drain_lock:
+                await self.faults.unless_stalled(self.connection.drain)
 
     async def send_text(self, text: str) -> None:
-        try:
-            data = self.ws.send(TextMessage(data=text))
-        except LocalProtocolError:  # the WebSocket is already closing or closed
-            raise PeerClosed() from None
-        await self._write(data)
+        """One message (a status, a reply), after any stall; WebSocketClosed if the connection is gone."""
+        await self.faults.wait_out_stall()
+        if not self.connection.open:
+            raise WebSocketClosed(self.connection.close_code, "connection closed")
+        self.connection.send_texts([text])
+        await self.drain()
 
-    async def close(self, code: int = 1000, reason: str = "", wait: float = 1.0) -> None:
-        """The close handshake: our close frame, the peer's answer (briefly), then TCP close."""
-        with trio.move_on_after(wait):
-            try:
-                await self._write(self.ws.send(CloseConnection(code=code, reason=reason)))
-                while not any(isinstance(event, CloseConnection) for event in self._events):
-                    self._events.clear()
-                    await self._pump()
-            except (PeerClosed, LocalProtocolError):
-                pass  # already gone or closing: nothing more to tell it
-        self.close_socket()
+    async def close(self, code: int, reason: str, timeout: float = 1.0) -> None:
+        """The close handshake (after a stall, within ``timeout`` in all), then the TCP close."""
+        deadline = trio.current_time() + timeout
+        with trio.move_on_at(deadline):
+            await self.faults.wait_out_stall()
+        await self.connection.aclose(code, reason, max(0.0, deadline - trio.current_time()))
 
     async def abort(self) -> None:
         """Close the TCP stream without a close frame, as a crashed server would."""
-        self.close_socket()
-
-    def close_socket(self) -> None:
-        if self.sock.fileno() >= 0:
-            trio.lowlevel.notify_closing(self.sock)  # wakes a task waiting on it, with ClosedResourceError
-            self.sock.close()
+        await self.connection.transport.aclose()
 
 
 @attrs.define(eq=False)
@@ -344,12 +261,17 @@ async def run_simulator(
                       force_max_connections=config.force_max_connections),
     )
     try:
-        listeners = await trio.open_tcp_listeners(config.port, host=config.host)
+        listeners = await open_socket_listeners(config.host, config.port)
     except OSError as error:
         raise bind_error("SIMULATOR_PORT", config.host, config.port, error) from None
+    pending = PendingConnections()
     async with trio.open_nursery() as nursery:
-        await nursery.start(trio.serve_listeners, functools.partial(_serve_connection, simulator), listeners)
-        simulator.port = listeners[0].socket.getsockname()[1]
+        for listener in listeners:
+            nursery.start_soon(functools.partial(
+                accept_connections, listener, functools.partial(_serve_connection, simulator, pending),
+                max_message_bytes=MAX_MESSAGE_BYTES, pending=pending,
+            ))
+        simulator.port = listeners[0].getsockname()[1]
         nursery.start_soon(_generate, simulator)
         if config.stall_after_seconds is not None and config.stall_seconds > 0:
             nursery.start_soon(_stall_later, simulator.faults, config.stall_after_seconds, config.stall_seconds)
@@ -453,66 +375,95 @@ def _payload(events: list[Event], stamp_ms: int | None) -> bytes:
     return stamp(frame, stamp_ms) if stamp_ms is not None else frame
 
 
-async def _serve_connection(simulator: Simulator, stream: trio.SocketStream) -> None:
-    # The raw socket (non-blocking, TCP_NODELAY as Trio set it), so that writes can be synchronous.
-    sock = socket.socket(fileno=stream.socket.detach())
-    sock.setblocking(False)
-    peer = WsPeer(sock, simulator.faults)
-    simulator.connections_total += 1
-    connection = SimConnection(id=simulator.connections_total, opened_at=trio.current_time())
-    try:
-        await peer.accept()
-        await peer.send_text(protocol.CONNECTED)
-        if not await _authenticate(simulator, peer, connection):
+async def _serve_connection(
+    simulator: Simulator, pending: PendingConnections, connection: WsConnection, address: str
+) -> None:
+    """One client, from its handshake to its close; the listener closes the socket after."""
+    connection.plain_http_body = (b"this is the Polygon simulator's WebSocket port: "
+                                  b"connect a WebSocket client to /stocks\n")
+    faults = simulator.faults
+    if isinstance(connection.transport, SocketTransport):
+        _limit_unsent(connection.transport.sock)
+    with trio.move_on_after(simulator.config.auth_timeout_seconds) as handshake:
+        try:
+            await connection.read_request()
+        except WebSocketClosed as closed:
+            log.info("refused %s: %s", address, closed.reason)
+            await connection.aclose(timeout=CLOSE_SECONDS)  # after the refusal, if one was written
             return
-        simulator.connections.add(connection)
+    if handshake.cancelled_caught:
+        return
+    connection.accept()
+    peer = FaultyConnection(connection, faults)
+    simulator.connections_total += 1
+    sim_connection = SimConnection(id=simulator.connections_total, opened_at=trio.current_time())
+    close: tuple[int, str] | None = (1000, "")  # None: drop the TCP stream without a close frame
+    try:
+        await peer.send_text(protocol.CONNECTED)
+        close = await _authenticate(simulator, peer, sim_connection)
+        if close is not None:
+            return
+        pending.discard(connection)  # authenticated: never shed for descriptors
+        simulator.connections.add(sim_connection)
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_read_control, simulator, peer, connection)
-                nursery.start_soon(_send_frames, simulator, peer, connection)
-                nursery.start_soon(_drop_when_told, simulator, connection, nursery.cancel_scope)
+                nursery.start_soon(_read_control, simulator, peer, sim_connection)
+                nursery.start_soon(_send_frames, simulator, peer, sim_connection)
+                nursery.start_soon(_drop_when_told, simulator, sim_connection, nursery.cancel_scope)
         finally:
-            simulator.connections.discard(connection)
-        if connection.dropped:
-            if simulator.faults.abrupt:
+            simulator.connections.discard(sim_connection)
+        if sim_connection.dropped:
+            close = None if faults.abrupt else (1001, "simulated drop")
+    except* WebSocketClosed:
+        pass  # the peer went away, or closed: this ends this connection and nothing else
+    finally:
+        if trio.current_effective_deadline() == -math.inf:
+            close = None  # the simulator is stopping (or the listener shed this one): no close handshake
+        with trio.CancelScope(shield=True):
+            if close is None:
                 await peer.abort()
             else:
-                await peer.close(1001, "simulated drop")
-    except* PeerClosed:
-        pass  # the peer went away; that ends this connection and nothing else
-    finally:
-        peer.close_socket()
+                await peer.close(*close, timeout=CLOSE_SECONDS)
 
 
-async def _authenticate(simulator: Simulator, peer: WsPeer, connection: SimConnection) -> bool:
+def _limit_unsent(sock: socket.socket) -> None:
+    """At most 16 KiB unsent in the kernel (as trio's SocketStream sets it): past that a write is
+    not taken at once, so a reader that falls behind shows within a frame or two, and the adaptive
+    framing batches then rather than after the kernel buffered megabytes (loopback autotuning)."""
+    if hasattr(socket, "TCP_NOTSENT_LOWAT"):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, 16_384)
+        except OSError:
+            pass
+
+
+async def _authenticate(simulator: Simulator, peer: FaultyConnection, connection: SimConnection) -> tuple[int, str] | None:
+    """None once the client is in; else the close (code, reason) that refuses it, its status sent."""
     config, faults = simulator.config, simulator.faults
     action: Auth | None = None
     with trio.move_on_after(config.auth_timeout_seconds):
         action = await _receive_auth(peer)
     if action is None:
         await peer.send_text(protocol.AUTH_TIMEOUT)
-        await peer.close(1008, "auth timeout")
-        return False
+        return 1008, "auth timeout"
     simulator.auth_attempts += 1
     key = action.api_key
     if faults.refuse_auth > 0 or (config.api_keys and key not in config.api_keys):
         faults.refuse_auth = max(0, faults.refuse_auth - 1)
         log.info("connection %d: auth_failed for key %s", connection.id, redact(key))
         await peer.send_text(protocol.AUTH_FAILED)
-        await peer.close(1008, "authentication failed")
-        return False
+        return 1008, "authentication failed"
     open_for_key = sum(1 for other in simulator.connections if other.api_key == key)
     if faults.force_max_connections or open_for_key >= config.max_connections:
         log.info("connection %d: max_connections for key %s", connection.id, redact(key))
         await peer.send_text(protocol.MAX_CONNECTIONS)
-        await peer.close(1008, "max connections")
-        return False
+        return 1008, "max connections"
     connection.api_key = key
     await peer.send_text(protocol.AUTH_SUCCESS)
-    return True
+    return None
 
 
-async def _receive_auth(peer: WsPeer) -> Auth:
+async def _receive_auth(peer: FaultyConnection) -> Auth:
     while True:
         try:
             action = protocol.parse_client_message(await peer.receive())
@@ -524,12 +475,7 @@ async def _receive_auth(peer: WsPeer) -> Auth:
         await peer.send_text(protocol.error_frame("not authorized"))
 
 
-async def _stall_if_told(faults: Faults) -> None:
-    if faults.stall_until > trio.current_time():
-        await trio.sleep_until(faults.stall_until)
-
-
-async def _read_control(simulator: Simulator, peer: WsPeer, connection: SimConnection) -> None:
+async def _read_control(simulator: Simulator, peer: FaultyConnection, connection: SimConnection) -> None:
     while True:
         message = await peer.receive()
         try:
@@ -556,14 +502,14 @@ async def _read_control(simulator: Simulator, peer: WsPeer, connection: SimConne
         await peer.send_text(protocol.statuses_frame(statuses))
 
 
-async def _send_frames(simulator: Simulator, peer: WsPeer, connection: SimConnection) -> None:
+async def _send_frames(simulator: Simulator, peer: FaultyConnection, connection: SimConnection) -> None:
     """Write the connection's queued frames, each as soon as it is queued.
 
     With the adaptive framing, a frame that the kernel did not take at once means the
     socket is backed up: while it drains, events pile up in the queue, and the next
     frame joins them all (up to MAX_FRAME_EVENTS), as Polygon's server does.
     """
-    faults = simulator.faults
+    faults, websocket = simulator.faults, peer.connection
     adaptive = simulator.config.frame_events == FRAME_ADAPTIVE
     backed_up = False
     since_checkpoint = 0
@@ -574,13 +520,16 @@ async def _send_frames(simulator: Simulator, peer: WsPeer, connection: SimConnec
             since_checkpoint = 0
         if connection.drop.is_set():
             await trio.sleep_forever()  # the drop task is closing this connection: nothing more goes out
-        await _stall_if_told(faults)
+        if faults.stalled():
+            await faults.wait_out_stall()
         count, payload = take_frame(connection.pending, merge=adaptive and backed_up)
         connection.pending_events -= count
         if faults.malformed_next > 0:
             faults.malformed_next -= 1
             payload = MALFORMED_FRAME.encode()
-        at_once = peer.write_data(text_frame(payload))
+        at_once = websocket.send_text(payload)
+        if not at_once and not websocket.open:
+            raise WebSocketClosed(websocket.close_code, "connection closed")  # closing, closed or broken
         connection.frames_sent += 1
         if simulator.counting:
             simulator.window_frames += 1
