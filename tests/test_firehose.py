@@ -5,7 +5,8 @@ import json
 import trio
 
 from proxy.core.outbox import SlowClientPolicy
-from tests.conftest import (
+from tests.helpers import (
+    FAST_KEEPALIVE,
     FIREHOSE_KEY,
     POLYGON_KEY,
     authed_client,
@@ -113,7 +114,7 @@ async def test_upstream_abrupt_close_recovers(nursery):
 
 async def test_silent_upstream_is_noticed_by_the_keepalive(nursery):
     sim = await start_simulator(nursery)
-    firehose = await start_tier(nursery, firehose_config(sim))
+    firehose = await start_tier(nursery, firehose_config(sim, **FAST_KEEPALIVE))
     await _drop_and_recover(nursery, sim, firehose, lambda: sim.faults.stall(3.0))
     assert "upstream is silent" in firehose.link.last_error  # the keepalive, nothing else, noticed
 

@@ -8,64 +8,38 @@ import logging
 import socket
 import weakref
 
-import attrs
 import pytest
 import trio
-import trustme
-from trio_websocket import ConnectionClosed, open_websocket_url
+from trio_websocket import open_websocket_url
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessage
 
 from proxy.core.protocol import parse_channel_list
-from tests.conftest import (
+from tests.helpers import (
+    ALL_STREAM,
     CLIENT_KEY,
+    FAST_KEEPALIVE,
     FIREHOSE_KEY,
     POLYGON_KEY,
     Client,
+    Neighbour,
     authed_client,
     connect,
+    count_tasks,
     filtered_config,
     firehose_config,
+    start_chain,
     start_simulator,
     start_tier,
+    wait_connected,
     wait_until,
 )
 
-ALL_STREAM = parse_channel_list("T.*,Q.*,LULD.*,FMV.*")
-
-
-def count_tasks() -> int:
-    def walk(task) -> int:
-        return 1 + sum(walk(child) for nursery in task.child_nurseries for child in nursery.child_tasks)
-
-    return walk(trio.lowlevel.current_root_task())
-
-
-@attrs.define
-class Neighbour:
-    """A `*` client beside the trouble: it must see a gapless `q` sequence throughout."""
-
-    client: Client
-    sequence: list[int] = attrs.field(factory=list)
-
-    async def run(self) -> None:
-        while True:
-            for event in await self.client.receive():
-                if "q" in event:
-                    self.sequence.append(event["q"])
-
-    def assert_no_gap(self) -> None:
-        assert len(self.sequence) > 100
-        first = self.sequence[0]
-        assert self.sequence == list(range(first, first + len(self.sequence))), "the neighbour saw a gap"
-
 
 async def chain(nursery, **filtered_overrides):
-    sim = await start_simulator(nursery, events_per_second=1000)
-    firehose = await start_tier(nursery, firehose_config(sim, static_channels=ALL_STREAM))
-    filtered = await start_tier(nursery, filtered_config(firehose, **filtered_overrides))
-    await wait_until(lambda: filtered.link.state.value == "connected")
-    return sim, firehose, filtered
+    """The chain with every stream type held (for a `*` Neighbour) and the filtered proxy's overrides."""
+    return await start_chain(nursery, simulator=dict(events_per_second=1000), firehose=dict(static_channels=ALL_STREAM),
+                             filtered=filtered_overrides)
 
 
 # (name, authenticate first?, what to send, expected status, expected close code or None)
@@ -217,24 +191,27 @@ async def test_vanished_clients_leak_no_task_no_session_no_subscription(nursery,
     neighbour.assert_no_gap()
 
 
-def _clean_close(sim):
+def _clean_close(sim, link):
     sim.drop_all()
 
 
-def _abrupt_close(sim):
+def _abrupt_close(sim, link):
     sim.drop_all(abrupt=True)
 
 
-def _silent_stall(sim):
-    sim.faults.stall(2.5)
+def _silent_stall(sim, link):
+    # only while this fault lasts does the link give up on a silent upstream within 1.5 s: a
+    # short keepalive throughout would also give up whenever a busy machine delays a pong
+    link.keepalive_timeout = FAST_KEEPALIVE["keepalive_timeout_seconds"]
+    sim.faults.stall(3.0)
 
 
-def _auth_failed(sim):
+def _auth_failed(sim, link):
     sim.faults.refuse_auth = 1
     sim.drop_all()
 
 
-def _max_connections(sim):
+def _max_connections(sim, link):
     sim.faults.force_max_connections = True
     sim.drop_all()
 
@@ -243,11 +220,9 @@ UPSTREAM_FAULTS = [_clean_close, _abrupt_close, _silent_stall, _auth_failed, _ma
 
 
 async def test_every_upstream_fault_is_survived_with_nothing_leaked(nursery, caplog):
-    sim = await start_simulator(nursery, events_per_second=1000)
-    firehose = await start_tier(nursery, firehose_config(sim, static_channels=parse_channel_list("Q.*")))
-    filtered = await start_tier(nursery, filtered_config(firehose))
     # connected first: a client that arrives earlier is told of the wait, which this test does not count
-    await wait_until(lambda: filtered.link.state.value == "connected" and firehose.link.state.value == "connected")
+    sim, firehose, filtered = await start_chain(nursery, simulator=dict(events_per_second=1000),
+                                                firehose=dict(static_channels=parse_channel_list("Q.*")))
     client = await authed_client(nursery, filtered.port, CLIENT_KEY, subscribe="T.AAPL,Q.MSFT")
     nursery.start_soon(client.collect, 120)
     await wait_until(lambda: sim.subscribed_channels() == {"Q.*", "T.AAPL"})
@@ -257,10 +232,11 @@ async def test_every_upstream_fault_is_survived_with_nothing_leaked(nursery, cap
     with caplog.at_level(logging.WARNING):
         for fault in UPSTREAM_FAULTS:
             outages = firehose.stats.outages
-            fault(sim)
+            fault(sim, firehose.link)
             await wait_until(lambda: firehose.stats.outages == outages + 1, what=f"{fault.__name__} noticed")
             sim.faults.force_max_connections = False
-            await wait_until(lambda: firehose.link.state.value == "connected", timeout=10,
+            firehose.link.keepalive_timeout = firehose.config.keepalive_timeout_seconds
+            await wait_until(lambda: firehose.link.state.value == "connected",
                              what=f"recovery from {fault.__name__}")
             # subscriptions intact upstream and down, data flowing again, nothing leaked
             await wait_until(lambda: sim.subscribed_channels() == {"Q.*", "T.AAPL"}, what="re-subscription")
@@ -295,18 +271,6 @@ async def test_the_polygon_key_reaches_no_client_and_no_log(nursery, caplog):
         assert all(POLYGON_KEY not in frame for frame in client.frames)
 
 
-@pytest.fixture(scope="module")
-def certificates(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tls")
-    authority = trustme.CA()
-    certificate = authority.issue_cert("localhost", "127.0.0.1")
-    paths = {"ca": folder / "ca.pem", "cert": folder / "cert.pem", "key": folder / "key.pem"}
-    authority.cert_pem.write_to_path(paths["ca"])
-    certificate.cert_chain_pems[0].write_to_path(paths["cert"])
-    certificate.private_key_pem.write_to_path(paths["key"])
-    return {name: str(path) for name, path in paths.items()}
-
-
 async def test_tls_for_clients_and_a_verified_wss_upstream(nursery, certificates):
     sim = await start_simulator(nursery, events_per_second=1000)
     firehose = await start_tier(nursery, firehose_config(
@@ -314,7 +278,7 @@ async def test_tls_for_clients_and_a_verified_wss_upstream(nursery, certificates
     trusted = await start_tier(nursery, filtered_config(
         firehose, upstream_url=f"wss://localhost:{firehose.port}", upstream_ca_file=certificates["ca"],
         tls_cert=certificates["cert"], tls_key=certificates["key"]))
-    await wait_until(lambda: trusted.link.state.value == "connected", what="wss upstream with the CA")
+    await wait_connected(trusted)  # a wss upstream, verified with the CA
 
     untrusting = await start_tier(nursery, filtered_config(firehose, upstream_url=f"wss://localhost:{firehose.port}"))
     await wait_until(lambda: untrusting.link.reconnects >= 1, what="a refused certificate")

@@ -21,7 +21,7 @@ import trio
 
 from proxy.core.errors import leaves
 from proxy.app.tier import Tier, run_tier
-from tests.conftest import (
+from tests.helpers import (
     CLIENT_KEY,
     FIREHOSE_KEY,
     POLYGON_KEY,
@@ -29,6 +29,7 @@ from tests.conftest import (
     filtered_config,
     firehose_config,
     start_simulator,
+    wait_connected,
     wait_until,
 )
 
@@ -65,7 +66,7 @@ async def test_stopping_two_tiers_together_never_raises(nursery, upstream_first)
                 _run_cancellable, firehose_config(sim, static_channels=()), errors)
             filtered_scope, filtered = await nursery.start(
                 _run_cancellable, filtered_config(firehose, shutdown_close_seconds=1.0), errors)
-            await wait_until(lambda: filtered.link.state.value == "connected", what="the link up")
+            await wait_connected(filtered)
             await authed_client(nursery, filtered.port, CLIENT_KEY, subscribe="T.*")
             first, second = (firehose_scope, filtered_scope) if upstream_first else (filtered_scope, firehose_scope)
             first.cancel()
@@ -85,7 +86,7 @@ async def test_a_stop_lasts_as_long_as_the_close_handshake_not_its_timeout(nurse
     # A generous close timeout: a stop that waits it out instead of the peer's answer shows.
     scope, firehose = await nursery.start(
         _run_cancellable, firehose_config(sim, shutdown_close_seconds=5.0), errors, stopped)
-    await wait_until(lambda: firehose.link.state.value == "connected", what="the link up")
+    await wait_connected(firehose)
     await authed_client(nursery, firehose.port, FIREHOSE_KEY, subscribe="T.*")
     started = trio.current_time()
     scope.cancel()

@@ -13,7 +13,7 @@ from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Ping
 from proxy.core.protocol import parse_channel_list
 from proxy.net.wsserver import ConnectionClosed, WsConnection, _SocketTransport, text_frame
 
-from .conftest import FIREHOSE_KEY, firehose_config, start_simulator, start_tier, wait_until
+from tests.helpers import FIREHOSE_KEY, firehose_config, start_firehose, start_simulator, start_tier, wait_until
 
 
 def _parsed_by_wsproto(data: bytes) -> list[str]:
@@ -152,8 +152,7 @@ async def test_the_peers_close_is_answered_and_ours_reaches_it():
 
 
 async def test_a_plain_http_request_gets_400_and_the_server_carries_on(nursery, caplog):
-    sim = await start_simulator(nursery)
-    firehose = await start_tier(nursery, firehose_config(sim, shutdown_close_seconds=0.5))
+    _, firehose = await start_firehose(nursery, shutdown_close_seconds=0.5)
     stream = await trio.open_tcp_stream("127.0.0.1", firehose.port)
     await stream.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     reply = await stream.receive_some(65536)
@@ -173,8 +172,7 @@ async def test_a_plain_http_request_gets_400_and_the_server_carries_on(nursery, 
 
 
 async def test_a_peer_that_never_sends_a_handshake_is_dropped(nursery):
-    sim = await start_simulator(nursery)
-    firehose = await start_tier(nursery, firehose_config(sim, auth_timeout_seconds=0.3))
+    _, firehose = await start_firehose(nursery, auth_timeout_seconds=0.3)
     stream = await trio.open_tcp_stream("127.0.0.1", firehose.port)
     with trio.fail_after(3):
         assert await stream.receive_some(100) == b""  # closed by the proxy, without a word
