@@ -2,11 +2,25 @@
 
 import json
 import logging
+import math
 
+import pytest
 import trio
 
+from proxy.core.protocol import parse_channel_list
+from proxy.sim import simulator as simulator_module
 from proxy.sim.market import MarketModel, frame_of, synthetic_symbols
-from tests.conftest import POLYGON_KEY, Client, authed_client, connect, start_simulator
+from proxy.sim.simulator import TICK_SECONDS, Faults, SimConnection, Simulator
+from tests.helpers import (
+    LIVENESS_SECONDS,
+    POLYGON_KEY,
+    Client,
+    authed_client,
+    connect,
+    simulator_config,
+    start_simulator,
+    wait_until,
+)
 
 
 def data_types(events):
@@ -75,22 +89,71 @@ async def test_each_connection_gets_only_what_its_channels_select(nursery):
     assert data_types(events) == {"T", "Q"}
 
 
-async def test_event_rate_is_within_twenty_percent(nursery):
+def generator(**overrides) -> tuple[Simulator, trio.MemoryReceiveChannel[str]]:
+    """A simulator without sockets and one connection holding every stream type: its frames
+    come out of the channel returned, for running ``_generate`` under a MockClock."""
+    config = simulator_config(**overrides)
+    sim = Simulator(config=config, model=MarketModel(synthetic_symbols(config.symbols), seed=config.seed),
+                    faults=Faults())
+    connection = SimConnection(id=1, channels=set(parse_channel_list("T.*,Q.*,LULD.*,FMV.*")))
+    connection.reindex()
+    connection.frames, frames = trio.open_memory_channel[str](math.inf)
+    sim.connections.add(connection)
+    return sim, frames
+
+
+async def generated(sim: Simulator, frames: trio.MemoryReceiveChannel[str], seconds: float) -> list[list[dict]]:
+    with trio.move_on_after(seconds):
+        await simulator_module._generate(sim)
+    received = []
+    while True:
+        try:
+            received.append(json.loads(frames.receive_nowait()))
+        except trio.WouldBlock:
+            return received
+
+
+async def test_the_event_rate_is_the_configured_one_in_one_frame_a_tick(autojump_clock):
     rate = 4000
-    sim = await start_simulator(nursery, events_per_second=rate)
-    client = await authed_client(nursery, sim.port, POLYGON_KEY, subscribe="T.*,Q.*,LULD.*,FMV.*")
-    await client.collect(0.5)  # let the stream settle after the subscribe
-    events = await client.collect(3.0)
-    measured = len(events) / 3.0
-    assert 0.8 * rate <= measured <= 1.2 * rate, measured
+    sim, frames = generator(events_per_second=rate)
+    received = await generated(sim, frames, 3.0)
+    events = [event for frame in received for event in frame]
+    assert rate * 3 - rate * TICK_SECONDS <= len(events) <= rate * 3  # within the last tick's events
+    assert len(received) == pytest.approx(3.0 / TICK_SECONDS, abs=1)  # a frame a tick, not lumps
+    assert data_types(events) == {"T", "Q", "LULD", "FMV"}
+
+
+async def test_a_low_rate_is_sent_event_by_event_at_its_time(autojump_clock):
+    sim, frames = generator(events_per_second=20)
+    received = await generated(sim, frames, 2.0)
+    assert {len(frame) for frame in received} == {1} and 39 <= len(received) <= 40  # not lumps of a tick
+
+
+async def test_prebuilt_frames_carry_the_send_time_and_keep_the_rate(autojump_clock):
+    import time as wall
+
+    rate = 2000
+    sim, frames = generator(events_per_second=rate, prebuilt_events=5000)
+    before_ms = int(wall.time() * 1000)
+    received = await generated(sim, frames, 2.0)
+    after_ms = int(wall.time() * 1000)
+    events = [event for frame in received for event in frame]
+    assert rate * 2 - rate * TICK_SECONDS <= len(events) <= rate * 2
+    assert len(received) == pytest.approx(2.0 / TICK_SECONDS, abs=1)  # pre-built frames are whole ticks
+    stamps = [event["t"] for event in events if event["ev"] in ("T", "Q")]
+    assert stamps and all(before_ms <= t <= after_ms for t in stamps)  # stamped when sent, not when built
 
 
 async def test_aggregates_come_every_second(nursery):
     sim = await start_simulator(nursery, events_per_second=1000)
     client = await authed_client(nursery, sim.port, POLYGON_KEY, subscribe="A.*")
-    events = await client.collect(2.3)
-    assert events and data_types(events) == {"A"}
-    for event in events:
+    with trio.fail_after(LIVENESS_SECONDS):
+        while len({event["s"] for event in client.events}) < 2:
+            await client.receive()
+    assert data_types(client.events) == {"A"}
+    seconds = sorted({event["s"] for event in client.events})
+    assert seconds[1] - seconds[0] == 1000  # one second's aggregates, then the next one's
+    for event in client.events:
         assert event["e"] - event["s"] == 1000 and event["l"] <= event["c"] <= event["h"]
 
 
@@ -142,9 +205,9 @@ def test_official_client_models_parse_simulator_frames_without_warnings(caplog):
 async def test_fault_drop_after_seconds(nursery):
     sim = await start_simulator(nursery, drop_after_seconds=0.5)
     client = await authed_client(nursery, sim.port, POLYGON_KEY, subscribe="T.*")
-    start = trio.current_time()
+    opened_at = next(iter(sim.connections)).opened_at
     assert await client.close_code() == 1001
-    assert 0.3 < trio.current_time() - start < 2
+    assert trio.current_time() - opened_at >= 0.5  # not before its time
 
 
 async def test_fault_drop_after_frames(nursery):
@@ -177,22 +240,26 @@ async def test_fault_malformed_frame(nursery):
     await client.wait_events(len(client.events) + 5)  # and the stream goes on
 
 
+async def answered_only_after_the_stall(client: Client, faults: Faults) -> None:
+    """A ping sent during a stall is answered, but not before the stall ends; then data flows again."""
+    pinged_at = trio.current_time()
+    assert pinged_at < faults.stall_until, "the stall ended before the test could ping"
+    with trio.fail_after(LIVENESS_SECONDS):
+        await client.ws.ping()
+    assert trio.current_time() >= faults.stall_until  # not even a pong while stalled
+    await client.more_events(5)  # data flows again once the stall ends
+
+
 async def test_fault_stall_answers_not_even_pings(nursery):
     sim = await start_simulator(nursery, events_per_second=500)
     client = await authed_client(nursery, sim.port, POLYGON_KEY, subscribe="T.*")
     # keep reading: a trio-websocket client that stops reading stops handling pongs too
-    nursery.start_soon(client.collect, 30)
-    with trio.fail_after(1):
+    nursery.start_soon(client.collect, 60)
+    with trio.fail_after(LIVENESS_SECONDS):
         await client.ws.ping()  # answered while healthy
     sim.faults.stall(1.0)
-    await trio.sleep(0.05)
-    with trio.move_on_after(0.5) as waited:
-        await client.ws.ping()
-    assert waited.cancelled_caught
-    count = len(client.events)
-    await trio.sleep(1.5)
-    assert len(client.events) > count  # data flows again once the stall ends
-    with trio.fail_after(1):
+    await answered_only_after_the_stall(client, sim.faults)
+    with trio.fail_after(LIVENESS_SECONDS):
         await client.ws.ping()  # and pings are answered again
 
 
@@ -215,30 +282,15 @@ async def test_fault_forced_max_connections(nursery):
     assert (await client.auth(POLYGON_KEY))[0]["status"] == "auth_success"
 
 
-async def test_prebuilt_frames_carry_the_send_time_and_keep_the_rate(nursery):
-    import time as wall
-
-    rate = 2000
-    sim = await start_simulator(nursery, events_per_second=rate, prebuilt_events=5000)
-    client = await authed_client(nursery, sim.port, POLYGON_KEY, subscribe="T.*,Q.*,LULD.*,FMV.*")
-    await client.collect(0.5)
-    start = len(client.frames)
-    events = await client.collect(2.0)
-    assert 0.8 * rate <= len(events) / 2.0 <= 1.2 * rate
-    assert len(client.frames) - start >= 2.0 / 0.02  # a frame per tick or so, not lumps
-    now_ms = wall.time() * 1000
-    recent = [e["t"] for e in events[-50:] if e["ev"] in ("T", "Q")]
-    assert recent and all(now_ms - 2000 < t <= now_ms for t in recent)  # stamped when sent
-
-
 async def test_marks_delimit_a_window_counted_by_channel(nursery):
     sim = await start_simulator(nursery, events_per_second=2000, prebuilt_events=5000)
     client = await authed_client(nursery, sim.port, POLYGON_KEY, subscribe="T.*,Q.AAPL,BENCH.MARK")
-    await client.collect(0.3)
     sim.mark()
-    await client.collect(1.0)
+    await client.more_events(500)  # the window's length only sets how many events it holds
     sim.mark()
-    await client.collect(0.3)
+    with trio.fail_after(LIVENESS_SECONDS):
+        while not any(e["ev"] == "BENCH" and e["n"] == 2 for e in client.events):
+            await client.receive()
     marks = [i for i, e in enumerate(client.events) if e["ev"] == "BENCH"]
     assert len(marks) == 2
     inside = client.events[marks[0] + 1:marks[1]]
@@ -267,11 +319,6 @@ async def test_faults_are_switchable_by_configuration(nursery):
 
     stalling = await start_simulator(nursery, stall_after_seconds=0.3, stall_seconds=1.0, events_per_second=500)
     client = await authed_client(nursery, stalling.port, POLYGON_KEY, subscribe="T.*")
-    nursery.start_soon(client.collect, 30)  # keep reading, so the client handles pongs
-    await trio.sleep(0.5)
-    with trio.move_on_after(0.4) as waited:
-        await client.ws.ping()
-    assert waited.cancelled_caught  # stalled: not even a pong
-    await trio.sleep(1.0)
-    with trio.fail_after(1):
-        await client.ws.ping()  # and answering again after the stall
+    nursery.start_soon(client.collect, 60)  # keep reading, so the client handles pongs
+    await wait_until(lambda: stalling.faults.stall_until > 0, what="the configured stall")
+    await answered_only_after_the_stall(client, stalling.faults)
