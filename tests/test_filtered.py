@@ -30,9 +30,8 @@ async def test_two_clients_through_two_tiers_get_only_their_symbols(nursery):
     a = await authed_client(nursery, filtered.port, CLIENT_KEY, subscribe="T.AAPL")
     b = await authed_client(nursery, filtered.port, CLIENT_KEY, subscribe="T.GOOGL")
     await wait_until(lambda: sim.subscribed_channels() == {"T.AAPL", "T.GOOGL"}, what="Polygon demand")
-    events_a, events_b = await a.collect(1.5), await b.collect(0.3)
-    assert events_a and {(e["ev"], e["sym"]) for e in events_a} == {("T", "AAPL")}
-    assert events_b and {(e["ev"], e["sym"]) for e in events_b} == {("T", "GOOGL")}
+    assert {(e["ev"], e["sym"]) for e in await a.wait_events(20)} == {("T", "AAPL")}
+    assert {(e["ev"], e["sym"]) for e in await b.wait_events(20)} == {("T", "GOOGL")}
     # the firehose holds * for the filtered proxy, but * never reaches Polygon
     assert "*" not in sim.subscribed_channels()
     assert firehose.registry.everything_subscribers
@@ -57,15 +56,19 @@ async def _compare_with_reference(nursery, sim, filtered, subscriptions):
     clients = [await authed_client(nursery, filtered.port, CLIENT_KEY, subscribe=params + ",BENCH.*")
                for params in subscriptions]
     everyone = [reference, *clients]
+    counted = sim.window_events
     sim.mark()
     first = sim.marks
-    await trio.sleep(1.5)  # the window's length only sets how many events are compared
+    # the window's length only sets how many events are compared
+    await wait_until(lambda: sim.window_events - counted >= 3000, what="3000 events sent in the window")
     sim.mark()
     last = sim.marks
 
     async def read_to_last_mark(client):
+        seen = 0
         with trio.fail_after(60):
-            while not any(e.get("ev") == "BENCH" and e.get("n") == last for e in client.events[-50:]):
+            while not any(e.get("ev") == "BENCH" and e.get("n") == last for e in client.events[seen:]):
+                seen = len(client.events)
                 await client.receive()
 
     async with trio.open_nursery() as readers:
@@ -102,7 +105,7 @@ async def test_clients_receive_original_bytes_as_json_array_frames(nursery):
     sim, _, filtered = await start_chain(nursery)
     sim.record_frames = True
     client = await authed_client(nursery, filtered.port, CLIENT_KEY, subscribe="T.AAPL,Q.MSFT")
-    await client.collect(1.0)
+    await client.wait_events(50)
     sent_events = set()
     for frame in sim.sent_frames[1]:
         sent_events.update(json.dumps(e, separators=(",", ":")) for e in json.loads(frame))
@@ -176,8 +179,8 @@ async def test_two_filtered_proxies_share_one_upstream_connection(nursery):
     a = await authed_client(nursery, first.port, CLIENT_KEY, subscribe="T.AAPL")
     b = await authed_client(nursery, second.port, CLIENT_KEY, subscribe="Q.MSFT")
     await wait_until(lambda: sim.subscribed_channels() == {"T.AAPL", "Q.MSFT"})
-    assert {e["sym"] for e in await a.collect(1.0)} == {"AAPL"}
-    assert {e["sym"] for e in await b.collect(0.3)} == {"MSFT"}
+    assert {e["sym"] for e in await a.wait_events(20)} == {"AAPL"}
+    assert {e["sym"] for e in await b.wait_events(20)} == {"MSFT"}
     assert sim.connections_total == 1
 
 
@@ -197,16 +200,11 @@ async def test_firehose_restart_mid_stream_keeps_clients_and_subscriptions(nurse
     await client.wait_events(10)
 
     firehose_scope.cancel()  # the firehose process dies
-    with trio.fail_after(5):
-        while not any(s["status"] == "upstream_disconnected" for s in client.statuses):
-            await client.receive()
-    await trio.sleep(0.3)
+    await client.wait_status("upstream_disconnected")
+    await trio.sleep(0.3)  # down a while: the filtered proxy's reconnects find nobody
     firehose_scope = trio.CancelScope()
     await nursery.start(run_firehose, firehose_config(sim, port=firehose.port))  # restarted
-    with trio.fail_after(10):
-        while not any(s["status"] == "upstream_connected" for s in client.statuses):
-            await client.receive()
-    count = len(client.events)
-    await client.wait_events(count + 10, timeout=10)  # same client connection, data again
+    await client.wait_status("upstream_connected")
+    await client.more_events(10)  # same client connection, data again
     assert {(e["ev"], e["sym"]) for e in client.events} <= {("T", "AAPL"), ("Q", "AAPL")}
     await wait_until(lambda: sim.subscribed_channels() == {"T.AAPL", "Q.AAPL"}, what="re-subscription")

@@ -480,7 +480,7 @@ async def test_slow_client_policies_fire_under_load_and_the_neighbour_loses_noth
         await wait_until(lambda: "unsubscribed to: LULD.*" in slow.statuses, timeout=30, what="the unsubscribe")
         assert slow.close_code is None and session in filtered.hub.sessions
         received = slow.sequence
-        assert received == sorted(received)  # in order, never repeated
+        assert received == sorted(set(received))  # in order, never repeated
         missing = (received[-1] - received[0] + 1) - len(received)
         assert missing == session.outbox.dropped_events  # every loss counted, and only losses
     neighbour.assert_no_gap()

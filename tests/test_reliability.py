@@ -90,9 +90,9 @@ async def test_every_bad_input_is_answered_and_the_neighbour_notices_nothing(nur
             answer = await client.request("subscribe", "T.AAPL")
             assert answer[0]["message"] == "subscribed to: T.AAPL", name
             await client.ws.aclose()
-    await trio.sleep(0.3)
+    await neighbour.wait_for_more()  # what was in flight meanwhile has arrived
     neighbour.assert_no_gap()
-    assert len(filtered.hub.sessions) == 1  # only the neighbour is left
+    await wait_until(lambda: len(filtered.hub.sessions) == 1, what="only the neighbour left")
 
 
 async def test_no_auth_in_time_and_a_control_flood(nursery):
@@ -128,7 +128,7 @@ async def test_no_auth_in_time_and_a_control_flood(nursery):
     assert any(m.startswith("rate limited") for m in messages)
     assert any("flood" in m for m in messages), messages[-5:]
     assert filtered.stats.control_rate_limited > 0
-    await trio.sleep(0.3)
+    await neighbour.wait_for_more()
     neighbour.assert_no_gap()
 
 
@@ -156,7 +156,7 @@ async def test_vanished_clients_leak_no_task_no_session_no_subscription(nursery,
     sim, firehose, filtered = await chain(nursery)
     neighbour = Neighbour(await authed_client(nursery, filtered.port, CLIENT_KEY, subscribe="*"))
     nursery.start_soon(neighbour.run)
-    await trio.sleep(0.3)
+    await neighbour.wait_for_more()  # served: every task of its session and of the chain is running
     baseline = count_tasks()
     sessions_before = set(filtered.hub.sessions)
     references = []
@@ -293,7 +293,7 @@ async def test_tls_for_clients_and_a_verified_wss_upstream(nursery, certificates
         await client.receive()
         assert (await client.auth(CLIENT_KEY))[0]["status"] == "auth_success"
         await client.request("subscribe", "T.*")
-        assert await client.wait_events(5)
+        assert {event["ev"] for event in await client.wait_events(5)} == {"T"}  # data over TLS at both hops
     with pytest.raises(Exception):  # a plain ws:// client gets no WebSocket from a TLS port
         async with open_websocket_url(f"ws://127.0.0.1:{trusted.port}/stocks", connect_timeout=2,
                                       disconnect_timeout=1):

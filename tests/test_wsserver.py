@@ -13,7 +13,15 @@ from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Ping
 from proxy.core.protocol import parse_channel_list
 from proxy.net.wsserver import ConnectionClosed, WsConnection, _SocketTransport, text_frame
 
-from tests.helpers import FIREHOSE_KEY, firehose_config, start_firehose, start_simulator, start_tier, wait_until
+from tests.helpers import (
+    FIREHOSE_KEY,
+    LIVENESS_SECONDS,
+    firehose_config,
+    start_firehose,
+    start_simulator,
+    start_tier,
+    wait_until,
+)
 
 
 def _parsed_by_wsproto(data: bytes) -> list[str]:
@@ -174,7 +182,7 @@ async def test_a_plain_http_request_gets_400_and_the_server_carries_on(nursery, 
 async def test_a_peer_that_never_sends_a_handshake_is_dropped(nursery):
     _, firehose = await start_firehose(nursery, auth_timeout_seconds=0.3)
     stream = await trio.open_tcp_stream("127.0.0.1", firehose.port)
-    with trio.fail_after(3):
+    with trio.fail_after(LIVENESS_SECONDS):
         assert await stream.receive_some(100) == b""  # closed by the proxy, without a word
 
 
@@ -195,6 +203,7 @@ async def test_a_client_that_stops_reading_altogether_is_closed_and_forgotten(nu
     await stream.send_all(client.send(TextMessage(data='{"action":"auth","params":"%s"}' % FIREHOSE_KEY)))
     await stream.send_all(client.send(TextMessage(data='{"action":"subscribe","params":"*"}')))
     # ...and never reads again
-    await wait_until(lambda: firehose.stats.slow_consumer_disconnects == 1, timeout=15, what="the overflow")
-    await wait_until(lambda: not firehose.hub.sessions, timeout=3, what="the session to end")
+    # filling the socket buffers at 20,000 events a second takes seconds unloaded, far more when busy
+    await wait_until(lambda: firehose.stats.slow_consumer_disconnects == 1, timeout=60, what="the overflow")
+    await wait_until(lambda: not firehose.hub.sessions, what="the session to end")
     assert firehose.registry.subscribers() == frozenset()
