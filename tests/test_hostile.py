@@ -50,6 +50,23 @@ from tests.helpers import (
 MB = 1 << 20
 
 
+class PeakMemory:
+    """``with PeakMemory() as memory:``: afterwards ``memory.peak`` is the most that was allocated
+    (traced by tracemalloc) above what was allocated at the start, in bytes."""
+
+    peak = 0
+
+    def __enter__(self) -> PeakMemory:
+        tracemalloc.start()
+        self._base = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.peak = tracemalloc.get_traced_memory()[1] - self._base
+        tracemalloc.stop()
+
+
 async def flood(sock: trio.socket.SocketType, block: bytes, total: int) -> int:
     """Send ``block`` over and over, ``total`` bytes at most; stop early when the proxy closes."""
     sent = 0
@@ -71,17 +88,10 @@ async def test_random_bytes_after_the_handshake_cost_bounded_memory(nursery):
     flood_bytes = 256 * MB
     sock, _ = await handshake(firehose.port)
     block = os.urandom(64 * 1024)
-    tracemalloc.start()
-    try:
-        base = tracemalloc.get_traced_memory()[0]
-        tracemalloc.reset_peak()
-        with trio.fail_after(90):
-            await flood(sock, block, flood_bytes)
-        peak = tracemalloc.get_traced_memory()[1] - base
-    finally:
-        tracemalloc.stop()
-        sock.close()
-    assert peak < 16 * MB, f"the proxy held {peak / MB:.0f} MB of a client's flood"
+    with PeakMemory() as memory, trio.fail_after(90):
+        await flood(sock, block, flood_bytes)
+    sock.close()
+    assert memory.peak < 16 * MB, f"the proxy held {memory.peak / MB:.0f} MB of a client's flood"
 
 
 
@@ -96,23 +106,16 @@ async def test_a_frame_declaring_a_huge_length_is_refused_at_the_message_limit(n
     _, firehose = await start_firehose(nursery, max_message_bytes=100_000, shutdown_close_seconds=5)
     sock, client = await handshake(firehose.port)
     header = bytes([0x81, 0x80 | 127]) + (2**62).to_bytes(8, "big") + b"\0\0\0\0"  # masked with a zero key
-    tracemalloc.start()
-    try:
-        base = tracemalloc.get_traced_memory()[0]
-        tracemalloc.reset_peak()
-        with trio.fail_after(90):
-            await send_all(sock, header + b"a" * 120_000)  # past the limit, within what is read after a close
-            closes: list[int] = []
-            while not closes:
-                client.receive_data(await sock.recv(65536) or None)
-                closes = [event.code for event in client.events() if isinstance(event, CloseConnection)]
-            assert closes == [1009]
-            await flood(sock, b"a" * 65536, 256 * MB)  # and the rest of the frame, regardless
-        peak = tracemalloc.get_traced_memory()[1] - base
-    finally:
-        tracemalloc.stop()
-        sock.close()
-    assert peak < 16 * MB, f"the proxy held {peak / MB:.0f} MB of one frame"
+    with PeakMemory() as memory, trio.fail_after(90):
+        await send_all(sock, header + b"a" * 120_000)  # past the limit, within what is read after a close
+        closes: list[int] = []
+        while not closes:
+            client.receive_data(await sock.recv(65536) or None)
+            closes = [event.code for event in client.events() if isinstance(event, CloseConnection)]
+        assert closes == [1009]
+        await flood(sock, b"a" * 65536, 256 * MB)  # and the rest of the frame, regardless
+    sock.close()
+    assert memory.peak < 16 * MB, f"the proxy held {memory.peak / MB:.0f} MB of one frame"
 
 async def test_a_closed_session_is_freed_without_waiting_for_the_cycle_collector(nursery):
     """What a connection held comes back when it closes, not whenever a full collection happens to run.
@@ -207,21 +210,14 @@ async def test_a_client_that_pings_and_never_reads_costs_one_pong(nursery):
     pings = 25_000
     batch = b"".join(client.send(Ping(payload=b"%09d" % n + b"p" * 116)) for n in range(1000))
     last = b"last ping" + b"p" * 116
-    tracemalloc.start()
-    try:
-        base = tracemalloc.get_traced_memory()[0]
-        tracemalloc.reset_peak()
-        with trio.fail_after(120):
-            for _ in range(pings // 1000):
-                await send_all(sock, batch)  # never reading what comes back
-            await send_all(sock, client.send(Ping(payload=last)) + masked(AUTH))
-            # Frames are handled in order: once the auth after them is, every ping was answered.
-            await wait_until(lambda: any(s.state.phase.value == "authenticated" for s in firehose.hub.sessions),
-                             timeout=60, what="the pings and the auth after them to be handled")
-        peak = tracemalloc.get_traced_memory()[1] - base
-    finally:
-        tracemalloc.stop()
-    assert peak < 1 * MB, f"the proxy held {peak / MB:.1f} MB of pongs"
+    with PeakMemory() as memory, trio.fail_after(120):
+        for _ in range(pings // 1000):
+            await send_all(sock, batch)  # never reading what comes back
+        await send_all(sock, client.send(Ping(payload=last)) + masked(AUTH))
+        # Frames are handled in order: once the auth after them is, every ping was answered.
+        await wait_until(lambda: any(s.state.phase.value == "authenticated" for s in firehose.hub.sessions),
+                         timeout=60, what="the pings and the auth after them to be handled")
+    assert memory.peak < 1 * MB, f"the proxy held {memory.peak / MB:.1f} MB of pongs"
     answers = []
     with trio.fail_after(60):
         while not answers or answers[-1] != last:

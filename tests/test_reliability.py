@@ -11,8 +11,7 @@ import weakref
 import pytest
 import trio
 from trio_websocket import open_websocket_url
-from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessage
+from wsproto.events import CloseConnection, TextMessage
 
 from proxy.core.protocol import parse_channel_list
 from tests.helpers import (
@@ -20,6 +19,7 @@ from tests.helpers import (
     CLIENT_KEY,
     FAST_KEEPALIVE,
     FIREHOSE_KEY,
+    LIVENESS_SECONDS,
     POLYGON_KEY,
     Client,
     Neighbour,
@@ -28,6 +28,9 @@ from tests.helpers import (
     count_tasks,
     filtered_config,
     firehose_config,
+    handshake,
+    masked,
+    send_all,
     start_chain,
     start_simulator,
     start_tier,
@@ -106,19 +109,13 @@ async def test_no_auth_in_time_and_a_control_flood(nursery):
     # The flood goes out in one write: sent message by message, the proxy's 1008 (after about 140) could
     # come while the client still sends, and the rest would then meet a closed socket and reset the
     # connection, status, close frame and all, before the client read them.
-    raw = trio.socket.socket()
-    await raw.connect(("127.0.0.1", filtered.port))
-    stream = trio.SocketStream(raw)
-    ws = WSConnection(ConnectionType.CLIENT)
-    await stream.send_all(ws.send(Request(host="127.0.0.1", target="/")))
-    while not any(isinstance(event, AcceptConnection) for event in ws.events()):
-        ws.receive_data(await stream.receive_some(65536))
-    await stream.send_all(ws.send(TextMessage(data=json.dumps({"action": "auth", "params": CLIENT_KEY}))) + b"".join(
-        ws.send(TextMessage(data='{"action":"subscribe","params":"T.AAPL"}')) for _ in range(300)))
+    sock, ws = await handshake(filtered.port)
+    await send_all(sock, masked(json.dumps({"action": "auth", "params": CLIENT_KEY}))
+                   + masked('{"action":"subscribe","params":"T.AAPL"}') * 300)
     messages, close_code = [], None
-    with trio.fail_after(10):
+    with trio.fail_after(LIVENESS_SECONDS):
         while close_code is None:
-            ws.receive_data(await stream.receive_some(65536) or None)
+            ws.receive_data(await sock.recv(65536) or None)
             for event in ws.events():
                 if isinstance(event, TextMessage):
                     messages += [s["message"] for s in json.loads(event.data) if s.get("ev") == "status"]
@@ -161,16 +158,9 @@ async def test_vanished_clients_leak_no_task_no_session_no_subscription(nursery,
     sessions_before = set(filtered.hub.sessions)
     references = []
     for round_ in range(20):
-        raw = trio.socket.socket()
-        await raw.connect(("127.0.0.1", filtered.port))
-        stream = trio.SocketStream(raw)
-        ws = WSConnection(ConnectionType.CLIENT)
-        await stream.send_all(ws.send(Request(host="127.0.0.1", target="/")))
-        while not any(isinstance(event, AcceptConnection) for event in ws.events()):
-            ws.receive_data(await stream.receive_some(65536))
-        await stream.send_all(ws.send(TextMessage(data=json.dumps({"action": "auth", "params": CLIENT_KEY}))))
-        await stream.send_all(ws.send(TextMessage(data=json.dumps(
-            {"action": "subscribe", "params": f"T.AAPL,Q.S{round_}"}))))
+        raw, _ = await handshake(filtered.port)
+        await send_all(raw, masked(json.dumps({"action": "auth", "params": CLIENT_KEY}))
+                       + masked(json.dumps({"action": "subscribe", "params": f"T.AAPL,Q.S{round_}"})))
         await wait_until(lambda: len(filtered.hub.sessions) == len(sessions_before) + 1)
         session = next(iter(filtered.hub.sessions - sessions_before))
         await wait_until(lambda: len(filtered.registry.channels_of(session)) == 2)
@@ -187,7 +177,7 @@ async def test_vanished_clients_leak_no_task_no_session_no_subscription(nursery,
     caplog.clear()  # captured log records hold their arguments (sessions) until the test ends
     gc.collect()
     assert all(reference() is None for reference in references), "a closed session is still referenced"
-    await wait_until(lambda: "Q.S0" not in sim.subscribed_channels(), timeout=5, what="grace expiry upstream")
+    await wait_until(lambda: "Q.S0" not in sim.subscribed_channels(), what="grace expiry upstream")
     neighbour.assert_no_gap()
 
 

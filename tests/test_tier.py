@@ -3,8 +3,10 @@ line, the rate history. (The whole tier over real sockets is in test_firehose, t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import types
+from typing import AsyncIterator
 
 import pytest
 import trio
@@ -35,11 +37,31 @@ def fake_tier(**config: object) -> types.SimpleNamespace:
     )
 
 
-async def watch_upstream(tier: types.SimpleNamespace, changes: list[tuple[float, set[str]]]) -> None:
-    """Record (time, upstream set) at every pulse of the demand beacon, as the upstream link sees them."""
-    while True:
-        await tier.hub.demand_changed.wait()
-        changes.append((trio.current_time(), {channel.text for channel in tier.registry.upstream}))
+def change(tier: types.SimpleNamespace, action: str, who: str, channels: str) -> None:
+    """Change the registry as the Hub does: ``subscribe`` or ``unsubscribe``, then a pulse."""
+    getattr(tier.registry, action)(who, set(parse_channel_list(channels)))
+    tier.hub.demand_changed.pulse()
+
+
+def upstream(tier: types.SimpleNamespace) -> set[str]:
+    return {channel.text for channel in tier.registry.upstream}
+
+
+@contextlib.asynccontextmanager
+async def expiring(tier: types.SimpleNamespace) -> AsyncIterator[list[tuple[float, set[str]]]]:
+    """Run the grace task; yields the (time, upstream set) the link would see at each pulse."""
+    changes: list[tuple[float, set[str]]] = []
+
+    async def watch() -> None:
+        while True:
+            await tier.hub.demand_changed.wait()
+            changes.append((trio.current_time(), upstream(tier)))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(tier_module._expire_grace, tier)
+        nursery.start_soon(watch)
+        yield changes
+        nursery.cancel_scope.cancel()
 
 
 # --- grace expiry --------------------------------------------------------------------------------
@@ -47,64 +69,47 @@ async def watch_upstream(tier: types.SimpleNamespace, changes: list[tuple[float,
 
 async def test_an_unsubscribe_reaches_upstream_when_the_grace_ends_not_before(autojump_clock):
     tier = fake_tier()
-    changes: list[tuple[float, set[str]]] = []
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(tier_module._expire_grace, tier)
-        nursery.start_soon(watch_upstream, tier, changes)
+    async with expiring(tier) as changes:
         await trio.sleep(1)
-        tier.registry.subscribe("a", set(parse_channel_list("T.AAPL,Q.MSFT")))
+        change(tier, "subscribe", "a", "T.AAPL,Q.MSFT")
         start = trio.current_time()
-        tier.registry.unsubscribe("a", set(parse_channel_list("T.AAPL")))
-        tier.hub.demand_changed.pulse()  # as Hub._apply_demand does for every change
+        change(tier, "unsubscribe", "a", "T.AAPL")
         await trio.sleep(GRACE - 0.01)
-        assert {c.text for c in tier.registry.upstream} == {"T.AAPL", "Q.MSFT"}  # still held
+        assert upstream(tier) == {"T.AAPL", "Q.MSFT"}  # still held
         await trio.sleep(0.02)
-        assert {c.text for c in tier.registry.upstream} == {"Q.MSFT"}
-        nursery.cancel_scope.cancel()
-    expired = [(when, held) for when, held in changes if held == {"Q.MSFT"}]
-    assert expired and expired[0][0] == pytest.approx(start + GRACE)  # at the deadline, and the link was told
+        assert upstream(tier) == {"Q.MSFT"}
+    expired = [when for when, held in changes if held == {"Q.MSFT"}]
+    assert expired and expired[0] == pytest.approx(start + GRACE)  # at the deadline, and the link was told
 
 
 async def test_a_resubscribe_inside_the_grace_keeps_the_channel_and_sends_nothing(autojump_clock):
     tier = fake_tier()
-    changes: list[tuple[float, set[str]]] = []
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(tier_module._expire_grace, tier)
-        nursery.start_soon(watch_upstream, tier, changes)
-        aapl = set(parse_channel_list("T.AAPL"))
-        tier.registry.subscribe("a", aapl)
-        tier.registry.unsubscribe("a", aapl)
-        tier.hub.demand_changed.pulse()
+    async with expiring(tier) as changes:
+        change(tier, "subscribe", "a", "T.AAPL")
+        change(tier, "unsubscribe", "a", "T.AAPL")
         await trio.sleep(GRACE / 2)
-        tier.registry.subscribe("b", aapl)
-        tier.hub.demand_changed.pulse()
+        change(tier, "subscribe", "b", "T.AAPL")
         await trio.sleep(10 * GRACE)
-        assert {c.text for c in tier.registry.upstream} == {"T.AAPL"}
-        nursery.cancel_scope.cancel()
-    assert all(held == {"T.AAPL"} for _, held in changes)  # never dropped upstream meanwhile
+        assert upstream(tier) == {"T.AAPL"}
+    assert changes and all(held == {"T.AAPL"} for _, held in changes)  # never dropped upstream meanwhile
 
 
 async def test_a_grace_that_starts_while_the_task_sleeps_with_no_deadline_is_kept(autojump_clock):
     """The task waits without a deadline when nothing is in grace; the pulse of a change that
     only starts a grace period (an empty delta) must wake it, or the channel stays forever."""
     tier = fake_tier()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(tier_module._expire_grace, tier)
-        aapl, msft = set(parse_channel_list("T.AAPL")), set(parse_channel_list("T.MSFT"))
-        tier.registry.subscribe("a", aapl | msft)
+    async with expiring(tier):
+        change(tier, "subscribe", "a", "T.AAPL,T.MSFT")
         await trio.sleep(100)  # nothing in grace: the task has nothing to wait for but a pulse
         start = trio.current_time()
-        tier.registry.unsubscribe("a", aapl)
-        tier.hub.demand_changed.pulse()
+        change(tier, "unsubscribe", "a", "T.AAPL")
         await trio.sleep(1)
-        tier.registry.unsubscribe("a", msft)  # a later deadline while the task waits for the first
-        tier.hub.demand_changed.pulse()
+        change(tier, "unsubscribe", "a", "T.MSFT")  # a later deadline while the task waits for the first
         await trio.sleep(GRACE - 1 + 0.01)
-        assert {c.text for c in tier.registry.upstream} == {"T.MSFT"}
+        assert upstream(tier) == {"T.MSFT"}
         await trio.sleep(1)
-        assert tier.registry.upstream == frozenset()
+        assert upstream(tier) == set()
         assert trio.current_time() == pytest.approx(start + GRACE + 1.01)
-        nursery.cancel_scope.cancel()
 
 
 # --- the summary line ------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from tests.helpers import (
     FIREHOSE_KEY,
     LIVENESS_SECONDS,
     firehose_config,
+    masked,
     start_firehose,
     start_simulator,
     start_tier,
@@ -115,24 +116,18 @@ async def test_pings_are_answered_and_messages_reassembled():
     assert [event.payload for event in events if isinstance(event, Pong)] == [b"hi"]
 
 
-async def test_a_message_over_the_limit_closes_1009():
-    server, stream, client = await _open_pair(max_message_bytes=100)
-    await stream.send_all(client.send(TextMessage(data="x" * 101)))
-    with pytest.raises(ConnectionClosed) as closed:
+@pytest.mark.parametrize("max_message_bytes, sent, code", [
+    (100, masked("x" * 101), 1009),  # a message over the limit
+    (1 << 20, bytes([0x81, 0x80 | 2, 0, 0, 0, 0]) + b"\xff\xfe", 1007),  # a text frame that is not UTF-8
+], ids=["too-big", "not-utf-8"])
+async def test_a_bad_message_closes_with_its_code(max_message_bytes, sent, code):
+    server, stream, client = await _open_pair(max_message_bytes=max_message_bytes)
+    await stream.send_all(sent)
+    with pytest.raises(ConnectionClosed) as closed, trio.fail_after(LIVENESS_SECONDS):
         await server.get_message()
-    assert closed.value.code == 1009
+    assert closed.value.code == code
     events = await _client_events(stream, client, CloseConnection)
-    assert events[-1].code == 1009
-
-
-async def test_a_protocol_error_closes_with_its_code():
-    server, stream, client = await _open_pair()
-    await stream.send_all(bytes([0x81, 0x80 | 2, 0, 0, 0, 0]) + b"\xff\xfe")  # text frame, not UTF-8
-    with pytest.raises(ConnectionClosed) as closed, trio.fail_after(5):
-        await server.get_message()
-    assert closed.value.code == 1007
-    events = await _client_events(stream, client, CloseConnection)
-    assert events[-1].code == 1007
+    assert events[-1].code == code
 
 
 async def test_the_peers_close_is_answered_and_ours_reaches_it():
