@@ -16,6 +16,7 @@ from proxy.net.http import HttpRequest
 from tests.helpers import (
     CLIENT_KEY,
     FIREHOSE_KEY,
+    LIVENESS_SECONDS,
     authed_client,
     handshake,
     masked,
@@ -36,7 +37,7 @@ def _get(url: str, headers: dict[str, str] | None = None) -> tuple[int, Any, byt
 
     opener = urllib.request.build_opener(NoRedirect)
     try:
-        with opener.open(request, timeout=5) as response:
+        with opener.open(request, timeout=LIVENESS_SECONDS) as response:
             return response.status, response.headers, response.read()
     except urllib.error.HTTPError as error:
         return error.code, error.headers, error.read()

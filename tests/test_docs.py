@@ -16,7 +16,7 @@ from pathlib import Path
 
 import trio
 
-from tests.helpers import CLIENT_KEY, authed_client, start_chain
+from tests.helpers import CLIENT_KEY, LIVENESS_SECONDS, authed_client, start_chain
 
 ROOT = Path(__file__).parent.parent
 
@@ -63,7 +63,7 @@ def served_metrics(exposition: str) -> dict[str, set[str]]:
 
 
 def _get(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=5) as response:
+    with urllib.request.urlopen(url, timeout=LIVENESS_SECONDS) as response:
         return response.read().decode()
 
 

@@ -28,6 +28,7 @@ from proxy.net.upstream import LinkState
 from tests.helpers import (
     CLIENT_KEY,
     FIREHOSE_KEY,
+    LIVENESS_SECONDS,
     POLYGON_KEY,
     authed_client,
     connect,
@@ -247,7 +248,7 @@ async def test_start_up_logs_the_market_and_warns_on_a_mismatch(tmp_path):
 
 def _http(url: str) -> tuple[int, str, str]:
     try:
-        with urllib.request.urlopen(url, timeout=5) as response:
+        with urllib.request.urlopen(url, timeout=LIVENESS_SECONDS) as response:
             return response.status, response.reason, response.read().decode()
     except urllib.error.HTTPError as error:
         return error.code, error.reason, error.read().decode()

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as sync_connect
 
-from tests.helpers import ALL_STREAM, CLIENT_KEY, Neighbour, authed_client, start_chain
+from tests.helpers import ALL_STREAM, CLIENT_KEY, LIVENESS_SECONDS, Neighbour, authed_client, start_chain
 
 DEFINED_CLOSE_CODES = {1008, 1009, 1013}
 
@@ -64,14 +64,14 @@ def live_chain():
 
 
 def _answer_or_close(url: str, message: str | bytes, authenticate: bool) -> None:
-    with sync_connect(url, open_timeout=5, close_timeout=1, max_size=None) as ws:
-        assert json.loads(ws.recv(timeout=5))[0]["status"] == "connected"
+    with sync_connect(url, open_timeout=LIVENESS_SECONDS, close_timeout=1, max_size=None) as ws:
+        assert json.loads(ws.recv(timeout=LIVENESS_SECONDS))[0]["status"] == "connected"
         if authenticate:
             ws.send(json.dumps({"action": "auth", "params": CLIENT_KEY}))
-            assert json.loads(ws.recv(timeout=5))[0]["status"] == "auth_success"
+            assert json.loads(ws.recv(timeout=LIVENESS_SECONDS))[0]["status"] == "auth_success"
         ws.send(message)
         try:
-            answer = json.loads(ws.recv(timeout=5))
+            answer = json.loads(ws.recv(timeout=LIVENESS_SECONDS))
         except ConnectionClosed as closed:
             assert closed.rcvd is not None and closed.rcvd.code in DEFINED_CLOSE_CODES, closed
             return

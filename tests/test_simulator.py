@@ -230,7 +230,7 @@ async def test_fault_malformed_frame(nursery):
     sim = await start_simulator(nursery, events_per_second=500)
     client = await authed_client(nursery, sim.port, POLYGON_KEY, subscribe="T.*,Q.*")
     sim.faults.malformed_next = 1
-    with trio.fail_after(5):
+    with trio.fail_after(LIVENESS_SECONDS):
         while True:
             message = await client.ws.get_message()
             try:
@@ -305,7 +305,7 @@ async def test_faults_are_switchable_by_configuration(nursery):
 
     broken = await start_simulator(nursery, malformed_frames=1, events_per_second=1000)
     client = await authed_client(nursery, broken.port, POLYGON_KEY, subscribe="T.*,Q.*")
-    with trio.fail_after(5):
+    with trio.fail_after(LIVENESS_SECONDS):
         first_data = await client.ws.get_message()
     try:
         json.loads(first_data)

@@ -160,7 +160,7 @@ async def test_a_plain_http_request_gets_400_and_the_server_carries_on(nursery, 
     await stream.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     reply = await stream.receive_some(65536)
     await stream.send_all(b"and then bytes that are no HTTP at all\r\n\r\n")  # while it waits for our end
-    with trio.fail_after(5):
+    with trio.fail_after(LIVENESS_SECONDS):
         while chunk := await stream.receive_some(65536):
             reply += chunk
     assert reply.startswith(b"HTTP/1.1 400")
