@@ -15,7 +15,7 @@ import sys
 import trio
 
 from proxy.core.protocol import parse_channel_list
-from tests.conftest import firehose_config, start_simulator, start_tier
+from tests.helpers import firehose_config, start_simulator, start_tier
 
 
 async def main(overrides: dict) -> None:

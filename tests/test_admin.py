@@ -13,13 +13,15 @@ import trio
 
 from proxy.app.admin import _allowed
 from proxy.net.http import HttpRequest
-from tests.conftest import (
+from tests.helpers import (
     CLIENT_KEY,
+    FIREHOSE_KEY,
+    LIVENESS_SECONDS,
     authed_client,
-    filtered_config,
-    firehose_config,
-    start_simulator,
-    start_tier,
+    handshake,
+    masked,
+    start_chain,
+    start_firehose,
     wait_until,
 )
 
@@ -35,7 +37,7 @@ def _get(url: str, headers: dict[str, str] | None = None) -> tuple[int, Any, byt
 
     opener = urllib.request.build_opener(NoRedirect)
     try:
-        with opener.open(request, timeout=5) as response:
+        with opener.open(request, timeout=LIVENESS_SECONDS) as response:
             return response.status, response.headers, response.read()
     except urllib.error.HTTPError as error:
         return error.code, error.headers, error.read()
@@ -46,11 +48,9 @@ async def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, Any
 
 
 async def chain(nursery, **filtered_overrides):
-    sim = await start_simulator(nursery, events_per_second=1000)
-    firehose = await start_tier(nursery, firehose_config(sim))
-    filtered = await start_tier(nursery, filtered_config(firehose, metrics_port=0, **filtered_overrides))
-    await wait_until(lambda: filtered.link.state.value == "connected", what="the chain up")
-    return sim, firehose, filtered
+    """The chain with the filtered proxy's metrics port open."""
+    return await start_chain(nursery, simulator=dict(events_per_second=1000),
+                             filtered=dict(metrics_port=0, **filtered_overrides))
 
 
 async def test_clients_lists_what_real_clients_hold(nursery):
@@ -205,36 +205,28 @@ async def test_metrics_per_key_name_count_clients_sent_and_dropped(nursery):
 # --- dead connections --------------------------------------------------------------------------
 
 
-async def test_a_half_open_client_is_released_within_ping_and_timeout_and_live_ones_stay(nursery):
-    """A client whose socket stops answering (not closed: a vanished laptop) is closed 1011 after
-    CLIENT_PING_SECONDS + CLIENT_PONG_TIMEOUT_SECONDS, its channels released; one that answers
-    pings, as every WebSocket library does, never notices."""
-    from wsproto import ConnectionType, WSConnection
-    from wsproto.events import AcceptConnection, Request, TextMessage
-
-    sim = await start_simulator(nursery, events_per_second=200)
-    firehose = await start_tier(nursery, firehose_config(sim, client_ping_seconds=0.4, client_pong_timeout_seconds=0.4))
-    await wait_until(lambda: firehose.link.state.value == "connected")
-    live = await authed_client(nursery, firehose.port, "firehose-key", subscribe="LULD.AAPL")  # a rare channel
-    nursery.start_soon(live.collect, 60)  # it reads what comes (trio-websocket answers pings only while read)
+async def test_a_half_open_client_is_released_and_a_live_one_stays(nursery):
+    """Over real sockets: a client whose socket stops answering (not closed: a vanished laptop) is
+    closed 1011 and its channels released; one that answers pings, as every WebSocket library does
+    while it reads, stays however idle. When each happens (CLIENT_PING_SECONDS, then
+    CLIENT_PONG_TIMEOUT_SECONDS) is tested without sockets, in test_hub."""
+    _, firehose = await start_firehose(nursery, simulator=dict(events_per_second=200),
+                                       client_ping_seconds=0.3, client_pong_timeout_seconds=1.0)
+    live = await authed_client(nursery, firehose.port, FIREHOSE_KEY, subscribe="LULD.AAPL")  # a rare channel
+    nursery.start_soon(live.collect, 120)  # it reads, so its library answers pings
     # the silent one: handshake, auth and subscribe over a raw socket, then it reads and answers nothing
-    peer = WSConnection(ConnectionType.CLIENT)
-    sock = trio.socket.socket()
-    await sock.connect(("127.0.0.1", firehose.port))
-    await sock.send(peer.send(Request(host="127.0.0.1", target="/stocks")))
-    with trio.fail_after(5):
-        while not any(isinstance(event, AcceptConnection) for event in peer.events()):
-            peer.receive_data(await sock.recv(65536))
-    await sock.send(peer.send(TextMessage('{"action":"auth","params":"firehose-key"}'))
-                    + peer.send(TextMessage('{"action":"subscribe","params":"Q.ZZZZ"}')))
+    sock, _ = await handshake(firehose.port, path="/stocks")
+    await sock.send(masked(json.dumps({"action": "auth", "params": FIREHOSE_KEY}))
+                    + masked(json.dumps({"action": "subscribe", "params": "Q.ZZZZ"})))
     await wait_until(lambda: "Q.ZZZZ" in {c.text for c in firehose.registry.upstream}, what="its subscribe applied")
-    started = trio.current_time()
-    await wait_until(lambda: len(firehose.hub.sessions) == 1, timeout=10, what="the silent client released")
-    assert trio.current_time() - started >= 0.4  # it was given its ping and its timeout
-    assert firehose.stats.dead_clients_closed == 1
-    await wait_until(lambda: "Q.ZZZZ" not in {c.text for c in firehose.registry.upstream}, timeout=5,
-                     what="its channel released")
-    await trio.sleep(1.5)  # several ping intervals: the live client, idle as it is, answers and stays
-    assert len(firehose.hub.sessions) == 1 and firehose.stats.dead_clients_closed == 1
+    silent = max(firehose.hub.sessions, key=lambda session: session.id)
+    await wait_until(lambda: silent not in firehose.hub.sessions, what="the silent client released")
+    assert silent.close_request == (1011, "no answer to ping") and firehose.stats.dead_clients_closed == 1
+    await wait_until(lambda: "Q.ZZZZ" not in {c.text for c in firehose.registry.upstream}, what="its channel released")
+    # the live one sends nothing but pongs: its connection hearing from it, pings later, is their answers
+    (kept,) = firehose.hub.sessions
+    released_at = trio.current_time()
+    await wait_until(lambda: kept.connection.last_received_at > released_at + 1.0, what="pongs from the live client")
+    assert firehose.hub.sessions == {kept} and firehose.stats.dead_clients_closed == 1
     assert live.ws.closed is None
     sock.close()

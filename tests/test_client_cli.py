@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from proxy.app.client_cli import format_event
-from tests.conftest import FIREHOSE_KEY, firehose_config, start_simulator, start_tier, wait_until
+from tests.helpers import FIREHOSE_KEY, start_firehose
 
 
 def test_events_are_formatted_readably():
@@ -30,9 +30,7 @@ async def _run_client(*arguments: str, env: dict[str, str] | None = None) -> sub
 
 
 async def test_the_client_prints_count_events_of_its_channels_then_exits_0(nursery):
-    sim = await start_simulator(nursery)
-    firehose = await start_tier(nursery, firehose_config(sim))
-    await wait_until(lambda: firehose.link.state.value == "connected")
+    _, firehose = await start_firehose(nursery)
     url = f"ws://127.0.0.1:{firehose.port}/stocks"
     result = await _run_client("--url", url, "--count", "5", "--json", "T.*", env={"PROXY_KEY": FIREHOSE_KEY})
     assert result.returncode == 0, result.stderr
@@ -45,8 +43,7 @@ async def test_the_client_prints_count_events_of_its_channels_then_exits_0(nurse
 
 
 async def test_a_refused_key_or_no_server_is_exit_1_with_a_reason(nursery):
-    sim = await start_simulator(nursery)
-    firehose = await start_tier(nursery, firehose_config(sim))
+    _, firehose = await start_firehose(nursery)
     refused = await _run_client("--url", f"ws://127.0.0.1:{firehose.port}", "--key", "wrong", "T.*")
     assert refused.returncode == 1 and b"status auth_failed" in refused.stderr
     nothing = await _run_client("--url", "ws://127.0.0.1:9/stocks", "--key", "k", "T.*")

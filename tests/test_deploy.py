@@ -20,7 +20,7 @@ import pytest
 import trio
 
 from proxy.app import config
-from tests.conftest import filtered_config, firehose_config, start_simulator, start_tier
+from tests.helpers import start_chain
 import attrs
 
 ROOT = Path(__file__).parent.parent
@@ -141,9 +141,8 @@ async def test_dockerfile_healthcheck_passes_for_each_running_tier_and_fails_wit
     closed = socket.socket()  # bound, never listening: connecting to it is refused, as to a dead tier
     closed.bind(("127.0.0.1", 0))
     dead = str(closed.getsockname()[1])
-    sim = await start_simulator(nursery)
-    firehose = await start_tier(nursery, firehose_config(sim, metrics_port=0))
-    filtered = await start_tier(nursery, filtered_config(firehose, metrics_port=0))
+    sim, firehose, filtered = await start_chain(nursery, firehose=dict(metrics_port=0), filtered=dict(metrics_port=0),
+                                                connected=False)  # /healthz answers whether or not the links are up
 
     async def check(**ports: str) -> int:
         env = {"PATH": os.environ.get("PATH", ""), "FIREHOSE_METRICS_PORT": dead,

@@ -16,15 +16,7 @@ from pathlib import Path
 
 import trio
 
-from tests.conftest import (
-    CLIENT_KEY,
-    authed_client,
-    filtered_config,
-    firehose_config,
-    start_simulator,
-    start_tier,
-    wait_until,
-)
+from tests.helpers import CLIENT_KEY, LIVENESS_SECONDS, authed_client, start_chain
 
 ROOT = Path(__file__).parent.parent
 
@@ -71,17 +63,14 @@ def served_metrics(exposition: str) -> dict[str, set[str]]:
 
 
 def _get(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=5) as response:
+    with urllib.request.urlopen(url, timeout=LIVENESS_SECONDS) as response:
         return response.read().decode()
 
 
 async def test_readme_lists_exactly_the_metrics_each_tier_serves(nursery):
     listed = readme_metrics()
-    sim = await start_simulator(nursery)
-    firehose = await start_tier(nursery, firehose_config(sim, metrics_port=0))
-    filtered = await start_tier(nursery, filtered_config(firehose, metrics_port=0))
+    _, firehose, filtered = await start_chain(nursery, firehose=dict(metrics_port=0), filtered=dict(metrics_port=0))
     # a client on each tier, so that per-client and per-key families have samples to show their labels
-    await wait_until(lambda: filtered.link.state.value == "connected", what="the filtered link")
     await authed_client(nursery, filtered.port, CLIENT_KEY, subscribe="T.AAPL")
     for tier in (firehose, filtered):
         served = served_metrics(await trio.to_thread.run_sync(_get, f"http://127.0.0.1:{tier.metrics_port}/metrics"))

@@ -9,13 +9,14 @@ from pathlib import Path
 import trio
 from trio_websocket import ConnectionRejected, open_websocket_url
 
-from tests.conftest import (
+from tests.helpers import (
     CLIENT_KEY,
     authed_client,
     connect,
     filtered_config,
     firehose_config,
     selects,
+    start_chain,
     start_simulator,
     start_tier,
     wait_until,
@@ -24,22 +25,13 @@ from tests.conftest import (
 CLIENTS = Path(__file__).parent / "clients"
 
 
-async def start_chain(nursery, **simulator_overrides):
-    sim = await start_simulator(nursery, **simulator_overrides)
-    firehose = await start_tier(nursery, firehose_config(sim))
-    filtered = await start_tier(nursery, filtered_config(firehose))
-    await wait_until(lambda: filtered.link.state.value == "connected", what="filtered proxy upstream")
-    return sim, firehose, filtered
-
-
 async def test_two_clients_through_two_tiers_get_only_their_symbols(nursery):
-    sim, firehose, filtered = await start_chain(nursery, events_per_second=4000)
+    sim, firehose, filtered = await start_chain(nursery, simulator=dict(events_per_second=4000))
     a = await authed_client(nursery, filtered.port, CLIENT_KEY, subscribe="T.AAPL")
     b = await authed_client(nursery, filtered.port, CLIENT_KEY, subscribe="T.GOOGL")
     await wait_until(lambda: sim.subscribed_channels() == {"T.AAPL", "T.GOOGL"}, what="Polygon demand")
-    events_a, events_b = await a.collect(1.5), await b.collect(0.3)
-    assert events_a and {(e["ev"], e["sym"]) for e in events_a} == {("T", "AAPL")}
-    assert events_b and {(e["ev"], e["sym"]) for e in events_b} == {("T", "GOOGL")}
+    assert {(e["ev"], e["sym"]) for e in await a.wait_events(20)} == {("T", "AAPL")}
+    assert {(e["ev"], e["sym"]) for e in await b.wait_events(20)} == {("T", "GOOGL")}
     # the firehose holds * for the filtered proxy, but * never reaches Polygon
     assert "*" not in sim.subscribed_channels()
     assert firehose.registry.everything_subscribers
@@ -64,15 +56,19 @@ async def _compare_with_reference(nursery, sim, filtered, subscriptions):
     clients = [await authed_client(nursery, filtered.port, CLIENT_KEY, subscribe=params + ",BENCH.*")
                for params in subscriptions]
     everyone = [reference, *clients]
+    counted = sim.window_events
     sim.mark()
     first = sim.marks
-    await trio.sleep(1.5)  # the window's length only sets how many events are compared
+    # the window's length only sets how many events are compared
+    await wait_until(lambda: sim.window_events - counted >= 3000, what="3000 events sent in the window")
     sim.mark()
     last = sim.marks
 
     async def read_to_last_mark(client):
+        seen = 0
         with trio.fail_after(60):
-            while not any(e.get("ev") == "BENCH" and e.get("n") == last for e in client.events[-50:]):
+            while not any(e.get("ev") == "BENCH" and e.get("n") == last for e in client.events[seen:]):
+                seen = len(client.events)
                 await client.receive()
 
     async with trio.open_nursery() as readers:
@@ -87,12 +83,12 @@ async def _compare_with_reference(nursery, sim, filtered, subscriptions):
 
 
 async def test_overlapping_star_type_and_symbol_channels_without_duplicates(nursery):
-    sim, _, filtered = await start_chain(nursery, events_per_second=2000)
+    sim, _, filtered = await start_chain(nursery)
     await _compare_with_reference(nursery, sim, filtered, ["T.*,T.AAPL", "*,T.AAPL", "T.AAPL,Q.AAPL,Q.*"])
 
 
 async def test_a_hundred_clients_match_the_reference_filter(nursery):
-    sim, _, filtered = await start_chain(nursery, events_per_second=2000, symbols=30)
+    sim, _, filtered = await start_chain(nursery, simulator=dict(events_per_second=2000, symbols=30))
     rnd = random.Random(1234)
     symbols = ["AAPL", "MSFT", "GOOGL", "AMZN", "TSLA", "NVDA", "SPY", "QQQ", "AAA", "AAB", "AAC"]
     subscriptions = []
@@ -106,10 +102,10 @@ async def test_a_hundred_clients_match_the_reference_filter(nursery):
 
 
 async def test_clients_receive_original_bytes_as_json_array_frames(nursery):
-    sim, _, filtered = await start_chain(nursery, events_per_second=2000)
+    sim, _, filtered = await start_chain(nursery)
     sim.record_frames = True
     client = await authed_client(nursery, filtered.port, CLIENT_KEY, subscribe="T.AAPL,Q.MSFT")
-    await client.collect(1.0)
+    await client.wait_events(50)
     sent_events = set()
     for frame in sim.sent_frames[1]:
         sent_events.update(json.dumps(e, separators=(",", ":")) for e in json.loads(frame))
@@ -123,7 +119,7 @@ async def test_clients_receive_original_bytes_as_json_array_frames(nursery):
 
 
 async def test_paths_and_pre_auth_rules(nursery):
-    _, _, filtered = await start_chain(nursery, events_per_second=50)
+    _, _, filtered = await start_chain(nursery, simulator=dict(events_per_second=50))
     root = await connect(nursery, filtered.port, path="/")
     assert (await root.request("subscribe", "T.AAPL"))[0]["status"] == "error"  # before auth: kept
     assert (await root.auth(CLIENT_KEY))[0]["status"] == "auth_success"
@@ -137,9 +133,8 @@ async def test_paths_and_pre_auth_rules(nursery):
 
 
 async def test_auth_timeout_on_the_proxy(nursery):
-    sim = await start_simulator(nursery, events_per_second=50)
-    firehose = await start_tier(nursery, firehose_config(sim))
-    filtered = await start_tier(nursery, filtered_config(firehose, auth_timeout_seconds=0.3))
+    _, _, filtered = await start_chain(nursery, simulator=dict(events_per_second=50),
+                                       filtered=dict(auth_timeout_seconds=0.3))
     client = await connect(nursery, filtered.port)
     assert (await client.next_status())[0]["status"] == "auth_timeout"
     assert await client.close_code() == 1008
@@ -155,7 +150,7 @@ async def _run_client(args, timeout=30):
 
 
 async def test_plain_websockets_client_works_unchanged(nursery):
-    _, _, filtered = await start_chain(nursery, events_per_second=3000)
+    _, _, filtered = await start_chain(nursery, simulator=dict(events_per_second=3000))
     with trio.fail_after(30):
         lines = await _run_client([CLIENTS / "plain_websockets_client.py",
                                    f"ws://127.0.0.1:{filtered.port}", CLIENT_KEY, "T.AAPL", 20])
@@ -166,7 +161,7 @@ async def test_plain_websockets_client_works_unchanged(nursery):
 
 
 async def test_official_massive_client_works_unchanged(nursery):
-    _, _, filtered = await start_chain(nursery, events_per_second=3000)
+    _, _, filtered = await start_chain(nursery, simulator=dict(events_per_second=3000))
     with trio.fail_after(30):
         lines = await _run_client([CLIENTS / "massive_client.py", f"127.0.0.1:{filtered.port}",
                                    CLIENT_KEY, "T.AAPL,Q.MSFT", 30])
@@ -179,13 +174,13 @@ async def test_official_massive_client_works_unchanged(nursery):
 
 
 async def test_two_filtered_proxies_share_one_upstream_connection(nursery):
-    sim, firehose, first = await start_chain(nursery, events_per_second=2000)
+    sim, firehose, first = await start_chain(nursery)
     second = await start_tier(nursery, filtered_config(firehose))
     a = await authed_client(nursery, first.port, CLIENT_KEY, subscribe="T.AAPL")
     b = await authed_client(nursery, second.port, CLIENT_KEY, subscribe="Q.MSFT")
     await wait_until(lambda: sim.subscribed_channels() == {"T.AAPL", "Q.MSFT"})
-    assert {e["sym"] for e in await a.collect(1.0)} == {"AAPL"}
-    assert {e["sym"] for e in await b.collect(0.3)} == {"MSFT"}
+    assert {e["sym"] for e in await a.wait_events(20)} == {"AAPL"}
+    assert {e["sym"] for e in await b.wait_events(20)} == {"MSFT"}
     assert sim.connections_total == 1
 
 
@@ -205,16 +200,11 @@ async def test_firehose_restart_mid_stream_keeps_clients_and_subscriptions(nurse
     await client.wait_events(10)
 
     firehose_scope.cancel()  # the firehose process dies
-    with trio.fail_after(5):
-        while not any(s["status"] == "upstream_disconnected" for s in client.statuses):
-            await client.receive()
-    await trio.sleep(0.3)
+    await client.wait_status("upstream_disconnected")
+    await trio.sleep(0.3)  # down a while: the filtered proxy's reconnects find nobody
     firehose_scope = trio.CancelScope()
     await nursery.start(run_firehose, firehose_config(sim, port=firehose.port))  # restarted
-    with trio.fail_after(10):
-        while not any(s["status"] == "upstream_connected" for s in client.statuses):
-            await client.receive()
-    count = len(client.events)
-    await client.wait_events(count + 10, timeout=10)  # same client connection, data again
+    await client.wait_status("upstream_connected")
+    await client.more_events(10)  # same client connection, data again
     assert {(e["ev"], e["sym"]) for e in client.events} <= {("T", "AAPL"), ("Q", "AAPL")}
     await wait_until(lambda: sim.subscribed_channels() == {"T.AAPL", "Q.AAPL"}, what="re-subscription")

@@ -25,16 +25,19 @@ from proxy.core.backoff import Backoff
 from proxy.app.config import check_market_url, load_filtered_config, load_firehose_config
 from proxy.core.errors import ConfigError
 from proxy.net.upstream import LinkState
-from tests.conftest import (
+from tests.helpers import (
     CLIENT_KEY,
     FIREHOSE_KEY,
+    LIVENESS_SECONDS,
     POLYGON_KEY,
     authed_client,
     connect,
     filtered_config,
     firehose_config,
+    start_firehose,
     start_simulator,
     start_tier,
+    wait_connected,
     wait_until,
 )
 
@@ -79,7 +82,7 @@ async def test_one_env_file_as_the_readme_shows_serves_both_tiers(nursery, clean
     config = load_filtered_config()
     assert config.upstream_api_key == FIREHOSE_KEY
     filtered = await start_tier(nursery, config)
-    await wait_until(lambda: filtered.link.state is LinkState.CONNECTED, what="the filtered link accepted")
+    await wait_connected(filtered)  # the filtered link accepted
     client = await authed_client(nursery, filtered.port, CLIENT_KEY, subscribe="T.*")
     events = await client.wait_events(5)
     assert all(event["ev"] == "T" for event in events)
@@ -97,8 +100,7 @@ def test_the_filtered_tier_has_its_own_setting_for_its_firehose_key(clean_enviro
 
 
 async def test_a_refused_key_names_its_setting_never_the_key(nursery, caplog):
-    sim = await start_simulator(nursery)
-    firehose = await start_tier(nursery, firehose_config(sim))
+    _, firehose = await start_firehose(nursery)
     secret = "wrong-firehose-key-1234567890"
     filtered = await start_tier(nursery, filtered_config(
         firehose, upstream_api_key=secret, upstream_api_key_source="FILTERED_PROXY_FIREHOSE_KEY"))
@@ -133,9 +135,7 @@ async def test_a_client_arriving_before_the_upstream_ever_connected_is_told(nurs
 
 
 async def test_a_client_arriving_during_an_outage_is_told_and_then_told_of_the_recovery(nursery):
-    sim = await start_simulator(nursery)
-    firehose = await start_tier(nursery, firehose_config(sim))
-    await wait_until(lambda: firehose.link.state is LinkState.CONNECTED)
+    sim, firehose = await start_firehose(nursery)
     sim.faults.refuse_auth = 1_000  # keep it down while the client arrives
     sim.drop_all()
     await wait_until(lambda: firehose.link.state is not LinkState.CONNECTED, what="the outage")
@@ -149,9 +149,7 @@ async def test_a_client_arriving_during_an_outage_is_told_and_then_told_of_the_r
 
 
 async def test_a_client_arriving_while_connected_hears_nothing_extra(nursery):
-    sim = await start_simulator(nursery)
-    firehose = await start_tier(nursery, firehose_config(sim))
-    await wait_until(lambda: firehose.link.state is LinkState.CONNECTED)
+    _, firehose = await start_firehose(nursery)
     client = await connect(nursery, firehose.port)
     await client.auth(FIREHOSE_KEY)
     await client.send("subscribe", "T.AAPL")
@@ -192,9 +190,7 @@ async def test_a_busy_simulator_port_is_a_config_error(nursery):
 
 
 async def test_json_sent_as_a_binary_frame_works_like_text(nursery):
-    sim = await start_simulator(nursery)
-    firehose = await start_tier(nursery, firehose_config(sim))
-    await wait_until(lambda: firehose.link.state is LinkState.CONNECTED)
+    _, firehose = await start_firehose(nursery)
     client = await connect(nursery, firehose.port)
     await client.ws.send_message(json.dumps({"action": "auth", "params": FIREHOSE_KEY}).encode())
     assert (await client.next_status())[0]["status"] == "auth_success"
@@ -207,9 +203,7 @@ async def test_json_sent_as_a_binary_frame_works_like_text(nursery):
 
 
 async def test_lowercase_symbols_are_acknowledged_with_a_warning(nursery):
-    sim = await start_simulator(nursery)
-    firehose = await start_tier(nursery, firehose_config(sim))
-    await wait_until(lambda: firehose.link.state is LinkState.CONNECTED)
+    _, firehose = await start_firehose(nursery)
     client = await authed_client(nursery, firehose.port, FIREHOSE_KEY)
     await client.send("subscribe", "T.aapl,Q.MSFT")
     assert [s["message"] for s in await client.next_status()] == ["subscribed to: T.aapl", "subscribed to: Q.MSFT"]
@@ -254,7 +248,7 @@ async def test_start_up_logs_the_market_and_warns_on_a_mismatch(tmp_path):
 
 def _http(url: str) -> tuple[int, str, str]:
     try:
-        with urllib.request.urlopen(url, timeout=5) as response:
+        with urllib.request.urlopen(url, timeout=LIVENESS_SECONDS) as response:
             return response.status, response.reason, response.read().decode()
     except urllib.error.HTTPError as error:
         return error.code, error.reason, error.read().decode()
@@ -276,15 +270,13 @@ async def test_http_answers_carry_a_reason_phrase_and_say_what_the_port_is(nurse
 
 
 async def test_backoff_restarts_short_after_a_connection_that_carried_data(nursery):
-    sim = await start_simulator(nursery)
-    slow = Backoff(initial_seconds=0.2, max_seconds=60, healthy_after_seconds=1_000,
-                                 refused_seconds=60)
-    firehose = await start_tier(nursery, firehose_config(sim, backoff=slow, static_channels=()))
+    slow = Backoff(initial_seconds=0.2, max_seconds=60, healthy_after_seconds=1_000, refused_seconds=60)
+    sim, firehose = await start_firehose(nursery, backoff=slow)
     client = await authed_client(nursery, firehose.port, FIREHOSE_KEY, subscribe="T.*")
     await client.wait_events(3)
     firehose.link.failures = 12  # as after a long outage at start-up: the next wait would be 30-60 s
     outages = firehose.stats.outages
     sim.drop_all()
     await wait_until(lambda: firehose.stats.outages == outages + 1, what="the drop noticed")
-    await wait_until(lambda: firehose.link.state is LinkState.CONNECTED, timeout=10,
+    await wait_until(lambda: firehose.link.state is LinkState.CONNECTED, timeout=10,  # 30 s at least unless reset
                      what="a reconnect within the short delay")

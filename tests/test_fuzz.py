@@ -18,8 +18,7 @@ from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as sync_connect
 
-from tests.conftest import CLIENT_KEY, authed_client, filtered_config, firehose_config, simulator_config
-from tests.test_reliability import ALL_STREAM, Neighbour
+from tests.helpers import ALL_STREAM, CLIENT_KEY, LIVENESS_SECONDS, Neighbour, authed_client, start_chain
 
 DEFINED_CLOSE_CODES = {1008, 1009, 1013}
 
@@ -42,19 +41,14 @@ messages = st.one_of(
 
 @pytest.fixture(scope="module")
 def live_chain():
-    from proxy.sim.simulator import run_simulator
-    from proxy.app.tier import run_tier
-
     state: dict = {}
     ready = threading.Event()
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            sim = await nursery.start(run_simulator, simulator_config(events_per_second=1000))
-            firehose = await nursery.start(run_tier, firehose_config(sim, static_channels=ALL_STREAM))
-            filtered = await nursery.start(run_tier, filtered_config(firehose, control_messages_per_second=1000))
-            while filtered.link.state.value != "connected":
-                await trio.sleep(0.01)
+            _, _, filtered = await start_chain(
+                nursery, simulator=dict(events_per_second=1000), firehose=dict(static_channels=ALL_STREAM),
+                filtered=dict(control_messages_per_second=1000))
             neighbour = Neighbour(await authed_client(nursery, filtered.port, CLIENT_KEY, subscribe="*"))
             nursery.start_soon(neighbour.run)
             state.update(filtered=filtered, neighbour=neighbour, scope=nursery.cancel_scope,
@@ -63,21 +57,21 @@ def live_chain():
 
     thread = threading.Thread(target=trio.run, args=(main,), daemon=True)
     thread.start()
-    assert ready.wait(30), "the chain did not start"
+    assert ready.wait(60), "the chain did not start"
     yield state
     trio.from_thread.run_sync(state["scope"].cancel, trio_token=state["token"])
     thread.join(10)
 
 
 def _answer_or_close(url: str, message: str | bytes, authenticate: bool) -> None:
-    with sync_connect(url, open_timeout=5, close_timeout=1, max_size=None) as ws:
-        assert json.loads(ws.recv(timeout=5))[0]["status"] == "connected"
+    with sync_connect(url, open_timeout=LIVENESS_SECONDS, close_timeout=1, max_size=None) as ws:
+        assert json.loads(ws.recv(timeout=LIVENESS_SECONDS))[0]["status"] == "connected"
         if authenticate:
             ws.send(json.dumps({"action": "auth", "params": CLIENT_KEY}))
-            assert json.loads(ws.recv(timeout=5))[0]["status"] == "auth_success"
+            assert json.loads(ws.recv(timeout=LIVENESS_SECONDS))[0]["status"] == "auth_success"
         ws.send(message)
         try:
-            answer = json.loads(ws.recv(timeout=5))
+            answer = json.loads(ws.recv(timeout=LIVENESS_SECONDS))
         except ConnectionClosed as closed:
             assert closed.rcvd is not None and closed.rcvd.code in DEFINED_CLOSE_CODES, closed
             return

@@ -14,16 +14,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from proxy.core.entitlements import KeyBook, KeyEntry, hash_key, parse_key_file
 from proxy.core.protocol import parse_channel
 from proxy.core.session import Phase, SessionState
-from tests.conftest import (
-    FIREHOSE_KEY,
-    authed_client,
-    connect,
-    firehose_config,
-    selects,
-    start_simulator,
-    start_tier,
-    wait_until,
-)
+from tests.helpers import FIREHOSE_KEY, authed_client, connect, selects, start_firehose, wait_until
 
 RESEARCH, TRADING, OPTIONS_ONLY = "research-key-1", "trading-key-22", "options-key-333"
 
@@ -47,10 +38,8 @@ markets = ["options"]
 async def keyed_firehose(nursery, tmp_path, text: str | None = None):
     path = tmp_path / "keys.toml"
     path.write_text(text or key_file())
-    sim = await start_simulator(nursery, events_per_second=2000)
-    firehose = await start_tier(nursery, firehose_config(
-        sim, api_keys_file=str(path), key_book=parse_key_file(path.read_text(), str(path))))
-    await wait_until(lambda: firehose.link.state.value == "connected")
+    sim, firehose = await start_firehose(nursery, api_keys_file=str(path),
+                                         key_book=parse_key_file(path.read_text(), str(path)))
     return sim, firehose, path
 
 

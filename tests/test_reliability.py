@@ -8,64 +8,41 @@ import logging
 import socket
 import weakref
 
-import attrs
 import pytest
 import trio
-import trustme
-from trio_websocket import ConnectionClosed, open_websocket_url
-from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessage
+from trio_websocket import open_websocket_url
+from wsproto.events import CloseConnection, TextMessage
 
 from proxy.core.protocol import parse_channel_list
-from tests.conftest import (
+from tests.helpers import (
+    ALL_STREAM,
     CLIENT_KEY,
+    FAST_KEEPALIVE,
     FIREHOSE_KEY,
+    LIVENESS_SECONDS,
     POLYGON_KEY,
     Client,
+    Neighbour,
     authed_client,
     connect,
+    count_tasks,
     filtered_config,
     firehose_config,
+    handshake,
+    masked,
+    send_all,
+    start_chain,
     start_simulator,
     start_tier,
+    wait_connected,
     wait_until,
 )
 
-ALL_STREAM = parse_channel_list("T.*,Q.*,LULD.*,FMV.*")
-
-
-def count_tasks() -> int:
-    def walk(task) -> int:
-        return 1 + sum(walk(child) for nursery in task.child_nurseries for child in nursery.child_tasks)
-
-    return walk(trio.lowlevel.current_root_task())
-
-
-@attrs.define
-class Neighbour:
-    """A `*` client beside the trouble: it must see a gapless `q` sequence throughout."""
-
-    client: Client
-    sequence: list[int] = attrs.field(factory=list)
-
-    async def run(self) -> None:
-        while True:
-            for event in await self.client.receive():
-                if "q" in event:
-                    self.sequence.append(event["q"])
-
-    def assert_no_gap(self) -> None:
-        assert len(self.sequence) > 100
-        first = self.sequence[0]
-        assert self.sequence == list(range(first, first + len(self.sequence))), "the neighbour saw a gap"
-
 
 async def chain(nursery, **filtered_overrides):
-    sim = await start_simulator(nursery, events_per_second=1000)
-    firehose = await start_tier(nursery, firehose_config(sim, static_channels=ALL_STREAM))
-    filtered = await start_tier(nursery, filtered_config(firehose, **filtered_overrides))
-    await wait_until(lambda: filtered.link.state.value == "connected")
-    return sim, firehose, filtered
+    """The chain with every stream type held (for a `*` Neighbour) and the filtered proxy's overrides."""
+    return await start_chain(nursery, simulator=dict(events_per_second=1000), firehose=dict(static_channels=ALL_STREAM),
+                             filtered=filtered_overrides)
 
 
 # (name, authenticate first?, what to send, expected status, expected close code or None)
@@ -116,9 +93,9 @@ async def test_every_bad_input_is_answered_and_the_neighbour_notices_nothing(nur
             answer = await client.request("subscribe", "T.AAPL")
             assert answer[0]["message"] == "subscribed to: T.AAPL", name
             await client.ws.aclose()
-    await trio.sleep(0.3)
+    await neighbour.wait_for_more()  # what was in flight meanwhile has arrived
     neighbour.assert_no_gap()
-    assert len(filtered.hub.sessions) == 1  # only the neighbour is left
+    await wait_until(lambda: len(filtered.hub.sessions) == 1, what="only the neighbour left")
 
 
 async def test_no_auth_in_time_and_a_control_flood(nursery):
@@ -132,19 +109,13 @@ async def test_no_auth_in_time_and_a_control_flood(nursery):
     # The flood goes out in one write: sent message by message, the proxy's 1008 (after about 140) could
     # come while the client still sends, and the rest would then meet a closed socket and reset the
     # connection, status, close frame and all, before the client read them.
-    raw = trio.socket.socket()
-    await raw.connect(("127.0.0.1", filtered.port))
-    stream = trio.SocketStream(raw)
-    ws = WSConnection(ConnectionType.CLIENT)
-    await stream.send_all(ws.send(Request(host="127.0.0.1", target="/")))
-    while not any(isinstance(event, AcceptConnection) for event in ws.events()):
-        ws.receive_data(await stream.receive_some(65536))
-    await stream.send_all(ws.send(TextMessage(data=json.dumps({"action": "auth", "params": CLIENT_KEY}))) + b"".join(
-        ws.send(TextMessage(data='{"action":"subscribe","params":"T.AAPL"}')) for _ in range(300)))
+    sock, ws = await handshake(filtered.port)
+    await send_all(sock, masked(json.dumps({"action": "auth", "params": CLIENT_KEY}))
+                   + masked('{"action":"subscribe","params":"T.AAPL"}') * 300)
     messages, close_code = [], None
-    with trio.fail_after(10):
+    with trio.fail_after(LIVENESS_SECONDS):
         while close_code is None:
-            ws.receive_data(await stream.receive_some(65536) or None)
+            ws.receive_data(await sock.recv(65536) or None)
             for event in ws.events():
                 if isinstance(event, TextMessage):
                     messages += [s["message"] for s in json.loads(event.data) if s.get("ev") == "status"]
@@ -154,7 +125,7 @@ async def test_no_auth_in_time_and_a_control_flood(nursery):
     assert any(m.startswith("rate limited") for m in messages)
     assert any("flood" in m for m in messages), messages[-5:]
     assert filtered.stats.control_rate_limited > 0
-    await trio.sleep(0.3)
+    await neighbour.wait_for_more()
     neighbour.assert_no_gap()
 
 
@@ -182,21 +153,14 @@ async def test_vanished_clients_leak_no_task_no_session_no_subscription(nursery,
     sim, firehose, filtered = await chain(nursery)
     neighbour = Neighbour(await authed_client(nursery, filtered.port, CLIENT_KEY, subscribe="*"))
     nursery.start_soon(neighbour.run)
-    await trio.sleep(0.3)
+    await neighbour.wait_for_more()  # served: every task of its session and of the chain is running
     baseline = count_tasks()
     sessions_before = set(filtered.hub.sessions)
     references = []
     for round_ in range(20):
-        raw = trio.socket.socket()
-        await raw.connect(("127.0.0.1", filtered.port))
-        stream = trio.SocketStream(raw)
-        ws = WSConnection(ConnectionType.CLIENT)
-        await stream.send_all(ws.send(Request(host="127.0.0.1", target="/")))
-        while not any(isinstance(event, AcceptConnection) for event in ws.events()):
-            ws.receive_data(await stream.receive_some(65536))
-        await stream.send_all(ws.send(TextMessage(data=json.dumps({"action": "auth", "params": CLIENT_KEY}))))
-        await stream.send_all(ws.send(TextMessage(data=json.dumps(
-            {"action": "subscribe", "params": f"T.AAPL,Q.S{round_}"}))))
+        raw, _ = await handshake(filtered.port)
+        await send_all(raw, masked(json.dumps({"action": "auth", "params": CLIENT_KEY}))
+                       + masked(json.dumps({"action": "subscribe", "params": f"T.AAPL,Q.S{round_}"})))
         await wait_until(lambda: len(filtered.hub.sessions) == len(sessions_before) + 1)
         session = next(iter(filtered.hub.sessions - sessions_before))
         await wait_until(lambda: len(filtered.registry.channels_of(session)) == 2)
@@ -213,28 +177,31 @@ async def test_vanished_clients_leak_no_task_no_session_no_subscription(nursery,
     caplog.clear()  # captured log records hold their arguments (sessions) until the test ends
     gc.collect()
     assert all(reference() is None for reference in references), "a closed session is still referenced"
-    await wait_until(lambda: "Q.S0" not in sim.subscribed_channels(), timeout=5, what="grace expiry upstream")
+    await wait_until(lambda: "Q.S0" not in sim.subscribed_channels(), what="grace expiry upstream")
     neighbour.assert_no_gap()
 
 
-def _clean_close(sim):
+def _clean_close(sim, link):
     sim.drop_all()
 
 
-def _abrupt_close(sim):
+def _abrupt_close(sim, link):
     sim.drop_all(abrupt=True)
 
 
-def _silent_stall(sim):
-    sim.faults.stall(2.5)
+def _silent_stall(sim, link):
+    # only while this fault lasts does the link give up on a silent upstream within 1.5 s: a
+    # short keepalive throughout would also give up whenever a busy machine delays a pong
+    link.keepalive_timeout = FAST_KEEPALIVE["keepalive_timeout_seconds"]
+    sim.faults.stall(3.0)
 
 
-def _auth_failed(sim):
+def _auth_failed(sim, link):
     sim.faults.refuse_auth = 1
     sim.drop_all()
 
 
-def _max_connections(sim):
+def _max_connections(sim, link):
     sim.faults.force_max_connections = True
     sim.drop_all()
 
@@ -243,11 +210,9 @@ UPSTREAM_FAULTS = [_clean_close, _abrupt_close, _silent_stall, _auth_failed, _ma
 
 
 async def test_every_upstream_fault_is_survived_with_nothing_leaked(nursery, caplog):
-    sim = await start_simulator(nursery, events_per_second=1000)
-    firehose = await start_tier(nursery, firehose_config(sim, static_channels=parse_channel_list("Q.*")))
-    filtered = await start_tier(nursery, filtered_config(firehose))
     # connected first: a client that arrives earlier is told of the wait, which this test does not count
-    await wait_until(lambda: filtered.link.state.value == "connected" and firehose.link.state.value == "connected")
+    sim, firehose, filtered = await start_chain(nursery, simulator=dict(events_per_second=1000),
+                                                firehose=dict(static_channels=parse_channel_list("Q.*")))
     client = await authed_client(nursery, filtered.port, CLIENT_KEY, subscribe="T.AAPL,Q.MSFT")
     nursery.start_soon(client.collect, 120)
     await wait_until(lambda: sim.subscribed_channels() == {"Q.*", "T.AAPL"})
@@ -257,10 +222,11 @@ async def test_every_upstream_fault_is_survived_with_nothing_leaked(nursery, cap
     with caplog.at_level(logging.WARNING):
         for fault in UPSTREAM_FAULTS:
             outages = firehose.stats.outages
-            fault(sim)
+            fault(sim, firehose.link)
             await wait_until(lambda: firehose.stats.outages == outages + 1, what=f"{fault.__name__} noticed")
             sim.faults.force_max_connections = False
-            await wait_until(lambda: firehose.link.state.value == "connected", timeout=10,
+            firehose.link.keepalive_timeout = firehose.config.keepalive_timeout_seconds
+            await wait_until(lambda: firehose.link.state.value == "connected",
                              what=f"recovery from {fault.__name__}")
             # subscriptions intact upstream and down, data flowing again, nothing leaked
             await wait_until(lambda: sim.subscribed_channels() == {"Q.*", "T.AAPL"}, what="re-subscription")
@@ -295,18 +261,6 @@ async def test_the_polygon_key_reaches_no_client_and_no_log(nursery, caplog):
         assert all(POLYGON_KEY not in frame for frame in client.frames)
 
 
-@pytest.fixture(scope="module")
-def certificates(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tls")
-    authority = trustme.CA()
-    certificate = authority.issue_cert("localhost", "127.0.0.1")
-    paths = {"ca": folder / "ca.pem", "cert": folder / "cert.pem", "key": folder / "key.pem"}
-    authority.cert_pem.write_to_path(paths["ca"])
-    certificate.cert_chain_pems[0].write_to_path(paths["cert"])
-    certificate.private_key_pem.write_to_path(paths["key"])
-    return {name: str(path) for name, path in paths.items()}
-
-
 async def test_tls_for_clients_and_a_verified_wss_upstream(nursery, certificates):
     sim = await start_simulator(nursery, events_per_second=1000)
     firehose = await start_tier(nursery, firehose_config(
@@ -314,7 +268,7 @@ async def test_tls_for_clients_and_a_verified_wss_upstream(nursery, certificates
     trusted = await start_tier(nursery, filtered_config(
         firehose, upstream_url=f"wss://localhost:{firehose.port}", upstream_ca_file=certificates["ca"],
         tls_cert=certificates["cert"], tls_key=certificates["key"]))
-    await wait_until(lambda: trusted.link.state.value == "connected", what="wss upstream with the CA")
+    await wait_connected(trusted)  # a wss upstream, verified with the CA
 
     untrusting = await start_tier(nursery, filtered_config(firehose, upstream_url=f"wss://localhost:{firehose.port}"))
     await wait_until(lambda: untrusting.link.reconnects >= 1, what="a refused certificate")
@@ -329,7 +283,7 @@ async def test_tls_for_clients_and_a_verified_wss_upstream(nursery, certificates
         await client.receive()
         assert (await client.auth(CLIENT_KEY))[0]["status"] == "auth_success"
         await client.request("subscribe", "T.*")
-        assert await client.wait_events(5)
+        assert {event["ev"] for event in await client.wait_events(5)} == {"T"}  # data over TLS at both hops
     with pytest.raises(Exception):  # a plain ws:// client gets no WebSocket from a TLS port
         async with open_websocket_url(f"ws://127.0.0.1:{trusted.port}/stocks", connect_timeout=2,
                                       disconnect_timeout=1):

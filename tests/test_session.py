@@ -4,8 +4,10 @@ import json
 
 from proxy.core.errors import CloseReason
 from proxy.core import protocol
+from proxy.core.entitlements import KeyBook, KeyEntry, hash_key
 from proxy.core.keys import key_matches
-from proxy.core.session import Phase, SessionState
+from proxy.core.protocol import parse_channel
+from proxy.core.session import Phase, Reaction, SessionState
 
 
 def statuses(reaction):
@@ -63,3 +65,78 @@ def test_key_matches_every_accepted_key_and_nothing_else():
     keys = frozenset({"alpha", "beta"})
     assert key_matches("alpha", keys) and key_matches("beta", keys)
     assert not key_matches("alph", keys) and not key_matches("", keys) and not key_matches("gamma", frozenset())
+
+
+# --- limits: the control-message budget, the flood, channels, entitlements --------------------
+
+
+def authenticated(**limits) -> SessionState:
+    state = SessionState(accepted_keys=frozenset({"good"}), **limits)
+    assert state.receive('{"action":"auth","params":"good"}', 0.0).outcome == "authenticated"
+    return state
+
+
+SUBSCRIBE_AAPL = '{"action":"subscribe","params":"T.AAPL"}'
+
+
+def test_the_control_budget_is_a_burst_then_the_rate():
+    state = authenticated(control_rate=10, control_burst=20)  # the auth took one token at t=0
+    outcomes = [state.receive(SUBSCRIBE_AAPL, 0.0).outcome for _ in range(21)]
+    assert outcomes == ["ok"] * 19 + ["rate_limited"] * 2
+    refused = state.receive(SUBSCRIBE_AAPL, 0.05)  # half a token refilled: still refused
+    assert refused.outcome == "rate_limited" and not refused.subscribe and refused.close_code is None
+    assert statuses(refused) == [("error", "rate limited: at most 10 control messages a second; this one was ignored")]
+    assert state.receive(SUBSCRIBE_AAPL, 0.1).outcome == "ok"  # a whole token by now
+    assert state.receive(SUBSCRIBE_AAPL, 0.1).outcome == "rate_limited"
+    # a long pause refills the burst, never more than the burst
+    assert [state.receive(SUBSCRIBE_AAPL, 100.0).outcome for _ in range(21)] == ["ok"] * 20 + ["rate_limited"]
+    assert state.refused_for_rate == 5
+
+
+def test_a_flood_past_the_refusals_allowed_closes_1008_and_ends_the_conversation():
+    state = authenticated(control_rate=1, control_burst=1, flood_limit=3)
+    assert [state.receive(SUBSCRIBE_AAPL, 0.0).outcome for _ in range(3)] == ["rate_limited"] * 3
+    flood = state.receive(SUBSCRIBE_AAPL, 0.0)
+    assert flood.outcome == "flood" and flood.close_code == CloseReason.POLICY_VIOLATION
+    assert statuses(flood) == [("error", "control message flood: closing the connection")]
+    assert state.phase is Phase.CLOSED
+    assert state.receive(SUBSCRIBE_AAPL, 100.0) == Reaction()  # closed: nothing more, however late
+
+
+def test_a_subscribe_past_the_channels_a_client_may_hold_is_refused_whole():
+    state = authenticated(max_channels_per_client=3)
+    assert len(state.receive('{"action":"subscribe","params":"T.A,T.B"}').subscribe) == 2
+    refused = state.receive('{"action":"subscribe","params":"T.A,T.C,T.D"}')  # T.A held: 2 new, 4 > 3
+    assert refused.outcome == "error" and not refused.subscribe
+    assert statuses(refused) == [("error", "channel limit: this connection holds 2 channels and may hold 3; "
+                                           "nothing of this subscribe was applied")]
+    assert {c.text for c in state.channels} == {"T.A", "T.B"}
+    assert [c.text for c in state.receive('{"action":"subscribe","params":"T.A,T.B,T.C"}').subscribe] == [
+        "T.A", "T.B", "T.C"]  # held ones are not new: exactly at the limit is fine
+
+
+def test_a_message_with_more_channels_than_allowed_is_an_error_not_a_close():
+    state = authenticated(max_channels_per_message=2)
+    reaction = state.receive('{"action":"subscribe","params":"T.A,T.B,T.C"}')
+    assert reaction.outcome == "error" and reaction.close_code is None and not reaction.subscribe
+    assert state.channels == set()
+
+
+def test_a_named_key_is_held_to_its_channels_and_its_markets():
+    research = KeyEntry("research", hash_key("research-key"), channels=(parse_channel("T.*"),),
+                        markets=frozenset({"stocks"}))
+    book = KeyBook((research,))
+    state = SessionState(accepted_keys=frozenset(), key_book=book)
+    assert state.receive('{"action":"auth","params":"research-key"}').outcome == "authenticated"
+    assert state.key == research
+    refused = state.receive('{"action":"subscribe","params":"T.AAPL,Q.AAPL,*"}')
+    assert refused.outcome == "error" and not refused.subscribe and state.channels == set()
+    assert statuses(refused) == [("error", "not entitled: key 'research' may not subscribe Q.AAPL, *; "
+                                           "nothing of this subscribe was applied")]
+    assert [c.text for c in state.receive('{"action":"subscribe","params":"T.AAPL,T.*"}').subscribe] == [
+        "T.AAPL", "T.*"]
+    options = SessionState(accepted_keys=frozenset(), key_book=book, market="options")
+    wrong_market = options.receive('{"action":"auth","params":"research-key"}')
+    assert wrong_market.outcome == "auth_failed" and wrong_market.close_code == CloseReason.POLICY_VIOLATION
+    assert statuses(wrong_market) == [("auth_failed", "key 'research' is not entitled to the options market")]
+    assert options.phase is Phase.CLOSED

@@ -21,15 +21,16 @@ import trio
 
 from proxy.core.errors import leaves
 from proxy.app.tier import Tier, run_tier
-from tests.conftest import (
+from tests.helpers import (
     CLIENT_KEY,
     FIREHOSE_KEY,
+    LIVENESS_SECONDS,
     POLYGON_KEY,
     authed_client,
     filtered_config,
     firehose_config,
     start_simulator,
-    wait_until,
+    wait_connected,
 )
 
 GAPS = (0.0, 0.0001, 0.0003, 0.0006, 0.001, 0.002)
@@ -57,24 +58,24 @@ async def _run_cancellable(config, errors: list[BaseException], stopped: trio.Ev
 async def test_stopping_two_tiers_together_never_raises(nursery, upstream_first):
     sim = await start_simulator(nursery, events_per_second=2000, max_connections=100)
     errors: list[BaseException] = []
-    tries = 0
     for gap in GAPS:
         for _ in range(4):
-            tries += 1
+            stopped = (trio.Event(), trio.Event())
             firehose_scope, firehose = await nursery.start(
-                _run_cancellable, firehose_config(sim, static_channels=()), errors)
+                _run_cancellable, firehose_config(sim, static_channels=()), errors, stopped[0])
             filtered_scope, filtered = await nursery.start(
-                _run_cancellable, filtered_config(firehose, shutdown_close_seconds=1.0), errors)
-            await wait_until(lambda: filtered.link.state.value == "connected", what="the link up")
+                _run_cancellable, filtered_config(firehose, shutdown_close_seconds=1.0), errors, stopped[1])
+            await wait_connected(filtered)
             await authed_client(nursery, filtered.port, CLIENT_KEY, subscribe="T.*")
             first, second = (firehose_scope, filtered_scope) if upstream_first else (filtered_scope, firehose_scope)
             first.cancel()
             if gap:
                 await trio.sleep(gap)
             second.cancel()
-            await wait_until(lambda: not firehose.hub.sessions and not filtered.hub.sessions, what="both stopped")
-    await trio.sleep(0.1)
-    assert tries == 24
+            with trio.fail_after(LIVENESS_SECONDS):  # both trees ended, and what escaped them is recorded
+                for tier_stopped in stopped:
+                    await tier_stopped.wait()
+            assert not firehose.hub.sessions and not filtered.hub.sessions
     assert errors == []
 
 
@@ -82,16 +83,17 @@ async def test_a_stop_lasts_as_long_as_the_close_handshake_not_its_timeout(nurse
     sim = await start_simulator(nursery, events_per_second=500)
     errors: list[BaseException] = []
     stopped = trio.Event()
-    # A generous close timeout: a stop that waits it out instead of the peer's answer shows.
+    # A long close timeout: a stop that waits it out instead of the peer's answer takes 30 s, where
+    # both handshakes on loopback take milliseconds, and well under 10 s on the busiest machine.
     scope, firehose = await nursery.start(
-        _run_cancellable, firehose_config(sim, shutdown_close_seconds=5.0), errors, stopped)
-    await wait_until(lambda: firehose.link.state.value == "connected", what="the link up")
+        _run_cancellable, firehose_config(sim, shutdown_close_seconds=30.0), errors, stopped)
+    await wait_connected(firehose)
     await authed_client(nursery, firehose.port, FIREHOSE_KEY, subscribe="T.*")
     started = trio.current_time()
     scope.cancel()
-    with trio.fail_after(10):
+    with trio.fail_after(60):
         await stopped.wait()
-    assert trio.current_time() - started < 2.5  # both handshakes on loopback: milliseconds
+    assert trio.current_time() - started < 10
     assert not sim.connections and errors == []
 
 

@@ -17,8 +17,7 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed
 
-from tests.conftest import CLIENT_KEY, authed_client, filtered_config, firehose_config, start_simulator, start_tier
-from tests.test_reliability import ALL_STREAM
+from tests.helpers import ALL_STREAM, CLIENT_KEY, authed_client, start_chain, wait_until
 
 SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "600"))
 SYMBOLS = ["AAPL", "MSFT", "GOOGL", "AMZN", "TSLA", "NVDA", "SPY", "QQQ", "AAA", "AAB"]
@@ -28,11 +27,8 @@ SYMBOLS = ["AAPL", "MSFT", "GOOGL", "AMZN", "TSLA", "NVDA", "SPY", "QQQ", "AAA",
 @pytest.mark.timeout(SOAK_SECONDS + 300)
 async def test_soak(nursery):
     rnd = random.Random(2026)
-    sim = await start_simulator(nursery, events_per_second=2000)
-    firehose = await start_tier(nursery, firehose_config(sim, static_channels=ALL_STREAM))
-    filtered = await start_tier(nursery, filtered_config(firehose, unsubscribe_grace_seconds=1.0))
-    while filtered.link.state.value != "connected":
-        await trio.sleep(0.01)
+    sim, firehose, filtered = await start_chain(nursery, firehose=dict(static_channels=ALL_STREAM),
+                                                filtered=dict(unsubscribe_grace_seconds=1.0))
     neighbour = await authed_client(nursery, filtered.port, CLIENT_KEY, subscribe="*")
     # In arrival order: q as a non-negative number, an announced outage as -1. Compact on
     # purpose: the test's own bookkeeping must not be what the memory check measures.
@@ -86,7 +82,7 @@ async def test_soak(nursery):
         late = tracemalloc.get_traced_memory()[0] - timeline.buffer_info()[1] * timeline.itemsize
         soak.cancel_scope.cancel()
     tracemalloc.stop()
-    await trio.sleep(2)  # let the churned clients' sessions end
+    await wait_until(lambda: len(filtered.hub.sessions) == 1, what="the churned clients' sessions to end")
 
     # no loss outside announced outages: every gap in `q` has an upstream_disconnected before it
     outages = 0

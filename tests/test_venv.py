@@ -35,6 +35,16 @@ def age(path: Path, seconds_ago: float) -> None:
     os.utime(path, (when, when))
 
 
+def installed_root(tmp_path: Path, stamp: str) -> Path:
+    """A scratch project installed with one stamp (``.installed`` or ``.installed[test]``), its
+    metadata older than the stamp."""
+    root = scratch_root(tmp_path)
+    (root / ".venv" / stamp).touch()
+    for metadata in ("setup.cfg", "pyproject.toml"):
+        age(root / metadata, 100)
+    return root
+
+
 def ensure_venv(root: Path, extras: str, **env: str) -> tuple[subprocess.CompletedProcess, list[str]]:
     environment = {key: value for key, value in os.environ.items() if key != "PROXY_VENV"} | env
     result = subprocess.run(["bash", "-c", 'source "$1"; ensure_venv "$2"', "_", str(root / "scripts" / "_venv.sh"),
@@ -46,10 +56,7 @@ def ensure_venv(root: Path, extras: str, **env: str) -> tuple[subprocess.Complet
 def test_the_test_install_serves_the_demo_without_a_reinstall(tmp_path):
     # scripts/test stamps .installed[test]; scripts/demo (and so tests/test_demo.py, inside the
     # venv under test) asked for .installed and reinstalled the project when it was missing.
-    root = scratch_root(tmp_path)
-    (root / ".venv" / ".installed[test]").touch()
-    for metadata in ("setup.cfg", "pyproject.toml"):
-        age(root / metadata, 100)
+    root = installed_root(tmp_path, ".installed[test]")
     result, calls = ensure_venv(root, "")
     assert result.returncode == 0, result.stderr
     assert calls == [] and result.stdout == ""
@@ -71,10 +78,7 @@ def test_changed_metadata_still_reinstalls(tmp_path):
 
 
 def test_the_plain_install_does_not_serve_the_tests(tmp_path):
-    root = scratch_root(tmp_path)
-    (root / ".venv" / ".installed").touch()
-    for metadata in ("setup.cfg", "pyproject.toml"):
-        age(root / metadata, 100)
+    root = installed_root(tmp_path, ".installed")
     result, calls = ensure_venv(root, "[test]")
     assert result.returncode == 0, result.stderr
     assert any(call.endswith(f"-e {root}[test]") for call in calls), calls
