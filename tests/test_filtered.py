@@ -4,6 +4,7 @@ import json
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import trio
@@ -61,8 +62,15 @@ async def _compare_with_reference(nursery, filtered, subscriptions):
             for client in everyone:
                 readers.start_soon(client.collect, seconds)
 
-    await read_all(0.5)
-    lo = max(e.get("q", 0) for e in reference.events)
+    # The window starts with the first event generated once every client had its answer. Not
+    # at what the reference read in a first pause: it may still be reading its backlog from the
+    # subscribing (its events were queued meanwhile), and a client's events from before its
+    # subscribe would then be expected of it.
+    subscribed_ms = time.time() * 1000 + 1
+    with trio.fail_after(15):
+        while not any(e.get("t", 0) > subscribed_ms for e in reference.events if e["ev"] in ("T", "Q")):
+            await read_all(0.2)
+    lo = min(e["q"] for e in reference.events if e["ev"] in ("T", "Q") and e["t"] > subscribed_ms) - 1
     await read_all(2.0)
     hi = max(e.get("q", 0) for e in reference.events)
     await read_all(0.7)  # let every client catch up to `hi`
