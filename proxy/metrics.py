@@ -104,9 +104,9 @@ class TierCollector:
         yield gauge("proxy_clients_connected", "Clients connected now", len(hub.sessions))
         yield counter("proxy_clients", "Client connections accepted", stats.clients_total)
         yield gauge("proxy_client_channels", "Channels held by clients, summed over clients",
-                    sum(len(registry.channels_of(s)) for s in hub.sessions))
+                    sum(registry.count_of(s) for s in hub.sessions))
         yield gauge("proxy_upstream_channels", "Channels held upstream (the * extension included)",
-                    len(registry.upstream) + len(tier.config.upstream_extra))
+                    registry.upstream_count + len(tier.config.upstream_extra))
         yield counter("proxy_upstream_frames", "Data frames received from upstream", stats.frames_in)
         yield counter("proxy_upstream_events", "Data events received from upstream", stats.events_in)
         yield counter("proxy_upstream_bytes", "Bytes of frames received from upstream", stats.bytes_in)

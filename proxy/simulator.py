@@ -162,10 +162,24 @@ class SimConnection:
     drop: trio.Event = attrs.field(factory=trio.Event)
     dropped: bool = False
 
-    def reindex(self) -> None:
-        self.star = protocol.EVERYTHING_CHANNEL in self.channels
-        self.wild_types = {c.ev_type for c in self.channels if c.is_type_wildcard}
-        self.exact = {c.text for c in self.channels if not c.is_type_wildcard and not c.is_everything}
+    def add(self, channel: Channel) -> None:
+        """Hold ``channel``, and index it (one channel at a time: a tier may hold 100,000)."""
+        self.channels.add(channel)
+        if channel.is_everything:
+            self.star = True
+        elif channel.is_type_wildcard:
+            self.wild_types.add(channel.ev_type)
+        else:
+            self.exact.add(channel.text)
+
+    def discard(self, channel: Channel) -> None:
+        self.channels.discard(channel)
+        if channel.is_everything:
+            self.star = False
+        elif channel.is_type_wildcard:
+            self.wild_types.discard(channel.ev_type)
+        else:
+            self.exact.discard(channel.text)
 
     def selects(self, event: Event) -> bool:
         return self.star or event.ev in self.wild_types or event.channel in self.exact
@@ -417,18 +431,19 @@ async def _read_control(simulator: Simulator, peer: WsPeer, connection: SimConne
             continue
         verb = "subscribe" if isinstance(action, Subscribe) else "unsubscribe"
         simulator.control_log.append((connection.id, verb, protocol.format_channel_list(action.channels)))
-        statuses = []
-        for channel in action.channels:
-            if channel.is_everything and not simulator.config.allow_star:
-                statuses.append(protocol.status_event("error", f"unknown channel: {channel.text}"))
-                continue
-            if verb == "subscribe":
-                connection.channels.add(channel)
-            else:
-                connection.channels.discard(channel)
-            statuses.append(protocol.status_event("success", f"{verb}d to: {channel.text}"))
-        connection.reindex()
-        await peer.send_text(protocol.statuses_frame(statuses))
+        if protocol.EVERYTHING_CHANNEL in action.channels:
+            statuses = []
+            for channel in action.channels:
+                if channel.is_everything and not simulator.config.allow_star:
+                    statuses.append(protocol.status_event("error", f"unknown channel: {channel.text}"))
+                    continue
+                (connection.add if verb == "subscribe" else connection.discard)(channel)
+                statuses.append(protocol.status_event("success", f"{verb}d to: {channel.text}"))
+            await peer.send_text(protocol.statuses_frame(statuses))
+            continue
+        for channel in action.channels:  # a tier may send tens of thousands a second: the plain way
+            (connection.add if verb == "subscribe" else connection.discard)(channel)
+        await peer.send_text(protocol.subscription_frame(f"{verb}d", action.channels))
 
 
 async def _send_frames(simulator: Simulator, peer: WsPeer, connection: SimConnection,

@@ -53,12 +53,14 @@ def _one_round(messages: list[str], channels: int) -> tuple[float, float, Subscr
         reaction = state.receive(message)
         assert reaction.subscribe, reaction.replies[0][:200]
         registry.subscribe(client, reaction.subscribe)
+        registry.take_upstream_changes()  # as the upstream link does
     subscribed = time.process_time() - start
     start = time.process_time()
     for client in range(len(states)):
         registry.remove_subscriber(client)
     clock.now += 10.0
     registry.expire()
+    registry.take_upstream_changes()
     left = time.process_time() - start
     return subscribed, left, registry
 
@@ -76,6 +78,7 @@ def _traced_round(messages: list[str], channels: int) -> tuple[int, int, int]:
                              max_channels_per_message=channels)
         state.receive('{"action":"auth","params":"k"}')
         registry.subscribe(client, state.receive(message).subscribe)
+        registry.take_upstream_changes()
         states.append(state)
     gc.collect()
     held = tracemalloc.get_traced_memory()[0]
@@ -83,6 +86,7 @@ def _traced_round(messages: list[str], channels: int) -> tuple[int, int, int]:
         registry.remove_subscriber(client)
     clock.now += 10.0
     registry.expire()
+    registry.take_upstream_changes()
     del states
     gc.collect()
     after = tracemalloc.get_traced_memory()[0]
