@@ -202,6 +202,15 @@ class Unsubscribe:
     channels: tuple[Channel, ...]
 
 
+@attrs.frozen
+class ChannelRequest:
+    """A subscribe or unsubscribe whose channels are not parsed yet (see
+    :func:`parse_channel_list_steps`), for callers that parse them in slices."""
+
+    action: str  # "subscribe" or "unsubscribe"
+    params: str
+
+
 ClientAction = Auth | Subscribe | Unsubscribe
 
 _converter = cattrs.Converter(forbid_extra_keys=False)
@@ -218,8 +227,14 @@ _converter.register_structure_hook(str, _strict_str)
 _json_object_decoder = msgspec.json.Decoder()
 
 
-def parse_client_message(message: str | bytes, *, max_channels: int = 10_000) -> ClientAction:
-    """Turn one untrusted client frame into an action, or raise :class:`ProtocolError`."""
+def parse_client_message(
+    message: str | bytes, *, max_channels: int = 10_000, parse_channels: bool = True
+) -> ClientAction | ChannelRequest:
+    """Turn one untrusted client frame into an action, or raise :class:`ProtocolError`.
+
+    With ``parse_channels=False`` a subscribe or unsubscribe comes back as a
+    :class:`ChannelRequest`, its channels for the caller to parse.
+    """
     if isinstance(message, bytes):
         raise ProtocolError("binary_frame", "binary frames are not accepted; send JSON as text")
     try:
@@ -249,6 +264,8 @@ def parse_client_message(message: str | bytes, *, max_channels: int = 10_000) ->
     if wire.action in ("subscribe", "unsubscribe"):
         if not wire.params.strip():
             raise ProtocolError("empty_params", f'{wire.action} needs channels in "params"')
+        if not parse_channels:
+            return ChannelRequest(wire.action, wire.params)
         channels = parse_channel_list(wire.params, max_channels=max_channels)
         return Subscribe(channels) if wire.action == "subscribe" else Unsubscribe(channels)
     raise ProtocolError(

@@ -15,6 +15,7 @@ statuses, the close. Closing that nursery ends both.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import itertools
 import logging
@@ -33,6 +34,7 @@ from .metrics import TierStats
 from .outbox import Outbox, SlowClientPolicy
 from .routing import RoutedFrame
 from .session import (
+    CHANNELS_PER_STEP,
     CLOSE_GOING_AWAY,
     CLOSE_POLICY_VIOLATION,
     CLOSE_TRY_AGAIN_LATER,
@@ -45,6 +47,10 @@ from .wsserver import ConnectionClosed, WsConnection, accept_connections, open_s
 
 log = logging.getLogger("proxy.server")
 DROP_LOG_INTERVAL = 10.0
+#: A control message longer than this (about 350 channels) is heavy: its work is done in steps
+#: of CHANNELS_PER_STEP channels, one heavy step at a time across the tier (Hub.heavy_control).
+HEAVY_MESSAGE_BYTES = 4096
+_NO_TURN = contextlib.nullcontext()
 SLOW_CONSUMER = protocol.status_frame(
     "slow_consumer", "Slow consumer: events queued faster than this client read them"
 )
@@ -94,6 +100,11 @@ class Hub:
     _ids: itertools.count = attrs.field(factory=lambda: itertools.count(1))
     #: Sessions given events since the last flush, in the order they were first touched.
     _touched: dict[ClientSession, None] = attrs.field(factory=dict)
+    #: Held for each step of heavy control work (a big subscribe, unsubscribe or leave, grace
+    #: expiry): readers and the router share one thread, and a step is about a millisecond,
+    #: so with one step at a time the router waits at most one step, however many clients
+    #: send 10,000-channel subscribes at once. Small messages do not take it.
+    heavy_control: trio.Lock = attrs.field(factory=trio.Lock)
 
     def open_session(self, peer: str, connection: WsConnection) -> ClientSession:
         session = ClientSession(
@@ -147,23 +158,56 @@ class Hub:
         closed = self.stats.dropped_slow_consumer if disconnect else self.stats.dropped_drop_oldest
         return closed + sum(s.outbox.dropped_events for s in self.sessions if s.outbox.overflowed == disconnect)
 
-    def react(self, session: ClientSession, reaction: Reaction) -> None:
-        """Apply what the session state decided: demand changes first, then answers."""
+    async def receive(self, session: ClientSession, message: str | bytes) -> Reaction:
+        """What ``session`` makes of one message; a heavy message's steps take turns (heavy_control)."""
+        steps = session.state.receive_in_steps(message, trio.current_time(), step=CHANNELS_PER_STEP)
+        heavy = len(message) > HEAVY_MESSAGE_BYTES
+        while True:
+            try:
+                if heavy:
+                    async with self.heavy_control:
+                        next(steps)
+                else:
+                    next(steps)
+            except StopIteration as done:
+                return done.value
+            heavy = True  # more than one step: the rest is heavy whatever the message's size
+
+    async def react(self, session: ClientSession, reaction: Reaction) -> None:
+        """Apply what the session state decided: the answer is queued first, so that it comes
+        before any event of the new channels; then the registry changes, in steps."""
         if reaction.outcome == "error":
             self.stats.control_errors += 1
         elif reaction.outcome == "auth_failed":
             self.stats.auth_failures += 1
         elif reaction.outcome in ("rate_limited", "flood"):
             self.stats.control_rate_limited += 1
-        if reaction.subscribe:
-            self._apply_demand(self.registry.subscribe(session, reaction.subscribe))
-        if reaction.unsubscribe:
-            self._apply_demand(self.registry.unsubscribe(session, reaction.unsubscribe))
         for reply in reaction.replies:
             session.outbox.put_frame(reply)  # its writer sends it, after anything queued before
         if reaction.close_code is not None:
             session.close_request = (reaction.close_code, reaction.close_reason)
         session.notify()
+        held = session.state.channels
+        for start in range(0, len(reaction.subscribe), CHANNELS_PER_STEP):
+            part = reaction.subscribe[start:start + CHANNELS_PER_STEP]
+            async with self._step(len(reaction.subscribe)):
+                self._apply_demand(self.registry.subscribe(session, [c for c in part if c in held]))
+        for start in range(0, len(reaction.unsubscribe), CHANNELS_PER_STEP):
+            part = reaction.unsubscribe[start:start + CHANNELS_PER_STEP]
+            async with self._step(len(reaction.unsubscribe)):
+                self._apply_demand(self.registry.unsubscribe(session, part))
+
+    async def release(self, session: ClientSession) -> None:
+        """Drop a leaving session's channels in steps (a client holding 10,000 channels
+        leaving must not hold the router); :meth:`close_session` does the rest."""
+        held = list(self.registry.channels_of(session))
+        for start in range(0, len(held), CHANNELS_PER_STEP):
+            async with self._step(len(held)):
+                self._apply_demand(self.registry.unsubscribe(session, held[start:start + CHANNELS_PER_STEP]))
+
+    def _step(self, channels: int) -> trio.Lock | contextlib.nullcontext:
+        """The turn one step of registry work takes: heavy_control when the work spans steps."""
+        return self.heavy_control if channels > CHANNELS_PER_STEP else _NO_TURN
 
     def _apply_demand(self, delta: object) -> None:
         # Pulse even for an empty delta: an unsubscribe that only starts a grace
@@ -323,6 +367,9 @@ async def _run_session(hub: Hub, connection: WsConnection, peer: str) -> None:
             if session.close_request is None:
                 nursery.cancel_scope.cancel()  # the client left: nothing more to write
     finally:
+        if trio.current_effective_deadline() != -math.inf:  # not shutting down: leave in steps
+            with trio.CancelScope(shield=True):  # bounded work, and the registry must not be left half done
+                await hub.release(session)
         hub.close_session(session)
         code, reason = session.close_request or (1000, "")
         timeout = hub.config.shutdown_close_seconds
@@ -347,12 +394,16 @@ async def _read_loop(hub: Hub, session: ClientSession) -> None:
                 return
         if scope.cancelled_caught:
             log.info("%s sent no auth within %ss", session.label, hub.config.auth_timeout_seconds)
-            hub.react(session, session.state.timed_out())
+            await hub.react(session, session.state.timed_out())
             return
-        reaction = session.state.receive(message, trio.current_time())
+        reaction = await hub.receive(session, message)
         if reaction.close_code is not None:
             log.info("%s: %s", session.label, reaction.close_reason)
-        hub.react(session, reaction)
+        await hub.react(session, reaction)
+        if reaction.subscribe or reaction.unsubscribe:
+            # One change of channels per step: a burst of messages already read (a proxy link
+            # sends hundreds of 500-channel subscribes) must not be handled in one go.
+            await trio.lowlevel.checkpoint()
 
 
 async def _write_loop(hub: Hub, session: ClientSession, stop: Callable[[], None]) -> None:

@@ -11,18 +11,21 @@ from __future__ import annotations
 
 import enum
 import hmac
-from typing import Collection
+from typing import Collection, Generator
 
 import attrs
 
 from . import protocol
-from .protocol import Auth, Channel, ProtocolError, Subscribe, Unsubscribe
+from .protocol import Auth, Channel, ChannelRequest, ProtocolError
 
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_TOO_BIG = 1009
 CLOSE_TRY_AGAIN_LATER = 1013
+#: Channels handled per step of a control message (:meth:`SessionState.receive_in_steps`):
+#: about a millisecond of work, after which the router may run.
+CHANNELS_PER_STEP = 500
 
 
 class Phase(enum.Enum):
@@ -75,6 +78,19 @@ class SessionState:
     _last: float = 0.0
 
     def receive(self, message: str | bytes, now: float = 0.0) -> Reaction:
+        """React to one message at once (tests; tiers use :meth:`receive_in_steps`)."""
+        return protocol.run_steps(self.receive_in_steps(message, now, step=0))
+
+    def receive_in_steps(
+        self, message: str | bytes, now: float = 0.0, *, step: int = CHANNELS_PER_STEP
+    ) -> Generator[None, None, Reaction]:
+        """React to one message in steps of ``step`` channels, yielding between steps.
+
+        A reader and the router share one thread: parsing a 10,000-channel subscribe
+        and writing its 720 kB answer in one go would hold routing for all clients
+        meanwhile, so the caller may let others run at each yield. The session's
+        channel set changes in one step, after every channel was checked.
+        """
         if self.phase is Phase.CLOSED:
             return Reaction()
         if not self._take_token(now):
@@ -91,36 +107,39 @@ class SessionState:
                 "this one was ignored"),), outcome="rate_limited")
         try:
             action = protocol.parse_client_message(
-                message, max_channels=self.max_channels_per_message
+                message, max_channels=self.max_channels_per_message, parse_channels=False
             )
         except ProtocolError as error:
             return Reaction(replies=(protocol.error_frame(error.message),), outcome="error")
         if isinstance(action, Auth):
             return self._auth(action)
+        assert isinstance(action, ChannelRequest)
         if self.phase is not Phase.AUTHENTICATED:
             return Reaction(
-                replies=(protocol.error_frame(
-                    f"not authenticated: send auth before {type(action).__name__.lower()}"),),
+                replies=(protocol.error_frame(f"not authenticated: send auth before {action.action}"),),
                 outcome="error",
             )
-        if isinstance(action, Subscribe):
-            new = [channel for channel in action.channels if channel not in self.channels]
-            if len(self.channels) + len(new) > self.max_channels_per_client:
+        try:
+            channels = yield from protocol.parse_channel_list_steps(
+                action.params, max_channels=self.max_channels_per_message, step=step
+            )
+        except ProtocolError as error:
+            return Reaction(replies=(protocol.error_frame(error.message),), outcome="error")
+        held = self.channels
+        if action.action == "subscribe":
+            new = [channel for channel in channels if channel not in held]
+            if len(held) + len(new) > self.max_channels_per_client:
                 return Reaction(replies=(protocol.error_frame(
-                    f"channel limit: this connection holds {len(self.channels)} channels and may hold "
+                    f"channel limit: this connection holds {len(held)} channels and may hold "
                     f"{self.max_channels_per_client}; nothing of this subscribe was applied"),),
                     outcome="error")
-            self.channels.update(new)
-            return Reaction(
-                replies=(protocol.subscription_frame("subscribed", action.channels),),
-                subscribe=action.channels,
-            )
-        assert isinstance(action, Unsubscribe)
-        self.channels.difference_update(action.channels)
-        return Reaction(
-            replies=(protocol.subscription_frame("unsubscribed", action.channels),),
-            unsubscribe=action.channels,
-        )
+            held.update(new)
+            reply = yield from protocol.subscription_frame_steps("subscribed", channels, step=step)
+            return Reaction(replies=(reply,), subscribe=tuple(new))
+        gone = [channel for channel in channels if channel in held]
+        held.difference_update(gone)
+        reply = yield from protocol.subscription_frame_steps("unsubscribed", channels, step=step)
+        return Reaction(replies=(reply,), unsubscribe=tuple(gone))
 
     def _take_token(self, now: float) -> bool:
         if self._tokens is None:

@@ -24,6 +24,7 @@ from .metrics import TierCollector, TierStats
 from .outbox import SlowClientPolicy
 from .routing import FrameError, route_frame
 from .server import Hub, serve_clients
+from .session import CHANNELS_PER_STEP
 from .subscriptions import SubscriptionRegistry
 from .upstream import LinkState, UpstreamLink
 
@@ -178,7 +179,8 @@ def _handle_upstream_status(tier: Tier, status: dict) -> None:
 
 
 async def _expire_grace(tier: Tier) -> None:
-    """Unsubscribe upstream what nobody needed for the whole grace period."""
+    """Unsubscribe upstream what nobody needed for the whole grace period, a step at a time
+    (after a crowd left, a million channels may be due at once)."""
     registry, demand = tier.registry, tier.hub.demand_changed
     while True:
         deadline = registry.next_deadline()
@@ -188,8 +190,9 @@ async def _expire_grace(tier: Tier) -> None:
         with trio.move_on_at(deadline):
             await demand.wait()
             continue
-        if registry.expire():
-            demand.pulse()
+        async with tier.hub.heavy_control:
+            if registry.expire(limit=CHANNELS_PER_STEP):
+                demand.pulse()
 
 
 async def _log_summary(tier: Tier, interval: float = SUMMARY_INTERVAL_SECONDS) -> None:

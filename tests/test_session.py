@@ -3,7 +3,7 @@
 import json
 
 from proxy import protocol
-from proxy.session import CLOSE_POLICY_VIOLATION, Phase, SessionState, key_matches
+from proxy.session import CHANNELS_PER_STEP, CLOSE_POLICY_VIOLATION, Phase, SessionState, key_matches
 
 
 def statuses(reaction):
@@ -61,3 +61,33 @@ def test_key_matches_every_accepted_key_and_nothing_else():
     keys = frozenset({"alpha", "beta"})
     assert key_matches("alpha", keys) and key_matches("beta", keys)
     assert not key_matches("alph", keys) and not key_matches("", keys) and not key_matches("gamma", frozenset())
+
+
+def subscribe_message(count: int, prefix: str = "S") -> str:
+    return json.dumps({"action": "subscribe", "params": ",".join(f"T.{prefix}{i}" for i in range(count))})
+
+
+def test_a_big_subscribe_is_handled_in_steps_with_the_same_outcome():
+    message = subscribe_message(10_000)
+    whole, stepped = SessionState(accepted_keys=frozenset({"k"})), SessionState(accepted_keys=frozenset({"k"}))
+    for state in (whole, stepped):
+        state.receive('{"action":"auth","params":"k"}')
+    expected = whole.receive(message)
+    steps = stepped.receive_in_steps(message, step=CHANNELS_PER_STEP)
+    yields = 0
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            reaction = done.value
+            break
+        yields += 1
+        assert len(stepped.channels) in (0, 10_000)  # applied at once, once every channel was checked
+    assert yields >= 2 * (10_000 // CHANNELS_PER_STEP) - 2  # parsing, then the answer, in slices
+    assert reaction == expected and stepped.channels == whole.channels
+    # a bad channel anywhere: nothing applied, whatever step it is in
+    bad = SessionState(accepted_keys=frozenset({"k"}))
+    bad.receive('{"action":"auth","params":"k"}')
+    params = ",".join(f"T.S{i}" for i in range(9_000)) + ",T.BAD;"
+    assert statuses(bad.receive(json.dumps({"action": "subscribe", "params": params})))[0][0] == "error"
+    assert not bad.channels
