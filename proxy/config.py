@@ -78,6 +78,10 @@ class TierConfig:
     max_clients: int = 10_000
     max_connections_per_ip: int = 1_000
     control_messages_per_second: float = 50.0
+    #: A downstream proxy tier's link (it says so at auth) carries the union of its clients'
+    #: demand: its own budget and channel limit, sized for thousands of clients.
+    downstream_proxy_control_messages_per_second: float = 1000.0
+    downstream_proxy_max_channels: int = 1_000_000
     tls_cert: str | None = None
     tls_key: str | None = None
     keepalive_interval_seconds: float = 10.0
@@ -202,6 +206,9 @@ def _shared(source: decouple.Config) -> dict:
         max_connections_per_ip=_read(source, "MAX_CONNECTIONS_PER_IP", "1000", _positive_int),
         max_channels_per_client=_read(source, "MAX_CHANNELS_PER_CLIENT", "10000", _positive_int),
         control_messages_per_second=_read(source, "CONTROL_MESSAGES_PER_SECOND", "50", _positive_rate),
+        downstream_proxy_control_messages_per_second=_read(
+            source, "DOWNSTREAM_PROXY_CONTROL_MESSAGES_PER_SECOND", "1000", _positive_rate),
+        downstream_proxy_max_channels=_read(source, "DOWNSTREAM_PROXY_MAX_CHANNELS", "1000000", _positive_int),
     )
 
 

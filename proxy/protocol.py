@@ -185,11 +185,25 @@ class _WireAction:
 
     action: str
     params: str
+    role: str | None = None
+
+
+#: The ``role`` a downstream proxy tier puts in its ``auth`` message (see :class:`Auth`).
+PROXY_ROLE: Final = "proxy"
 
 
 @attrs.frozen
 class Auth:
+    """``{"action":"auth","params":KEY}``; a proxy tier adds ``"role":"proxy"``.
+
+    The role is this project's extension, sent only by our own filtered tier to the
+    tier above it, never to Polygon: it asks for the limits of a link that carries
+    many clients' demand (:class:`~proxy.session.SessionState`). It is a claim, not a
+    credential: only a client holding a key this tier accepts can make it.
+    """
+
     api_key: str
+    role: str | None = None
 
 
 @attrs.frozen
@@ -255,12 +269,13 @@ def parse_client_message(
     try:
         wire = _converter.structure(decoded, _WireAction)
     except cattrs.ClassValidationError as error:
-        field = "params" if "params" in " ".join(cattrs.transform_error(error)) else "action"
+        problems = " ".join(cattrs.transform_error(error))
+        field = next((name for name in ("params", "role") if f"$.{name}" in problems), "action")
         raise ProtocolError(f"{field}_not_string", f'"{field}" must be a string') from None
     if wire.action == "auth":
         if not wire.params:
             raise ProtocolError("empty_params", 'auth needs the API key in "params"')
-        return Auth(wire.params)
+        return Auth(wire.params, wire.role)
     if wire.action in ("subscribe", "unsubscribe"):
         if not wire.params.strip():
             raise ProtocolError("empty_params", f'{wire.action} needs channels in "params"')
@@ -274,8 +289,11 @@ def parse_client_message(
     )
 
 
-def auth_message(api_key: str) -> str:
-    return msgspec.json.encode({"action": "auth", "params": api_key}).decode()
+def auth_message(api_key: str, role: str | None = None) -> str:
+    message = {"action": "auth", "params": api_key}
+    if role is not None:
+        message["role"] = role
+    return msgspec.json.encode(message).decode()
 
 
 def subscription_message(action: str, channels: Iterable[Channel]) -> str:
@@ -335,6 +353,27 @@ def subscription_frame_steps(
 
 def error_frame(message: str) -> str:
     return status_frame("error", message)
+
+
+#: How a tier words an upstream refusal it relays to the clients holding the channels.
+REFUSED_PREFIX: Final = "upstream refused "
+
+
+def refusal_frame(channels: Iterable[Channel], reason: str) -> str:
+    """An ``error`` status naming the channels upstream refused and why, e.g.
+    ``upstream refused T.AAPL,T.MSFT (channel limit: ...)``; those channels are dropped."""
+    return error_frame(f"{REFUSED_PREFIX}{format_channel_list(channels)} ({reason})")
+
+
+def refused_channels(message: str) -> tuple[Channel, ...] | None:
+    """The channels a :func:`refusal_frame` message names, or None for any other message."""
+    if not message.startswith(REFUSED_PREFIX):
+        return None
+    listed = message[len(REFUSED_PREFIX):].split(" ", 1)[0]
+    try:
+        return parse_channel_list(listed, max_channels=len(listed))
+    except ProtocolError:
+        return None
 
 
 # --- events -----------------------------------------------------------------------

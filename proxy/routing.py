@@ -50,7 +50,7 @@ class RoutedFrame:
 
 
 def route_frame(frame: str | bytes, registry: SubscriptionRegistry) -> RoutedFrame:
-    if not registry.routes_by_channel and not _may_hold_status(frame):
+    if not registry.routes_by_channel and not may_hold_status(frame):
         # Only `*` holders to serve (a firehose feeding proxies): nothing to read per event.
         try:
             count = len(_check_objects(frame))
@@ -96,7 +96,7 @@ def route_frame(frame: str | bytes, registry: SubscriptionRegistry) -> RoutedFra
     return RoutedFrame(whole=whole, event_count=len(data), batches=batches, statuses=statuses)
 
 
-def _may_hold_status(frame: str | bytes) -> bool:
+def may_hold_status(frame: str | bytes) -> bool:
     """False only if no event of ``frame`` can be a status: no ``"status"`` in it, nor any
     ``\\u`` escape that could spell it."""
     if isinstance(frame, str):

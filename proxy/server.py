@@ -32,6 +32,7 @@ from .beacon import Beacon
 from .config import TierConfig
 from .metrics import TierStats
 from .outbox import Outbox, SlowClientPolicy
+from .protocol import Channel
 from .routing import RoutedFrame
 from .session import (
     CHANNELS_PER_STEP,
@@ -39,6 +40,7 @@ from .session import (
     CLOSE_POLICY_VIOLATION,
     CLOSE_TRY_AGAIN_LATER,
     Phase,
+    ProxyLimits,
     Reaction,
     SessionState,
 )
@@ -119,6 +121,10 @@ class Hub:
                 max_channels_per_client=self.config.max_channels_per_client,
                 control_rate=self.config.control_messages_per_second,
                 control_burst=2 * self.config.control_messages_per_second,
+                proxy_limits=ProxyLimits(
+                    max_channels=self.config.downstream_proxy_max_channels,
+                    control_rate=self.config.downstream_proxy_control_messages_per_second,
+                ),
             ),
         )
         connection.notify = session.notify
@@ -191,6 +197,7 @@ class Hub:
         for start in range(0, len(reaction.subscribe), CHANNELS_PER_STEP):
             part = reaction.subscribe[start:start + CHANNELS_PER_STEP]
             async with self._step(len(reaction.subscribe)):
+                # Only what the session still holds: upstream may have refused some meanwhile.
                 self._apply_demand(self.registry.subscribe(session, [c for c in part if c in held]))
         for start in range(0, len(reaction.unsubscribe), CHANNELS_PER_STEP):
             part = reaction.unsubscribe[start:start + CHANNELS_PER_STEP]
@@ -208,6 +215,23 @@ class Hub:
     def _step(self, channels: int) -> trio.Lock | contextlib.nullcontext:
         """The turn one step of registry work takes: heavy_control when the work spans steps."""
         return self.heavy_control if channels > CHANNELS_PER_STEP else _NO_TURN
+
+    def refuse(self, channels: tuple[Channel, ...], reason: str) -> int:
+        """Upstream refused ``channels``: tell every client holding one, and drop it from its set.
+
+        The tier acknowledges a subscribe at once, before upstream answers (waiting would add
+        a round trip to every subscribe); so when upstream refuses, the clients that were told
+        ``subscribed to`` are told otherwise, with upstream's reason. Returns how many were told.
+        """
+        losers, delta = self.registry.refuse(channels)
+        self._apply_demand(delta)
+        for session, lost in losers.items():
+            session.state.drop(lost)
+            session.outbox.put_frame(protocol.refusal_frame(lost, reason))
+            session.notify()
+            log.warning("%s: upstream refused %d of its channels (%s): %s", session.label, len(lost),
+                        reason, protocol.format_channel_list(lost[:5]) + (" ..." if len(lost) > 5 else ""))
+        return len(losers)
 
     def _apply_demand(self, delta: object) -> None:
         # Pulse even for an empty delta: an unsubscribe that only starts a grace

@@ -55,13 +55,35 @@ def key_matches(presented: str, accepted: Collection[str]) -> bool:
     return matched
 
 
+@attrs.frozen
+class ProxyLimits:
+    """The limits of a downstream proxy tier's link, which carries the union of its clients' demand.
+
+    A link authenticates as a proxy with the ``role`` of :class:`~proxy.protocol.Auth`,
+    which our filtered tier sends: an explicit marker rather than a guess from its
+    channels (a proxy does subscribe to ``*``, but so may any client that wants
+    everything, and the limits must be known before its first subscribe). It is a claim
+    any holder of an accepted key may make; what it buys is a larger budget on that one
+    connection, and the work of any control message is done in steps
+    (:meth:`SessionState.receive_in_steps`), so no budget lets a connection hold the router.
+    """
+
+    #: Channels the link may hold: the union of thousands of clients' channels.
+    max_channels: int = 1_000_000
+    #: Control messages a second (bursts of twice that); our links pace themselves far below.
+    control_rate: float = 1000.0
+
+
 @attrs.define
 class SessionState:
     """One client's control state: auth phase, its channels, and its control-message budget.
 
     Control messages are rate-limited by a token bucket (``control_rate`` a second,
     bursts of ``control_burst``): one over the budget is answered with an error and
-    ignored; after ``flood_limit`` such refusals the client is closed (1008).
+    ignored; after ``flood_limit`` such refusals the client is closed (1008). A downstream
+    proxy tier that says so at auth gets ``proxy_limits`` instead, and is never closed
+    for a flood: a refused message is answered, and the proxy relays the refusal to the
+    clients whose channels it carried (closing the link would cost every one of them data).
     """
 
     accepted_keys: frozenset[str]
@@ -70,7 +92,10 @@ class SessionState:
     max_channels_per_client: int = 10_000
     control_rate: float = 50.0
     control_burst: float = 100.0
-    flood_limit: int = 100
+    flood_limit: int | None = 100
+    #: Limits for a client that authenticates as a downstream proxy; None: proxies are clients.
+    proxy_limits: ProxyLimits | None = None
+    downstream_proxy: bool = False
     phase: Phase = Phase.AWAITING_AUTH
     channels: set[Channel] = attrs.field(factory=set)
     refused_for_rate: int = 0
@@ -95,7 +120,7 @@ class SessionState:
             return Reaction()
         if not self._take_token(now):
             self.refused_for_rate += 1
-            if self.refused_for_rate > self.flood_limit:
+            if self.flood_limit is not None and self.refused_for_rate > self.flood_limit:
                 self.phase = Phase.CLOSED
                 return Reaction(
                     replies=(protocol.error_frame("control message flood: closing the connection"),),
@@ -141,6 +166,10 @@ class SessionState:
         reply = yield from protocol.subscription_frame_steps("unsubscribed", channels, step=step)
         return Reaction(replies=(reply,), unsubscribe=tuple(gone))
 
+    def drop(self, channels: Collection[Channel]) -> None:
+        """Forget channels the tier could not serve (upstream refused them)."""
+        self.channels.difference_update(channels)
+
     def _take_token(self, now: float) -> bool:
         if self._tokens is None:
             self._tokens, self._last = self.control_burst, now
@@ -156,6 +185,8 @@ class SessionState:
             return Reaction(replies=(protocol.error_frame("already authenticated"),), outcome="error")
         if self.allow_any_key or key_matches(action.api_key, self.accepted_keys):
             self.phase = Phase.AUTHENTICATED
+            if action.role == protocol.PROXY_ROLE and self.proxy_limits is not None:
+                self._become_proxy(self.proxy_limits)
             return Reaction(replies=(protocol.AUTH_SUCCESS,))
         self.phase = Phase.CLOSED
         return Reaction(
@@ -164,6 +195,13 @@ class SessionState:
             close_reason="authentication failed",
             outcome="auth_failed",
         )
+
+    def _become_proxy(self, limits: ProxyLimits) -> None:
+        self.downstream_proxy = True
+        self.max_channels_per_client = limits.max_channels
+        self.control_rate, self.control_burst = limits.control_rate, 2 * limits.control_rate
+        self._tokens = self.control_burst
+        self.flood_limit = None
 
     def timed_out(self) -> Reaction:
         """No auth arrived in time: Polygon's ``auth_timeout``, then close."""

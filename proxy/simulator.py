@@ -58,6 +58,8 @@ class Faults:
     stall_until: float = 0.0  # trio time until which connections neither read nor send
     refuse_auth: int = 0  # this many next auth attempts get auth_failed
     force_max_connections: bool = False
+    #: Channels (texts) a subscribe is refused, with an `error` status per channel (tests set it).
+    refused_channels: frozenset[str] = frozenset()
 
     def stall(self, seconds: float) -> None:
         self.stall_until = trio.current_time() + seconds
@@ -431,10 +433,11 @@ async def _read_control(simulator: Simulator, peer: WsPeer, connection: SimConne
             continue
         verb = "subscribe" if isinstance(action, Subscribe) else "unsubscribe"
         simulator.control_log.append((connection.id, verb, protocol.format_channel_list(action.channels)))
-        if protocol.EVERYTHING_CHANNEL in action.channels:
+        refused = simulator.faults.refused_channels if verb == "subscribe" else frozenset()
+        if refused or protocol.EVERYTHING_CHANNEL in action.channels:
             statuses = []
             for channel in action.channels:
-                if channel.is_everything and not simulator.config.allow_star:
+                if (channel.is_everything and not simulator.config.allow_star) or channel.text in refused:
                     statuses.append(protocol.status_event("error", f"unknown channel: {channel.text}"))
                     continue
                 (connection.add if verb == "subscribe" else connection.discard)(channel)

@@ -106,9 +106,14 @@ async def run_tier(
         desired=lambda: registry.upstream,
         demand_changed=hub.demand_changed,
         frames=frames_send,
+        changes=registry.take_upstream_changes,
+        held=registry.held_upstream,
         extra=config.upstream_extra,
+        # A filtered tier's upstream is a tier of ours: it says it carries many clients' demand.
+        role=protocol.PROXY_ROLE if config.tier != "firehose" else None,
         on_connected=connected,
         on_disconnected=disconnected,
+        on_refused=hub.refuse,
         backoff=config.backoff,
         keepalive_interval=config.keepalive_interval_seconds,
         keepalive_timeout=config.keepalive_timeout_seconds,
@@ -173,7 +178,7 @@ def _handle_upstream_status(tier: Tier, status: dict) -> None:
         log.warning("upstream reports %s: %s", kind, status.get("message"))
         tier.hub.broadcast(protocol.status_frame(str(kind), str(status.get("message", ""))))
     elif kind == "success":
-        log.debug("upstream: %s", status.get("message"))
+        pass  # answers to our subscribes (hundreds a message): the link logs what it sent
     else:
         log.warning("upstream status %s: %s", kind, status.get("message"))
 

@@ -1,13 +1,18 @@
 """The upstream link: one connection to Polygon (firehose) or to a firehose (filtered proxy).
 
 :class:`UpstreamLink` connects, reads ``connected``, authenticates, subscribes
-the current demand in chunks and keeps it in step by reconciling what this
-connection has been sent against what the registry wants, so a reconnect
-re-subscribes everything by construction. Data frames go into a bounded channel
-to the router; when the router lags, reading stops and TCP pushes back. Any
-failure reconnects with exponential backoff and jitter; a refusal
-(``auth_failed``, ``max_connections``) waits the long ``refused_seconds``.
-A WebSocket ping notices a silent upstream.
+the current demand in chunks and keeps it in step by comparing, channel by
+changed channel, what this connection has been sent with what the registry
+wants, so a reconnect re-subscribes everything by construction. Subscribes are
+paced under the budget of the tier above and bursts of changes are merged
+(:mod:`proxy.upstream_control`): the link carries the union of many clients'
+demand, and one client churning channels must not get it refused or closed.
+Upstream's answers are matched with what was sent; a refusal is handed to the
+tier (``on_refused``), which tells the clients holding those channels.
+Data frames go into a bounded channel to the router; when the router lags,
+reading stops and TCP pushes back. Any failure reconnects with exponential
+backoff and jitter; a refusal (``auth_failed``, ``max_connections``) waits the
+long ``refused_seconds``. A WebSocket ping notices a silent upstream.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import logging
 import math
 import random
 import ssl
-from typing import Any, Callable, Iterable
+from typing import AbstractSet, Any, Callable, Iterable
 from urllib.parse import urlsplit
 
 import attrs
@@ -31,11 +36,21 @@ from .config import Backoff, redact
 from .errors import leaves
 from .protocol import Channel
 from .beacon import Beacon
+from .routing import may_hold_status
+from .upstream_control import SUBSCRIBE_CHUNK, PendingAnswers, SubscriptionPlan, TokenBucket
 
 log = logging.getLogger("proxy.upstream")
 _jitter = random.Random()  # backoff jitter; not the global generator, which others may seed
-SUBSCRIBE_CHUNK = 500
 HANDSHAKE_SECONDS = 10.0
+#: Subscribe messages a second (bursts of SUBSCRIBE_BURST): 50,000 channels a second, a tenth of
+#: what a tier grants a downstream proxy by default (DOWNSTREAM_PROXY_CONTROL_MESSAGES_PER_SECOND).
+SUBSCRIBE_MESSAGES_PER_SECOND = 100.0
+SUBSCRIBE_BURST = 20.0
+#: After sending, changes are gathered this long before the next batch: a burst of demand changes
+#: goes out merged, while a lone change (nothing sent just before) goes out at once.
+SETTLE_SECONDS = 0.05
+#: Changed channels looked at between two checkpoints (a reconnect may bring a million).
+CLASSIFY_STEP = 2000
 #: Frames trio-websocket may hold for us; more than 1 lets a burst reach the router together.
 UPSTREAM_MESSAGE_QUEUE = 64
 _read_statuses = msgspec.json.Decoder(list[dict[str, Any]]).decode
@@ -60,11 +75,6 @@ class UpstreamProtocolError(Exception):
     """Upstream said something the protocol does not allow at that point."""
 
 
-def chunks(channels: Iterable[Channel], size: int = SUBSCRIBE_CHUNK) -> list[list[Channel]]:
-    ordered = sorted(channels, key=lambda channel: (channel.ev_type, channel.symbol))
-    return [ordered[start:start + size] for start in range(0, len(ordered), size)]
-
-
 @attrs.define(eq=False)
 class UpstreamLink:
     label: str  # "Polygon" or "firehose proxy", for log lines
@@ -73,18 +83,32 @@ class UpstreamLink:
     desired: Callable[[], frozenset[Channel]]
     demand_changed: Beacon
     frames: trio.MemorySendChannel[tuple[str | bytes, float]]
+    #: Channels whose upstream membership changed since the last call (the registry keeps them).
+    changes: Callable[[], Iterable[Channel]] = lambda: ()
+    #: The set of channels the registry wants held upstream now (read, never changed).
+    held: Callable[[], AbstractSet[Channel]] = frozenset
     extra: tuple[Channel, ...] = ()
+    #: The ``role`` sent with auth: ``proxy`` when upstream is a tier of ours (never to Polygon).
+    role: str | None = None
     on_connected: Callable[[], None] = lambda: None
     on_disconnected: Callable[[str], None] = lambda reason: None
+    #: Upstream refused these channels (its words): the tier tells the clients holding them.
+    on_refused: Callable[[tuple[Channel, ...], str], None] = lambda channels, reason: None
     backoff: Backoff = Backoff()
     keepalive_interval: float = 10.0
     keepalive_timeout: float = 20.0
     ca_file: str | None = None
     close_seconds: float = 1.0
+    subscribe_rate: float = SUBSCRIBE_MESSAGES_PER_SECOND
+    subscribe_burst: float = SUBSCRIBE_BURST
+    settle_seconds: float = SETTLE_SECONDS
+    chunk: int = SUBSCRIBE_CHUNK
     state: LinkState = LinkState.DISCONNECTED
     reconnects: int = 0
     last_error: str = "not connected yet"
-    _sent: set[Channel] = attrs.field(factory=set)
+    subscribe_messages: int = 0  # sent since start, for tests and logs
+    _plan: SubscriptionPlan = attrs.field(factory=SubscriptionPlan)
+    _answers: PendingAnswers = attrs.field(factory=PendingAnswers)
 
     async def run(self) -> None:
         """Keep the link up forever; returns only by cancellation."""
@@ -131,7 +155,8 @@ class UpstreamLink:
 
     async def _connect_and_serve(self) -> None:
         log.info("Connecting to %s at %s", self.label, self.url)
-        self._sent = set()
+        self._plan = SubscriptionPlan(chunk=self.chunk)
+        self._answers = PendingAnswers()
         async with trio.open_nursery() as connection_nursery:
             with trio.fail_after(HANDSHAKE_SECONDS):
                 ws = await self._open(connection_nursery)
@@ -170,7 +195,7 @@ class UpstreamLink:
         log.info("Connected to %s", self.label)
         with trio.fail_after(HANDSHAKE_SECONDS):
             await self._expect(ws, "connected")
-            await ws.send_message(protocol.auth_message(self.api_key))
+            await ws.send_message(protocol.auth_message(self.api_key, self.role))
             await self._expect(ws, "auth_success")
         log.info("Authenticated successfully")
         self.state = LinkState.CONNECTED
@@ -180,7 +205,26 @@ class UpstreamLink:
             nursery.start_soon(self._keepalive, ws)
             while True:
                 message = await ws.get_message()
-                await self.frames.send((message, trio.current_time()))
+                received = trio.current_time()
+                if may_hold_status(message):
+                    self._read_answers(message, received)
+                await self.frames.send((message, received))
+
+    def _read_answers(self, message: str | bytes, now: float) -> None:
+        """Upstream's answers to our subscribes; routing handles the rest."""
+        try:
+            statuses = [event for event in _read_statuses(message) if event.get("ev") == "status"]
+        except msgspec.DecodeError:
+            return  # not ours to judge: the router counts and drops malformed frames
+        for channels, reason in self._answers.read(statuses, now):
+            extra = [channel for channel in channels if channel in self.extra]
+            if extra:
+                log.error("%s refused %s, which this tier always asks for (%s); not asking again "
+                          "on this connection", self.label, protocol.format_channel_list(extra), reason)
+            channels = tuple(channel for channel in channels if channel not in self.extra)
+            self._plan.forget(channels)
+            if channels:
+                self.on_refused(channels, reason)
 
     async def _expect(self, ws: WebSocketConnection, wanted: str) -> None:
         message = await ws.get_message()
@@ -193,22 +237,50 @@ class UpstreamLink:
         raise UpstreamProtocolError(f"expected status {wanted!r}, got {message[:200]!r}")
 
     async def _keep_subscribed(self, ws: WebSocketConnection) -> None:
-        """Reconcile what this connection was sent with what is wanted, at every change."""
+        """Bring what this connection was sent in step with what is wanted, paced and merged.
+
+        Everything wanted is touched at first (``*`` first); then each change the registry
+        reports. Touched channels are looked at in steps; messages go out at most
+        ``subscribe_rate`` a second; after a batch, changes are gathered ``settle_seconds``
+        before the next, so a burst goes out merged and a change undone meanwhile not at all.
+        """
+        plan, answers, extra = self._plan, self._answers, frozenset(self.extra)
+        bucket = TokenBucket(self.subscribe_rate, self.subscribe_burst)
+        self.changes()  # the whole set below covers these
+        plan.touch(self.extra)
+        plan.touch(self.desired())
+        last_sent, added, removed = -math.inf, 0, 0
         while True:
-            target = self.desired() | set(self.extra)
-            added, removed = target - self._sent, self._sent - target
-            for chunk in chunks(added):
-                await ws.send_message(protocol.subscription_message("subscribe", chunk))
-            for chunk in chunks(removed):
-                await ws.send_message(protocol.subscription_message("unsubscribe", chunk))
-            if protocol.EVERYTHING_CHANNEL in added:
-                log.info("Subscribed to wildcard (*) from %s", self.label)
-            if added or removed:
-                log.info("upstream subscriptions: +%d -%d, %d held", len(added), len(removed), len(target))
-                log.debug("subscribed %s; unsubscribed %s",
-                          protocol.format_channel_list(added), protocol.format_channel_list(removed))
-            self._sent = target
-            await self.demand_changed.wait()
+            plan.touch(self.changes())
+            while not plan.classify(self.held(), extra, CLASSIFY_STEP):
+                await trio.lowlevel.checkpoint()  # a reconnect may look at a million channels
+                plan.touch(self.changes())
+            if plan.idle:
+                if added or removed:
+                    log.info("upstream subscriptions: +%d -%d, %d held", added, removed, len(plan.sent))
+                    added = removed = 0
+                await self.demand_changed.wait()
+                await trio.sleep_until(last_sent + self.settle_seconds)
+                continue
+            await trio.sleep(bucket.delay(trio.current_time()))
+            message = plan.next_message(self.held(), extra)
+            if message is None:
+                continue
+            verb, channels = message
+            now = trio.current_time()
+            bucket.take(now)
+            answers.sent(verb, channels, now)
+            await ws.send_message(protocol.subscription_message(verb, channels))
+            last_sent = now
+            self.subscribe_messages += 1
+            if verb == "subscribe":
+                added += len(channels)
+                if protocol.EVERYTHING_CHANNEL in channels:
+                    log.info("Subscribed to wildcard (*) from %s", self.label)
+            else:
+                removed += len(channels)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s %s", verb, protocol.format_channel_list(channels))
 
     async def _keepalive(self, ws: WebSocketConnection) -> None:
         for sequence in itertools.count():
