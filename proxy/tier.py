@@ -92,7 +92,9 @@ async def run_tier(
 
     def disconnected(reason: str) -> None:
         stats.outages += 1
-        outage_started.append(trio.current_time())
+        # The gap began with the last frame the link read, not when the keepalive noticed it.
+        last = link.last_received_at
+        outage_started.append(trio.current_time() if last is None else last)
         log.warning("lost the %s connection (%s); clients stay connected", label, reason)
         hub.broadcast(protocol.status_frame(
             UPSTREAM_DISCONNECTED,

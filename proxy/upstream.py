@@ -106,6 +106,8 @@ class UpstreamLink:
     state: LinkState = LinkState.DISCONNECTED
     reconnects: int = 0
     last_error: str = "not connected yet"
+    #: When the link last read a frame (trio time): an outage starts there, not when it is noticed.
+    last_received_at: float | None = None
     subscribe_messages: int = 0  # sent since start, for tests and logs
     _plan: SubscriptionPlan = attrs.field(factory=SubscriptionPlan)
     _answers: PendingAnswers = attrs.field(factory=PendingAnswers)
@@ -198,6 +200,7 @@ class UpstreamLink:
             await ws.send_message(protocol.auth_message(self.api_key, self.role))
             await self._expect(ws, "auth_success")
         log.info("Authenticated successfully")
+        self.last_received_at = trio.current_time()
         self.state = LinkState.CONNECTED
         self.on_connected()
         async with trio.open_nursery() as nursery:
@@ -205,7 +208,7 @@ class UpstreamLink:
             nursery.start_soon(self._keepalive, ws)
             while True:
                 message = await ws.get_message()
-                received = trio.current_time()
+                received = self.last_received_at = trio.current_time()
                 if may_hold_status(message):
                     self._read_answers(message, received)
                 await self.frames.send((message, received))

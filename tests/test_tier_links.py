@@ -261,3 +261,22 @@ async def test_a_channel_polygon_refuses_is_taken_back_through_both_tiers(nurser
     await client.wait_events(count + 5)  # T.AAPL still flows
     assert {(e["ev"], e["sym"]) for e in client.events} == {("T", "AAPL")}
     assert "T.AAPL" in sim.subscribed_channels() and "FMV.BAD" not in sim.subscribed_channels()
+
+
+async def test_the_reported_outage_covers_the_silence(nursery):
+    # The firehose's keepalive notices a silent Polygon after 0.5-1.5 s; the outage began earlier,
+    # with the last frame read, and that is what clients must be told.
+    sim, firehose, filtered = await start_chain(
+        nursery, firehose={"keepalive_interval_seconds": 0.5, "keepalive_timeout_seconds": 1.0})
+    healthy = await counting_client(nursery, sim, filtered)
+    await trio.sleep(0.5)
+    sim.faults.stall(4.0)
+    with trio.fail_after(20):
+        while not any(s["status"] == "upstream_connected" for s in healthy.client.statuses):
+            await trio.sleep(0.05)
+    await trio.sleep(1.0)  # data again, so the client's silence is measured to its end
+    message = next(s["message"] for s in healthy.client.statuses if s["status"] == "upstream_connected")
+    reported = float(message.split("restored after ")[1].split("s;")[0])
+    print(f"reported {reported:.1f}s; the client saw {healthy.longest_silence:.2f}s without data")
+    assert reported >= 3.7, message  # the stall lasted 4 s; the keepalive noticed it 1-1.5 s in
+    assert reported <= healthy.longest_silence + 0.3, (message, healthy.longest_silence)
