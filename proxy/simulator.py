@@ -60,6 +60,9 @@ class Faults:
     force_max_connections: bool = False
     #: Channels (texts) a subscribe is refused, with an `error` status per channel (tests set it).
     refused_channels: frozenset[str] = frozenset()
+    #: A connection over SIMULATOR_MAX_CONNECTIONS evicts the key's oldest one (``max_connections``,
+    #: then close 1008) instead of being refused, as Polygon has been seen to do (tests set it).
+    evict_oldest: bool = False
 
     def stall(self, seconds: float) -> None:
         self.stall_until = trio.current_time() + seconds
@@ -163,6 +166,7 @@ class SimConnection:
     opened_at: float = 0.0
     drop: trio.Event = attrs.field(factory=trio.Event)
     dropped: bool = False
+    evicted: bool = False
 
     def add(self, channel: Channel) -> None:
         """Hold ``channel``, and index it (one channel at a time: a tier may hold 100,000)."""
@@ -363,7 +367,10 @@ async def _serve_connection(simulator: Simulator, stream: trio.SocketStream) -> 
                 nursery.start_soon(_drop_when_told, simulator, peer, connection, nursery.cancel_scope)
         finally:
             simulator.connections.discard(connection)
-        if connection.dropped:
+        if connection.evicted:
+            await peer.send_text(protocol.MAX_CONNECTIONS)
+            await peer.close(1008, "max connections")
+        elif connection.dropped:
             if simulator.faults.abrupt:
                 await peer.abort()
             else:
@@ -392,8 +399,13 @@ async def _authenticate(simulator: Simulator, peer: WsPeer, connection: SimConne
         await peer.send_text(protocol.AUTH_FAILED)
         await peer.close(1008, "authentication failed")
         return False
-    open_for_key = sum(1 for other in simulator.connections if other.api_key == key)
-    if faults.force_max_connections or open_for_key >= config.max_connections:
+    open_for_key = [other for other in simulator.connections if other.api_key == key]
+    if len(open_for_key) >= config.max_connections and faults.evict_oldest and not faults.force_max_connections:
+        oldest = min(open_for_key, key=lambda other: other.opened_at)
+        log.info("connection %d: evicts connection %d of key %s", connection.id, oldest.id, redact(key))
+        oldest.evicted = True
+        oldest.drop.set()
+    elif faults.force_max_connections or len(open_for_key) >= config.max_connections:
         log.info("connection %d: max_connections for key %s", connection.id, redact(key))
         await peer.send_text(protocol.MAX_CONNECTIONS)
         await peer.close(1008, "max connections")

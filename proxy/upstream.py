@@ -11,8 +11,10 @@ Upstream's answers are matched with what was sent; a refusal is handed to the
 tier (``on_refused``), which tells the clients holding those channels.
 Data frames go into a bounded channel to the router; when the router lags,
 reading stops and TCP pushes back. Any failure reconnects with exponential
-backoff and jitter; a refusal (``auth_failed``, ``max_connections``) waits the
-long ``refused_seconds``. A WebSocket ping notices a silent upstream.
+backoff and jitter; a refusal (``auth_failed``, ``max_connections``, also when
+upstream evicts an established connection with ``max_connections``) waits the
+long ``refused_seconds``: two processes sharing a key must not evict each other
+in a loop. A WebSocket ping notices a silent upstream.
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ SUBSCRIBE_BURST = 20.0
 SETTLE_SECONDS = 0.05
 #: Changed channels looked at between two checkpoints (a reconnect may bring a million).
 CLASSIFY_STEP = 2000
+#: Statuses by which upstream ends an established connection that we must not rush back to.
+EVICTIONS = frozenset({"max_connections"})
 #: Frames trio-websocket may hold for us; more than 1 lets a burst reach the router together.
 UPSTREAM_MESSAGE_QUEUE = 64
 _read_statuses = msgspec.json.Decoder(list[dict[str, Any]]).decode
@@ -126,12 +130,10 @@ class UpstreamLink:
                 error = _handled_cause(raised)
                 self.last_error = _describe(error)
                 if isinstance(error, UpstreamRefused):
-                    self.state = LinkState.REFUSED
                     delay = self.backoff.refused_seconds
                     self._log_refusal(error, delay)
-            was_connected = self.state is LinkState.CONNECTED
-            if self.state is not LinkState.REFUSED:
-                self.state = LinkState.DISCONNECTED
+            was_connected = self.state is LinkState.CONNECTED  # (an eviction ends a connected link)
+            self.state = LinkState.DISCONNECTED if delay is None else LinkState.REFUSED
             if was_connected:
                 self.on_disconnected(self.last_error)
             if trio.current_time() - started >= self.backoff.healthy_after_seconds:
@@ -150,7 +152,7 @@ class UpstreamLink:
             log.error("%s refused our key %s (auth_failed); check the API key; retrying in %.0fs",
                       self.label, redact(self.api_key), delay)
         elif refusal.status == "max_connections":
-            log.error("%s answered max_connections: another process holds this key's "
+            log.error("%s answered max_connections: another process holds (or just took) this key's "
                       "connection; retrying in %.0fs", self.label, delay)
         else:
             log.error("%s refused authentication (%s); retrying in %.0fs", self.label, refusal, delay)
@@ -214,11 +216,14 @@ class UpstreamLink:
                 await self.frames.send((message, received))
 
     def _read_answers(self, message: str | bytes, now: float) -> None:
-        """Upstream's answers to our subscribes; routing handles the rest."""
+        """Upstream's answers to our subscribes, and an eviction; routing handles the rest."""
         try:
             statuses = [event for event in _read_statuses(message) if event.get("ev") == "status"]
         except msgspec.DecodeError:
             return  # not ours to judge: the router counts and drops malformed frames
+        for status in statuses:
+            if status.get("status") in EVICTIONS:
+                raise UpstreamRefused(str(status.get("status")), str(status.get("message")))
         for channels, reason in self._answers.read(statuses, now):
             extra = [channel for channel in channels if channel in self.extra]
             if extra:

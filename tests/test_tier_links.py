@@ -280,3 +280,47 @@ async def test_the_reported_outage_covers_the_silence(nursery):
     print(f"reported {reported:.1f}s; the client saw {healthy.longest_silence:.2f}s without data")
     assert reported >= 3.7, message  # the stall lasted 4 s; the keepalive noticed it 1-1.5 s in
     assert reported <= healthy.longest_silence + 0.3, (message, healthy.longest_silence)
+
+
+async def _rival(port: int, until: float) -> int:
+    """Another process with the same Polygon key that reconnects the moment it is evicted (a
+    naive client): it evicts the firehose whenever it connects. Returns how often it connected."""
+    connections = 0
+    while trio.current_time() < until:
+        try:
+            async with trio_websocket.open_websocket_url(f"ws://127.0.0.1:{port}/stocks") as ws:
+                await ws.get_message()
+                await ws.send_message(json.dumps({"action": "auth", "params": POLYGON_KEY}))
+                if "auth_success" in await ws.get_message():
+                    connections += 1
+                    with trio.move_on_at(until):
+                        while True:
+                            await ws.get_message()
+        except trio_websocket.ConnectionClosed:
+            pass
+    return connections
+
+
+async def test_an_evicting_rival_gets_the_long_backoff_not_a_fight(nursery):
+    # Polygon lets a new connection evict the key's oldest one (max_connections, close 1008).
+    # A link that came straight back would evict the rival, which comes straight back: a loop
+    # that costs both sides their data. Evicted, the link waits refused_seconds (1 s here).
+    sim = await start_simulator(nursery, events_per_second=500)
+    sim.faults.evict_oldest = True
+    backoff = Backoff(initial_seconds=0.05, max_seconds=0.2, healthy_after_seconds=5, refused_seconds=1.0)
+    firehose = await start_tier(nursery, firehose_config(sim, backoff=backoff, static_channels=parse_channel_list("T.*")))
+    client = await authed_client(nursery, firehose.port, FIREHOSE_KEY, subscribe="T.*")
+    await client.wait_events(5)
+    reconnects = firehose.link.reconnects
+    rival = await _rival(sim.port, until=trio.current_time() + 2.5)
+    ours = firehose.link.reconnects - reconnects
+    print(f"in 2.5 s the rival connected {rival} times, the firehose retried {ours} times")
+    assert rival >= 2  # it did evict the firehose, more than once
+    assert ours <= 2.5 / backoff.refused_seconds + 1  # each eviction was followed by the long wait
+    with trio.fail_after(10):
+        while not any(s["status"] == "upstream_connected" for s in client.statuses):
+            await client.receive()
+    told = [s["status"] for s in client.statuses if s["status"].startswith("upstream_")]
+    assert told[0] == "upstream_disconnected"  # the client was told when the link was evicted
+    count = len(client.events)
+    await client.wait_events(count + 5)
