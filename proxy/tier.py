@@ -10,7 +10,9 @@ running :class:`Tier` to the caller (tests read its port, link and hub).
 
 from __future__ import annotations
 
+import ctypes
 import logging
+from typing import Callable
 
 import attrs
 import trio
@@ -31,6 +33,8 @@ from .upstream import LinkState, UpstreamLink
 log = logging.getLogger("proxy.tier")
 FRAME_QUEUE = 256
 SUMMARY_INTERVAL_SECONDS = 60.0
+#: Channels expired from the grace period between two returns of freed memory to the system.
+TRIM_AFTER_CHANNELS = 100_000
 UPSTREAM_DISCONNECTED = "upstream_disconnected"
 UPSTREAM_CONNECTED = "upstream_connected"
 #: Statuses an upstream proxy tier sends about its own upstream; relayed to our clients.
@@ -187,8 +191,10 @@ def _handle_upstream_status(tier: Tier, status: dict) -> None:
 
 async def _expire_grace(tier: Tier) -> None:
     """Unsubscribe upstream what nobody needed for the whole grace period, a step at a time
-    (after a crowd left, a million channels may be due at once)."""
+    (after a crowd left, a million channels may be due at once); after every 100,000
+    channels let go, hand the memory they held back to the system."""
     registry, demand = tier.registry, tier.hub.demand_changed
+    released = 0
     while True:
         deadline = registry.next_deadline()
         if deadline is None:
@@ -198,8 +204,35 @@ async def _expire_grace(tier: Tier) -> None:
             await demand.wait()
             continue
         async with tier.hub.heavy_control:
-            if registry.expire(limit=CHANNELS_PER_STEP):
+            delta = registry.expire(limit=CHANNELS_PER_STEP)
+            if delta:
                 demand.pulse()
+            released += len(delta.unsubscribe)
+            if released >= TRIM_AFTER_CHANNELS:
+                released = 0
+                _trim_allocator()
+
+
+def _trim_allocator() -> None:
+    """Ask glibc to return the free memory inside its heap to the system (about 8 ms).
+
+    After 100 clients with 10,000 channels each left, the registry had freed its objects and
+    rebuilt its tables, yet the process stayed at 158 MB resident (366 MB at the peak, 34
+    before): glibc keeps freed blocks inside its heap for reuse. malloc_trim brought it to
+    50 MB (proxy/bench/subscribe_cost.py --rss). Without malloc_trim (not glibc), nothing is done.
+    """
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
+def _find_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError):
+        return None
+
+
+_malloc_trim = _find_malloc_trim()
 
 
 async def _log_summary(tier: Tier, interval: float = SUMMARY_INTERVAL_SECONDS) -> None:

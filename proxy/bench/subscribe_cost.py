@@ -7,12 +7,16 @@ exactly as a tier's reader handles it: :meth:`SessionState.receive` (parse, limi
 (:meth:`SubscriptionRegistry.remove_subscriber`) and the grace expires. Printed: µs per channel
 for subscribing and for leaving (process CPU time, best of R rounds), and tracemalloc's view of
 the memory held with everyone subscribed and after everyone left (one extra round, traced, so
-that tracing does not slow the timed rounds).
+that tracing does not slow the timed rounds). ``--rss`` instead runs one untimed round and
+prints the process's resident memory (VmRSS) before, at the peak, after everyone left, and
+after glibc's malloc_trim (which a tier calls after letting 100,000 channels go): what the
+allocator gives back to the system, which tracemalloc does not show.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import time
@@ -95,14 +99,60 @@ def _traced_round(messages: list[str], channels: int) -> tuple[int, int, int]:
     return baseline, held, after
 
 
+def _rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _rss_round(messages: list[str], channels: int) -> tuple[float, float, float, float]:
+    gc.collect()
+    before = _rss_mb()
+    clock = _Clock()
+    registry = SubscriptionRegistry(clock=clock, grace_seconds=5.0)
+    states = []
+    for client, message in enumerate(messages):
+        state = SessionState(accepted_keys=frozenset({"k"}), max_channels_per_client=channels,
+                             max_channels_per_message=channels)
+        state.receive('{"action":"auth","params":"k"}')
+        registry.subscribe(client, state.receive(message).subscribe)
+        if hasattr(registry, "take_upstream_changes"):
+            registry.take_upstream_changes()
+        states.append(state)
+    peak = _rss_mb()
+    for client in range(len(states)):
+        registry.remove_subscriber(client)
+    clock.now += 10.0
+    registry.expire()
+    if hasattr(registry, "take_upstream_changes"):
+        registry.take_upstream_changes()
+    del states
+    gc.collect()
+    after = _rss_mb()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)  # as a tier does after expiring 100,000 channels
+    except (AttributeError, OSError):
+        pass
+    return before, peak, after, _rss_mb()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=100)
     parser.add_argument("--channels", type=int, default=10_000)
     parser.add_argument("--overlap", action="store_true", help="every client subscribes the same channels")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rss", action="store_true", help="resident memory instead of CPU and tracemalloc")
     args = parser.parse_args()
     messages = _messages(args.clients, args.channels, args.overlap)
+    if args.rss:
+        before, peak, after, trimmed = _rss_round(messages, args.channels)
+        print(f"{args.clients} clients x {args.channels} channels: RSS {before:.0f} MB before, "
+              f"{peak:.0f} MB with everyone subscribed, {after:.0f} MB after everyone left, "
+              f"{trimmed:.0f} MB after malloc_trim")
+        return
     total = args.clients * args.channels
     best_subscribe = best_leave = float("inf")
     for _ in range(args.rounds):
