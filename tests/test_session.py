@@ -5,7 +5,7 @@ import json
 from proxy.core.errors import CloseReason
 from proxy.core import protocol
 from proxy.core.keys import key_matches
-from proxy.core.session import Phase, SessionState
+from proxy.core.session import CHANNELS_PER_STEP, Phase, ProxyLimits, SessionState
 
 
 def statuses(reaction):
@@ -63,3 +63,65 @@ def test_key_matches_every_accepted_key_and_nothing_else():
     keys = frozenset({"alpha", "beta"})
     assert key_matches("alpha", keys) and key_matches("beta", keys)
     assert not key_matches("alph", keys) and not key_matches("", keys) and not key_matches("gamma", frozenset())
+
+
+def subscribe_message(count: int, prefix: str = "S") -> str:
+    return json.dumps({"action": "subscribe", "params": ",".join(f"T.{prefix}{i}" for i in range(count))})
+
+
+def test_a_proxy_link_gets_its_own_limits_and_is_never_closed_for_a_flood():
+    limits = ProxyLimits(max_channels=50_000, control_rate=1000)
+    client = SessionState(accepted_keys=frozenset({"k"}), proxy_limits=limits, control_rate=50, control_burst=100)
+    proxy = SessionState(accepted_keys=frozenset({"k"}), proxy_limits=limits, control_rate=50, control_burst=100)
+    client.receive('{"action":"auth","params":"k"}')
+    proxy.receive('{"action":"auth","params":"k","role":"proxy"}')
+    assert proxy.downstream_proxy and not client.downstream_proxy
+    # the union of many clients' channels: more than one end client may hold
+    for part in range(3):
+        assert proxy.receive(subscribe_message(10_000, f"P{part}X")).subscribe
+    assert len(proxy.channels) == 30_000
+    assert client.receive(subscribe_message(10_000, "A")).subscribe
+    assert statuses(client.receive(subscribe_message(1, "B")))[0][1].startswith("channel limit")
+    # 3,000 messages at once: the client is closed for a flood; the proxy gets a budget of 2,000,
+    # then its messages are refused one by one (it relays each refusal), never closed
+    client_closed = proxy_closed = refused = 0
+    for _ in range(3000):
+        client_closed += client.receive('{"action":"unsubscribe","params":"T.A1"}', 1.0).close_code is not None
+        reaction = proxy.receive('{"action":"unsubscribe","params":"T.A1"}', 1.0)
+        proxy_closed += reaction.close_code is not None
+        refused += reaction.outcome == "rate_limited"
+    assert client_closed == 1 and proxy_closed == 0 and 900 <= refused <= 1000
+
+
+def test_the_role_means_nothing_where_proxies_have_no_limits_of_their_own():
+    state = SessionState(accepted_keys=frozenset({"k"}))
+    assert state.receive('{"action":"auth","params":"k","role":"proxy"}').replies == (protocol.AUTH_SUCCESS,)
+    assert not state.downstream_proxy and state.max_channels_per_client == 10_000
+    bad = SessionState(accepted_keys=frozenset({"k"}))
+    assert statuses(bad.receive('{"action":"auth","params":"k","role":5}')) == [("error", '"role" must be a string')]
+
+
+def test_a_big_subscribe_is_handled_in_steps_with_the_same_outcome():
+    message = subscribe_message(10_000)
+    whole, stepped = SessionState(accepted_keys=frozenset({"k"})), SessionState(accepted_keys=frozenset({"k"}))
+    for state in (whole, stepped):
+        state.receive('{"action":"auth","params":"k"}')
+    expected = whole.receive(message)
+    steps = stepped.receive_in_steps(message, step=CHANNELS_PER_STEP)
+    yields = 0
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            reaction = done.value
+            break
+        yields += 1
+        assert len(stepped.channels) in (0, 10_000)  # applied at once, once every channel was checked
+    assert yields >= 2 * (10_000 // CHANNELS_PER_STEP) - 2  # parsing, then the answer, in slices
+    assert reaction == expected and stepped.channels == whole.channels
+    # a bad channel anywhere: nothing applied, whatever step it is in
+    bad = SessionState(accepted_keys=frozenset({"k"}))
+    bad.receive('{"action":"auth","params":"k"}')
+    params = ",".join(f"T.S{i}" for i in range(9_000)) + ",T.BAD;"
+    assert statuses(bad.receive(json.dumps({"action": "subscribe", "params": params})))[0][0] == "error"
+    assert not bad.channels
