@@ -23,6 +23,7 @@ VARIABLES = [
     "MAX_MESSAGE_BYTES",
     "AUTH_TIMEOUT_SECONDS", "PROXY_ENV_FILE", "MARKET", "LOG_LEVEL_LIBRARIES", "FILTERED_PROXY_FIREHOSE_KEY",
     "SIMULATOR_EVENTS_PER_SECOND", "SIMULATOR_FRAME_EVENTS", "SIMULATOR_PREBUILT_EVENTS",
+    "DOWNSTREAM_PROXY_CONTROL_MESSAGES_PER_SECOND", "DOWNSTREAM_PROXY_MAX_CHANNELS",
 ]
 
 
@@ -43,6 +44,19 @@ def test_firehose_defaults(monkeypatch):
     assert config.unsubscribe_grace_seconds == 5 and config.auth_timeout_seconds == 10
     assert config.slow_client_policy is SlowClientPolicy.DISCONNECT
     assert config.slow_client_close_seconds == 5
+
+
+def test_downstream_proxy_limits_are_their_own(monkeypatch):
+    config = load_filtered_config()
+    assert (config.downstream_proxy_control_messages_per_second, config.downstream_proxy_max_channels) == (1000, 1_000_000)
+    assert (config.control_messages_per_second, config.max_channels_per_client) == (50, 10_000)
+    monkeypatch.setenv("DOWNSTREAM_PROXY_MAX_CHANNELS", "250000")
+    monkeypatch.setenv("DOWNSTREAM_PROXY_CONTROL_MESSAGES_PER_SECOND", "400")
+    config = load_filtered_config()
+    assert (config.downstream_proxy_control_messages_per_second, config.downstream_proxy_max_channels) == (400, 250_000)
+    monkeypatch.setenv("DOWNSTREAM_PROXY_MAX_CHANNELS", "0")
+    with pytest.raises(ConfigError, match="DOWNSTREAM_PROXY_MAX_CHANNELS"):
+        load_filtered_config()
 
 
 def test_filtered_defaults_and_the_any_key_rule(monkeypatch):

@@ -148,8 +148,8 @@ class EntitledSession(RuleBasedStateMachine):
         assert all(self.entry.allows(channel) for channel in reaction.subscribe)
         if reaction.subscribe:
             self.held |= {channel.text for channel in reaction.subscribe}
-        else:  # refused: nothing of it applied
-            assert all(not self.entry.allows(parse_channel(c)) for c in channels) or reaction.outcome == "error"
+        else:  # refused (nothing of it applied), or nothing new: a reaction carries only the channels it added
+            assert reaction.outcome == "error" or {parse_channel(c).text for c in channels} <= self.held
 
     @rule(channels=st.lists(st.sampled_from(CHANNELS), min_size=1, max_size=4))
     def unsubscribe(self, channels):

@@ -245,3 +245,55 @@ _key = msgspec.json.Decoder(EventKey).decode
 )
 def test_event_symbol_follows_the_field_table(event, symbol):
     assert event_symbol(_key(event)) == symbol
+
+
+# --- the fast channel-list parser and answer builder -------------------------------------------
+
+
+def reference_parse(params: str, max_channels: int = 10_000) -> tuple[Channel, ...] | tuple[str, str]:
+    """parse_channel item by item: what the fast path must agree with, errors included."""
+    items = params.split(",")
+    if len(items) > max_channels:
+        return ("too_many_channels", "")
+    try:
+        return tuple(dict.fromkeys(parse_channel(item) for item in items))
+    except ClientMessageError as error:
+        return (error.kind, error.message)
+
+
+def fast_parse(params: str, step: int) -> tuple[Channel, ...] | tuple[str, str]:
+    try:
+        return protocol.run_steps(protocol.parse_channel_list_steps(params, step=step))
+    except ClientMessageError as error:
+        return ("too_many_channels", "") if error.kind == "too_many_channels" else (error.kind, error.message)
+
+
+ITEMS = st.one_of(
+    st.sampled_from(["T.AAPL", " Q.* ", "*", "T.BRK.A", "XT.X:BTC-USD", "C.USD/CNH", "T." + "A" * 62,
+                     "T." + "A" * 63, " T." + "A" * 62 + " ", "ABCDEFGH.X", "ABCDEFGHI.X", "T.", "", "T.A*"]),
+    st.text(alphabet="AT.*: /-9;\t\u00a0é", max_size=8),
+)
+
+
+@given(st.lists(ITEMS, min_size=1, max_size=12), st.sampled_from([0, 1, 2, 5]))
+def test_the_fast_channel_parser_agrees_with_parse_channel(items, step):
+    params = ",".join(items)
+    expected = reference_parse(params)
+    assert fast_parse(params, step) == expected
+    if isinstance(expected[0], Channel) or expected == ():
+        assert all(type(channel) is Channel for channel in expected)
+
+
+def test_a_bare_star_parsed_fast_is_the_everything_channel():
+    assert parse_channel_list("T.AAPL,*,Q.*")[1] is EVERYTHING_CHANNEL
+
+
+@given(st.lists(st.sampled_from(["T.AAPL", "*", "Q.*", "T.BRK.A", "XT.X:BTC-USD"]), max_size=20), st.sampled_from([0, 1, 3]))
+def test_answers_are_polygons_statuses_byte_for_byte(texts, step):
+    channels = parse_channel_list(",".join(texts)) if texts else ()
+    for verb in ("subscribed", "unsubscribed"):
+        expected = msgspec.json.encode(
+            [protocol.status_event("success", f"{verb} to: {channel.text}") for channel in channels]).decode()
+        assert protocol.run_steps(protocol.subscription_frame_steps(verb, tuple(channels), step=step)) == expected
+    message = json.loads(protocol.subscription_message("subscribe", channels))
+    assert message == {"action": "subscribe", "params": ",".join(channel.text for channel in channels)}

@@ -7,7 +7,7 @@ from proxy.core import protocol
 from proxy.core.entitlements import KeyBook, KeyEntry, hash_key
 from proxy.core.keys import key_matches
 from proxy.core.protocol import parse_channel
-from proxy.core.session import Phase, Reaction, SessionState
+from proxy.core.session import CHANNELS_PER_STEP, Phase, ProxyLimits, Reaction, SessionState
 
 
 def statuses(reaction):
@@ -111,8 +111,8 @@ def test_a_subscribe_past_the_channels_a_client_may_hold_is_refused_whole():
     assert statuses(refused) == [("error", "channel limit: this connection holds 2 channels and may hold 3; "
                                            "nothing of this subscribe was applied")]
     assert {c.text for c in state.channels} == {"T.A", "T.B"}
-    assert [c.text for c in state.receive('{"action":"subscribe","params":"T.A,T.B,T.C"}').subscribe] == [
-        "T.A", "T.B", "T.C"]  # held ones are not new: exactly at the limit is fine
+    # held ones are not new (a reaction lists only what it adds): exactly at the limit is fine
+    assert [c.text for c in state.receive('{"action":"subscribe","params":"T.A,T.B,T.C"}').subscribe] == ["T.C"]
 
 
 def test_a_message_with_more_channels_than_allowed_is_an_error_not_a_close():
@@ -140,3 +140,65 @@ def test_a_named_key_is_held_to_its_channels_and_its_markets():
     assert wrong_market.outcome == "auth_failed" and wrong_market.close_code == CloseReason.POLICY_VIOLATION
     assert statuses(wrong_market) == [("auth_failed", "key 'research' is not entitled to the options market")]
     assert options.phase is Phase.CLOSED
+
+
+def subscribe_message(count: int, prefix: str = "S") -> str:
+    return json.dumps({"action": "subscribe", "params": ",".join(f"T.{prefix}{i}" for i in range(count))})
+
+
+def test_a_proxy_link_gets_its_own_limits_and_is_never_closed_for_a_flood():
+    limits = ProxyLimits(max_channels=50_000, control_rate=1000)
+    client = SessionState(accepted_keys=frozenset({"k"}), proxy_limits=limits, control_rate=50, control_burst=100)
+    proxy = SessionState(accepted_keys=frozenset({"k"}), proxy_limits=limits, control_rate=50, control_burst=100)
+    client.receive('{"action":"auth","params":"k"}')
+    proxy.receive('{"action":"auth","params":"k","role":"proxy"}')
+    assert proxy.downstream_proxy and not client.downstream_proxy
+    # the union of many clients' channels: more than one end client may hold
+    for part in range(3):
+        assert proxy.receive(subscribe_message(10_000, f"P{part}X")).subscribe
+    assert len(proxy.channels) == 30_000
+    assert client.receive(subscribe_message(10_000, "A")).subscribe
+    assert statuses(client.receive(subscribe_message(1, "B")))[0][1].startswith("channel limit")
+    # 3,000 messages at once: the client is closed for a flood; the proxy gets a budget of 2,000,
+    # then its messages are refused one by one (it relays each refusal), never closed
+    client_closed = proxy_closed = refused = 0
+    for _ in range(3000):
+        client_closed += client.receive('{"action":"unsubscribe","params":"T.A1"}', 1.0).close_code is not None
+        reaction = proxy.receive('{"action":"unsubscribe","params":"T.A1"}', 1.0)
+        proxy_closed += reaction.close_code is not None
+        refused += reaction.outcome == "rate_limited"
+    assert client_closed == 1 and proxy_closed == 0 and 900 <= refused <= 1000
+
+
+def test_the_role_means_nothing_where_proxies_have_no_limits_of_their_own():
+    state = SessionState(accepted_keys=frozenset({"k"}))
+    assert state.receive('{"action":"auth","params":"k","role":"proxy"}').replies == (protocol.AUTH_SUCCESS,)
+    assert not state.downstream_proxy and state.max_channels_per_client == 10_000
+    bad = SessionState(accepted_keys=frozenset({"k"}))
+    assert statuses(bad.receive('{"action":"auth","params":"k","role":5}')) == [("error", '"role" must be a string')]
+
+
+def test_a_big_subscribe_is_handled_in_steps_with_the_same_outcome():
+    message = subscribe_message(10_000)
+    whole, stepped = SessionState(accepted_keys=frozenset({"k"})), SessionState(accepted_keys=frozenset({"k"}))
+    for state in (whole, stepped):
+        state.receive('{"action":"auth","params":"k"}')
+    expected = whole.receive(message)
+    steps = stepped.receive_in_steps(message, step=CHANNELS_PER_STEP)
+    yields = 0
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            reaction = done.value
+            break
+        yields += 1
+        assert len(stepped.channels) in (0, 10_000)  # applied at once, once every channel was checked
+    assert yields >= 2 * (10_000 // CHANNELS_PER_STEP) - 2  # parsing, then the answer, in slices
+    assert reaction == expected and stepped.channels == whole.channels
+    # a bad channel anywhere: nothing applied, whatever step it is in
+    bad = SessionState(accepted_keys=frozenset({"k"}))
+    bad.receive('{"action":"auth","params":"k"}')
+    params = ",".join(f"T.S{i}" for i in range(9_000)) + ",T.BAD;"
+    assert statuses(bad.receive(json.dumps({"action": "subscribe", "params": params})))[0][0] == "error"
+    assert not bad.channels

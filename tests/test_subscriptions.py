@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import tracemalloc
+
 import msgspec
 import pytest
 from hypothesis import settings
@@ -133,6 +136,59 @@ def test_routes_by_channel_follows_changes():
     assert registry.routes_by_channel
     registry.remove_subscriber("b")
     assert not registry.routes_by_channel
+
+
+def test_refused_channels_leave_every_holder_and_upstream():
+    registry, clock = make_registry("AM.*")
+    registry.subscribe("a", channels("T.AAPL,Q.*,FMV.X"))
+    registry.subscribe("b", channels("T.AAPL,Q.MSFT"))
+    registry.take_upstream_changes()
+    losers, delta = registry.refuse(channels("T.AAPL,Q.*,AM.*,*"))
+    assert {who: set(lost) for who, lost in losers.items()} == {"a": channels("T.AAPL,Q.*"), "b": channels("T.AAPL")}
+    assert registry.channels_of("a") == channels("FMV.X") and registry.channels_of("b") == channels("Q.MSFT")
+    # Q.* refused: Q.MSFT, covered by it until now, is asked for on its own
+    assert delta == UpstreamDelta(subscribe=(Channel("Q", "MSFT"),))
+    assert registry.upstream == channels("FMV.X,Q.MSFT") and not registry.in_grace()
+    assert set(registry.take_upstream_changes()) == channels("T.AAPL,Q.*,AM.*,Q.MSFT")
+    clock.now += 100
+    assert not registry.expire()  # nothing refused comes back, the static AM.* included
+
+
+def test_upstream_changes_are_reported_once_and_grace_expires_in_parts():
+    registry, clock = make_registry()
+    registry.subscribe("a", [Channel("T", f"S{i}") for i in range(1200)])
+    assert len(registry.take_upstream_changes()) == 1200 and registry.take_upstream_changes() == []
+    registry.remove_subscriber("a")
+    assert registry.take_upstream_changes() == []  # in grace: still held upstream
+    clock.now += GRACE
+    parts = [registry.expire(limit=500) for _ in range(4)]
+    assert [len(part.unsubscribe) for part in parts] == [500, 500, 200, 0]
+    assert len(registry.take_upstream_changes()) == 1200 and registry.upstream == frozenset()
+    assert registry.next_deadline() is None
+
+
+def test_memory_comes_back_when_a_crowd_of_heavy_clients_leaves():
+    """Dicts and sets keep their grown tables when emptied; the registry rebuilds them."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        baseline = tracemalloc.get_traced_memory()[0]
+        registry, clock = make_registry()
+        for client in range(10):
+            registry.subscribe(client, [Channel("T", f"C{client}X{i}") for i in range(10_000)])
+        held = tracemalloc.get_traced_memory()[0] - baseline
+        for client in range(10):
+            registry.remove_subscriber(client)
+        clock.now += GRACE
+        while registry.expire(limit=5000):
+            pass
+        registry.take_upstream_changes()
+        gc.collect()
+        left = tracemalloc.get_traced_memory()[0] - baseline
+    finally:
+        tracemalloc.stop()
+    assert held > 20_000_000  # 100,000 channels held (their parsed objects included)
+    assert left < 3_000_000, f"{left / 1e6:.1f} MB still held after every client left"
 
 
 # --- the state machine ----------------------------------------------------------------------

@@ -150,6 +150,11 @@ def _shared(source: decouple.Config) -> dict:
         max_connections_per_ip=_read(source, "MAX_CONNECTIONS_PER_IP", _default("max_connections_per_ip"), _positive_int),
         max_channels_per_client=_read(source, "MAX_CHANNELS_PER_CLIENT", _default("max_channels_per_client"), _positive_int),
         control_messages_per_second=_read(source, "CONTROL_MESSAGES_PER_SECOND", _default("control_messages_per_second"), _positive_rate),
+        downstream_proxy_control_messages_per_second=_read(
+            source, "DOWNSTREAM_PROXY_CONTROL_MESSAGES_PER_SECOND",
+            _default("downstream_proxy_control_messages_per_second"), _positive_rate),
+        downstream_proxy_max_channels=_read(
+            source, "DOWNSTREAM_PROXY_MAX_CHANNELS", _default("downstream_proxy_max_channels"), _positive_int),
         journal_memory_seconds=_read(source, "JOURNAL_MEMORY_SECONDS", _default("journal_memory_seconds"), _seconds),
         journal_memory_bytes=int(_read(source, "JOURNAL_MEMORY_MB", "256", _amount) * 1e6),
         journal_dir=_read(source, "JOURNAL_DIR", "", _directory),

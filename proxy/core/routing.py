@@ -19,7 +19,7 @@ from .errors import FrameError
 from .protocol import EventKey, event_symbol
 from .subscriptions import S, SubscriptionRegistry
 
-__all__ = ["FrameError", "RoutedFrame", "route_frame"]
+__all__ = ["FrameError", "RoutedFrame", "may_hold_status", "route_frame"]
 
 _split_frame = msgspec.json.Decoder(list[msgspec.Raw]).decode
 _read_key = msgspec.json.Decoder(EventKey).decode
@@ -57,7 +57,7 @@ def route_frame(frame: str | bytes, registry: SubscriptionRegistry[S]) -> Routed
     whole frame for ``*`` holders, comma-joined raw events per other subscriber,
     the statuses found). Events are never re-encoded. Raises :class:`FrameError`
     when the frame is not a JSON array of objects."""
-    if not registry.routes_by_channel and not _may_hold_status(frame):
+    if not registry.routes_by_channel and not may_hold_status(frame):
         # Only `*` holders to serve (a firehose feeding proxies): nothing to read per event.
         try:
             count = len(_check_objects(frame))
@@ -103,7 +103,7 @@ def route_frame(frame: str | bytes, registry: SubscriptionRegistry[S]) -> Routed
     return RoutedFrame(whole=whole, event_count=len(data), batches=batches, statuses=statuses)
 
 
-def _may_hold_status(frame: str | bytes) -> bool:
+def may_hold_status(frame: str | bytes) -> bool:
     """False only if no event of ``frame`` can be a status: no ``"status"`` in it, nor any
     ``\\u`` escape that could spell it."""
     if isinstance(frame, str):

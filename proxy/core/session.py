@@ -10,7 +10,7 @@ is tested directly.
 from __future__ import annotations
 
 import enum
-from typing import Collection
+from typing import Collection, Generator
 
 import attrs
 
@@ -18,15 +18,20 @@ from . import protocol
 from .errors import ClientMessageError, CloseReason
 from .entitlements import KeyBook, KeyEntry
 from .keys import key_matches
-from .protocol import Auth, Channel, Subscribe, Unsubscribe
+from .protocol import Auth, Channel, ChannelRequest
 
 __all__ = [
+    "CHANNELS_PER_STEP",
     "Outcome",
     "Phase",
+    "ProxyLimits",
     "Reaction",
     "SessionState",
 ]
 
+#: Channels handled per step of a control message (:meth:`SessionState.receive_in_steps`):
+#: about a millisecond of work, after which the router may run.
+CHANNELS_PER_STEP = 500
 
 
 class Outcome(enum.StrEnum):
@@ -62,13 +67,35 @@ class Reaction:
     outcome: Outcome = Outcome.OK
 
 
+@attrs.frozen
+class ProxyLimits:
+    """The limits of a downstream proxy tier's link, which carries the union of its clients' demand.
+
+    A link authenticates as a proxy with the ``role`` of :class:`~proxy.core.protocol.Auth`,
+    which our filtered tier sends: an explicit marker rather than a guess from its
+    channels (a proxy does subscribe to ``*``, but so may any client that wants
+    everything, and the limits must be known before its first subscribe). It is a claim
+    any holder of an accepted key may make; what it buys is a larger budget on that one
+    connection, and the work of any control message is done in steps
+    (:meth:`SessionState.receive_in_steps`), so no budget lets a connection hold the router.
+    """
+
+    #: Channels the link may hold: the union of thousands of clients' channels.
+    max_channels: int = 1_000_000
+    #: Control messages a second (bursts of twice that); our links pace themselves far below.
+    control_rate: float = 1000.0
+
+
 @attrs.define
 class SessionState:
     """One client's control state: auth phase, its channels, and its control-message budget.
 
     Control messages are rate-limited by a token bucket (``control_rate`` a second,
     bursts of ``control_burst``): one over the budget is answered with an error and
-    ignored; after ``flood_limit`` such refusals the client is closed (1008).
+    ignored; after ``flood_limit`` such refusals the client is closed (1008). A downstream
+    proxy tier that says so at auth gets ``proxy_limits`` instead, and is never closed
+    for a flood: a refused message is answered, and the proxy relays the refusal to the
+    clients whose channels it carried (closing the link would cost every one of them data).
     """
 
     accepted_keys: frozenset[str]
@@ -83,7 +110,10 @@ class SessionState:
     max_channels_per_client: int = 10_000
     control_rate: float = 50.0
     control_burst: float = 100.0
-    flood_limit: int = 100
+    flood_limit: int | None = 100
+    #: Limits for a client that authenticates as a downstream proxy; None: proxies are clients.
+    proxy_limits: ProxyLimits | None = None
+    downstream_proxy: bool = False
     phase: Phase = Phase.AWAITING_AUTH
     channels: set[Channel] = attrs.field(factory=set)
     refused_for_rate: int = 0
@@ -91,12 +121,25 @@ class SessionState:
     _last: float = 0.0
 
     def receive(self, message: str | bytes, now: float = 0.0) -> Reaction:
-        """React to one message from the client (``now`` for the rate limit); never raises: bad input is an error status."""
+        """React to one message from the client (``now`` for the rate limit) at once; never raises:
+        bad input is an error status (tests; tiers use :meth:`receive_in_steps`)."""
+        return protocol.run_steps(self.receive_in_steps(message, now, step=0))
+
+    def receive_in_steps(
+        self, message: str | bytes, now: float = 0.0, *, step: int = CHANNELS_PER_STEP
+    ) -> Generator[None, None, Reaction]:
+        """React to one message in steps of ``step`` channels, yielding between steps.
+
+        A reader and the router share one thread: parsing a 10,000-channel subscribe
+        and writing its 720 kB answer in one go would hold routing for all clients
+        meanwhile, so the caller may let others run at each yield. The session's
+        channel set changes in one step, after every channel was checked.
+        """
         if self.phase is Phase.CLOSED:
             return Reaction()
         if not self._take_token(now):
             self.refused_for_rate += 1
-            if self.refused_for_rate > self.flood_limit:
+            if self.flood_limit is not None and self.refused_for_rate > self.flood_limit:
                 self.phase = Phase.CLOSED
                 return Reaction(
                     replies=(protocol.error_frame("control message flood: closing the connection"),),
@@ -108,7 +151,7 @@ class SessionState:
                 "this one was ignored"),), outcome=Outcome.RATE_LIMITED)
         try:
             action = protocol.parse_client_message(
-                message, max_channels=self.max_channels_per_message
+                message, max_channels=self.max_channels_per_message, parse_channels=False
             )
         except ClientMessageError as error:
             if error.close_code is not None:  # one the protocol says must end the connection
@@ -118,40 +161,46 @@ class SessionState:
             return Reaction(replies=(protocol.error_frame(error.message),), outcome=Outcome.ERROR)
         if isinstance(action, Auth):
             return self._auth(action)
+        assert isinstance(action, ChannelRequest)
         if self.phase is not Phase.AUTHENTICATED:
             return Reaction(
-                replies=(protocol.error_frame(
-                    f"not authenticated: send auth before {type(action).__name__.lower()}"),),
+                replies=(protocol.error_frame(f"not authenticated: send auth before {action.action}"),),
                 outcome=Outcome.ERROR,
             )
-        if isinstance(action, Subscribe):
+        try:
+            channels = yield from protocol.parse_channel_list_steps(
+                action.params, max_channels=self.max_channels_per_message, step=step
+            )
+        except ClientMessageError as error:
+            return Reaction(replies=(protocol.error_frame(error.message),), outcome=Outcome.ERROR)
+        held = self.channels
+        if action.action == "subscribe":
             if self.key is not None:
-                refused = self.key.refused(action.channels)
+                refused = self.key.refused(channels)
                 if refused:
                     shown = ", ".join(channel.text for channel in refused[:10])
                     more = f" and {len(refused) - 10} more" if len(refused) > 10 else ""
                     return Reaction(replies=(protocol.error_frame(
                         f"not entitled: key {self.key.name!r} may not subscribe {shown}{more}; "
                         "nothing of this subscribe was applied"),), outcome=Outcome.ERROR)
-            new = [channel for channel in action.channels if channel not in self.channels]
-            if len(self.channels) + len(new) > self.max_channels_per_client:
+            new = [channel for channel in channels if channel not in held]
+            if len(held) + len(new) > self.max_channels_per_client:
                 return Reaction(replies=(protocol.error_frame(
-                    f"channel limit: this connection holds {len(self.channels)} channels and may hold "
+                    f"channel limit: this connection holds {len(held)} channels and may hold "
                     f"{self.max_channels_per_client}; nothing of this subscribe was applied"),),
                     outcome=Outcome.ERROR)
-            self.channels.update(new)
-            warning = protocol.lowercase_warning(action.channels)
-            return Reaction(
-                replies=(protocol.subscription_frame("subscribed", action.channels),)
-                + ((warning,) if warning else ()),
-                subscribe=action.channels,
-            )
-        assert isinstance(action, Unsubscribe)
-        self.channels.difference_update(action.channels)
-        return Reaction(
-            replies=(protocol.subscription_frame("unsubscribed", action.channels),),
-            unsubscribe=action.channels,
-        )
+            held.update(new)
+            reply = yield from protocol.subscription_frame_steps("subscribed", channels, step=step)
+            warning = protocol.lowercase_warning(channels)
+            return Reaction(replies=(reply,) + ((warning,) if warning else ()), subscribe=tuple(new))
+        gone = [channel for channel in channels if channel in held]
+        held.difference_update(gone)
+        reply = yield from protocol.subscription_frame_steps("unsubscribed", channels, step=step)
+        return Reaction(replies=(reply,), unsubscribe=tuple(gone))
+
+    def drop(self, channels: Collection[Channel]) -> None:
+        """Forget channels the tier could not serve (upstream refused them)."""
+        self.channels.difference_update(channels)
 
     def revoke(self, book: KeyBook) -> Reaction | None:
         """After the key file changed: what to do about this session, or None if nothing changes.
@@ -206,6 +255,8 @@ class SessionState:
         if named is not None or self.allow_any_key or key_matches(action.api_key, self.accepted_keys):
             self.phase = Phase.AUTHENTICATED
             self.key = named
+            if action.role == protocol.PROXY_ROLE and self.proxy_limits is not None:
+                self._become_proxy(self.proxy_limits)
             return Reaction(replies=(protocol.AUTH_SUCCESS,), outcome=Outcome.AUTHENTICATED)
         self.phase = Phase.CLOSED
         return Reaction(
@@ -214,6 +265,13 @@ class SessionState:
             close_reason="authentication failed",
             outcome=Outcome.AUTH_FAILED,
         )
+
+    def _become_proxy(self, limits: ProxyLimits) -> None:
+        self.downstream_proxy = True
+        self.max_channels_per_client = limits.max_channels
+        self.control_rate, self.control_burst = limits.control_rate, 2 * limits.control_rate
+        self._tokens = self.control_burst
+        self.flood_limit = None
 
     def timed_out(self) -> Reaction:
         """No auth arrived in time: Polygon's ``auth_timeout``, then close."""

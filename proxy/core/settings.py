@@ -90,6 +90,10 @@ class TierConfig:
     max_clients: int = attrs.field(default=10_000, validator=AT_LEAST_ONE)
     max_connections_per_ip: int = attrs.field(default=1_000, validator=AT_LEAST_ONE)
     control_messages_per_second: float = attrs.field(default=50.0, validator=ABOVE_ZERO)
+    #: A downstream proxy tier's link (it says so at auth) carries the union of its clients'
+    #: demand: its own budget and channel limit, sized for thousands of clients.
+    downstream_proxy_control_messages_per_second: float = attrs.field(default=1000.0, validator=ABOVE_ZERO)
+    downstream_proxy_max_channels: int = attrs.field(default=1_000_000, validator=AT_LEAST_ONE)
     tls_cert: str | None = None
     tls_key: str | None = None
     keepalive_interval_seconds: float = attrs.field(default=10.0, validator=ABOVE_ZERO)

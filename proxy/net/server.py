@@ -15,6 +15,7 @@ statuses, the close. Closing that nursery ends both.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import itertools
 import logging
@@ -34,10 +35,13 @@ from ..core.settings import TierConfig
 from ..core.stats import TierStats
 from ..core.entitlements import KeyBook
 from ..core.outbox import Outbox, SlowClientPolicy
+from ..core.protocol import Channel
 from ..core.routing import RoutedFrame
 from ..core.session import (
+    CHANNELS_PER_STEP,
     Outcome,
     Phase,
+    ProxyLimits,
     Reaction,
     SessionState,
 )
@@ -54,6 +58,10 @@ log = logging.getLogger(__name__)
 UNNAMED_KEY = "unnamed"
 UNAUTHENTICATED = "(not authenticated)"
 DROP_LOG_INTERVAL = 10.0
+#: A control message longer than this (about 350 channels) is heavy: its work is done in steps
+#: of CHANNELS_PER_STEP channels, one heavy step at a time across the tier (Hub.heavy_control).
+HEAVY_MESSAGE_BYTES = 4096
+_NO_TURN = contextlib.nullcontext()
 SLOW_CONSUMER = protocol.status_frame(
     "slow_consumer", "Slow consumer: events queued faster than this client read them"
 )
@@ -121,6 +129,11 @@ class Hub:
     closed_key_totals: dict[str, list[int]] = attrs.field(factory=dict)
     #: Sessions given events since the last flush, in the order they were first touched.
     _touched: dict[ClientSession, None] = attrs.field(factory=dict)
+    #: Held for each step of heavy control work (a big subscribe, unsubscribe or leave, grace
+    #: expiry): readers and the router share one thread, and a step is about a millisecond,
+    #: so with one step at a time the router waits at most one step, however many clients
+    #: send 10,000-channel subscribes at once. Small messages do not take it.
+    heavy_control: trio.Lock = attrs.field(factory=trio.Lock)
 
     def open_session(self, peer: str, connection: WsConnection, path: str = "/") -> ClientSession:
         """Register a client that completed the WebSocket handshake; it starts unauthenticated."""
@@ -140,6 +153,10 @@ class Hub:
                 control_burst=2 * self.config.control_messages_per_second,
                 key_book=self.key_book,
                 market=self.config.market,
+                proxy_limits=ProxyLimits(
+                    max_channels=self.config.downstream_proxy_max_channels,
+                    control_rate=self.config.downstream_proxy_control_messages_per_second,
+                ),
             ),
         )
         connection.notify = session.notify
@@ -200,7 +217,7 @@ class Hub:
             if reaction is not None:
                 log.info("%s: key file reloaded: %s", session.label,
                          reaction.close_reason or "channels no longer entitled unsubscribed")
-                self.react(session, reaction)
+                self.react_at_once(session, reaction)
 
     def key_totals(self) -> dict[str, tuple[int, int, int]]:
         """Per key name: (clients connected, events sent, events dropped), those who left included."""
@@ -218,8 +235,46 @@ class Hub:
         closed = self.stats.dropped_slow_consumer if disconnect else self.stats.dropped_drop_oldest
         return closed + sum(s.outbox.dropped_events for s in self.sessions if s.outbox.overflowed == disconnect)
 
-    def react(self, session: ClientSession, reaction: Reaction) -> None:
-        """Apply what the session state decided: demand changes first, then answers."""
+    async def receive(self, session: ClientSession, message: str | bytes, now: float) -> Reaction:
+        """What ``session`` makes of one message; a heavy message's steps take turns (heavy_control)."""
+        steps = session.state.receive_in_steps(message, now, step=CHANNELS_PER_STEP)
+        heavy = len(message) > HEAVY_MESSAGE_BYTES
+        while True:
+            try:
+                if heavy:
+                    async with self.heavy_control:
+                        next(steps)
+                else:
+                    next(steps)
+            except StopIteration as done:
+                return done.value
+            heavy = True  # more than one step: the rest is heavy whatever the message's size
+
+    async def react(self, session: ClientSession, reaction: Reaction) -> None:
+        """Apply what the session state decided: the answer is queued first, so that it comes
+        before any event of the new channels; then the registry changes, in steps."""
+        reaction = self._answer(session, reaction)
+        held = session.state.channels
+        for start in range(0, len(reaction.subscribe), CHANNELS_PER_STEP):
+            part = reaction.subscribe[start:start + CHANNELS_PER_STEP]
+            async with self._step(len(reaction.subscribe)):
+                # Only what the session still holds: upstream may have refused some meanwhile.
+                self._apply_demand(self.registry.subscribe(session, [c for c in part if c in held]))
+        for start in range(0, len(reaction.unsubscribe), CHANNELS_PER_STEP):
+            part = reaction.unsubscribe[start:start + CHANNELS_PER_STEP]
+            async with self._step(len(reaction.unsubscribe)):
+                self._apply_demand(self.registry.unsubscribe(session, part))
+
+    def react_at_once(self, session: ClientSession, reaction: Reaction) -> None:
+        """:meth:`react` in one go, for callers that cannot wait (a reload of the key file)."""
+        reaction = self._answer(session, reaction)
+        if reaction.subscribe:
+            self._apply_demand(self.registry.subscribe(session, reaction.subscribe))
+        if reaction.unsubscribe:
+            self._apply_demand(self.registry.unsubscribe(session, reaction.unsubscribe))
+
+    def _answer(self, session: ClientSession, reaction: Reaction) -> Reaction:
+        """Count the outcome and queue the answers and any close; returns the reaction to apply."""
         if reaction.outcome is Outcome.AUTHENTICATED:
             reaction = self._authenticated(session, reaction)
         if reaction.outcome is Outcome.ERROR:
@@ -228,15 +283,41 @@ class Hub:
             self.stats.auth_failures += 1
         elif reaction.outcome in (Outcome.RATE_LIMITED, Outcome.FLOOD):
             self.stats.control_rate_limited += 1
-        if reaction.subscribe:
-            self._apply_demand(self.registry.subscribe(session, reaction.subscribe))
-        if reaction.unsubscribe:
-            self._apply_demand(self.registry.unsubscribe(session, reaction.unsubscribe))
         for reply in reaction.replies:
             session.outbox.put_frame(reply)  # its writer sends it, after anything queued before
         if reaction.close_code is not None:
             session.close_request = (reaction.close_code, reaction.close_reason)
         session.notify()
+        return reaction
+
+    async def release(self, session: ClientSession) -> None:
+        """Drop a leaving session's channels in steps (a client holding 10,000 channels
+        leaving must not hold the router); :meth:`close_session` does the rest."""
+        held = list(self.registry.channels_of(session))
+        for start in range(0, len(held), CHANNELS_PER_STEP):
+            async with self._step(len(held)):
+                self._apply_demand(self.registry.unsubscribe(session, held[start:start + CHANNELS_PER_STEP]))
+
+    def _step(self, channels: int) -> trio.Lock | contextlib.nullcontext:
+        """The turn one step of registry work takes: heavy_control when the work spans steps."""
+        return self.heavy_control if channels > CHANNELS_PER_STEP else _NO_TURN
+
+    def refuse(self, channels: tuple[Channel, ...], reason: str) -> int:
+        """Upstream refused ``channels``: tell every client holding one, and drop it from its set.
+
+        The tier acknowledges a subscribe at once, before upstream answers (waiting would add
+        a round trip to every subscribe); so when upstream refuses, the clients that were told
+        ``subscribed to`` are told otherwise, with upstream's reason. Returns how many were told.
+        """
+        losers, delta = self.registry.refuse(channels)
+        self._apply_demand(delta)
+        for session, lost in losers.items():
+            session.state.drop(lost)
+            session.outbox.put_frame(protocol.refusal_frame(lost, reason))
+            session.notify()
+            log.warning("%s: upstream refused %d of its channels (%s): %s", session.label, len(lost),
+                        reason, protocol.format_channel_list(lost[:5]) + (" ..." if len(lost) > 5 else ""))
+        return len(losers)
 
     def _authenticated(self, session: ClientSession, reaction: Reaction) -> Reaction:
         """Name the session's key; refuse it over its key's connection limit, as Polygon refuses
@@ -429,6 +510,9 @@ async def _run_session(hub: Hub, connection: WsConnection, peer: str, path: str)
             if session.close_request is None or session.close_request[0] == CloseReason.INTERNAL_ERROR:
                 nursery.cancel_scope.cancel()  # the client left, or is gone: nothing more to write
     finally:
+        if trio.current_effective_deadline() != -math.inf:  # not shutting down: leave in steps
+            with trio.CancelScope(shield=True):  # bounded work, and the registry must not be left half done
+                await hub.release(session)
         hub.close_session(session)
         code, reason = session.close_request or (1000, "")
         timeout = hub.config.shutdown_close_seconds
@@ -474,7 +558,7 @@ async def _read_loop(hub: Hub, session: ClientSession) -> None:
         if scope.cancelled_caught:
             if waiting_for_auth:
                 log.info("%s sent no auth within %ss", session.label, config.auth_timeout_seconds)
-                hub.react(session, session.state.timed_out())
+                await hub.react(session, session.state.timed_out())
                 return
             if pinged_at is None:
                 if connection.last_received_at + config.client_ping_seconds > trio.current_time():
@@ -490,12 +574,16 @@ async def _read_loop(hub: Hub, session: ClientSession) -> None:
             session.close_request = (CloseReason.INTERNAL_ERROR, "no answer to ping")
             return
         session.last_control_at = trio.current_time()
-        reaction = session.state.receive(message, session.last_control_at)
+        reaction = await hub.receive(session, message, session.last_control_at)
         if reaction.close_code is not None:
             log.info("%s: %s", session.label, reaction.close_reason)
-        hub.react(session, reaction)
+        await hub.react(session, reaction)
         if waiting_for_auth and session.state.phase is Phase.AUTHENTICATED:
             hub.pending.discard(session.connection)  # never shed for descriptors from now on
+        if reaction.subscribe or reaction.unsubscribe:
+            # One change of channels per step: a burst of messages already read (a proxy link
+            # sends hundreds of 500-channel subscribes) must not be handled in one go.
+            await trio.lowlevel.checkpoint()
 
 
 async def _write_loop(hub: Hub, session: ClientSession, stop: Callable[[], None]) -> None:

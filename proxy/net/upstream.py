@@ -1,13 +1,20 @@
 """The upstream link: one connection to Polygon (firehose) or to a firehose (filtered proxy).
 
 :class:`UpstreamLink` connects, reads ``connected``, authenticates, subscribes
-the current demand in chunks and keeps it in step by reconciling what this
-connection has been sent against what the registry wants, so a reconnect
-re-subscribes everything by construction. Data frames go into a bounded channel
-to the router; when the router lags, reading stops and TCP pushes back. Any
-failure reconnects with exponential backoff and jitter; a refusal
-(``auth_failed``, ``max_connections``) waits the long ``refused_seconds``.
-A WebSocket ping notices a silent upstream.
+the current demand in chunks and keeps it in step by comparing, channel by
+changed channel, what this connection has been sent with what the registry
+wants, so a reconnect re-subscribes everything by construction. Subscribes are
+paced under the budget of the tier above and bursts of changes are merged
+(:mod:`proxy.core.upstream_control`): the link carries the union of many clients'
+demand, and one client churning channels must not get it refused or closed.
+Upstream's answers are matched with what was sent; a refusal is handed to the
+tier (``on_refused``), which tells the clients holding those channels.
+Data frames go into a bounded channel to the router; when the router lags,
+reading stops and TCP pushes back. Any failure reconnects with exponential
+backoff and jitter; a refusal (``auth_failed``, ``max_connections``, also when
+upstream evicts an established connection with ``max_connections``) waits the
+long ``refused_seconds``: two processes sharing a key must not evict each other
+in a loop. A WebSocket ping notices a silent upstream.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import logging
 import math
 import random
 import ssl
-from typing import Any, Callable, Iterable
+from typing import AbstractSet, Any, Callable, Iterable
 from urllib.parse import urlsplit
 
 import attrs
@@ -32,11 +39,18 @@ from ..core.keys import redact
 from ..core.errors import UpstreamProtocolError, UpstreamRefused, leaves
 from ..core.protocol import Channel
 from .beacon import Beacon
+from ..core.routing import may_hold_status
+from ..core.upstream_control import SUBSCRIBE_CHUNK, PendingAnswers, SubscriptionPlan, TokenBucket
 
 __all__ = [
     "SUBSCRIBE_CHUNK",
     "NOT_CONNECTED_YET",
     "HANDSHAKE_SECONDS",
+    "SUBSCRIBE_MESSAGES_PER_SECOND",
+    "SUBSCRIBE_BURST",
+    "SETTLE_SECONDS",
+    "CLASSIFY_STEP",
+    "EVICTIONS",
     "UPSTREAM_MESSAGE_QUEUE",
     "LinkState",
     "UpstreamRefused",
@@ -47,9 +61,19 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 _jitter = random.Random()  # backoff jitter; not the global generator, which others may seed
-SUBSCRIBE_CHUNK = 500
 NOT_CONNECTED_YET = "not connected yet"
 HANDSHAKE_SECONDS = 10.0
+#: Subscribe messages a second (bursts of SUBSCRIBE_BURST): 50,000 channels a second, a tenth of
+#: what a tier grants a downstream proxy by default (DOWNSTREAM_PROXY_CONTROL_MESSAGES_PER_SECOND).
+SUBSCRIBE_MESSAGES_PER_SECOND = 100.0
+SUBSCRIBE_BURST = 20.0
+#: After sending, changes are gathered this long before the next batch: a burst of demand changes
+#: goes out merged, while a lone change (nothing sent just before) goes out at once.
+SETTLE_SECONDS = 0.05
+#: Changed channels looked at between two checkpoints (a reconnect may bring a million).
+CLASSIFY_STEP = 2000
+#: Statuses by which upstream ends an established connection that we must not rush back to.
+EVICTIONS = frozenset({"max_connections"})
 #: Frames trio-websocket may hold for us; more than 1 lets a burst reach the router together.
 UPSTREAM_MESSAGE_QUEUE = 64
 _read_statuses = msgspec.json.Decoder(list[dict[str, Any]]).decode
@@ -74,8 +98,10 @@ class UpstreamLink:
     """The one connection upstream, kept up forever: connect, authenticate, subscribe, relay frames.
 
     Frames go to ``frames`` with their receive time; ``desired()`` is the channel set to
-    hold, re-read whenever ``demand_changed`` pulses; ``on_connected`` and
-    ``on_disconnected`` tell the tier about outages. :meth:`run` returns only by cancellation."""
+    hold, and ``changes()`` the channels whose membership changed, read whenever
+    ``demand_changed`` pulses; subscribes are paced and merged (:mod:`proxy.core.upstream_control`);
+    ``on_connected`` and ``on_disconnected`` tell the tier about outages, ``on_refused`` about
+    channels upstream refused. :meth:`run` returns only by cancellation."""
     label: str  # "Polygon" or "firehose proxy", for log lines
     url: str
     api_key: str
@@ -84,22 +110,38 @@ class UpstreamLink:
     desired: Callable[[], frozenset[Channel]]
     demand_changed: Beacon
     frames: trio.MemorySendChannel[tuple[str | bytes, float]]
+    #: Channels whose upstream membership changed since the last call (the registry keeps them).
+    changes: Callable[[], Iterable[Channel]] = lambda: ()
+    #: The set of channels the registry wants held upstream now (read, never changed).
+    held: Callable[[], AbstractSet[Channel]] = frozenset
     extra: tuple[Channel, ...] = ()
+    #: The ``role`` sent with auth: ``proxy`` when upstream is a tier of ours (never to Polygon).
+    role: str | None = None
     on_connected: Callable[[], None] = lambda: None
     on_disconnected: Callable[[str], None] = lambda reason: None
+    #: Upstream refused these channels (its words): the tier tells the clients holding them.
+    on_refused: Callable[[tuple[Channel, ...], str], object] = lambda channels, reason: None
     backoff: Backoff = Backoff()
     keepalive_interval: float = 10.0
     keepalive_timeout: float = 20.0
     ca_file: str | None = None
     close_seconds: float = 1.0
+    subscribe_rate: float = SUBSCRIBE_MESSAGES_PER_SECOND
+    subscribe_burst: float = SUBSCRIBE_BURST
+    settle_seconds: float = SETTLE_SECONDS
+    chunk: int = SUBSCRIBE_CHUNK
     state: LinkState = LinkState.DISCONNECTED
     reconnects: int = 0
     #: Failed tries since the last healthy connection; the backoff grows with it.
     failures: int = 0
     last_error: str = NOT_CONNECTED_YET
-    _sent: set[Channel] = attrs.field(factory=set)
     #: Whether the current connection has delivered a frame since it authenticated.
     _carried_data: bool = False
+    #: When the link last read a frame (trio time): an outage starts there, not when it is noticed.
+    last_received_at: float | None = None
+    subscribe_messages: int = 0  # sent since start, for tests and logs
+    _plan: SubscriptionPlan = attrs.field(factory=SubscriptionPlan)
+    _answers: PendingAnswers = attrs.field(factory=PendingAnswers)
 
     async def run(self) -> None:
         """Keep the link up forever; returns only by cancellation."""
@@ -114,14 +156,12 @@ class UpstreamLink:
                 error = _handled_cause(raised)
                 self.last_error = _describe(error)
                 if isinstance(error, UpstreamRefused):
-                    self.state = LinkState.REFUSED
                     delay = self.backoff.refused_seconds
                     if error.status == "auth_failed":
                         self.last_error = f"auth_failed: {self.label} refused the key in {self.api_key_source}"
                     self._log_refusal(error, delay)
-            was_connected = self.state is LinkState.CONNECTED
-            if self.state is not LinkState.REFUSED:
-                self.state = LinkState.DISCONNECTED
+            was_connected = self.state is LinkState.CONNECTED  # (an eviction ends a connected link)
+            self.state = LinkState.DISCONNECTED if delay is None else LinkState.REFUSED
             if was_connected:
                 self.on_disconnected(self.last_error)
             lasted = trio.current_time() - started >= self.backoff.healthy_after_seconds
@@ -142,14 +182,15 @@ class UpstreamLink:
             log.error("%s refused our key %s from %s (auth_failed): check that setting; "
                       "retrying in %.0fs", self.label, redact(self.api_key), self.api_key_source, delay)
         elif refusal.status == "max_connections":
-            log.error("%s answered max_connections: another process holds this key's "
+            log.error("%s answered max_connections: another process holds (or just took) this key's "
                       "connection; retrying in %.0fs", self.label, delay)
         else:
             log.error("%s refused authentication (%s); retrying in %.0fs", self.label, refusal, delay)
 
     async def _connect_and_serve(self) -> None:
         log.info("Connecting to %s at %s", self.label, self.url)
-        self._sent = set()
+        self._plan = SubscriptionPlan(chunk=self.chunk)
+        self._answers = PendingAnswers()
         self._carried_data = False
         # trio-websocket reads in a task of the nursery it is given. When the tier is cancelled
         # (SIGTERM), that reader must live on until the peer has answered our close frame, or
@@ -208,9 +249,10 @@ class UpstreamLink:
         log.info("Connected to %s", self.label)
         with trio.fail_after(HANDSHAKE_SECONDS):
             await self._expect(ws, "connected")
-            await ws.send_message(protocol.auth_message(self.api_key))
+            await ws.send_message(protocol.auth_message(self.api_key, self.role))
             await self._expect(ws, "auth_success")
         log.info("Authenticated successfully")
+        self.last_received_at = trio.current_time()
         self.state = LinkState.CONNECTED
         self.on_connected()
         async with trio.open_nursery() as nursery:
@@ -219,8 +261,30 @@ class UpstreamLink:
             message = await ws.get_message()
             self._carried_data = True
             while True:
-                await self.frames.send((message, trio.current_time()))
+                received = self.last_received_at = trio.current_time()
+                if may_hold_status(message):
+                    self._read_answers(message, received)
+                await self.frames.send((message, received))
                 message = await ws.get_message()
+
+    def _read_answers(self, message: str | bytes, now: float) -> None:
+        """Upstream's answers to our subscribes, and an eviction; routing handles the rest."""
+        try:
+            statuses = [event for event in _read_statuses(message) if event.get("ev") == "status"]
+        except msgspec.DecodeError:
+            return  # not ours to judge: the router counts and drops malformed frames
+        for status in statuses:
+            if status.get("status") in EVICTIONS:
+                raise UpstreamRefused(str(status.get("status")), str(status.get("message")))
+        for channels, reason in self._answers.read(statuses, now):
+            extra = [channel for channel in channels if channel in self.extra]
+            if extra:
+                log.error("%s refused %s, which this tier always asks for (%s); not asking again "
+                          "on this connection", self.label, protocol.format_channel_list(extra), reason)
+            channels = tuple(channel for channel in channels if channel not in self.extra)
+            self._plan.forget(channels)
+            if channels:
+                self.on_refused(channels, reason)
 
     async def _expect(self, ws: WebSocketConnection, wanted: str) -> None:
         message = await ws.get_message()
@@ -233,22 +297,50 @@ class UpstreamLink:
         raise UpstreamProtocolError(f"expected status {wanted!r}, got {message[:200]!r}")
 
     async def _keep_subscribed(self, ws: WebSocketConnection) -> None:
-        """Reconcile what this connection was sent with what is wanted, at every change."""
+        """Bring what this connection was sent in step with what is wanted, paced and merged.
+
+        Everything wanted is touched at first (``*`` first); then each change the registry
+        reports. Touched channels are looked at in steps; messages go out at most
+        ``subscribe_rate`` a second; after a batch, changes are gathered ``settle_seconds``
+        before the next, so a burst goes out merged and a change undone meanwhile not at all.
+        """
+        plan, answers, extra = self._plan, self._answers, frozenset(self.extra)
+        bucket = TokenBucket(self.subscribe_rate, self.subscribe_burst)
+        self.changes()  # the whole set below covers these
+        plan.touch(self.extra)
+        plan.touch(self.desired())
+        last_sent, added, removed = -math.inf, 0, 0
         while True:
-            target = self.desired() | set(self.extra)
-            added, removed = target - self._sent, self._sent - target
-            for chunk in chunks(added):
-                await ws.send_message(protocol.subscription_message("subscribe", chunk))
-            for chunk in chunks(removed):
-                await ws.send_message(protocol.subscription_message("unsubscribe", chunk))
-            if protocol.EVERYTHING_CHANNEL in added:
-                log.info("Subscribed to wildcard (*) from %s", self.label)
-            if added or removed:
-                log.info("upstream subscriptions: +%d -%d, %d held", len(added), len(removed), len(target))
-                log.debug("subscribed %s; unsubscribed %s",
-                          protocol.format_channel_list(added), protocol.format_channel_list(removed))
-            self._sent = set(target)
-            await self.demand_changed.wait()
+            plan.touch(self.changes())
+            while not plan.classify(self.held(), extra, CLASSIFY_STEP):
+                await trio.lowlevel.checkpoint()  # a reconnect may look at a million channels
+                plan.touch(self.changes())
+            if plan.idle:
+                if added or removed:
+                    log.info("upstream subscriptions: +%d -%d, %d held", added, removed, len(plan.sent))
+                    added = removed = 0
+                await self.demand_changed.wait()
+                await trio.sleep_until(last_sent + self.settle_seconds)
+                continue
+            await trio.sleep(bucket.delay(trio.current_time()))
+            message = plan.next_message(self.held(), extra)
+            if message is None:
+                continue
+            verb, channels = message
+            now = trio.current_time()
+            bucket.take(now)
+            answers.sent(verb, channels, now)
+            await ws.send_message(protocol.subscription_message(verb, channels))
+            last_sent = now
+            self.subscribe_messages += 1
+            if verb == "subscribe":
+                added += len(channels)
+                if protocol.EVERYTHING_CHANNEL in channels:
+                    log.info("Subscribed to wildcard (*) from %s", self.label)
+            else:
+                removed += len(channels)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s %s", verb, protocol.format_channel_list(channels))
 
     async def _keepalive(self, ws: WebSocketConnection) -> None:
         for sequence in itertools.count():

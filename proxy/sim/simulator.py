@@ -83,6 +83,11 @@ class Faults:
     force_max_connections: bool = False
     #: The scopes of the reads and drains under way: a stall cancels them, so it starts at once.
     _interruptible: set[trio.CancelScope] = attrs.field(factory=set, init=False, repr=False)
+    #: Channels (texts) a subscribe is refused, with an `error` status per channel (tests set it).
+    refused_channels: frozenset[str] = frozenset()
+    #: A connection over SIMULATOR_MAX_CONNECTIONS evicts the key's oldest one (``max_connections``,
+    #: then close 1008) instead of being refused, as Polygon has been seen to do (tests set it).
+    evict_oldest: bool = False
 
     def stall(self, seconds: float) -> None:
         self.stall_until = trio.current_time() + seconds
@@ -173,11 +178,26 @@ class SimConnection:
     opened_at: float = 0.0
     drop: trio.Event = attrs.field(factory=trio.Event)
     dropped: bool = False
+    evicted: bool = False
 
-    def reindex(self) -> None:
-        self.star = protocol.EVERYTHING_CHANNEL in self.channels
-        self.wild_types = {c.ev_type for c in self.channels if c.is_type_wildcard}
-        self.exact = {c.text for c in self.channels if not c.is_type_wildcard and not c.is_everything}
+    def add(self, channel: Channel) -> None:
+        """Hold ``channel``, and index it (one channel at a time: a tier may hold 100,000)."""
+        self.channels.add(channel)
+        if channel.is_everything:
+            self.star = True
+        elif channel.is_type_wildcard:
+            self.wild_types.add(channel.ev_type)
+        else:
+            self.exact.add(channel.text)
+
+    def discard(self, channel: Channel) -> None:
+        self.channels.discard(channel)
+        if channel.is_everything:
+            self.star = False
+        elif channel.is_type_wildcard:
+            self.wild_types.discard(channel.ev_type)
+        else:
+            self.exact.discard(channel.text)
 
     def selects(self, event: Event) -> bool:
         return self.star or event.ev in self.wild_types or event.channel in self.exact
@@ -412,7 +432,10 @@ async def _serve_connection(
                 nursery.start_soon(_drop_when_told, simulator, sim_connection, nursery.cancel_scope)
         finally:
             simulator.connections.discard(sim_connection)
-        if sim_connection.dropped:
+        if sim_connection.evicted:
+            await peer.send_text(protocol.MAX_CONNECTIONS)
+            close = (1008, "max connections")
+        elif sim_connection.dropped:
             close = None if faults.abrupt else (1001, "simulated drop")
     except* WebSocketClosed:
         pass  # the peer went away, or closed: this ends this connection and nothing else
@@ -453,8 +476,13 @@ async def _authenticate(simulator: Simulator, peer: FaultyConnection, connection
         log.info("connection %d: auth_failed for key %s", connection.id, redact(key))
         await peer.send_text(protocol.AUTH_FAILED)
         return 1008, "authentication failed"
-    open_for_key = sum(1 for other in simulator.connections if other.api_key == key)
-    if faults.force_max_connections or open_for_key >= config.max_connections:
+    open_for_key = [other for other in simulator.connections if other.api_key == key]
+    if len(open_for_key) >= config.max_connections and faults.evict_oldest and not faults.force_max_connections:
+        oldest = min(open_for_key, key=lambda other: other.opened_at)
+        log.info("connection %d: evicts connection %d of key %s", connection.id, oldest.id, redact(key))
+        oldest.evicted = True
+        oldest.drop.set()
+    elif faults.force_max_connections or len(open_for_key) >= config.max_connections:
         log.info("connection %d: max_connections for key %s", connection.id, redact(key))
         await peer.send_text(protocol.MAX_CONNECTIONS)
         return 1008, "max connections"
@@ -488,18 +516,20 @@ async def _read_control(simulator: Simulator, peer: FaultyConnection, connection
             continue
         verb = "subscribe" if isinstance(action, Subscribe) else "unsubscribe"
         simulator.control_log.append((connection.id, verb, protocol.format_channel_list(action.channels)))
-        statuses = []
-        for channel in action.channels:
-            if channel.is_everything and not simulator.config.allow_star:
-                statuses.append(protocol.status_event("error", f"unknown channel: {channel.text}"))
-                continue
-            if verb == "subscribe":
-                connection.channels.add(channel)
-            else:
-                connection.channels.discard(channel)
-            statuses.append(protocol.status_event("success", f"{verb}d to: {channel.text}"))
-        connection.reindex()
-        await peer.send_text(protocol.statuses_frame(statuses))
+        refused = simulator.faults.refused_channels if verb == "subscribe" else frozenset()
+        if refused or protocol.EVERYTHING_CHANNEL in action.channels:
+            statuses = []
+            for channel in action.channels:
+                if (channel.is_everything and not simulator.config.allow_star) or channel.text in refused:
+                    statuses.append(protocol.status_event("error", f"unknown channel: {channel.text}"))
+                    continue
+                (connection.add if verb == "subscribe" else connection.discard)(channel)
+                statuses.append(protocol.status_event("success", f"{verb}d to: {channel.text}"))
+            await peer.send_text(protocol.statuses_frame(statuses))
+            continue
+        for channel in action.channels:  # a tier may send tens of thousands a second: the plain way
+            (connection.add if verb == "subscribe" else connection.discard)(channel)
+        await peer.send_text(protocol.subscription_frame(f"{verb}d", action.channels))
 
 
 async def _send_frames(simulator: Simulator, peer: FaultyConnection, connection: SimConnection) -> None:
