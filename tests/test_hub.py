@@ -53,9 +53,9 @@ def join(hub: Hub, *, key: str | None = CLIENT_KEY, subscribe: str | None = None
     connection = connection or FakeConnection()
     session = hub.open_session(peer, connection)  # type: ignore[arg-type]
     if key is not None:
-        hub.react(session, session.state.receive(message("auth", key), trio.current_time()))
+        hub.react_at_once(session, session.state.receive(message("auth", key), trio.current_time()))
     if subscribe is not None:
-        hub.react(session, session.state.receive(message("subscribe", subscribe), trio.current_time()))
+        hub.react_at_once(session, session.state.receive(message("subscribe", subscribe), trio.current_time()))
     return session, connection
 
 
@@ -297,7 +297,7 @@ async def test_reactions_are_counted_by_outcome(sent, outcome, counter):
     session, _ = join(hub, key=None)
     reaction = session.state.receive(sent, 0.0)
     assert reaction.outcome == outcome
-    hub.react(session, reaction)
+    hub.react_at_once(session, reaction)
     assert getattr(hub.stats, counter) == 1
 
 
@@ -305,7 +305,7 @@ async def test_rate_limited_control_messages_are_counted():
     hub = make_hub(control_messages_per_second=1)
     session, _ = join(hub)  # the burst is 2: the auth took one
     for _ in range(3):
-        hub.react(session, session.state.receive(message("subscribe", "T.AAPL"), trio.current_time()))
+        hub.react_at_once(session, session.state.receive(message("subscribe", "T.AAPL"), trio.current_time()))
     assert hub.stats.control_rate_limited == 2
     answers = [s["message"].split(":")[0] for s in replies(session)]
     assert answers == ["authenticated", "subscribed to", "rate limited", "rate limited"]
