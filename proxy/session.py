@@ -37,6 +37,8 @@ class Phase(enum.Enum):
 @attrs.frozen
 class Reaction:
     replies: tuple[str, ...] = ()
+    #: Channels this message added to the session's set, and took out of it (the answer still
+    #: names every channel of the message, as Polygon's does).
     subscribe: tuple[Channel, ...] = ()
     unsubscribe: tuple[Channel, ...] = ()
     close_code: int | None = None
