@@ -335,3 +335,29 @@ async def test_an_evicting_rival_gets_the_long_backoff_not_a_fight(nursery):
     assert told[0] == "upstream_disconnected"  # the client was told when the link was evicted
     count = len(client.events)
     await client.wait_events(count + 5)
+
+
+async def test_refused_at_auth_again_and_again_the_link_waits_and_clients_are_told_once(nursery):
+    # Polygon answering max_connections to every attempt for 2 s, then auth_failed twice: the
+    # firehose tries once per refused_seconds (0.5 s here), and the filtered proxy's clients hear
+    # of the outage once and of the recovery once (relayed from the firehose).
+    backoff = Backoff(initial_seconds=0.05, max_seconds=0.2, healthy_after_seconds=5, refused_seconds=0.5)
+    sim, firehose, filtered = await start_chain(nursery, firehose={"backoff": backoff})
+    healthy = await counting_client(nursery, sim, filtered)
+    await trio.sleep(0.3)
+    attempts = sim.auth_attempts
+    sim.faults.force_max_connections = True
+    sim.drop_all()
+    await trio.sleep(2.0)
+    during = sim.auth_attempts - attempts
+    sim.faults.force_max_connections = False
+    sim.faults.refuse_auth = 2
+    await wait_until(lambda: firehose.link.state.value == "connected", timeout=10, what="recovery")
+    print(f"{during} attempts in 2 s of max_connections, {sim.auth_attempts - attempts} in all")
+    assert 2 <= during <= 2.0 / backoff.refused_seconds + 1
+    assert sim.auth_attempts - attempts <= during + 3  # then two auth_failed, then success
+    await wait_until(lambda: any(s["status"] == "upstream_connected" for s in healthy.client.statuses),
+                     what="the recovery relayed")
+    told = [s["status"] for s in healthy.client.statuses if s["status"].startswith("upstream_")]
+    assert told == ["upstream_disconnected", "upstream_connected"]
+    assert filtered.link.reconnects == 0  # the tier link itself never dropped

@@ -59,6 +59,8 @@ class Phase(enum.Enum):
 class Reaction:
     """What a control message leads to: frames to answer, channels to add or drop, a close, its outcome."""
     replies: tuple[str, ...] = ()
+    #: Channels this message added to the session's set, and took out of it (the answer still
+    #: names every channel of the message, as Polygon's does).
     subscribe: tuple[Channel, ...] = ()
     unsubscribe: tuple[Channel, ...] = ()
     close_code: CloseReason | None = None

@@ -18,6 +18,7 @@ give the memory back.
 
 from __future__ import annotations
 
+import itertools
 import operator
 import sys
 from collections import deque
@@ -35,6 +36,7 @@ S = TypeVar("S", bound=Hashable)
 #: Kept for readers of older code: any subscriber.
 SubscriberId = Hashable
 _symbol_of = operator.itemgetter(1)
+_type_of = operator.itemgetter(0)
 _C = TypeVar("_C", dict, set)
 #: A container is rebuilt when its table holds more than this many bytes per entry (a full
 #: dict uses ~50-100, a full set ~30-60) and is above COMPACT_MIN_BYTES.
@@ -187,7 +189,7 @@ class SubscriptionRegistry(Generic[S]):
         added = [channel for channel in channels if channel not in held]
         held.update(added)
         self._changed_holdings(routed, self._routes(held), bool(added))
-        return self._reconcile(self._index_add(subscriber, added))
+        return self._reconcile_wanted(self._index_add(subscriber, added))
 
     def unsubscribe(self, subscriber: S, channels: Iterable[Channel]) -> UpstreamDelta:
         """Drop ``channels`` from ``subscriber``'s set; what nobody holds any more starts its grace period."""
@@ -199,7 +201,7 @@ class SubscriptionRegistry(Generic[S]):
         held.difference_update(removed)
         self._channels[subscriber] = compacted(held)
         self._changed_holdings(routed, self._routes(held), bool(removed))
-        delta = self._reconcile(self._index_remove(subscriber, removed))
+        delta = self._reconcile_unwanted(self._index_remove(subscriber, removed))
         self._compact()
         return delta
 
@@ -207,7 +209,7 @@ class SubscriptionRegistry(Generic[S]):
         """Forget ``subscriber`` and release all its channels, as unsubscribe does."""
         held = self._channels.pop(subscriber, set())
         self._changed_holdings(self._routes(held), False, bool(held))
-        delta = self._reconcile(self._index_remove(subscriber, held))
+        delta = self._reconcile_unwanted(self._index_remove(subscriber, held))
         self._compact()
         return delta
 
@@ -216,12 +218,26 @@ class SubscriptionRegistry(Generic[S]):
         due: call again, as :meth:`next_deadline` says); call at :meth:`next_deadline`."""
         now = self._clock()
         queue, deadlines = self._grace_queue, self._grace_deadline
-        due: list[Channel] = []
-        while queue and queue[0][0] <= now and (limit is None or len(due) < limit):
+        found: dict[Channel, None] = {}  # (a channel may wait in the queue twice for one deadline)
+        while queue and queue[0][0] <= now and (limit is None or len(found) < limit):
             deadline, channel = queue.popleft()
             if deadlines.get(channel) == deadline:
-                due.append(channel)
-        delta = self._reconcile(due)
+                found[channel] = None
+        due = list(found)
+        if "*" in map(_symbol_of, due):
+            delta = self._reconcile(due)  # a wildcard going changes what covers its symbols
+        else:
+            # A symbol channel in its grace is held, wanted by nobody, and no wildcard upstream
+            # covers it (that would have ended its grace): it just goes.
+            for channel in due:
+                del deadlines[channel]
+                known = self._of_type[channel[0]]
+                known.discard(channel)
+                if not known:
+                    del self._of_type[channel[0]]
+            self._upstream.difference_update(due)
+            self._changed.update(dict.fromkeys(due))
+            delta = UpstreamDelta(unsubscribe=tuple(due))
         self._compact()
         return delta
 
@@ -273,8 +289,24 @@ class SubscriptionRegistry(Generic[S]):
             self._route_cache.clear()
 
     def _index_add(self, subscriber: S, channels: list[Channel]) -> list[Channel]:
-        """Index ``subscriber`` as a holder of each channel; returns the channels it is the first
-        holder of, the only ones whose upstream state can change (the rest were wanted already)."""
+        """Index ``subscriber`` as a holder of each (distinct) channel; returns the channels it
+        is the first holder of, the only ones whose upstream state can change (the rest were
+        wanted already). Symbol channels of one type nobody held, the bulk of a big subscribe,
+        are indexed with set operations in C."""
+        by_channel, of_type = self._by_channel, self._of_type
+        if channels and "*" not in map(_symbol_of, channels) and len(set(map(_type_of, channels))) == 1:
+            first = [channel for channel in channels if channel not in by_channel]
+            if len(first) < len(channels):
+                self._index_add_one_by_one(subscriber, [c for c in channels if c in by_channel])
+            by_channel.update(dict.fromkeys(first, subscriber))
+            known = of_type.get(channels[0][0])
+            if known is None:
+                known = of_type[channels[0][0]] = set()
+            known.update(first)
+            return first
+        return self._index_add_one_by_one(subscriber, channels)
+
+    def _index_add_one_by_one(self, subscriber: S, channels: list[Channel]) -> list[Channel]:
         first: list[Channel] = []
         by_channel, of_type = self._by_channel, self._of_type
         known: set[Channel] = set()
@@ -411,6 +443,83 @@ class SubscriptionRegistry(Generic[S]):
                     if not known:
                         del of_type[ev_type]
         return UpstreamDelta(subscribe=tuple(subscribe), unsubscribe=tuple(unsubscribe))
+
+    def _reconcile_wanted(self, first: list[Channel]) -> UpstreamDelta:
+        """:meth:`_reconcile` for channels that just got their first holder: the common case of
+        a big subscribe, done with set operations in C where :meth:`_reconcile` looks at each.
+
+        Exact when no channel is a wildcard, static or in its grace (otherwise it hands over):
+        such a channel was neither wanted nor held, so it is held now unless its wildcard
+        is wanted or held (then the wildcard brings its events).
+        """
+        if not first:
+            return UpstreamDelta()
+        grace, static = self._grace_deadline, self._static
+        if ("*" in map(_symbol_of, first) or (grace and not grace.keys().isdisjoint(first))
+                or (static and not static.isdisjoint(first))):
+            return self._reconcile(first)
+        upstream = self._upstream
+        last_type: str | None = None
+        start, runs, hold = 0, [], False
+        for index, channel in enumerate(first):  # runs of one type: its wildcard is looked up once
+            if channel[0] != last_type:
+                if hold:
+                    runs.append(first[start:index])
+                last_type, start = channel[0], index
+                wildcard = Channel(last_type, "*")
+                hold = not (self._is_wanted(wildcard) or wildcard in upstream)
+        if hold:
+            runs.append(first[start:])
+        new = first if len(runs) == 1 and len(runs[0]) == len(first) else [c for run in runs for c in run]
+        upstream.update(new)
+        self._changed.update(dict.fromkeys(new))
+        return UpstreamDelta(subscribe=tuple(new))
+
+    def _reconcile_unwanted(self, last: list[Channel]) -> UpstreamDelta:
+        """:meth:`_reconcile` for channels whose last holder just left, with set operations in C.
+
+        Exact when no channel is a wildcard, static or in its grace, and the grace is not
+        zero (otherwise it hands over): each channel held enters its grace, unless a wildcard
+        upstream brings its events (then it is dropped); a channel not held is forgotten.
+        """
+        if not last:
+            return UpstreamDelta()
+        grace, static = self._grace_deadline, self._static
+        if ("*" in map(_symbol_of, last) or self._grace_seconds <= 0
+                or (grace and not grace.keys().isdisjoint(last)) or (static and not static.isdisjoint(last))):
+            return self._reconcile(last)
+        upstream, of_type = self._upstream, self._of_type
+        deadline = self._clock() + self._grace_seconds
+        runs: list[tuple[list[Channel], bool]] = []  # (channels of one type, is its wildcard held)
+        last_type, start, covered = None, 0, False
+        for index, channel in enumerate(last):
+            if channel[0] != last_type:
+                if last_type is not None:
+                    runs.append((last[start:index], covered))
+                last_type, start = channel[0], index
+                wildcard = Channel(last_type, "*")
+                covered = wildcard in upstream
+                if self._is_wanted(wildcard) and not covered:
+                    return self._reconcile(last)  # a wildcard wanted but not held: the long way
+        runs.append((last[start:], covered))
+        unsubscribe: list[Channel] = []
+        for run, covered in runs:
+            held = [channel for channel in run if channel in upstream]
+            if covered:
+                upstream.difference_update(held)
+                unsubscribe.extend(held)
+                gone = run
+            else:
+                grace.update(dict.fromkeys(held, deadline))
+                self._grace_queue.extend(zip(itertools.repeat(deadline), held))
+                gone = [channel for channel in run if channel not in upstream] if len(held) < len(run) else []
+            known = of_type.get(run[0][0])
+            if known is not None and gone:
+                known.difference_update(gone)
+                if not known:
+                    del of_type[run[0][0]]
+        self._changed.update(dict.fromkeys(unsubscribe))
+        return UpstreamDelta(unsubscribe=tuple(unsubscribe))
 
     def _drop_grace(self, channel: Channel) -> bool:
         del self._grace_deadline[channel]  # its grace has passed (found before expire() came to it)
