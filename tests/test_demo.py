@@ -150,6 +150,6 @@ def test_stopping_the_demo_stops_every_part_and_says_so_once(how, status):
         kill_group(process)  # only after the check: this would hide a part left running
     out = "".join(lines) + out
     assert out.count(STOPPED) == 1, out[-2000:]  # it used to say it twice
-    assert process.returncode == status, err
+    assert process.returncode == status, (err, out[-1000:])
     assert "Traceback" not in err
     assert still_listening == []

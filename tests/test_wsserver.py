@@ -13,16 +13,7 @@ from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Ping
 from proxy.core.protocol import parse_channel_list
 from proxy.net.wsserver import ConnectionClosed, WsConnection, _SocketTransport, text_frame
 
-from tests.helpers import (
-    FIREHOSE_KEY,
-    LIVENESS_SECONDS,
-    firehose_config,
-    masked,
-    start_firehose,
-    start_simulator,
-    start_tier,
-    wait_until,
-)
+from tests.helpers import FIREHOSE_KEY, LIVENESS_SECONDS, SlowReader, masked, start_firehose, wait_until
 
 
 def _parsed_by_wsproto(data: bytes) -> list[str]:
@@ -183,22 +174,11 @@ async def test_a_peer_that_never_sends_a_handshake_is_dropped(nursery):
 
 async def test_a_client_that_stops_reading_altogether_is_closed_and_forgotten(nursery):
     """Its writer waits on a socket that never drains; the overflow must still end the session."""
-    sim = await start_simulator(nursery, events_per_second=20000)
-    firehose = await start_tier(nursery, firehose_config(
-        sim, client_queue_events=2000, slow_client_close_seconds=0.5,
-        static_channels=parse_channel_list("T.*,Q.*"),
-    ))
-    sock = trio.socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills at once
-    await sock.connect(("127.0.0.1", firehose.port))
-    stream = trio.SocketStream(sock)
-    client = WSConnection(ConnectionType.CLIENT)
-    await stream.send_all(client.send(Request(host="x", target="/")))
-    await _client_events(stream, client, TextMessage)  # connected
-    await stream.send_all(client.send(TextMessage(data='{"action":"auth","params":"%s"}' % FIREHOSE_KEY)))
-    await stream.send_all(client.send(TextMessage(data='{"action":"subscribe","params":"*"}')))
-    # ...and never reads again
-    # filling the socket buffers at 20,000 events a second takes seconds unloaded, far more when busy
+    # 5000 events a second fill a 4 KiB receive buffer and the queue in seconds; 20,000 starved a busy machine
+    _, firehose = await start_firehose(nursery, simulator=dict(events_per_second=5000), client_queue_events=2000,
+                                       slow_client_close_seconds=0.5, static_channels=parse_channel_list("T.*,Q.*"))
+    silent = await SlowReader.subscribe(firehose.port, FIREHOSE_KEY, "*")  # ...and it never reads
     await wait_until(lambda: firehose.stats.slow_consumer_disconnects == 1, timeout=60, what="the overflow")
     await wait_until(lambda: not firehose.hub.sessions, what="the session to end")
     assert firehose.registry.subscribers() == frozenset()
+    silent.sock.close()  # only now: the proxy closed a connection whose peer never left
