@@ -39,7 +39,7 @@ from proxy.sim.simulator import Simulator, run_simulator
 
 __all__ = [
     "ALL_STREAM", "CLIENT_KEY", "FAST_BACKOFF", "FAST_KEEPALIVE", "FIREHOSE_KEY", "LIVENESS_SECONDS", "POLYGON_KEY",
-    "Chain", "Client", "FakeConnection", "Neighbour", "authed_client", "connect", "count_tasks",
+    "Chain", "Client", "FakeConnection", "Neighbour", "SlowReader", "authed_client", "connect", "count_tasks",
     "filtered_config", "firehose_config", "handshake", "masked", "read_statuses", "selects", "send_all",
     "simulator_config", "start_chain", "start_firehose", "start_simulator", "start_tier", "wait_connected",
     "wait_until",
@@ -354,6 +354,49 @@ async def read_statuses(sock: trio.socket.SocketType, client: WSConnection, coun
                 assert data, f"connection closed after {statuses}"
                 client.receive_data(data)
     return statuses
+
+
+class SlowReader:
+    """A client with a 4 KiB receive buffer that reads 1 KiB at a time, then (``fast``) all it can;
+    one that has not started :meth:`run` reads nothing at all.
+
+    Made by :meth:`subscribe`, which authenticates and subscribes over a raw socket: the kernel's
+    buffers fill at once, where a library's client would take megabytes first.
+    """
+
+    def __init__(self, sock: trio.socket.SocketType, client: WSConnection) -> None:
+        self.sock, self.client = sock, client
+        self.sequence: list[int] = []  # q of every event received (T, Q and LULD carry one, gapless upstream)
+        self.statuses: list[str] = []
+        self.close_code: int | None = None
+        self.fast = False
+        self._parts: list[str] = []
+
+    @classmethod
+    async def subscribe(cls, port: int, key: str, params: str) -> SlowReader:
+        sock, client = await handshake(port, rcvbuf=4096)
+        await send_all(sock, masked(json.dumps({"action": "auth", "params": key}))
+                       + masked(json.dumps({"action": "subscribe", "params": params})))
+        return cls(sock, client)
+
+    async def run(self) -> None:
+        while self.close_code is None:
+            data = await self.sock.recv(1 << 20 if self.fast else 1024)
+            self.client.receive_data(data or None)
+            for event in self.client.events():
+                if isinstance(event, CloseConnection):
+                    self.close_code = event.code
+                elif isinstance(event, TextMessage):
+                    self._parts.append(event.data)
+                    if event.message_finished:
+                        for item in json.loads("".join(self._parts)):
+                            if "q" in item:
+                                self.sequence.append(item["q"])
+                            elif item.get("ev") == "status":
+                                self.statuses.append(item["message"] if item["status"] == "success" else item["status"])
+                        self._parts = []
+            if not self.fast:
+                await trio.sleep(0.02)
 
 
 # --- fakes -------------------------------------------------------------------------------------

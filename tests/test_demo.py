@@ -124,8 +124,19 @@ def test_a_part_that_exits_while_starting_ends_the_wait_at_once_with_its_log():
 
 
 def start_and_wait_for_the_stream(env: dict[str, str]) -> tuple[subprocess.Popen, list[str]]:
-    process = subprocess.Popen(["bash", str(DEMO)], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    """Starts scripts/demo as a terminal's shell would, and returns once its client prints a summary.
+
+    A shell started with SIGINT ignored can never trap it (bash: "signals ignored upon entry cannot
+    be trapped"), and a child inherits an ignored SIGINT: when the tests run in the background (a
+    CI step, `pytest &`), the demo would start so, where no terminal starts it so. So SIGINT is
+    this process's default handler while the demo starts, which exec turns into SIG_DFL.
+    """
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        process = subprocess.Popen(["bash", str(DEMO)], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, start_new_session=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     lines = []
     for line in process.stdout:
         lines.append(line)
@@ -150,6 +161,6 @@ def test_stopping_the_demo_stops_every_part_and_says_so_once(how, status):
         kill_group(process)  # only after the check: this would hide a part left running
     out = "".join(lines) + out
     assert out.count(STOPPED) == 1, out[-2000:]  # it used to say it twice
-    assert process.returncode == status, err
+    assert process.returncode == status, (err, out[-1000:])
     assert "Traceback" not in err
     assert still_listening == []

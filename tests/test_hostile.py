@@ -23,7 +23,7 @@ import weakref
 import pytest
 import trio
 from wsproto import ConnectionType, WSConnection
-from wsproto.events import CloseConnection, Ping, Pong, Request, TextMessage
+from wsproto.events import CloseConnection, Ping, Pong, Request
 
 from proxy.core.errors import ClientMessageError
 from proxy.core.outbox import SlowClientPolicy
@@ -35,6 +35,7 @@ from tests.helpers import (
     CLIENT_KEY,
     FIREHOSE_KEY,
     Neighbour,
+    SlowReader,
     authed_client,
     firehose_config,
     handshake,
@@ -386,37 +387,6 @@ async def test_accept_errors_are_retried_only_when_they_concern_one_connection()
 # --- slow clients under load ----------------------------------------------------------------------
 
 
-class SlowReader:
-    """A client with a 4 KiB receive buffer that reads 1 KiB at a time, then (``fast``) all it can."""
-
-    def __init__(self, sock: trio.socket.SocketType, client: WSConnection) -> None:
-        self.sock, self.client = sock, client
-        self.sequence: list[int] = []  # q of every event received (T, Q and LULD carry one, gapless upstream)
-        self.statuses: list[str] = []
-        self.close_code: int | None = None
-        self.fast = False
-        self._parts: list[str] = []
-
-    async def run(self) -> None:
-        while self.close_code is None:
-            data = await self.sock.recv(1 << 20 if self.fast else 1024)
-            self.client.receive_data(data or None)
-            for event in self.client.events():
-                if isinstance(event, CloseConnection):
-                    self.close_code = event.code
-                elif isinstance(event, TextMessage):
-                    self._parts.append(event.data)
-                    if event.message_finished:
-                        for item in json.loads("".join(self._parts)):
-                            if "q" in item:
-                                self.sequence.append(item["q"])
-                            elif item.get("ev") == "status":
-                                self.statuses.append(item["message"] if item["status"] == "success" else item["status"])
-                        self._parts = []
-            if not self.fast:
-                await trio.sleep(0.02)
-
-
 @pytest.mark.parametrize("policy", ["disconnect", "drop_oldest"])
 async def test_slow_client_policies_fire_under_load_and_the_neighbour_loses_nothing(nursery, policy):
     """A reader far slower than its feed, while the kernel's buffers take what they can.
@@ -433,10 +403,7 @@ async def test_slow_client_policies_fire_under_load_and_the_neighbour_loses_noth
         filtered=dict(client_queue_events=capacity, slow_client_policy=SlowClientPolicy(policy)))
     neighbour = Neighbour(await authed_client(nursery, filtered.port, CLIENT_KEY, subscribe="*"))
     nursery.start_soon(neighbour.run)
-    sock, client = await handshake(filtered.port, rcvbuf=4096)
-    await send_all(sock, masked(json.dumps({"action": "auth", "params": CLIENT_KEY}))
-                   + masked(json.dumps({"action": "subscribe", "params": "T.*,Q.*,LULD.*"})))
-    slow = SlowReader(sock, client)
+    slow = await SlowReader.subscribe(filtered.port, CLIENT_KEY, "T.*,Q.*,LULD.*")
     nursery.start_soon(slow.run)
     await wait_until(lambda: "subscribed to: LULD.*" in slow.statuses, what="the subscription")
     session = max(filtered.hub.sessions, key=lambda s: s.id)
@@ -473,7 +440,7 @@ async def test_slow_client_policies_fire_under_load_and_the_neighbour_loses_noth
         slow.fast = True  # catch up with the neighbour, then stop the feed and read to its end
         target = neighbour.sequence[-1]
         await wait_until(lambda: slow.sequence and slow.sequence[-1] > target, timeout=30, what="catching up")
-        await send_all(sock, masked(json.dumps({"action": "unsubscribe", "params": "T.*,Q.*,LULD.*"})))
+        await send_all(slow.sock, masked(json.dumps({"action": "unsubscribe", "params": "T.*,Q.*,LULD.*"})))
         await wait_until(lambda: "unsubscribed to: LULD.*" in slow.statuses, timeout=30, what="the unsubscribe")
         assert slow.close_code is None and session in filtered.hub.sessions
         received = slow.sequence
