@@ -188,6 +188,40 @@ def read_json_line(stream: IO[bytes], timeout: float, what: str) -> dict:
     return json.loads(line)
 
 
+def collect_answers(processes: dict[str, subprocess.Popen], wait: float) -> tuple[dict[str, dict], list[str]]:
+    """Each process's JSON answer. Those that have not answered within ``wait`` seconds (their
+    clients have not yet seen the closing mark: the tiers are that far behind) are told to stop
+    with SIGUSR1 and answer with what they have; their names come back as the second value."""
+    import selectors
+
+    answers: dict[str, dict] = {}
+    selector = selectors.DefaultSelector()
+    for name, process in processes.items():
+        selector.register(process.stdout, selectors.EVENT_READ, name)
+    deadline = time.monotonic() + wait
+    while len(answers) < len(processes) and (left := deadline - time.monotonic()) > 0:
+        for key, _ in selector.select(left):
+            name = key.data
+            selector.unregister(key.fileobj)
+            line = processes[name].stdout.readline()
+            if not line:
+                raise RuntimeError(f"{name} ended without an answer")
+            answers[name] = json.loads(line)
+    stopped = [name for name in processes if name not in answers]
+    for name in stopped:
+        processes[name].send_signal(signal.SIGUSR1)
+    for name in stopped:
+        answers[name] = read_json_line(processes[name].stdout, 60, f"the stopped process {name}")
+    return answers, stopped
+
+
+def count_in_log(path: Path, text: str) -> int:
+    try:
+        return path.read_text(errors="replace").count(text)
+    except FileNotFoundError:
+        return 0
+
+
 def run_once(args: argparse.Namespace, rate: float, frame_events: int | str) -> dict[str, Any]:
     logs = Path(tempfile.mkdtemp(prefix="bench-"))
     processes = Processes(logs)
@@ -270,12 +304,15 @@ def run_once(args: argparse.Namespace, rate: float, frame_events: int | str) -> 
         window = time.monotonic() - started
         after = {name: cpu_seconds(pid) for name, pid in {**tiers, **harness}.items()}
         sent = read_json_line(simulator.stdout, 30, "the simulator")
-        answers = [read_json_line(process.stdout, 120, f"the client process {name}")
-                   for name, process in clients.items()]
-        joins = read_json_line(joiner.stdout, 120, "the join probe")["join_seconds"]
+        by_name, stopped = collect_answers({**clients, "joiner": joiner}, args.drain_seconds)
+        answers = [by_name[name] for name in clients]
+        joins = by_name["joiner"]["join_seconds"]
         rss = {name: peak_rss_mb(pid) for name, pid in tiers.items()}
     finally:
         processes.stop()
+    # Lost links are part of the result: what was sent while a link was down never arrives.
+    link_drops = {name: count_in_log(logs / f"{name}.log", "link down") for name in tiers}
+    simulator_drops = count_in_log(logs / "simulator.log", "is a slow consumer")
 
     counts = sent["counts"]
     channels = [item for answer in answers for item in answer["channels"]]
@@ -299,6 +336,10 @@ def run_once(args: argparse.Namespace, rate: float, frame_events: int | str) -> 
         "expected_events": sum(expected), "received_events": sum(received),
         "lost_events": lost, "unexpected_events": extra,
         "clients_complete": sum(answer["saw_both_marks"] for answer in answers),
+        # processes stopped after --drain-seconds without every client seeing the closing mark
+        "client_processes_stopped": [name for name in stopped if name != "joiner"],
+        "upstream_link_drops": link_drops,
+        "simulator_slow_consumer_drops": simulator_drops,
         "client_failures": [failure for answer in answers for failure in answer["failures"]],
         "latency_ms": merged_latency([answer["latency_histogram"] for answer in answers]),
         "join_ms": [round(seconds * 1000, 1) for seconds in joins],
@@ -359,6 +400,16 @@ def warnings(result: dict[str, Any]) -> list[str]:
         if percent >= SATURATED_PERCENT:
             found.append(f"client process {index} used {percent:.0f}% of a core: the clients may be what "
                          f"limits this run (raise --client-processes)")
+    if result["clients_complete"] < result["clients"]:
+        found.append(f"{result['clients'] - result['clients_complete']} of {result['clients']} clients did not "
+                     f"see the closing mark ({len(result['client_processes_stopped'])} client process(es) "
+                     f"stopped after waiting): what had not arrived by then counts as lost")
+    for tier, drops in result["upstream_link_drops"].items():
+        if drops:
+            found.append(f"the {tier}'s upstream link went down {drops} time(s) during the run")
+    if result["simulator_slow_consumer_drops"]:
+        found.append(f"the simulator dropped the firehose as a slow consumer "
+                     f"{result['simulator_slow_consumer_drops']} time(s) (its queue passed 250,000 events)")
     if result["simulator_events_skipped"]:
         found.append(f"the simulator could not keep the offered rate: {result['simulator_events_skipped']:,} "
                      f"events skipped (in/s is what was sent)")
@@ -390,6 +441,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                         help="processes the clients are split over (default 1)")
     parser.add_argument("--duration", type=float, default=10, help="measured seconds per run (default 10)")
     parser.add_argument("--warmup", type=float, default=3, help="seconds before measuring (default 3)")
+    parser.add_argument("--drain-seconds", type=float, default=30,
+                        help="after the closing mark, how long the clients may take to see it; then they are "
+                             "stopped and what they had not received counts as lost (default 30)")
     parser.add_argument("--sweep", action="store_true",
                         help="double the rate from --rate until loss or p99 > 50 ms; report the highest that passed")
     parser.add_argument("--queue-events", type=int, default=50_000, help="CLIENT_QUEUE_EVENTS for the tiers")
