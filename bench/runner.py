@@ -19,7 +19,9 @@ the firehose really got: events over data frames the simulator wrote in the wind
 Each run: warm up, send a mark through the stream, run for the duration, send a second
 mark. Clients count what they received between the marks; the simulator says what it sent,
 by channel, so each client's expected count is exact. CPU seconds and peak RSS per tier
-come from /proc (the OS's accounting of each process). "join" is how long a new client
+come from /proc (the OS's accounting of each process), and so does what the rest of the
+machine used meanwhile ("other processes"): on a shared machine that is CPU the tiers did
+not have, and a warning says so when it is over a fifth of a core. "join" is how long a new client
 waits from connecting to its first event, probed five times while the load runs, from a
 process of its own.
 
@@ -57,6 +59,8 @@ SYMBOLS = 3000
 POLYGON_KEY, FIREHOSE_KEY, CLIENT_KEY = "bench-polygon", "bench-firehose", "bench-client"
 #: A client process above this share of one core may be what limits the run, not the tiers.
 SATURATED_PERCENT = 90
+#: Other processes using more than this share of one core during the window are named in a warning.
+OTHERS_PERCENT = 20
 
 
 def free_port() -> int:
@@ -68,6 +72,13 @@ def free_port() -> int:
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all processes on this machine have used since boot, every core together."""
+    fields = [int(value) for value in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / TICKS  # user .. steal; guest time is already inside user
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -290,6 +301,7 @@ def run_once(args: argparse.Namespace, rate: float, frame_events: int | str) -> 
         harness = {"simulator": simulator.pid, **{name: process.pid for name, process in clients.items()},
                    "joiner": joiner.pid}
         before = {name: cpu_seconds(pid) for name, pid in {**tiers, **harness}.items()}
+        machine_before = machine_busy_seconds()
         started = time.monotonic()
         simulator.stdin.write(b"mark\n")
         simulator.stdin.flush()
@@ -303,6 +315,7 @@ def run_once(args: argparse.Namespace, rate: float, frame_events: int | str) -> 
         simulator.stdin.flush()
         window = time.monotonic() - started
         after = {name: cpu_seconds(pid) for name, pid in {**tiers, **harness}.items()}
+        machine_used = machine_busy_seconds() - machine_before
         sent = read_json_line(simulator.stdout, 30, "the simulator")
         by_name, stopped = collect_answers({**clients, "joiner": joiner}, args.drain_seconds)
         answers = [by_name[name] for name in clients]
@@ -348,6 +361,10 @@ def run_once(args: argparse.Namespace, rate: float, frame_events: int | str) -> 
         "cpu_percent": cpu_percent,
         "client_processes": len(clients),
         "client_cpu_percent": [cpu_percent[name] for name in clients],
+        # The machine is shared: what every process used in the window (% of one core, all cores
+        # together), and what was not this benchmark's. Much of the latter makes every figure worse.
+        "machine_cpu_percent": round(100 * machine_used / window, 1),
+        "other_cpu_percent": round(max(0.0, 100 * machine_used / window - sum(cpu_percent.values())), 1),
         "peak_rss_mb": {name: round(value, 1) for name, value in rss.items()},
         "logs": str(logs),
     }
@@ -376,7 +393,7 @@ def table(results: list[dict[str, Any]]) -> str:
     """One row per run: framing, rates, loss, latency, CPU per input event per tier, the harness's CPU."""
     header = (f"{'scenario':<14}{'framing':>9}{'ev/frame':>9}{'clients':>8}{'offered/s':>11}{'in/s':>9}"
               f"{'out/s':>11}{'lost':>8}{'p50ms':>7}{'p99ms':>7}{'maxms':>7}{'join ms':>8}"
-              f"  CPU µs/event (tier)        client CPU %  sim CPU %  peak RSS MB")
+              f"  CPU µs/event (tier)        client CPU %  sim CPU %  others CPU %  peak RSS MB")
     rows = [header, "-" * len(header)]
     for r in results:
         latency = r["latency_ms"]
@@ -388,7 +405,7 @@ def table(results: list[dict[str, Any]]) -> str:
             f"{r['rate_offered']:>11,.0f}{r['into_firehose_per_s']:>9,}{r['delivered_per_s']:>11,}"
             f"{r['lost_events']:>8}{_ms(latency['p50']):>7}{_ms(latency['p99']):>7}{_ms(latency['max']):>7}"
             f"{max(r['join_ms'], default=0):>8.0f}  {cpu:<27}{clients_cpu:>12}{r['cpu_percent']['simulator']:>11.0f}"
-            f"  {rss}"
+            f"{r['other_cpu_percent']:>14.0f}  {rss}"
         )
     return "\n".join(rows)
 
@@ -396,6 +413,10 @@ def table(results: list[dict[str, Any]]) -> str:
 def warnings(result: dict[str, Any]) -> list[str]:
     """What makes a run's figures say less about the tiers than they seem to."""
     found = []
+    if result["other_cpu_percent"] >= OTHERS_PERCENT:
+        found.append(f"other processes on this machine used {result['other_cpu_percent']:.0f}% of a core during "
+                     f"the window (the machine: {result['machine_cpu_percent']:.0f}% of {os.cpu_count()} cores): "
+                     f"the tiers had that much less CPU")
     for index, percent in enumerate(result["client_cpu_percent"], 1):
         if percent >= SATURATED_PERCENT:
             found.append(f"client process {index} used {percent:.0f}% of a core: the clients may be what "
@@ -477,7 +498,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table(results))
     for r in results:
         print(f"CPU use during the window (% of one core), frames of {r['frame_events']} at "
-              f"{r['rate_offered']:,.0f}/s: " + ", ".join(f"{name} {value}" for name, value in r["cpu_percent"].items()))
+              f"{r['rate_offered']:,.0f}/s: " + ", ".join(f"{name} {value}" for name, value in r["cpu_percent"].items())
+              + f"; other processes {r['other_cpu_percent']}")
         for warning in warnings(r):
             print(f"warning: {warning}")
     if args.sweep:
