@@ -6,7 +6,9 @@ Counting is a substring count done in C, so the clients cost little of the
 machine the tiers are measured on; latency is read from the ``t`` of the first
 event of each frame (the oldest in it), against this machine's clock. After the
 window, while the load runs, a few fresh clients measure how long a new subscriber
-waits for its first event. One JSON line of results goes to standard output, with
+waits for its first event. SIGUSR1 stops the clients where they are (the runner's
+answer to tiers too far behind to deliver the closing mark in time); the results
+then say so. One JSON line of results goes to standard output, with
 the latencies also as a histogram of 0.1 ms buckets, so that the runner can merge
 the percentiles of several client processes exactly (to 0.1 ms).
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 from urllib.parse import urlsplit
 import sys
 import time
@@ -160,14 +163,28 @@ async def main(args: argparse.Namespace) -> None:
             joins.append(await first_event_delay(args.url, args.key, args.join_channels))
             await trio.sleep(0.5)
 
-    with trio.fail_after(args.timeout):
-        async with trio.open_nursery() as nursery:
-            for client in clients:
-                nursery.start_soon(guarded, client)
-            for _ in clients:
-                await ready.acquire()
-            print(json.dumps({"ready": len(clients) - len(failures)}), flush=True)
-            nursery.start_soon(probe_joins)
+    stopped = False
+
+    async def stop_when_told(scope: trio.CancelScope) -> None:
+        """SIGUSR1: the runner gave up waiting for the closing mark; stop and report what we have."""
+        nonlocal stopped
+        with trio.open_signal_receiver(signal.SIGUSR1) as signals:
+            async for _ in signals:
+                stopped = True
+                scope.cancel()
+                return
+
+    with trio.move_on_after(args.timeout) as timed:
+        async with trio.open_nursery() as outer:
+            outer.start_soon(stop_when_told, outer.cancel_scope)
+            async with trio.open_nursery() as nursery:
+                for client in clients:
+                    nursery.start_soon(guarded, client)
+                for _ in clients:
+                    await ready.acquire()
+                print(json.dumps({"ready": len(clients) - len(failures)}), flush=True)
+                nursery.start_soon(probe_joins)
+            outer.cancel_scope.cancel()  # every client saw both marks: stop watching for the signal
     latencies = [value for client in clients for value in client.latencies_ms]
     print(json.dumps({
         "received": [client.received for client in clients],
@@ -178,6 +195,8 @@ async def main(args: argparse.Namespace) -> None:
         "latency_histogram": histogram(latencies),
         "join_seconds": joins,
         "failures": failures,
+        # stopped before every client saw the closing mark: their counts are what arrived in time
+        "stopped": stopped or timed.cancelled_caught,
     }), flush=True)
 
 

@@ -19,7 +19,9 @@ the firehose really got: events over data frames the simulator wrote in the wind
 Each run: warm up, send a mark through the stream, run for the duration, send a second
 mark. Clients count what they received between the marks; the simulator says what it sent,
 by channel, so each client's expected count is exact. CPU seconds and peak RSS per tier
-come from /proc (the OS's accounting of each process). "join" is how long a new client
+come from /proc (the OS's accounting of each process), and so does what the rest of the
+machine used meanwhile ("other processes"): on a shared machine that is CPU the tiers did
+not have, and a warning says so when it is over a fifth of a core. "join" is how long a new client
 waits from connecting to its first event, probed five times while the load runs, from a
 process of its own.
 
@@ -57,6 +59,8 @@ SYMBOLS = 3000
 POLYGON_KEY, FIREHOSE_KEY, CLIENT_KEY = "bench-polygon", "bench-firehose", "bench-client"
 #: A client process above this share of one core may be what limits the run, not the tiers.
 SATURATED_PERCENT = 90
+#: Other processes using more than this share of one core during the window are named in a warning.
+OTHERS_PERCENT = 20
 
 
 def free_port() -> int:
@@ -68,6 +72,13 @@ def free_port() -> int:
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all processes on this machine have used since boot, every core together."""
+    fields = [int(value) for value in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / TICKS  # user .. steal; guest time is already inside user
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -188,6 +199,40 @@ def read_json_line(stream: IO[bytes], timeout: float, what: str) -> dict:
     return json.loads(line)
 
 
+def collect_answers(processes: dict[str, subprocess.Popen], wait: float) -> tuple[dict[str, dict], list[str]]:
+    """Each process's JSON answer. Those that have not answered within ``wait`` seconds (their
+    clients have not yet seen the closing mark: the tiers are that far behind) are told to stop
+    with SIGUSR1 and answer with what they have; their names come back as the second value."""
+    import selectors
+
+    answers: dict[str, dict] = {}
+    selector = selectors.DefaultSelector()
+    for name, process in processes.items():
+        selector.register(process.stdout, selectors.EVENT_READ, name)
+    deadline = time.monotonic() + wait
+    while len(answers) < len(processes) and (left := deadline - time.monotonic()) > 0:
+        for key, _ in selector.select(left):
+            name = key.data
+            selector.unregister(key.fileobj)
+            line = processes[name].stdout.readline()
+            if not line:
+                raise RuntimeError(f"{name} ended without an answer")
+            answers[name] = json.loads(line)
+    stopped = [name for name in processes if name not in answers]
+    for name in stopped:
+        processes[name].send_signal(signal.SIGUSR1)
+    for name in stopped:
+        answers[name] = read_json_line(processes[name].stdout, 60, f"the stopped process {name}")
+    return answers, stopped
+
+
+def count_in_log(path: Path, text: str) -> int:
+    try:
+        return path.read_text(errors="replace").count(text)
+    except FileNotFoundError:
+        return 0
+
+
 def run_once(args: argparse.Namespace, rate: float, frame_events: int | str) -> dict[str, Any]:
     logs = Path(tempfile.mkdtemp(prefix="bench-"))
     processes = Processes(logs)
@@ -256,6 +301,7 @@ def run_once(args: argparse.Namespace, rate: float, frame_events: int | str) -> 
         harness = {"simulator": simulator.pid, **{name: process.pid for name, process in clients.items()},
                    "joiner": joiner.pid}
         before = {name: cpu_seconds(pid) for name, pid in {**tiers, **harness}.items()}
+        machine_before = machine_busy_seconds()
         started = time.monotonic()
         simulator.stdin.write(b"mark\n")
         simulator.stdin.flush()
@@ -269,13 +315,17 @@ def run_once(args: argparse.Namespace, rate: float, frame_events: int | str) -> 
         simulator.stdin.flush()
         window = time.monotonic() - started
         after = {name: cpu_seconds(pid) for name, pid in {**tiers, **harness}.items()}
+        machine_used = machine_busy_seconds() - machine_before
         sent = read_json_line(simulator.stdout, 30, "the simulator")
-        answers = [read_json_line(process.stdout, 120, f"the client process {name}")
-                   for name, process in clients.items()]
-        joins = read_json_line(joiner.stdout, 120, "the join probe")["join_seconds"]
+        by_name, stopped = collect_answers({**clients, "joiner": joiner}, args.drain_seconds)
+        answers = [by_name[name] for name in clients]
+        joins = by_name["joiner"]["join_seconds"]
         rss = {name: peak_rss_mb(pid) for name, pid in tiers.items()}
     finally:
         processes.stop()
+    # Lost links are part of the result: what was sent while a link was down never arrives.
+    link_drops = {name: count_in_log(logs / f"{name}.log", "link down") for name in tiers}
+    simulator_drops = count_in_log(logs / "simulator.log", "is a slow consumer")
 
     counts = sent["counts"]
     channels = [item for answer in answers for item in answer["channels"]]
@@ -299,6 +349,10 @@ def run_once(args: argparse.Namespace, rate: float, frame_events: int | str) -> 
         "expected_events": sum(expected), "received_events": sum(received),
         "lost_events": lost, "unexpected_events": extra,
         "clients_complete": sum(answer["saw_both_marks"] for answer in answers),
+        # processes stopped after --drain-seconds without every client seeing the closing mark
+        "client_processes_stopped": [name for name in stopped if name != "joiner"],
+        "upstream_link_drops": link_drops,
+        "simulator_slow_consumer_drops": simulator_drops,
         "client_failures": [failure for answer in answers for failure in answer["failures"]],
         "latency_ms": merged_latency([answer["latency_histogram"] for answer in answers]),
         "join_ms": [round(seconds * 1000, 1) for seconds in joins],
@@ -307,6 +361,10 @@ def run_once(args: argparse.Namespace, rate: float, frame_events: int | str) -> 
         "cpu_percent": cpu_percent,
         "client_processes": len(clients),
         "client_cpu_percent": [cpu_percent[name] for name in clients],
+        # The machine is shared: what every process used in the window (% of one core, all cores
+        # together), and what was not this benchmark's. Much of the latter makes every figure worse.
+        "machine_cpu_percent": round(100 * machine_used / window, 1),
+        "other_cpu_percent": round(max(0.0, 100 * machine_used / window - sum(cpu_percent.values())), 1),
         "peak_rss_mb": {name: round(value, 1) for name, value in rss.items()},
         "logs": str(logs),
     }
@@ -335,7 +393,7 @@ def table(results: list[dict[str, Any]]) -> str:
     """One row per run: framing, rates, loss, latency, CPU per input event per tier, the harness's CPU."""
     header = (f"{'scenario':<14}{'framing':>9}{'ev/frame':>9}{'clients':>8}{'offered/s':>11}{'in/s':>9}"
               f"{'out/s':>11}{'lost':>8}{'p50ms':>7}{'p99ms':>7}{'maxms':>7}{'join ms':>8}"
-              f"  CPU µs/event (tier)        client CPU %  sim CPU %  peak RSS MB")
+              f"  CPU µs/event (tier)        client CPU %  sim CPU %  others CPU %  peak RSS MB")
     rows = [header, "-" * len(header)]
     for r in results:
         latency = r["latency_ms"]
@@ -347,7 +405,7 @@ def table(results: list[dict[str, Any]]) -> str:
             f"{r['rate_offered']:>11,.0f}{r['into_firehose_per_s']:>9,}{r['delivered_per_s']:>11,}"
             f"{r['lost_events']:>8}{_ms(latency['p50']):>7}{_ms(latency['p99']):>7}{_ms(latency['max']):>7}"
             f"{max(r['join_ms'], default=0):>8.0f}  {cpu:<27}{clients_cpu:>12}{r['cpu_percent']['simulator']:>11.0f}"
-            f"  {rss}"
+            f"{r['other_cpu_percent']:>14.0f}  {rss}"
         )
     return "\n".join(rows)
 
@@ -355,10 +413,24 @@ def table(results: list[dict[str, Any]]) -> str:
 def warnings(result: dict[str, Any]) -> list[str]:
     """What makes a run's figures say less about the tiers than they seem to."""
     found = []
+    if result["other_cpu_percent"] >= OTHERS_PERCENT:
+        found.append(f"other processes on this machine used {result['other_cpu_percent']:.0f}% of a core during "
+                     f"the window (the machine: {result['machine_cpu_percent']:.0f}% of {os.cpu_count()} cores): "
+                     f"the tiers had that much less CPU")
     for index, percent in enumerate(result["client_cpu_percent"], 1):
         if percent >= SATURATED_PERCENT:
             found.append(f"client process {index} used {percent:.0f}% of a core: the clients may be what "
                          f"limits this run (raise --client-processes)")
+    if result["clients_complete"] < result["clients"]:
+        found.append(f"{result['clients'] - result['clients_complete']} of {result['clients']} clients did not "
+                     f"see the closing mark ({len(result['client_processes_stopped'])} client process(es) "
+                     f"stopped after waiting): what had not arrived by then counts as lost")
+    for tier, drops in result["upstream_link_drops"].items():
+        if drops:
+            found.append(f"the {tier}'s upstream link went down {drops} time(s) during the run")
+    if result["simulator_slow_consumer_drops"]:
+        found.append(f"the simulator dropped the firehose as a slow consumer "
+                     f"{result['simulator_slow_consumer_drops']} time(s) (its queue passed 250,000 events)")
     if result["simulator_events_skipped"]:
         found.append(f"the simulator could not keep the offered rate: {result['simulator_events_skipped']:,} "
                      f"events skipped (in/s is what was sent)")
@@ -390,6 +462,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                         help="processes the clients are split over (default 1)")
     parser.add_argument("--duration", type=float, default=10, help="measured seconds per run (default 10)")
     parser.add_argument("--warmup", type=float, default=3, help="seconds before measuring (default 3)")
+    parser.add_argument("--drain-seconds", type=float, default=30,
+                        help="after the closing mark, how long the clients may take to see it; then they are "
+                             "stopped and what they had not received counts as lost (default 30)")
     parser.add_argument("--sweep", action="store_true",
                         help="double the rate from --rate until loss or p99 > 50 ms; report the highest that passed")
     parser.add_argument("--queue-events", type=int, default=50_000, help="CLIENT_QUEUE_EVENTS for the tiers")
@@ -423,7 +498,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table(results))
     for r in results:
         print(f"CPU use during the window (% of one core), frames of {r['frame_events']} at "
-              f"{r['rate_offered']:,.0f}/s: " + ", ".join(f"{name} {value}" for name, value in r["cpu_percent"].items()))
+              f"{r['rate_offered']:,.0f}/s: " + ", ".join(f"{name} {value}" for name, value in r["cpu_percent"].items())
+              + f"; other processes {r['other_cpu_percent']}")
         for warning in warnings(r):
             print(f"warning: {warning}")
     if args.sweep:

@@ -8,12 +8,13 @@ from __future__ import annotations
 import json
 import random
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from bench.client_process import histogram, percentile
-from bench.runner import merged_latency, parse_arguments, split_plan, table, warnings
+from bench.runner import collect_answers, merged_latency, parse_arguments, split_plan, table, warnings
 
 
 def test_frame_events_and_framings_are_parsed_as_the_simulator_reads_them():
@@ -64,13 +65,16 @@ def _result(**overrides):
         "cpu_us_per_input_event": {"firehose": 2.5, "filtered": 15.1},
         "client_cpu_percent": [48.0, 51.0], "cpu_percent": {"simulator": 20.0},
         "peak_rss_mb": {"firehose": 35.0, "filtered": 41.0}, "simulator_events_skipped": 0,
+        "clients_complete": 100, "client_processes_stopped": [],
+        "machine_cpu_percent": 150.0, "other_cpu_percent": 5.0,
+        "upstream_link_drops": {"firehose": 0, "filtered": 0}, "simulator_slow_consumer_drops": 0,
     }
     return {**result, **overrides}
 
 
 def test_the_table_shows_the_framing_and_the_clients_cpu():
     rows = table([_result(), _result(frame_events="1", events_per_frame=1.0)]).splitlines()
-    assert "framing" in rows[0] and "ev/frame" in rows[0] and "client CPU %" in rows[0]
+    assert all(column in rows[0] for column in ("framing", "ev/frame", "client CPU %", "others CPU %"))
     assert rows[2].split()[:3] == ["filtered", "10", "9.1"] and "48+51" in rows[2]
     assert rows[3].split()[:3] == ["filtered", "1", "1.0"]
 
@@ -81,6 +85,47 @@ def test_warnings_name_a_saturated_client_process_and_a_simulator_that_fell_behi
     assert len(found) == 2
     assert "client process 2 used 97%" in found[0] and "--client-processes" in found[0]
     assert "1,500 events skipped" in found[1]
+
+
+def test_warnings_name_other_processes_that_took_the_cpu():
+    found = warnings(_result(machine_cpu_percent=195.0, other_cpu_percent=80.0))
+    assert len(found) == 1 and "other processes on this machine used 80% of a core" in found[0]
+
+
+def test_machine_busy_seconds_grows_with_work():
+    from bench.runner import machine_busy_seconds
+
+    before = machine_busy_seconds()
+    end = time.process_time() + 0.3
+    while time.process_time() < end:
+        pass
+    assert machine_busy_seconds() - before >= 0.2  # at least our own work (ticks are 10 ms)
+
+
+def test_warnings_name_what_makes_loss_and_latency_the_harness_gave_up_on():
+    found = warnings(_result(clients_complete=90, client_processes_stopped=["clients-1"],
+                             upstream_link_drops={"firehose": 1, "filtered": 2}, simulator_slow_consumer_drops=1))
+    assert "10 of 100 clients did not see the closing mark" in found[0]
+    assert "firehose's upstream link went down 1 time" in found[1]
+    assert "filtered's upstream link went down 2 time" in found[2]
+    assert "slow consumer 1 time" in found[3]
+
+
+def test_collect_answers_tells_the_late_to_stop_and_still_gets_their_answer():
+    import subprocess
+
+    prompt = "import json, time; print(json.dumps({'n': 1}), flush=True); time.sleep(60)"
+    late = ("import json, signal; signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1]); "
+            "signal.sigwait([signal.SIGUSR1]); print(json.dumps({'n': 2}), flush=True)")
+    processes = {name: subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+                 for name, code in (("prompt", prompt), ("late", late))}
+    try:
+        answers, stopped = collect_answers(processes, wait=3)
+    finally:
+        for process in processes.values():
+            process.kill()
+            process.wait()
+    assert answers == {"prompt": {"n": 1}, "late": {"n": 2}} and stopped == ["late"]
 
 
 @pytest.mark.slow
