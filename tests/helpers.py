@@ -1,11 +1,13 @@
 """What the tests share: real tiers on 127.0.0.1 port 0, test clients, and fakes for socket-free tests.
 
 - **Configurations and starters**: :func:`simulator_config`, :func:`firehose_config`,
-  :func:`filtered_config`, :func:`start_simulator`, :func:`start_tier`, and the whole chain
-  (simulator → firehose → filtered proxy, links up) in one call: :func:`start_chain`.
+  :func:`filtered_config`, :func:`start_simulator`, :func:`start_tier`; a simulator and its
+  firehose, link up, in one call (:func:`start_firehose`), and the whole chain (simulator →
+  firehose → filtered proxy, links up): :func:`start_chain`.
 - **Clients**: :class:`Client` (trio-websocket, as a user writes one), :func:`connect`,
-  :func:`authed_client`, a ``*`` :class:`Neighbour` that must see a gapless stream, and raw
-  wsproto clients for what a library would not send (:func:`handshake`, :func:`masked`).
+  :func:`authed_client`, a ``*`` :class:`Neighbour` that must see a gapless stream, raw
+  wsproto clients for what a library would not send (:func:`handshake`, :func:`masked`), and a
+  :class:`SlowReader` whose tiny socket buffer fills at once.
 - **Fakes**: :class:`FakeConnection`, what :class:`~proxy.net.server.Hub` and the client
   reader use of a WebSocket connection, for testing them without sockets (under Trio's
   ``autojump_clock`` where time matters).
