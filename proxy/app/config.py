@@ -215,17 +215,18 @@ def declared_variables() -> set[str]:
     return names
 
 
-def setup_logging(level: str, library_level: str | None = None) -> None:
+def setup_logging(level: str, library_level: str | None = None, *, tag: str | None = None) -> None:
     """Log to stderr at ``level``; libraries' loggers (anything outside ``proxy``) at
     ``library_level``, by default ``level`` but never below info, so that
     ``LOG_LEVEL=debug`` shows the proxy's own lines rather than trio-websocket's line
-    per message (``LOG_LEVEL_LIBRARIES=debug`` brings those back)."""
+    per message (``LOG_LEVEL_LIBRARIES=debug`` brings those back). ``tag`` marks every
+    line (``worker 2``: the workers of one tier share its stderr)."""
     own = logging.getLevelName(level.upper())
     libraries = (logging.getLevelName(library_level.upper()) if library_level
                  else max(own, logging.INFO))
     logging.basicConfig(
         level=min(own, libraries),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format="%(asctime)s %(levelname)s " + (f"[{tag}] " if tag else "") + "%(name)s: %(message)s",
         force=True,
     )
     logging.getLogger("proxy").setLevel(own)

@@ -241,6 +241,18 @@ class TierConfig:
     journal_max_bytes: int | None = setting("JOURNAL_MAX_GB", parse.gigabytes_or_unbounded,
                                             default=10_000_000_000, validator=AT_LEAST_ONE)
 
+    #: Worker processes of the filtered proxy sharing its client port (``SO_REUSEPORT``), each
+    #: with its own link to the firehose, under one parent that serves the metrics port for all
+    #: (proxy/app/workers.py). The firehose has one: it holds the one connection to Polygon.
+    workers: int = setting({TierKind.FILTERED: "FILTERED_PROXY_WORKERS"}, parse.whole_number, default=1,
+                           validator=AT_LEAST_ONE)
+    #: Set by the workers' parent, never read from the environment: open the client port with
+    #: SO_REUSEPORT; the worker's number (in its log lines); where its metrics port listens
+    #: (None: ``host``; a worker's is on loopback, for its parent only).
+    reuse_port: bool = False
+    worker_index: int | None = None
+    metrics_host: str | None = None
+
     def setting_name(self, field: str) -> str:
         """The variable that sets ``field`` in this tier, for error messages."""
         variable = variable_of(attrs.fields_dict(TierConfig)[field])
