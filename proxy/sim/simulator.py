@@ -175,6 +175,9 @@ class SimConnection:
     #: Set when something is queued; the writer replaces it before it waits again.
     wake: trio.Event = attrs.field(factory=trio.Event)
     frames_sent: int = 0
+    #: Whether the writer waits for the kernel to take a frame (the socket is backed up): what
+    #: is published meanwhile piles up in ``pending``, and the adaptive framing joins it.
+    backed_up: bool = False
     opened_at: float = 0.0
     drop: trio.Event = attrs.field(factory=trio.Event)
     dropped: bool = False
@@ -569,7 +572,9 @@ async def _send_frames(simulator: Simulator, peer: FaultyConnection, connection:
             connection.drop.set()
         backed_up = not at_once
         if backed_up:
-            await peer.drain()  # what is published meanwhile waits in connection.pending
+            connection.backed_up = True
+            await peer.drain()
+            connection.backed_up = False  # what is published meanwhile waits in connection.pending
             since_checkpoint = 0
         else:
             since_checkpoint += 1
