@@ -17,6 +17,7 @@ log = logging.getLogger("proxy.filtered")
 
 
 async def main() -> None:
+    """``trio-run proxy.filtered``: the filtered proxy (or its workers' parent) configured from the environment."""
     config = load_filtered_config()
     setup_logging(config.log_level, config.library_log_level)
     log_start_up(log, config, "Polygon Filtered WebSocket Proxy", "FIREHOSE_URL")

@@ -90,14 +90,17 @@ class Faults:
     evict_oldest: bool = False
 
     def stall(self, seconds: float) -> None:
+        """Stop sending and reading for ``seconds`` from now (interrupting what waits)."""
         self.stall_until = trio.current_time() + seconds
         for scope in self._interruptible:
             scope.cancel()
 
     def stalled(self) -> bool:
+        """Whether a stall is going on."""
         return self.stall_until > trio.current_time()
 
     async def wait_out_stall(self) -> None:
+        """Return when no stall is going on."""
         if self.stalled():
             await trio.sleep_until(self.stall_until)
 
@@ -162,6 +165,9 @@ class FaultyConnection:
 
 @attrs.define(eq=False)
 class SimConnection:
+    """One client of the simulator: its key, its subscriptions (indexed for the per-event
+    filter) and the frames published to it that its writer has not sent yet."""
+
     id: int
     api_key: str = ""
     channels: set[Channel] = attrs.field(factory=set)
@@ -194,6 +200,7 @@ class SimConnection:
             self.exact.add(channel.text)
 
     def discard(self, channel: Channel) -> None:
+        """Unsubscribe ``channel`` (its index entries too)."""
         self.channels.discard(channel)
         if channel.is_everything:
             self.star = False
@@ -203,6 +210,7 @@ class SimConnection:
             self.exact.discard(channel.text)
 
     def selects(self, event: Event) -> bool:
+        """Whether this connection subscribed to ``event``."""
         return self.star or event.ev in self.wild_types or event.channel in self.exact
 
     def enqueue(self, events: int, payload: bytes) -> None:
@@ -256,11 +264,13 @@ class Simulator:
             connection.enqueue(1, frame_of([marker]))
 
     def drop_all(self, *, abrupt: bool = False) -> None:
+        """Drop every connection (``abrupt``: without a close frame), as a fault."""
         self.faults.abrupt = abrupt
         for connection in self.connections:
             connection.drop.set()
 
     def subscribed_channels(self) -> set[str]:
+        """Every channel some connection holds, as text."""
         return {channel.text for connection in self.connections for channel in connection.channels}
 
 
@@ -273,6 +283,7 @@ def _symbols(config: SimulatorConfig) -> tuple[str, ...]:
 async def run_simulator(
     config: SimulatorConfig, *, task_status: trio.TaskStatus[Simulator] = trio.TASK_STATUS_IGNORED
 ) -> None:
+    """Run the simulator until cancelled; reports the running :class:`Simulator` once it listens."""
     simulator = Simulator(
         config=config,
         model=MarketModel(_symbols(config), seed=config.seed),
@@ -601,6 +612,7 @@ async def _drop_when_told(simulator: Simulator, connection: SimConnection, scope
 
 
 async def main() -> None:
+    """``trio-run proxy.simulator``: the simulator configured from the environment."""
     config = load_simulator_config()
     setup_logging(config.log_level, config.library_log_level)
     await run_simulator(config)
