@@ -13,6 +13,7 @@ import attrs
 
 from .backoff import Backoff
 from .entitlements import KeyBook
+from .markets import MARKET_NAMES
 from .outbox import SlowClientPolicy
 from .protocol import Channel
 
@@ -37,8 +38,8 @@ SECONDS = _within(lambda v: 0 <= v < 86_400 * 365, "a number of seconds, 0 or mo
 ABOVE_ZERO = _within(lambda v: v > 0, "a number above 0")
 NOT_NEGATIVE = _within(lambda v: v >= 0, "0 or more")
 
-#: Polygon's markets, each served at its own path.
-MARKETS = ("stocks", "options", "forex", "crypto", "indices", "futures")
+#: Polygon's markets, each served at its own path (the table of their facts: :mod:`proxy.core.markets`).
+MARKETS = MARKET_NAMES
 
 #: ``SIMULATOR_FRAME_EVENTS=adaptive``: each event its own frame, sent as soon as it is due; what
 #: piles up while the connection's socket is backed up goes out as one frame. That is how Polygon
