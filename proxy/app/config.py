@@ -344,7 +344,18 @@ def load_simulator_config() -> SimulatorConfig:
         force_max_connections=_read(source, "SIMULATOR_FORCE_MAX_CONNECTIONS", "false", _bool),
         prebuilt_events=_read(source, "SIMULATOR_PREBUILT_EVENTS", "0", _count),
         frame_events=_read(source, "SIMULATOR_FRAME_EVENTS", FRAME_ADAPTIVE, parse_frame_events),
+        markets=_read(source, "SIMULATOR_MARKETS", "", _markets),
+        entitled=_read(source, "SIMULATOR_ENTITLED", "", _markets),
     )
+
+
+def _markets(raw: str) -> tuple[str, ...]:
+    """A comma-separated list of market names; empty: every market."""
+    names = tuple(dict.fromkeys(name.strip().lower() for name in raw.split(",") if name.strip()))
+    unknown = [name for name in names if name not in MARKETS]
+    if unknown:
+        raise ValueError(f"not a market: {', '.join(unknown)} (the markets are {', '.join(MARKETS)})")
+    return names or MARKETS
 
 
 def parse_frame_events(raw: str) -> int | str:

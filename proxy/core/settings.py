@@ -7,7 +7,7 @@ and tools build them directly. Every layer may read them; none may change them.
 from __future__ import annotations
 
 import enum
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import attrs
 
@@ -17,8 +17,8 @@ from .markets import MARKET_NAMES
 from .outbox import SlowClientPolicy
 from .protocol import Channel
 
-__all__ = ["ABOVE_ZERO", "AT_LEAST_ONE", "FRAME_ADAPTIVE", "FRAME_TICK", "MARKETS", "MAX_FRAME_EVENTS", "NOT_NEGATIVE",
-           "PORT", "SECONDS", "SimulatorConfig", "TierConfig", "TierKind"]
+__all__ = ["ABOVE_ZERO", "AT_LEAST_ONE", "FRAME_ADAPTIVE", "FRAME_TICK", "MARKETS", "MARKET_NAMES_ONLY", "MAX_FRAME_EVENTS",
+           "NOT_NEGATIVE", "PORT", "SOME_MARKETS", "SECONDS", "SimulatorConfig", "TierConfig", "TierKind"]
 
 def _within(check: "Callable[[Any], bool]", expected: str) -> "Callable[[Any, attrs.Attribute, Any], None]":
     """An attrs validator: ``check(value)`` must hold, else ValueError naming the field and what it expects."""
@@ -40,6 +40,15 @@ NOT_NEGATIVE = _within(lambda v: v >= 0, "0 or more")
 
 #: Polygon's markets, each served at its own path (the table of their facts: :mod:`proxy.core.markets`).
 MARKETS = MARKET_NAMES
+#: A list of market names (any of :data:`MARKETS`), and one that holds at least one.
+MARKET_NAMES_ONLY = _within(lambda v: all(name in MARKETS for name in v), f"market names from {', '.join(MARKETS)}")
+SOME_MARKETS = _within(lambda v: len(v) > 0 and all(name in MARKETS for name in v),
+                       f"one or more of {', '.join(MARKETS)}")
+
+
+def _names(value: Iterable[str]) -> tuple[str, ...]:
+    """A list of names as a tuple (a typed converter: mypy reads ``converter=tuple`` as generic)."""
+    return tuple(value)
 
 #: ``SIMULATOR_FRAME_EVENTS=adaptive``: each event its own frame, sent as soon as it is due; what
 #: piles up while the connection's socket is backed up goes out as one frame. That is how Polygon
@@ -166,3 +175,8 @@ class SimulatorConfig:
     #: Events per data frame: a whole number N (1 to :data:`MAX_FRAME_EVENTS`; frames evenly
     #: paced, rate / N a second), :data:`FRAME_ADAPTIVE` or :data:`FRAME_TICK`.
     frame_events: int | str = FRAME_ADAPTIVE
+    #: The markets served, each at its path (``/stocks``, ...; ``/`` is stocks): others get 404.
+    markets: tuple[str, ...] = attrs.field(default=MARKETS, converter=_names, validator=SOME_MARKETS)
+    #: The markets the keys may use; a key authenticating at another answers ``auth_failed``
+    #: ("Your plan doesn't include websocket access."), as Polygon does for a plan without it.
+    entitled: tuple[str, ...] = attrs.field(default=MARKETS, converter=_names, validator=MARKET_NAMES_ONLY)
