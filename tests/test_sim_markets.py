@@ -5,6 +5,9 @@ switch. Socket-free tests check the feeds' formats; the others connect on 127.0.
 import json
 import logging
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -237,3 +240,24 @@ async def test_a_market_nobody_is_connected_to_generates_nothing(nursery):
     await crypto.request("subscribe", "XT.*")
     await crypto.wait_events(20)
     assert sim.generated_by_market["crypto"] > 0
+
+
+async def test_the_official_client_reads_every_market_from_the_simulator(nursery):
+    # WebSocketClient(feed="host:port", market=M, secure=False) for each market: its path, its
+    # auth, and its models for each market's events.
+    sim = await start_simulator(nursery, events_per_second=1000)
+    script = Path(__file__).parent / "clients" / "massive_client.py"
+    expected = {"stocks": ("T.AAPL", "EquityTrade", "AAPL"), "options": (None, "EquityTrade", None),
+                "forex": ("C.EUR/USD", "ForexQuote", "EUR/USD"), "crypto": ("XT.BTC-USD", "CryptoTrade", "BTC-USD"),
+                "indices": ("V.I:SPX", "IndexValue", "I:SPX"), "futures": ("T.ESZ5", "FuturesTrade", "ESZ5")}
+    for name, (channel, model, symbol) in expected.items():
+        if channel is None:
+            symbol = sim.feeds["options"].symbols[0]
+            channel = f"T.{symbol}"
+        with trio.fail_after(30):
+            result = await trio.run_process(
+                [sys.executable, str(script), f"127.0.0.1:{sim.port}", POLYGON_KEY, channel, "5", name],
+                capture_stdout=True, capture_stderr=True, check=False, stdin=subprocess.DEVNULL)
+        assert result.returncode == 0, result.stderr.decode()
+        lines = [json.loads(line) for line in result.stdout.decode().splitlines() if line.startswith("[")]
+        assert len(lines) >= 5 and {(line[1], line[2]) for line in lines} == {(symbol, model)}, (name, lines)
