@@ -147,3 +147,29 @@ def test_a_short_benchmark_at_two_framings_records_them(tmp_path):
         assert r["client_processes"] == 2 and len(r["client_cpu_percent"]) == 2
     assert results[0]["events_per_frame"] == 1.0  # frames of one event hold one event, whatever is selected
     assert 1.0 < results[1]["events_per_frame"] <= 10.0
+
+
+def test_a_tiers_cpu_and_memory_include_its_worker_processes():
+    """With FILTERED_PROXY_WORKERS the work is in the children: the benchmark counts them."""
+    import subprocess
+
+    from bench.runner import cpu_seconds, peak_rss_mb, process_tree
+
+    burn = "import time\nend = time.process_time() + 0.6\nwhile time.process_time() < end: pass\ntime.sleep(30)"
+    parent = subprocess.Popen([sys.executable, "-c",
+                               f"import subprocess, sys, time\nsubprocess.Popen([sys.executable, '-c', {burn!r}])\n"
+                               "time.sleep(30)"])
+    try:
+        deadline = time.monotonic() + 30
+        while (len(process_tree(parent.pid)) < 2 or cpu_seconds(parent.pid) < 0.5) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        tree = process_tree(parent.pid)
+        assert len(tree) == 2 and tree[0] == parent.pid
+        own = cpu_seconds(tree[0]) - cpu_seconds(tree[1])  # the parent's alone (it only sleeps)
+        assert cpu_seconds(parent.pid) >= 0.5 > own
+        assert peak_rss_mb(parent.pid) > peak_rss_mb(tree[1])
+    finally:
+        for pid in process_tree(parent.pid)[1:]:
+            subprocess.run(["kill", "-9", str(pid)])
+        parent.kill()
+        parent.wait()
