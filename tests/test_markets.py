@@ -148,5 +148,13 @@ def test_screening_each_subscribe_never_breaks_the_cap_and_refuses_only_at_it(ch
         assert change_refusal(OPTIONS, held - set(screened.allowed), screened.allowed, caps={"Q": cap}) is None
 
 
+@settings(max_examples=200, deadline=None)
+@given(held=st.sets(CHANNELS, max_size=20), added=st.lists(CHANNELS, max_size=10), cap=st.integers(1, 8))
+def test_screen_reads_only_the_capped_types_of_what_is_held(held, added, cap):
+    # so that a caller may pass just those (the simulator keeps them apart from 100,000 others)
+    capped_only = {channel for channel in held if channel.ev_type == "Q"}
+    assert screen(OPTIONS, held, added, caps={"Q": cap}) == screen(OPTIONS, capped_only, added, caps={"Q": cap})
+
+
 def test_the_module_says_what_it_exports():
     assert set(markets.__all__) >= {"MARKET_TABLE", "screen", "change_refusal", "market"}

@@ -203,6 +203,11 @@ async def test_options_quotes_have_no_wildcard_and_stop_at_the_contract_cap(nurs
     await client.request("unsubscribe", f"Q.{contracts[0]}")
     assert (await client.request("subscribe", f"Q.{contracts[-1]}"))[0]["status"] == "success"
     assert (await client.request("subscribe", f"Q.{contracts[0]}"))[0]["status"] == "error"
+    # a cap lowered while connected applies to the next subscribe
+    sim.caps["options"] = {"Q": 1000}
+    assert (await client.request("subscribe", f"Q.{contracts[0]}"))[0]["status"] == "error"
+    sim.caps["options"] = {"Q": 1001}
+    assert (await client.request("subscribe", f"Q.{contracts[0]}"))[0]["status"] == "success"
     # the cap is per connection, and other markets have none
     stocks = await market_client(nursery, sim.port, "stocks")
     answer = await stocks.request("subscribe", ",".join(f"Q.S{n}" for n in range(OPTIONS_QUOTE_CAP + 5)) + ",Q.*")

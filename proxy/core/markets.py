@@ -201,8 +201,10 @@ def screen(
     A ``TYPE.*`` the market does not allow is refused; a channel of a capped type
     is allowed while the connection's count of that type stays within the cap
     (channels already held, and repeats, count once), refused after that. ``caps``
-    replaces Polygon's caps per type (see :meth:`Market.caps`). Returns a
-    :class:`Screened`; raises nothing.
+    replaces Polygon's caps per type (see :meth:`Market.caps`). Of ``held`` only the
+    channels of capped types are read, so a caller that keeps those apart may pass
+    just them (a connection may hold 100,000 others). Returns a :class:`Screened`;
+    raises nothing.
     """
     limits = market.caps(caps)
     added = tuple(added)

@@ -184,6 +184,9 @@ class SimConnection:
     wild_types: set[str] = attrs.field(factory=set)
     exact: set[str] = attrs.field(factory=set)
     star: bool = False
+    #: The held channels of each type its market caps (options: ``Q``), so that a subscribe is
+    #: checked against the cap without a look at the rest (set up by the server at auth).
+    capped: dict[str, set[Channel]] = attrs.field(factory=dict)
     #: Frames published to this connection and not yet written, in order (see framing.take_frame).
     pending: collections.deque[Unit] = attrs.field(factory=collections.deque)
     pending_events: int = 0
@@ -204,6 +207,10 @@ class SimConnection:
             self.wild_types.add(channel.ev_type)
         else:
             self.exact.add(channel.text)
+            if self.capped:
+                bucket = self.capped.get(channel.ev_type)
+                if bucket is not None:
+                    bucket.add(channel)
 
     def discard(self, channel: Channel) -> None:
         self.channels.discard(channel)
@@ -213,6 +220,10 @@ class SimConnection:
             self.wild_types.discard(channel.ev_type)
         else:
             self.exact.discard(channel.text)
+            if self.capped:
+                bucket = self.capped.get(channel.ev_type)
+                if bucket is not None:
+                    bucket.discard(channel)
 
     def selects(self, event: Event) -> bool:
         return self.star or event.ev in self.wild_types or event.channel in self.exact
@@ -386,11 +397,12 @@ async def _generate(simulator: Simulator, market: str = "stocks") -> None:
     pacer = Pacer(frames_per_second=rate / per_frame, start=trio.current_time())
     second = int(time.time())
     minute = second // 60
-    skipped_reported, warned_ms = 0, 0
+    skipped_reported, warned_ms, skipped_before = 0, 0, 0
     while True:
         if idles and not simulator.connections_to(market):
             await simulator.wait_for_arrival(market)
-            pacer = Pacer(frames_per_second=rate / per_frame, start=trio.current_time(), skipped=pacer.skipped)
+            skipped_before += pacer.skipped
+            pacer = Pacer(frames_per_second=rate / per_frame, start=trio.current_time())
         due = pacer.due(trio.current_time())
         wall_ms = int(time.time() * 1000)
         frames: list[list[Event]] = []
@@ -414,7 +426,7 @@ async def _generate(simulator: Simulator, market: str = "stocks") -> None:
             if isinstance(model, MarketModel):
                 _publish_cut(simulator, model.imbalances(wall_ms), per_frame, market)
             minute = wall_ms // 60_000
-        simulator.skipped_by_market[market] = pacer.skipped * per_frame
+        simulator.skipped_by_market[market] = (skipped_before + pacer.skipped) * per_frame
         simulator.events_skipped = sum(simulator.skipped_by_market.values())
         if simulator.events_skipped > skipped_reported and wall_ms - warned_ms >= 5000:
             log.warning("the generator cannot keep %.0f events/s in frames of %d: %d events skipped so far",
@@ -574,6 +586,8 @@ async def _authenticate(simulator: Simulator, peer: FaultyConnection, connection
         await peer.send_text(protocol.MAX_CONNECTIONS)
         return 1008, "max connections"
     connection.api_key = key
+    connection.capped = {code: set() for code in MARKET_TABLE[connection.market].caps(
+        simulator.caps.get(connection.market))}
     await peer.send_text(protocol.AUTH_SUCCESS)
     return None
 
@@ -628,9 +642,14 @@ def _over_limits(simulator: Simulator, connection: SimConnection, channels: tupl
     each with why; the others are taken in order up to the caps."""
     rules = MARKET_TABLE[connection.market]
     caps = simulator.caps.get(connection.market)
-    if not caps and not rules.caps() and all(event_type.wildcard for event_type in rules.event_types):
+    limits = rules.caps(caps)
+    if not limits and all(event_type.wildcard for event_type in rules.event_types):
         return {}  # stocks and most markets: nothing to check, and a tier may send 100,000 channels
-    return dict(screen(rules, connection.channels, channels, caps=caps).refused)
+    if limits.keys() <= connection.capped.keys():  # what screen reads of the set: the capped types
+        held: set[Channel] = set().union(*(connection.capped[code] for code in limits))
+    else:  # caps set after this connection authenticated: look through everything it holds
+        held = connection.channels
+    return dict(screen(rules, held, channels, caps=caps).refused)
 
 
 async def _send_frames(simulator: Simulator, peer: FaultyConnection, connection: SimConnection) -> None:
