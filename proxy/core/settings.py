@@ -286,7 +286,7 @@ class SimulatorConfig:
     port: int = setting("SIMULATOR_PORT", parse.port, default=8766, validator=PORT)
     #: Keys it accepts; empty: any key.
     api_keys: frozenset[str] = setting("SIMULATOR_API_KEYS", parse.key_set, default=frozenset())
-    #: Connections at once per key, as Polygon's limit (more get ``max_connections``).
+    #: Connections at once per key in each market, as Polygon's limit is per market (more get ``max_connections``).
     max_connections: int = setting("SIMULATOR_MAX_CONNECTIONS", parse.whole_number, default=1,
                                    validator=AT_LEAST_ONE)
     #: Whether a bare ``*`` subscription is allowed (Polygon refuses it to most plans).
