@@ -248,21 +248,27 @@ async def test_a_market_nobody_is_connected_to_generates_nothing(nursery):
 
 
 async def test_the_official_client_reads_every_market_from_the_simulator(nursery):
-    # WebSocketClient(feed="host:port", market=M, secure=False) for each market: its path, its
-    # auth, and its models for each market's events.
+    # WebSocketClient(feed="host:port", market=M, secure=False) for each market, all at once: its
+    # path, its auth, and its models for each market's events.
     sim = await start_simulator(nursery, events_per_second=1000)
     script = Path(__file__).parent / "clients" / "massive_client.py"
-    expected = {"stocks": ("T.AAPL", "EquityTrade", "AAPL"), "options": (None, "EquityTrade", None),
+    contract = sim.feeds["options"].symbols[0]
+    expected = {"stocks": ("T.AAPL", "EquityTrade", "AAPL"), "options": (f"T.{contract}", "EquityTrade", contract),
                 "forex": ("C.EUR/USD", "ForexQuote", "EUR/USD"), "crypto": ("XT.BTC-USD", "CryptoTrade", "BTC-USD"),
                 "indices": ("V.I:SPX", "IndexValue", "I:SPX"), "futures": ("T.ESZ5", "FuturesTrade", "ESZ5")}
-    for name, (channel, model, symbol) in expected.items():
-        if channel is None:
-            symbol = sim.feeds["options"].symbols[0]
-            channel = f"T.{symbol}"
-        with trio.fail_after(30):
-            result = await trio.run_process(
-                [sys.executable, str(script), f"127.0.0.1:{sim.port}", POLYGON_KEY, channel, "5", name],
-                capture_stdout=True, capture_stderr=True, check=False, stdin=subprocess.DEVNULL)
+    results = {}
+
+    async def run(name: str, channel: str) -> None:
+        results[name] = await trio.run_process(
+            [sys.executable, str(script), f"127.0.0.1:{sim.port}", POLYGON_KEY, channel, "5", name],
+            capture_stdout=True, capture_stderr=True, check=False, stdin=subprocess.DEVNULL)
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as clients:
+            for name, (channel, _, _) in expected.items():
+                clients.start_soon(run, name, channel)
+    for name, (_, model, symbol) in expected.items():
+        result = results[name]
         assert result.returncode == 0, result.stderr.decode()
         lines = [json.loads(line) for line in result.stdout.decode().splitlines() if line.startswith("[")]
         assert len(lines) >= 5 and {(line[1], line[2]) for line in lines} == {(symbol, model)}, (name, lines)
