@@ -23,6 +23,7 @@ VARIABLES = [
     "MAX_MESSAGE_BYTES",
     "AUTH_TIMEOUT_SECONDS", "PROXY_ENV_FILE", "MARKET", "LOG_LEVEL_LIBRARIES", "FILTERED_PROXY_FIREHOSE_KEY",
     "SIMULATOR_EVENTS_PER_SECOND", "SIMULATOR_FRAME_EVENTS", "SIMULATOR_PREBUILT_EVENTS",
+    "SIMULATOR_MARKETS", "SIMULATOR_ENTITLED",
     "DOWNSTREAM_PROXY_CONTROL_MESSAGES_PER_SECOND", "DOWNSTREAM_PROXY_MAX_CHANNELS",
 ]
 
@@ -102,6 +103,8 @@ def test_env_file_and_proxy_env_file(monkeypatch, tmp_path):
         ("SIMULATOR_FRAME_EVENTS", "1001", load_simulator_config),
         ("SIMULATOR_FRAME_EVENTS", "2.5", load_simulator_config),
         ("SIMULATOR_FRAME_EVENTS", "lumps", load_simulator_config),
+        ("SIMULATOR_MARKETS", "stocks,bonds", load_simulator_config),
+        ("SIMULATOR_ENTITLED", "options,futures/cme", load_simulator_config),
         ("SIMULATOR_SYMBOLS", "0", load_simulator_config),
         ("UPSTREAM_PING_SECONDS", "0", load_firehose_config),
         ("UPSTREAM_PONG_TIMEOUT_SECONDS", "inf", load_filtered_config),
@@ -135,6 +138,18 @@ def test_simulator_frame_events(monkeypatch):
     Path(".env").write_text("SIMULATOR_FRAME_EVENTS=200\n")
     monkeypatch.delenv("SIMULATOR_FRAME_EVENTS")
     assert load_simulator_config().frame_events == 200
+
+
+def test_simulator_markets_and_entitlement(monkeypatch):
+    config = load_simulator_config()
+    assert config.markets == config.entitled == ("stocks", "options", "forex", "crypto", "indices", "futures")
+    monkeypatch.setenv("SIMULATOR_MARKETS", " Options, stocks ,options")
+    monkeypatch.setenv("SIMULATOR_ENTITLED", "stocks")
+    config = load_simulator_config()
+    assert (config.markets, config.entitled) == (("options", "stocks"), ("stocks",))
+    monkeypatch.setenv("SIMULATOR_MARKETS", "bonds")
+    with pytest.raises(ConfigError, match=r"SIMULATOR_MARKETS: 'bonds' is not valid: markets must be one or more of stocks, "):
+        load_simulator_config()
 
 
 def test_missing_polygon_key_is_an_error_for_the_firehose():

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import math
-from typing import Callable, TypeVar
+from typing import Callable, Iterable, TypeVar
 from urllib.parse import urlsplit
 
 from .errors import ClientMessageError
@@ -18,6 +18,7 @@ from .protocol import Channel, parse_channel_list
 
 __all__ = [
     "admin_token",
+    "as_tuple",
     "boolean",
     "channel_list",
     "choice",
@@ -26,6 +27,7 @@ __all__ = [
     "hours_or_unbounded",
     "key_set",
     "megabytes",
+    "names",
     "number",
     "port",
     "port_or_off",
@@ -162,3 +164,14 @@ def symbols(raw: str) -> tuple[str, ...] | int:
         raise ValueError("expected a count or a comma-separated list of symbols")
     return listed
 
+
+
+def names(raw: str) -> tuple[str, ...]:
+    """Comma-separated names (``stocks,options``), in lowercase, each once, in the order given."""
+    return tuple(dict.fromkeys(name.strip().lower() for name in raw.split(",") if name.strip()))
+
+
+def as_tuple(value: Iterable[str]) -> tuple[str, ...]:
+    """A converter for fields holding a list of names: any iterable becomes a tuple (typed, where
+    ``converter=tuple`` would be generic to mypy)."""
+    return tuple(value)

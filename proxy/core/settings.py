@@ -17,10 +17,12 @@ import attrs
 from . import setting_text as parse
 from .backoff import Backoff
 from .entitlements import KeyBook
+from .markets import MARKET_NAMES
 from .outbox import SlowClientPolicy
 from .protocol import Channel
 
-__all__ = ["ABOVE_ZERO", "AT_LEAST_ONE", "FRAME_ADAPTIVE", "FRAME_TICK", "LOG_LEVELS", "MARKETS", "MAX_FRAME_EVENTS",
+__all__ = ["ABOVE_ZERO", "AT_LEAST_ONE", "FRAME_ADAPTIVE", "FRAME_TICK", "LOG_LEVELS", "MARKETS", "MARKET_NAMES_ONLY",
+           "MAX_FRAME_EVENTS", "SOME_MARKETS",
            "NOT_NEGATIVE", "PORT", "POSITIVE_SECONDS", "PathCheck", "SECONDS", "SimulatorConfig", "TierConfig",
            "TierKind", "Variable", "parse_frame_events", "setting", "variable_of"]
 
@@ -44,8 +46,12 @@ POSITIVE_SECONDS = _within(lambda v: 0 < v < 86_400 * 365, "a number of seconds 
 ABOVE_ZERO = _within(lambda v: v > 0, "a number above 0")
 NOT_NEGATIVE = _within(lambda v: v >= 0, "0 or more")
 
-#: Polygon's markets, each served at its own path.
-MARKETS = ("stocks", "options", "forex", "crypto", "indices", "futures")
+#: Polygon's markets, each served at its own path (the table of their facts: :mod:`proxy.core.markets`).
+MARKETS = MARKET_NAMES
+#: Market names only (any of :data:`MARKETS`), and at least one of them.
+MARKET_NAMES_ONLY = _within(lambda v: all(name in MARKETS for name in v), f"market names from {', '.join(MARKETS)}")
+SOME_MARKETS = _within(lambda v: len(v) > 0 and all(name in MARKETS for name in v),
+                       f"one or more of {', '.join(MARKETS)}")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 #: ``SIMULATOR_FRAME_EVENTS=adaptive``: each event its own frame, sent as soon as it is due; what
@@ -280,7 +286,7 @@ class SimulatorConfig:
     port: int = setting("SIMULATOR_PORT", parse.port, default=8766, validator=PORT)
     #: Keys it accepts; empty: any key.
     api_keys: frozenset[str] = setting("SIMULATOR_API_KEYS", parse.key_set, default=frozenset())
-    #: Connections at once per key, as Polygon's limit (more get ``max_connections``).
+    #: Connections at once per key in each market, as Polygon's limit is per market (more get ``max_connections``).
     max_connections: int = setting("SIMULATOR_MAX_CONNECTIONS", parse.whole_number, default=1,
                                    validator=AT_LEAST_ONE)
     #: Whether a bare ``*`` subscription is allowed (Polygon refuses it to most plans).
@@ -315,3 +321,10 @@ class SimulatorConfig:
     #: Events per data frame: a whole number N (1 to :data:`MAX_FRAME_EVENTS`; frames evenly
     #: paced, rate / N a second), :data:`FRAME_ADAPTIVE` or :data:`FRAME_TICK`.
     frame_events: int | str = setting("SIMULATOR_FRAME_EVENTS", parse_frame_events, default=FRAME_ADAPTIVE)
+    #: The markets served, each at its path (``/stocks``, ...; ``/`` is stocks); other paths get 404.
+    markets: tuple[str, ...] = setting("SIMULATOR_MARKETS", parse.names, default=MARKETS, converter=parse.as_tuple,
+                                       validator=SOME_MARKETS)
+    #: The markets the keys may use; a key authenticating at another answers ``auth_failed``
+    #: ("Your plan doesn't include websocket access."), as Polygon does for a plan without it.
+    entitled: tuple[str, ...] = setting("SIMULATOR_ENTITLED", parse.names, default=MARKETS, converter=parse.as_tuple,
+                                        validator=MARKET_NAMES_ONLY)
