@@ -17,7 +17,7 @@ from .outbox import SlowClientPolicy
 from .protocol import Channel
 
 __all__ = ["ABOVE_ZERO", "AT_LEAST_ONE", "FRAME_ADAPTIVE", "FRAME_TICK", "MARKETS", "MAX_FRAME_EVENTS", "NOT_NEGATIVE",
-           "PORT", "SECONDS", "SimulatorConfig", "TierConfig", "TierKind"]
+           "PORT", "ReplayConfig", "SECONDS", "SimulatorConfig", "TierConfig", "TierKind"]
 
 def _within(check: "Callable[[Any], bool]", expected: str) -> "Callable[[Any, attrs.Attribute, Any], None]":
     """An attrs validator: ``check(value)`` must hold, else ValueError naming the field and what it expects."""
@@ -165,3 +165,30 @@ class SimulatorConfig:
     #: Events per data frame: a whole number N (1 to :data:`MAX_FRAME_EVENTS`; frames evenly
     #: paced, rate / N a second), :data:`FRAME_ADAPTIVE` or :data:`FRAME_TICK`.
     frame_events: int | str = FRAME_ADAPTIVE
+
+
+@attrs.frozen
+class ReplayConfig:
+    """What ``python -m proxy.replay`` serves: a recorded journal, as a Polygon upstream.
+
+    ``server`` is how it listens and whom it lets in, as the simulator does (host,
+    port, keys, connections per key, ``*``, the auth timeout, log levels; its data
+    settings are not used). ``speed`` divides the recorded time between frames
+    (None: as fast as the sockets take them); ``from_ns`` / ``to_ns`` (ns since the
+    epoch) cut the recording by receive time, at or after and before; ``loop`` starts
+    again at the end; ``outage_statuses`` sends the recorded upstream outages as the
+    ``upstream_disconnected`` / ``upstream_connected`` statuses a tier's clients saw.
+    :func:`proxy.app.replay_config.load_replay_config` reads it.
+    """
+
+    journal_dir: str = attrs.field(validator=_within(bool, "a journal directory"))
+    server: SimulatorConfig = SimulatorConfig()
+    speed: float | None = attrs.field(default=1.0, validator=ABOVE_ZERO)
+    from_ns: int | None = None
+    to_ns: int | None = None
+    loop: bool = False
+    outage_statuses: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        if self.from_ns is not None and self.to_ns is not None and self.to_ns <= self.from_ns:
+            raise ValueError("to_ns must be after from_ns")
