@@ -11,6 +11,7 @@ machine; an upper bound would not).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -30,7 +31,7 @@ from proxy.core.settings import ReplayConfig, SimulatorConfig
 from proxy.net.journal_store import list_segments, scan_file
 from proxy.net.journal_writer import JournalWriter
 from proxy.sim.market import MarketModel, frame_of, synthetic_symbols
-from proxy.sim.replay import Replay, main as replay_main, replay_records, run_replay
+from proxy.sim.replay import Replay, disk_blocks, main as replay_main, replay_records, run_replay
 from proxy.sim.replay_schedule import ReplaySchedule
 from proxy.sim.simulator import Faults, SimConnection, Simulator
 from tests.helpers import (
@@ -269,11 +270,11 @@ async def subscribed_client(nursery: trio.Nursery, port: int, channels: str, key
     return await authed_client(nursery, port, key, subscribe=channels)
 
 
-async def read_frames(client, count: int | None = None, *, until: bytes | None = None) -> list[bytes]:
-    """The next ``count`` data frames (or those up to the frame ``until``), as the bytes received."""
+async def read_frames(client, count: int) -> list[bytes]:
+    """The next ``count`` data frames, as the bytes received."""
     frames: list[bytes] = []
     with trio.fail_after(LIVENESS_SECONDS * 3):
-        while (count is None or len(frames) < count) and (until is None or not frames or frames[-1] != until):
+        while len(frames) < count:
             message = await client.ws.get_message()
             if '"ev":"status"' not in message:
                 frames.append(message.encode())
@@ -282,39 +283,64 @@ async def read_frames(client, count: int | None = None, *, until: bytes | None =
 
 async def test_each_client_gets_its_channels_events_byte_for_byte_in_the_recorded_framing(recording):
     directory, records = recording
+    both_subscribed = trio.Event()
+
+    async def when_both_subscribed():
+        """The journal from disk, once both clients hold their channels (the replay starts at the
+        first subscribe, and the second client must not miss the first frames)."""
+        await both_subscribed.wait()
+        async for block in disk_blocks(str(directory)):
+            yield block
+
     async with trio.open_nursery() as nursery:
-        replay: Replay = await nursery.start(run_replay, replay_config(directory, speed=8.0))
+        replay: Replay = await nursery.start(functools.partial(
+            run_replay, replay_config(directory, speed=8.0), blocks=when_both_subscribed))
         wide = await subscribed_client(nursery, replay.port, "*")
-        # the replay started with the first subscribe: the other joins a moment later, so it
-        # may miss the first frames; what it gets must be the tail of what it is owed
         narrow = await subscribed_client(nursery, replay.port, "T.AAPL,Q.*,Q.MSFT")
+        both_subscribed.set()
         owed_wide = expected_frames(records, "*")
         owed_narrow = expected_frames(records, "T.AAPL,Q.*")
         got_wide = await read_frames(wide, len(owed_wide))
-        got_narrow = await read_frames(narrow, until=owed_narrow[-1])
+        got_narrow = await read_frames(narrow, len(owed_narrow))
         nursery.cancel_scope.cancel()
-    assert got_wide == owed_wide
+    assert got_wide == owed_wide and got_narrow == owed_narrow
     # the `*` frames are the recorded frames themselves (no status inside them)
     assert got_wide == [record.data for record in records if record.kind is RecordKind.FRAME][1:]
-    assert got_narrow == owed_narrow[len(owed_narrow) - len(got_narrow):]
-    assert len(got_narrow) > len(owed_narrow) * 0.8
 
 
-async def test_a_replay_is_never_early_and_subscriptions_change_what_follows(recording):
+async def read_until_mark(client) -> list[bytes]:
+    """Data frames up to the simulator's BENCH.MARK, which is queued behind everything replayed."""
+    frames: list[bytes] = []
+    with trio.fail_after(LIVENESS_SECONDS * 3):
+        while True:
+            message = await client.ws.get_message()
+            if '"ev":"BENCH"' in message:
+                return frames
+            if '"ev":"status"' not in message:
+                frames.append(message.encode())
+
+
+async def test_a_replay_is_never_early_and_a_subscribe_changes_what_follows(recording):
     directory, records = recording
     speed = 4.0
-    span = (records[-1].received_ns - records[0].received_ns) / 1e9 / speed  # ~1 s
+    span = (records[-1].received_ns - records[0].received_ns) / 1e9 / speed  # 1 s
     async with trio.open_nursery() as nursery:
         replay: Replay = await nursery.start(run_replay, replay_config(directory, speed=speed))
         client = await authed_client(nursery, replay.port, POLYGON_KEY)
         subscribed_at = trio.current_time()
-        await client.send("subscribe", "T.*")
-        owed = expected_frames(records, "T.*")
-        got = await read_frames(client, len(owed))
-        last_at = trio.current_time()
+        await client.send("subscribe", "T.*,BENCH.MARK")
+        got = await read_frames(client, 60)
+        await client.send("subscribe", "Q.AAPL")
+        await replay.finished.wait()
+        finished_at = trio.current_time()
+        replay.simulator.mark()
+        got += await read_until_mark(client)
         nursery.cancel_scope.cancel()
-    assert got == owed
-    assert last_at - subscribed_at >= span * 0.99  # at most 4x the recorded pace
+    assert finished_at - subscribed_at >= span * 0.99  # at most 4x the recorded pace
+    # up to some recorded frame, T.*; from there on, T.* and Q.AAPL: nothing lost, nothing extra
+    splits = [cut for cut in range(len(records) + 1)
+              if got == expected_frames(records[:cut], "T.*") + expected_frames(records[cut:], "T.*,Q.AAPL")]
+    assert splits and got != expected_frames(records, "T.*")
 
 
 async def test_from_and_to_cut_the_recording_by_receive_time(recording):
