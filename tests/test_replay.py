@@ -234,6 +234,24 @@ async def test_each_frame_goes_out_at_its_recorded_time_divided_by_the_speed(aut
     assert sent[20][0] - sent[19][0] == pytest.approx((2.0 + 0.025) / speed, abs=1e-6)
 
 
+async def test_star_gets_a_recorded_frame_as_recorded_and_statuses_are_never_replayed(autojump_clock):
+    spaced = b'[{"ev":"T","sym":"AAPL","p":1}, {"ev":"Q","sym":"MSFT","bp":2}]'  # whitespace kept for `*`
+    mixed = b'[{"ev":"status","status":"success","message":"x"},{"ev":"T","sym":"MSFT","p":3}]'
+    broken = b'[{"ev":"T","sym":"AAPL","p":'
+    records = [frame_record(1, START_NS, spaced), frame_record(2, START_NS + 1, broken),
+               frame_record(3, START_NS + 2, mixed)]
+    simulator, (star, trades) = fake_simulator("*", "T.*")
+    replay = Replay(replay_config(Path("/unused"), speed=None))
+    replay.simulator = simulator
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(replay_records, replay, in_memory(records))
+        await replay.finished.wait()
+        nursery.cancel_scope.cancel()
+    assert list(star.pending) == [(2, spaced), (1, b'[{"ev":"T","sym":"MSFT","p":3}]')]
+    assert list(trades.pending) == [(1, b'[{"ev":"T","sym":"AAPL","p":1}]'), (1, b'[{"ev":"T","sym":"MSFT","p":3}]')]
+    assert replay.bad_frames == 1 and replay.frames == 3
+
+
 async def test_at_full_speed_the_slowest_reader_sets_the_pace(autojump_clock):
     records = simulator_frames(3000, gap_ms=1000)  # 50 minutes recorded
     simulator, (fast, slow) = fake_simulator("*", "T.*")

@@ -141,7 +141,10 @@ class Replay:
                 return  # the same for every connection
             if not selected:
                 continue
-            payload = b"[" + b",".join(selected) + b"]"
+            if selector.everything and _statusless(frame):
+                payload = frame if isinstance(frame, bytes) else frame.encode()  # every event: the frame as recorded
+            else:
+                payload = b"[" + b",".join(selected) + b"]"
             count = len(selected)
             self.events_sent += count
             simulator.events_generated += count
@@ -197,6 +200,14 @@ class Replay:
             log.warning("the replay is %.1fs behind the recorded pace at speed %g: this machine cannot "
                         "keep it (nothing is skipped; late frames go out as soon as they can)", behind,
                         self.config.speed)
+
+
+def _statusless(frame: str | bytes) -> bool:
+    """True when no event of ``frame`` can be a status (no ``"status"`` in it, nor a ``\\u``
+    escape that could spell it): then ``*`` selects all of its events, and the frame goes out whole."""
+    if isinstance(frame, str):
+        return '"status"' not in frame and "\\u" not in frame
+    return b'"status"' not in frame and b"\\u" not in frame
 
 
 def _channels_of(payload: bytes) -> Iterator[str]:
