@@ -230,7 +230,7 @@ async def replay_records(replay: Replay, blocks: Blocks) -> None:
     replay.started.set()
     log.info("a client subscribed: replay started (speed %s)", "max" if config.speed is None else f"{config.speed:g}")
     while True:
-        began = trio.current_time()
+        began, frames, events = trio.current_time(), replay.frames, replay.events_sent
         schedule = ReplaySchedule(start=began, speed=config.speed)
         async with contextlib.aclosing(blocks()) as stream:
             async for block in stream:
@@ -238,7 +238,8 @@ async def replay_records(replay: Replay, blocks: Blocks) -> None:
                     break
         replay.passes += 1
         log.info("replayed the recording%s: %d frames, %d events sent, in %.1fs%s",
-                 f" (pass {replay.passes})" if config.loop else "", replay.frames, replay.events_sent,
+                 f" (pass {replay.passes})" if config.loop else "", replay.frames - frames,
+                 replay.events_sent - events,
                  trio.current_time() - began, "; again from its start" if config.loop else
                  "; no more data (connections stay open)")
         if not config.loop:
