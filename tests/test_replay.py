@@ -17,7 +17,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -36,7 +35,6 @@ from proxy.sim.replay_schedule import ReplaySchedule
 from proxy.sim.simulator import Faults, SimConnection, Simulator
 from tests.helpers import (
     CLIENT_KEY,
-    FIREHOSE_KEY,
     LIVENESS_SECONDS,
     POLYGON_KEY,
     authed_client,
