@@ -80,9 +80,33 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def _stat(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its children (a filtered proxy with FILTERED_PROXY_WORKERS: the parent and its workers)."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int(_stat(int(entry.name))[1]) == pid:  # field 4 of stat: the parent's pid
+                    children.append(int(entry.name))
+            except (FileNotFoundError, ProcessLookupError):
+                pass  # gone meanwhile
+    return [pid, *children]
+
+
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
+    """CPU (user + system) used by ``pid`` and its children still running."""
+    total = 0
+    for member in process_tree(pid):
+        try:
+            fields = _stat(member)
+        except FileNotFoundError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime + stime
+    return total / TICKS
 
 
 def machine_busy_seconds() -> float:
@@ -93,10 +117,13 @@ def machine_busy_seconds() -> float:
 
 
 def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    """The peak resident memory of ``pid`` and its children, added up."""
+    total = 0
+    for member in process_tree(pid):
+        for line in Path(f"/proc/{member}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                total += int(line.split()[1])
+    return total / 1024 if total else float("nan")
 
 
 def zipf_plan(clients: int, seed: int, symbols: tuple[str, ...] | None = None,
@@ -179,11 +206,11 @@ class Processes:
         self.running[name] = process
         return process
 
-    def wait_for_log(self, name: str, text: str, timeout: float = 60) -> None:
+    def wait_for_log(self, name: str, text: str, timeout: float = 60, count: int = 1) -> None:
         deadline = time.monotonic() + timeout
         path = self.logs / f"{name}.log"
         while time.monotonic() < deadline:
-            if text in path.read_text():
+            if path.read_text().count(text) >= count:
                 return
             if self.running[name].poll() is not None:
                 break
@@ -291,9 +318,9 @@ def run_once(args: argparse.Namespace, rate: float, frame_events: int | str) -> 
                 **shared, "LOG_LEVEL": "info", "FIREHOSE_URL": f"ws://127.0.0.1:{firehose_port}",
                 "POLYGON_API_KEY": FIREHOSE_KEY, "FILTERED_PROXY_HOST": "127.0.0.1",
                 "FILTERED_PROXY_PORT": str(filtered_port), "FILTERED_PROXY_API_KEYS": CLIENT_KEY,
-                "FILTERED_METRICS_PORT": "0",
+                "FILTERED_METRICS_PORT": "0", "FILTERED_PROXY_WORKERS": str(args.workers),
             })
-            processes.wait_for_log("filtered", "Subscribed to wildcard")
+            processes.wait_for_log("filtered", "Subscribed to wildcard", count=args.workers)
             tiers["filtered"] = processes.running["filtered"].pid
             url, key = f"ws://127.0.0.1:{filtered_port}/stocks", CLIENT_KEY
             if recording is None:
@@ -509,6 +536,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                         help="run the scenario once per framing, e.g. 1,10,200 (overrides --frame-events)")
     parser.add_argument("--client-processes", type=int, default=1,
                         help="processes the clients are split over (default 1)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="FILTERED_PROXY_WORKERS of the filtered proxy (default 1); its CPU and memory "
+                             "are the parent's and its workers' together")
     parser.add_argument("--duration", type=float, default=10, help="measured seconds per run (default 10)")
     parser.add_argument("--warmup", type=float, default=3, help="seconds before measuring (default 3)")
     parser.add_argument("--drain-seconds", type=float, default=30,

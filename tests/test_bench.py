@@ -237,3 +237,27 @@ def test_a_short_benchmark_on_a_recording_loses_nothing(bench_recording, tmp_pat
     assert r["received_events"] > 0 and r["frame_events"] == "recorded" and "journal" in r["source"]
     assert 500 < r["rate_offered"] < 700  # the recording's 300 events/s at 2x
     assert r["latency_ms"]["p99"] is None
+def test_a_tiers_cpu_and_memory_include_its_worker_processes():
+    """With FILTERED_PROXY_WORKERS the work is in the children: the benchmark counts them."""
+    import subprocess
+
+    from bench.runner import cpu_seconds, peak_rss_mb, process_tree
+
+    burn = "import time\nend = time.process_time() + 0.6\nwhile time.process_time() < end: pass\ntime.sleep(30)"
+    parent = subprocess.Popen([sys.executable, "-c",
+                               f"import subprocess, sys, time\nsubprocess.Popen([sys.executable, '-c', {burn!r}])\n"
+                               "time.sleep(30)"])
+    try:
+        deadline = time.monotonic() + 30
+        while (len(process_tree(parent.pid)) < 2 or cpu_seconds(parent.pid) < 0.5) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        tree = process_tree(parent.pid)
+        assert len(tree) == 2 and tree[0] == parent.pid
+        own = cpu_seconds(tree[0]) - cpu_seconds(tree[1])  # the parent's alone (it only sleeps)
+        assert cpu_seconds(parent.pid) >= 0.5 > own
+        assert peak_rss_mb(parent.pid) > peak_rss_mb(tree[1])
+    finally:
+        for pid in process_tree(parent.pid)[1:]:
+            subprocess.run(["kill", "-9", str(pid)])
+        parent.kill()
+        parent.wait()

@@ -46,13 +46,13 @@ import trio
 from ..app.cli import run_module_main
 from ..app.config import setup_logging
 from ..app.journal_cli import describe_problem
-from ..app.replay_config import REPLAY_OPTIONS, load_replay_config
+from ..app.replay_config import REPLAY_OPTIONS, REPLAY_TIME_VARIABLES, load_replay_config
 from ..app.tier import UPSTREAM_CONNECTED, UPSTREAM_DISCONNECTED
 from ..core import protocol
 from ..core.errors import ConfigError, FrameError, JournalDamaged, leaves
 from ..core.journal import EventSelector, Record, RecordKind, TornTail, Damage, format_ns
 from ..core.protocol import EventKey, event_symbol
-from ..core.settings import ReplayConfig
+from ..core.settings import ReplayConfig, variable_of
 from ..net.journal_store import SegmentFile, list_segments, read_blocks
 from .replay_schedule import MAX_SPEED_QUEUE_EVENTS, ReplaySchedule
 from .simulator import SimConnection, Simulator, run_simulator
@@ -358,10 +358,10 @@ async def run_replay(
 
     async with trio.open_nursery() as nursery:
         replay.simulator = await nursery.start(functools.partial(
-            run_simulator, config.server, source=feed, port_setting="REPLAY_PORT"))
+            run_simulator, config.server(), source=feed, port_setting="REPLAY_PORT"))
         speed = "max" if config.speed is None else f"{config.speed:g}x"
         log.info("replaying %s%s on ws://%s:%d/stocks at speed %s%s%s; it starts when a client subscribes",
-                 directory, f" from {format_ns(begins)}" if begins is not None else "", config.server.host,
+                 directory, f" from {format_ns(begins)}" if begins is not None else "", config.host,
                  replay.port, speed, f" until {format_ns(config.to_ns)}" if config.to_ns is not None else "",
                  ", looping" if config.loop else "")
         task_status.started(replay)
@@ -380,8 +380,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "variable (in the environment or .env); the option wins.")
     parser.add_argument("directory", help="the journal directory")
 
+    fields = attrs.fields_dict(ReplayConfig)
+
     def option(name: str, **kwargs: object) -> None:
-        flag, variable, default = REPLAY_OPTIONS[name]
+        flag = REPLAY_OPTIONS[name]
+        if name in REPLAY_TIME_VARIABLES:
+            variable, default = REPLAY_TIME_VARIABLES[name], ""
+        else:
+            declared = variable_of(fields[name])
+            assert declared is not None and isinstance(declared.name, str)
+            variable, default = declared.name, _default_text(fields[name].default)
         help_text = str(kwargs.pop("help"))
         parser.add_argument(flag, dest=name, help=f"{help_text} ({variable}, default {default or 'none'})",
                             **kwargs)  # type: ignore[arg-type]
@@ -401,6 +409,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _default_text(value: object) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, frozenset):
+        return ""
+    return str(value)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the replay until Ctrl-C or SIGTERM; the exit code (0, 1 damage reached, 2 usage or configuration)."""
     parser = build_parser()
@@ -411,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(error, file=sys.stderr)
         return 2
-    setup_logging(config.server.log_level, config.server.library_log_level)
+    setup_logging(config.log_level, config.library_log_level)
     outcome = {"code": 0}
     code = run_module_main(functools.partial(_serve, config, outcome))
     return code or outcome["code"]
@@ -421,7 +439,7 @@ async def _serve(config: ReplayConfig, outcome: dict[str, int]) -> None:
     try:
         async with trio.open_nursery() as nursery:
             replay = await nursery.start(run_replay, config)
-            if config.server.port == 0:
+            if config.port == 0:
                 print(replay.port, flush=True)
     except* JournalDamaged as group:
         for error in leaves(group):
