@@ -54,7 +54,7 @@ async def main() -> None:
     args = parser.parse_args()
     if args.journal:
         replay_config = load_replay_config(args.journal, {"speed": args.speed, "loop": "true"})
-        setup_logging(replay_config.server.log_level)
+        setup_logging(replay_config.log_level)
         async with trio.open_nursery() as nursery:
             replay = await nursery.start(run_replay, replay_config)
             print(json.dumps({"port": replay.port}), flush=True)

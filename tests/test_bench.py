@@ -261,3 +261,24 @@ def test_a_tiers_cpu_and_memory_include_its_worker_processes():
             subprocess.run(["kill", "-9", str(pid)])
         parent.kill()
         parent.wait()
+
+
+def test_the_source_process_replays_a_recording_and_answers_the_marks(bench_recording, tmp_path):
+    """`python -m bench.sim_process --journal DIR`, as the runner starts it: its port, then after
+    two marks the window's counts (none here: nobody connected) and how far behind it fell."""
+    import os
+    import subprocess
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bench.sim_process", "--journal", str(bench_recording), "--speed", "max"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent), "REPLAY_PORT": "0"})
+    try:
+        assert json.loads(process.stdout.readline())["port"] > 0
+        process.stdin.write(b"mark\nmark\n")
+        process.stdin.flush()
+        answer = json.loads(process.stdout.readline())
+        assert answer["window_events"] == 0 and answer["counts"] == {} and "replay_behind_seconds" in answer
+    finally:
+        process.kill()
+        process.communicate()
