@@ -20,7 +20,7 @@ LAYERS = {"core": 0, "net": 1, "app": 2, "sim": 3}
 ENTRY_POINT_LAYER = 4
 #: The modules outside the layers: the package and what ``trio-run`` / ``python -m`` names.
 ENTRY_POINTS = {"proxy", "proxy.firehose", "proxy.filtered", "proxy.simulator", "proxy.keys", "proxy.client",
-                "proxy.journal"}
+                "proxy.journal", "proxy.replay"}
 #: What the sans-I/O core must never import: event loops, sockets, TLS, metrics, files.
 CORE_FORBIDDEN = {"trio", "trio_websocket", "prometheus_client", "socket", "ssl", "selectors",
                   "asyncio", "os", "pathlib", "io", "shutil", "decouple", "h11"}

@@ -31,6 +31,7 @@ from ..core.settings import (
     LOG_LEVELS,
     MARKETS,
     PathCheck,
+    ReplayConfig,
     SimulatorConfig,
     TierConfig,
     TierKind,
@@ -199,15 +200,16 @@ def load_simulator_config() -> SimulatorConfig:
     return SimulatorConfig(**_declared(SimulatorConfig, _source()))
 
 
-#: Variables read beside the fields' own: keys and the files they come from (README lists them too).
+#: Variables read beside the fields' own: keys and the files they come from, and the replay's
+#: times (read relative to now by proxy.app.replay_config). README lists them too.
 DERIVED_VARIABLES = ("POLYGON_API_KEY", "FIREHOSE_API_KEYS", "FILTERED_PROXY_API_KEYS",
-                     "FILTERED_PROXY_FIREHOSE_KEY", "PROXY_ENV_FILE")
+                     "FILTERED_PROXY_FIREHOSE_KEY", "PROXY_ENV_FILE", "REPLAY_FROM", "REPLAY_TO")
 
 
 def declared_variables() -> set[str]:
-    """Every environment variable the tiers and the simulator read."""
+    """Every environment variable the tiers, the simulator and the replay read."""
     names = set(DERIVED_VARIABLES)
-    for cls in (TierConfig, SimulatorConfig):
+    for cls in (TierConfig, SimulatorConfig, ReplayConfig):
         for field in attrs.fields(cls):
             variable = variable_of(field)
             if variable is not None:

@@ -22,9 +22,9 @@ from .outbox import SlowClientPolicy
 from .protocol import Channel
 
 __all__ = ["ABOVE_ZERO", "AT_LEAST_ONE", "FRAME_ADAPTIVE", "FRAME_TICK", "LOG_LEVELS", "MARKETS", "MARKET_NAMES_ONLY",
-           "MAX_FRAME_EVENTS", "SOME_MARKETS",
-           "NOT_NEGATIVE", "PORT", "POSITIVE_SECONDS", "PathCheck", "SECONDS", "SimulatorConfig", "TierConfig",
-           "TierKind", "Variable", "parse_frame_events", "setting", "variable_of"]
+           "MAX_FRAME_EVENTS", "SOME_MARKETS", "NOT_NEGATIVE", "PORT", "POSITIVE_SECONDS", "PathCheck", "ReplayConfig",
+           "SECONDS", "SimulatorConfig", "TierConfig", "TierKind", "Variable", "parse_frame_events", "parse_speed",
+           "setting", "variable_of"]
 
 
 def _within(check: "Callable[[Any], bool]", expected: str) -> "Callable[[Any, attrs.Attribute, Any], None]":
@@ -328,3 +328,64 @@ class SimulatorConfig:
     #: ("Your plan doesn't include websocket access."), as Polygon does for a plan without it.
     entitled: tuple[str, ...] = setting("SIMULATOR_ENTITLED", parse.names, default=MARKETS, converter=parse.as_tuple,
                                         validator=MARKET_NAMES_ONLY)
+
+
+def parse_speed(raw: str) -> float | None:
+    """``REPLAY_SPEED`` (and ``--speed``): a number above 0 (2 = twice the recorded pace), or ``max``
+    (None: as fast as the sockets take). Raises ValueError with a sentence otherwise."""
+    text = raw.strip().lower()
+    if text == "max":
+        return None
+    try:
+        speed = float(text)
+    except ValueError:
+        speed = float("nan")
+    if not 0 < speed < float("inf"):
+        raise ValueError("expected a number above 0 (2 = twice the recorded pace) or max")
+    return speed
+
+
+@attrs.frozen(kw_only=True)
+class ReplayConfig:
+    """What ``python -m proxy.replay`` serves: a recorded journal, as a Polygon upstream.
+
+    ``journal_dir`` is the recording (the command line's argument). How it listens and
+    whom it lets in are the simulator's settings under ``REPLAY_*`` names
+    (:meth:`server` turns them into the :class:`SimulatorConfig` its server runs with).
+    ``speed`` divides the recorded time between frames (None: as fast as the sockets take
+    them); ``from_ns`` / ``to_ns`` (ns since the epoch; ``REPLAY_FROM`` / ``REPLAY_TO``, read
+    relative to now by :func:`proxy.app.replay_config.load_replay_config`) cut the recording
+    by receive time, at or after and before; ``loop`` starts again at the end;
+    ``outage_statuses`` sends the recorded upstream outages as the ``upstream_disconnected``
+    / ``upstream_connected`` statuses a tier's clients saw.
+    """
+
+    journal_dir: str = attrs.field(validator=_within(bool, "a journal directory"))
+    host: str = setting("REPLAY_HOST", parse.text, default="127.0.0.1")
+    port: int = setting("REPLAY_PORT", parse.port, default=8766, validator=PORT)
+    #: Keys it accepts; empty: any key.
+    api_keys: frozenset[str] = setting("REPLAY_API_KEYS", parse.key_set, default=frozenset())
+    max_connections: int = setting("REPLAY_MAX_CONNECTIONS", parse.whole_number, default=1, validator=AT_LEAST_ONE)
+    allow_star: bool = setting("REPLAY_ALLOW_STAR", parse.boolean, default=False)
+    speed: float | None = setting("REPLAY_SPEED", parse_speed, default=1.0, validator=ABOVE_ZERO)
+    from_ns: int | None = None
+    to_ns: int | None = None
+    loop: bool = setting("REPLAY_LOOP", parse.boolean, default=False)
+    outage_statuses: bool = setting("REPLAY_OUTAGE_STATUSES", parse.boolean, default=False)
+    auth_timeout_seconds: float = setting("AUTH_TIMEOUT_SECONDS", parse.number, default=10.0, validator=SECONDS)
+    log_level: str = setting("LOG_LEVEL", parse.choice(LOG_LEVELS), default="info",
+                             validator=attrs.validators.in_(LOG_LEVELS))
+    library_log_level: str | None = setting("LOG_LEVEL_LIBRARIES", parse.choice(LOG_LEVELS), default=None,
+                                            validator=attrs.validators.optional(attrs.validators.in_(LOG_LEVELS)))
+
+    def __attrs_post_init__(self) -> None:
+        if self.from_ns is not None and self.to_ns is not None and self.to_ns <= self.from_ns:
+            raise ValueError("to_ns must be after from_ns")
+
+    def server(self) -> SimulatorConfig:
+        """The simulator's configuration its server runs with: these listening and access
+        settings, and one frame out for one recorded frame (never merged)."""
+        return SimulatorConfig(host=self.host, port=self.port, api_keys=self.api_keys,
+                               max_connections=self.max_connections, allow_star=self.allow_star,
+                               auth_timeout_seconds=self.auth_timeout_seconds, log_level=self.log_level,
+                               library_log_level=self.library_log_level, frame_events=1)

@@ -206,9 +206,12 @@ class SimConnection:
     drop: trio.Event = attrs.field(factory=trio.Event)
     dropped: bool = False
     evicted: bool = False
+    #: Counts changes to ``channels``: what depends on them (the replay's selectors) rebuilds when it moves.
+    revision: int = 0
 
     def add(self, channel: Channel) -> None:
         """Hold ``channel``, and index it (one channel at a time: a tier may hold 100,000)."""
+        self.revision += 1
         self.channels.add(channel)
         if channel.is_everything:
             self.star = True
@@ -223,6 +226,7 @@ class SimConnection:
 
     def discard(self, channel: Channel) -> None:
         """Unsubscribe ``channel`` (its index entries too)."""
+        self.revision += 1
         self.channels.discard(channel)
         if channel.is_everything:
             self.star = False
@@ -333,9 +337,16 @@ def _symbols(config: SimulatorConfig) -> tuple[str, ...]:
 
 
 async def run_simulator(
-    config: SimulatorConfig, *, task_status: trio.TaskStatus[Simulator] = trio.TASK_STATUS_IGNORED
+    config: SimulatorConfig,
+    *,
+    source: Callable[[Simulator], Awaitable[object]] | None = None,
+    port_setting: str = "SIMULATOR_PORT",
+    task_status: trio.TaskStatus[Simulator] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the simulator until cancelled; reports the running :class:`Simulator` once it listens."""
+    """Serve Polygon's protocol until cancelled; hands the running :class:`Simulator` to
+    ``task_status`` once it listens. ``source`` feeds the connections instead of the synthetic
+    markets (the journal replay, :mod:`proxy.sim.replay`); it runs beside the server. Raises
+    ConfigError (naming ``port_setting``) when the port cannot be opened."""
     stocks = MarketModel(_symbols(config), seed=config.seed)
     simulator = Simulator(
         config=config,
@@ -352,7 +363,7 @@ async def run_simulator(
     try:
         listeners = await open_socket_listeners(config.host, config.port)
     except OSError as error:
-        raise bind_error("SIMULATOR_PORT", config.host, config.port, error) from None
+        raise bind_error(port_setting, config.host, config.port, error) from None
     pending = PendingConnections()
     async with trio.open_nursery() as nursery:
         for listener in listeners:
@@ -361,15 +372,19 @@ async def run_simulator(
                 max_message_bytes=MAX_MESSAGE_BYTES, pending=pending,
             ))
         simulator.port = listeners[0].getsockname()[1]
-        for market in simulator.feeds:
-            nursery.start_soon(_generate, simulator, market)
+        if source is None:
+            for market in simulator.feeds:
+                nursery.start_soon(_generate, simulator, market)
+        else:
+            nursery.start_soon(source, simulator)
         if config.stall_after_seconds is not None and config.stall_seconds > 0:
             nursery.start_soon(_stall_later, simulator.faults, config.stall_after_seconds, config.stall_seconds)
-        log.info("Polygon simulator listening on ws://%s:%d/<market> for %s (%d stock symbols, %.0f events/s "
-                 "a market, frames: %s%s)", config.host, simulator.port, ", ".join(config.markets),
-                 len(simulator.model.symbols), config.events_per_second, _describe_framing(config),
-                 "" if set(config.entitled) >= set(config.markets)
-                 else f"; entitled: {', '.join(config.entitled) or 'none'}")
+        if source is None:
+            log.info("Polygon simulator listening on ws://%s:%d/<market> for %s (%d stock symbols, %.0f events/s "
+                     "a market, frames: %s%s)", config.host, simulator.port, ", ".join(config.markets),
+                     len(simulator.model.symbols), config.events_per_second, _describe_framing(config),
+                     "" if set(config.entitled) >= set(config.markets)
+                     else f"; entitled: {', '.join(config.entitled) or 'none'}")
         task_status.started(simulator)
 
 
