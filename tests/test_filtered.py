@@ -66,7 +66,7 @@ async def _compare_with_reference(nursery, sim, filtered, subscriptions):
 
     async def read_to_last_mark(client):
         seen = 0
-        with trio.fail_after(60):
+        with trio.fail_after(180):  # 100 clients read in one process: minutes on a loaded machine
             while not any(e.get("ev") == "BENCH" and e.get("n") == last for e in client.events[seen:]):
                 seen = len(client.events)
                 await client.receive()
@@ -168,8 +168,9 @@ async def test_official_massive_client_works_unchanged(nursery):
     with trio.fail_after(30):
         lines = await _run_client([CLIENTS / "massive_client.py", f"127.0.0.1:{filtered.port}",
                                    CLIENT_KEY, "T.AAPL,Q.MSFT", 30])
-    parsed = [json.loads(line) for line in lines]
-    assert len(parsed) >= 30
+    # the library prints its own remarks to stdout too (seen on a loaded machine): ours are JSON arrays
+    parsed = [json.loads(line) for line in lines if line.startswith("[")]
+    assert len(parsed) >= 30, lines
     assert {tuple(p) for p in parsed} <= {
         ("T", "AAPL", "EquityTrade"), ("Q", "MSFT", "EquityQuote"),
         ("EventType.EquityTrade", "AAPL", "EquityTrade"), ("EventType.EquityQuote", "MSFT", "EquityQuote"),
