@@ -137,6 +137,8 @@ def _shared(source: decouple.Config) -> dict:
         admin_token=_read(source, "ADMIN_TOKEN", "", _optional(_admin_token)),
         client_ping_seconds=_read(source, "CLIENT_PING_SECONDS", _default("client_ping_seconds"), _positive_seconds),
         client_pong_timeout_seconds=_read(source, "CLIENT_PONG_TIMEOUT_SECONDS", _default("client_pong_timeout_seconds"), _positive_seconds),
+        keepalive_interval_seconds=_read(source, "UPSTREAM_PING_SECONDS", _default("keepalive_interval_seconds"), _positive_seconds),
+        keepalive_timeout_seconds=_read(source, "UPSTREAM_PONG_TIMEOUT_SECONDS", _default("keepalive_timeout_seconds"), _positive_seconds),
         unsubscribe_grace_seconds=_read(source, "UNSUBSCRIBE_GRACE_SECONDS", _default("unsubscribe_grace_seconds"), _seconds),
         client_queue_events=_read(source, "CLIENT_QUEUE_EVENTS", _default("client_queue_events"), _positive_int),
         slow_client_policy=SlowClientPolicy(
