@@ -39,7 +39,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from trio_websocket import WebSocketConnection, wrap_client_stream
 
 from tests.helpers import CLIENT_KEY, FIREHOSE_KEY, LIVENESS_SECONDS, POLYGON_KEY
-from tests.netns import DOWN_ADDRESS, UP_ADDRESS, Link, link_between_namespaces, netem_missing, socket_in, unavailable
+from tests.netns import UP_ADDRESS, Link, link_between_namespaces, netem_missing, socket_in, unavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 # The namespaces are fresh: every port is free, so the tiers keep their usual ones.
@@ -263,7 +263,6 @@ class Chain:
     behind: Recorder  # a client of the filtered proxy, behind the link
     beside: Recorder  # a client of the firehose, beside it
     memory: Memory
-    _lines: list[bytes] = attrs.field(factory=list)
     _buffer: bytes = b""
 
     async def mark(self) -> None:
