@@ -28,7 +28,7 @@ import attrs
 
 import pytest
 import trio
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as sync_connect
@@ -388,6 +388,8 @@ def test_a_proxy_link_churning_big_subscribes_is_answered_limited_and_never_clos
 
     @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(bursts=st.lists(st.lists(churn, min_size=1, max_size=12), min_size=1, max_size=3))
+    # Always tried, whatever is drawn: over the channel limit, then far over the burst of messages.
+    @example(bursts=[[("subscribe", 0, 4000), ("subscribe", 10, 4000)] + [("unsubscribe", 30, 1)] * 40])
     def link(bursts):
         held: set[str] = set()  # the model: what the link holds, from the answers
         sent = 0
