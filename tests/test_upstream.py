@@ -146,6 +146,27 @@ async def test_a_silent_upstream_is_given_up_after_the_interval_and_the_timeout(
     assert trio.current_time() == pytest.approx(start + 30)
 
 
+async def test_an_upstream_that_sends_data_is_kept_however_late_its_pong(autojump_clock):
+    """Its pong waits behind the data it queued for us: while frames come, the link is not silent.
+    Before: given up 30 s in (the ping's 20 s timeout), with frames arriving every second."""
+    link = scripted()
+    link.keepalive_interval, link.keepalive_timeout = 10.0, 20.0
+    upstream = PingedUpstream(answer_after=None)  # the pong never comes
+    start = trio.current_time()
+
+    async def frames_for(seconds: float) -> None:
+        while trio.current_time() < start + seconds:
+            link.last_received_at = trio.current_time()
+            await trio.sleep(1.0)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(frames_for, 100.0)
+        with pytest.raises(UpstreamProtocolError, match="no answer to a ping for 20s: upstream is silent"):
+            await link._keepalive(upstream)  # type: ignore[arg-type]
+    # the last frame came at 99 s: silent from there, given up 20 s later
+    assert trio.current_time() == pytest.approx(start + 99 + 20)
+
+
 async def test_an_upstream_that_answers_pings_in_time_is_kept(autojump_clock):
     link = scripted()
     link.keepalive_interval, link.keepalive_timeout = 10.0, 20.0

@@ -343,16 +343,37 @@ class UpstreamLink:
                 log.debug("%s %s", verb, protocol.format_channel_list(channels))
 
     async def _keepalive(self, ws: WebSocketConnection) -> None:
+        """Ping every ``keepalive_interval``; give up when a ping has had no answer, and no frame
+        has come either, for ``keepalive_timeout``.
+
+        A frame counts as much as a pong: an upstream that sends data is not silent. Its pong
+        waits behind whatever it queued for us first, so while we read behind its feed (a burst,
+        a busy host) the pong can be many seconds late; dropping that link would throw away
+        everything queued on it, and report an outage that began only at the last frame read.
+        """
         for sequence in itertools.count():
             await trio.sleep(self.keepalive_interval)
-            try:
-                with trio.fail_after(self.keepalive_timeout):
-                    # our own payload: without one trio-websocket draws it from the global `random`
-                    await ws.ping(b"keepalive %d" % sequence)
-            except trio.TooSlowError:
+            silent = False
+            async with trio.open_nursery() as waiting:
+
+                async def ping(payload: bytes) -> None:
+                    await ws.ping(payload)
+                    waiting.cancel_scope.cancel()  # answered
+
+                # our own payload: without one trio-websocket draws it from the global `random`
+                waiting.start_soon(ping, b"keepalive %d" % sequence)
+                sent = trio.current_time()
+                while not silent:
+                    heard = max(sent, self.last_received_at or sent)
+                    if trio.current_time() - heard >= self.keepalive_timeout:
+                        silent = True
+                        waiting.cancel_scope.cancel()
+                    else:
+                        await trio.sleep_until(heard + self.keepalive_timeout)
+            if silent:
                 raise UpstreamProtocolError(
                     f"no answer to a ping for {self.keepalive_timeout:.0f}s: upstream is silent"
-                ) from None
+                )
 
 
 @attrs.define
