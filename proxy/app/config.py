@@ -160,6 +160,7 @@ def _shared(source: decouple.Config) -> dict:
         journal_dir=_read(source, "JOURNAL_DIR", "", _directory),
         journal_retention_seconds=_unbounded_if_zero(_read(source, "JOURNAL_RETENTION_HOURS", "24", _amount) * 3600),
         journal_max_bytes=_unbounded_if_zero(int(_read(source, "JOURNAL_MAX_GB", "10", _amount) * 1e9)),
+        replay_max_seconds=_read(source, "REPLAY_MAX_SECONDS", _default("replay_max_seconds"), _seconds),
     )
 
 

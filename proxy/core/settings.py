@@ -125,6 +125,9 @@ class TierConfig:
     journal_dir: str | None = None
     journal_retention_seconds: float | None = 24 * 3600.0
     journal_max_bytes: int | None = 10_000_000_000
+    #: How far back a subscribe's "from" may ask (docs/protocol.md, resume); 0 turns resume off.
+    #: Capped, where it is used, by what the journal keeps.
+    replay_max_seconds: float = attrs.field(default=3600.0, validator=SECONDS)
 
     @property
     def port_setting(self) -> str:
