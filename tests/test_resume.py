@@ -253,6 +253,23 @@ async def test_a_resume_from_disk_then_memory(nursery, tmp_path) -> None:
     assert firehose.journal.ring.evicted > 0  # memory alone would not have reached back
 
 
+async def test_a_resume_from_disk_alone(nursery, tmp_path) -> None:
+    """No memory ring (JOURNAL_MEMORY_SECONDS=0) but a directory: the replay comes from disk,
+    waiting for the writer to write the last records, and meets live without a gap."""
+    _sim, firehose = await start_firehose(nursery, static_channels=ALL_STREAM, journal_dir=str(tmp_path),
+                                          journal_memory_seconds=0)
+    await wait_until(lambda: firehose.stats.frames_in > 100, what="1 s of frames")
+    assert firehose.journal is not None and not firehose.journal.ring.enabled
+    client = await authed_client(nursery, firehose.port, FIREHOSE_KEY)
+    await client.ws.send_message(json.dumps({"action": "subscribe", "params": ALL, "from": -800}))
+    await client.wait_status("replay_complete")
+    await client.more_events(300)
+    sequence = [event["q"] for event in client.events if "q" in event]
+    assert len(sequence) > 800
+    assert sequence == list(range(sequence[0], sequence[0] + len(sequence)))
+    assert not any(s["status"] in ("replay_partial", "journal_gap") for s in client.statuses)
+
+
 async def test_a_journal_that_does_not_reach_back_says_from_when_it_does(nursery) -> None:
     _sim, firehose = await start_firehose(nursery, static_channels=ALL_STREAM)
     await wait_until(lambda: firehose.stats.frames_in > 20, what="frames")

@@ -148,15 +148,20 @@ class JournalSource:
             disk = None
             if not disk_fresh:
                 continue  # a segment may have begun since the directory was listed: look again
-            if cursor is None:
-                # Nothing on disk at or after the start: memory holds it all, or nothing does.
-                stitch.start_at(ring.seq_at_time(from_ns) if first is not None else through + 1)
+            if cursor is None and first is not None:
+                # Nothing on disk at or after the start: memory holds all there is.
+                stitch.start_at(ring.seq_at_time(from_ns))
                 continue
+            # Memory does not hold the cursor (or holds nothing: JOURNAL_MEMORY_SECONDS=0), and
+            # the disk has nothing there: the writer may not have written it yet.
             behind = self.writer.stats.last_written_seq < min(through, (first or math.inf) - 1)
             now = time.monotonic()
             if behind and (waited_since is None or now - waited_since < WRITER_WAIT_SECONDS):
                 waited_since = waited_since or now
-                await trio.sleep(self.writer.block_seconds)  # the writer has not written them yet
+                await trio.sleep(self.writer.block_seconds)
+                continue
+            if cursor is None:
+                stitch.start_at(through + 1)  # nothing at or after the start, anywhere
                 continue
             target = first if first is not None and first > cursor else through + 1
             if not await send(stitch.skip_to(target, "not on disk")):
