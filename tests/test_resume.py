@@ -211,16 +211,16 @@ async def test_outages_inside_the_window_are_the_statuses_clients_saw_live(nurse
 
 
 async def test_a_client_too_slow_for_its_replay_is_a_slow_consumer(nursery) -> None:
-    """A client that reads nothing asks for more than the kernel's buffers hold (4 MiB at most
-    here): its replay stops at its socket, the live events held for it meanwhile pass its queue's
+    """A client that reads nothing asks for more than the kernel's buffers hold (a few MB with a
+    4 KiB receive buffer): its replay stops at its socket, the live events held for it meanwhile pass its queue's
     bound, and it is closed as any slow client is (slow_consumer, 1008) before the replay ends;
     the neighbour sees no gap."""
     started_ms = time.time() * 1000
-    _sim, firehose = await start_firehose(nursery, simulator=dict(events_per_second=10_000),
+    _sim, firehose = await start_firehose(nursery, simulator=dict(events_per_second=5000),
                                           static_channels=ALL_STREAM, client_queue_events=2000)
     neighbour = Neighbour(await authed_client(nursery, firehose.port, FIREHOSE_KEY, subscribe=ALL))
     nursery.start_soon(neighbour.run)
-    await wait_until(lambda: firehose.stats.bytes_in > 6_000_000, timeout=60, what="6 MB of frames")
+    await wait_until(lambda: firehose.stats.bytes_in > 5_000_000, timeout=60, what="5 MB of frames")
     sock, ws = await handshake(firehose.port, rcvbuf=4096)
     await send_all(sock, masked(json.dumps({"action": "auth", "params": FIREHOSE_KEY}))
                    + masked(json.dumps({"action": "subscribe", "params": ALL, "from": started_ms})))
@@ -228,7 +228,7 @@ async def test_a_client_too_slow_for_its_replay_is_a_slow_consumer(nursery) -> N
     assert firehose.stats.replays == 1
     reader = SlowReader(sock, ws)
     reader.fast = True
-    with trio.fail_after(LIVENESS_SECONDS):
+    with trio.fail_after(60):  # megabytes in the kernel's buffers to parse, on a busy machine
         await reader.run()
     assert reader.close_code == 1008 and "slow_consumer" in reader.statuses
     assert "replay_complete" not in reader.statuses
