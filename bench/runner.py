@@ -25,6 +25,16 @@ not have, and a warning says so when it is over a fifth of a core. "join" is how
 waits from connecting to its first event, probed five times while the load runs, from a
 process of its own.
 
+A recording as the source: --journal DIR replays a journal directory (a tier's JOURNAL_DIR,
+or one made with `python -m bench.recording record`) in a loop, in its original framing, at
+its recorded pace or --speed N (N times faster; max: as fast as the firehose takes it),
+instead of the simulator's synthetic data; --rate, --frame-events, --framings, --prebuilt
+and --sweep do not apply. Loss is counted exactly as with the simulator (the replay counts
+what it sent between the marks, by channel). The clients' channels are drawn from the
+recording's own symbols (most traded first) and its two most frequent event types;
+"offered/s" is the recording's rate times the speed. Latency is not measured: replayed
+events carry their recorded timestamps.
+
 The clients are split over --client-processes processes (round-robin over the plan), so
 that the harness is not what limits a run; each process's CPU (% of one core) is in
 every run's output, with a warning when one is near a whole core.
@@ -51,6 +61,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from proxy.app.config import parse_frame_events
+from proxy.app.replay_config import parse_speed
 from proxy.core.settings import FRAME_TICK
 from proxy.sim.market import synthetic_symbols
 
@@ -71,9 +82,33 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def _stat(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its children (a filtered proxy with FILTERED_PROXY_WORKERS: the parent and its workers)."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int(_stat(int(entry.name))[1]) == pid:  # field 4 of stat: the parent's pid
+                    children.append(int(entry.name))
+            except (FileNotFoundError, ProcessLookupError):
+                pass  # gone meanwhile
+    return [pid, *children]
+
+
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
+    """CPU (user + system) used by ``pid`` and its children still running."""
+    total = 0
+    for member in process_tree(pid):
+        try:
+            fields = _stat(member)
+        except FileNotFoundError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime + stime
+    return total / TICKS
 
 
 def machine_busy_seconds() -> float:
@@ -84,32 +119,39 @@ def machine_busy_seconds() -> float:
 
 
 def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    """The peak resident memory of ``pid`` and its children, added up."""
+    total = 0
+    for member in process_tree(pid):
+        for line in Path(f"/proc/{member}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                total += int(line.split()[1])
+    return total / 1024 if total else float("nan")
 
 
-def zipf_plan(clients: int, seed: int) -> list[str]:
-    symbols = synthetic_symbols(SYMBOLS)
+def zipf_plan(clients: int, seed: int, symbols: tuple[str, ...] | None = None,
+              kinds: tuple[str, ...] = ("T", "Q")) -> list[str]:
+    """Each client's channels: 5 % hold ``kinds[0]``.*, the others 5-50 symbols drawn Zipf-weighted
+    (``symbols`` most traded first; the simulator's by default) of every kind."""
+    symbols = symbols or synthetic_symbols(SYMBOLS)
     weights = [1 / rank ** 1.1 for rank in range(1, len(symbols) + 1)]
     rnd = random.Random(seed)
     plan = []
     for _ in range(clients):
         if rnd.random() < 0.05:
-            plan.append("T.*")
+            plan.append(f"{kinds[0]}.*")
             continue
         chosen: set[str] = set()
         wanted = rnd.randint(5, 50)
+        wanted = min(wanted, len(symbols))
         while len(chosen) < wanted:
             chosen.update(rnd.choices(symbols, weights=weights, k=wanted - len(chosen)))
-        plan.append(",".join(f"{kind}.{symbol}" for symbol in sorted(chosen) for kind in ("T", "Q")))
+        plan.append(",".join(f"{kind}.{symbol}" for symbol in sorted(chosen) for kind in kinds))
     return plan
 
 
-def idle_plan(clients: int) -> list[str]:
-    tail = synthetic_symbols(SYMBOLS)[-clients:]
-    return [f"T.{symbol}" for symbol in tail]
+def idle_plan(clients: int, symbols: tuple[str, ...] | None = None, kind: str = "T") -> list[str]:
+    tail = (symbols or synthetic_symbols(SYMBOLS))[-clients:]
+    return [f"{kind}.{symbol}" for symbol in tail]
 
 
 def split_plan(plan: list[str], processes: int) -> list[list[str]]:
@@ -166,11 +208,11 @@ class Processes:
         self.running[name] = process
         return process
 
-    def wait_for_log(self, name: str, text: str, timeout: float = 60) -> None:
+    def wait_for_log(self, name: str, text: str, timeout: float = 60, count: int = 1) -> None:
         deadline = time.monotonic() + timeout
         path = self.logs / f"{name}.log"
         while time.monotonic() < deadline:
-            if text in path.read_text():
+            if path.read_text().count(text) >= count:
                 return
             if self.running[name].poll() is not None:
                 break
@@ -244,15 +286,23 @@ def run_once(args: argparse.Namespace, rate: float, frame_events: int | str) -> 
               "MAX_CONNECTIONS_PER_IP": "1000000", "MAX_CLIENTS": "1000000",  # every bench client is 127.0.0.1
               "CLIENT_QUEUE_EVENTS": str(args.queue_events)}
     (logs / "empty.env").write_text("")
+    recording = args.recording  # the journal's profile, when the source is a recording
     try:
-        simulator = processes.start("simulator", [PYTHON, "-m", "bench.sim_process"], {
-            **shared, "LOG_LEVEL": "info", "SIMULATOR_PORT": "0", "SIMULATOR_SYMBOLS": str(SYMBOLS),
-            "SIMULATOR_EVENTS_PER_SECOND": str(rate), "SIMULATOR_SEED": "1",
-            "SIMULATOR_API_KEYS": POLYGON_KEY, "SIMULATOR_PREBUILT_EVENTS": str(args.prebuilt),
-            "SIMULATOR_FRAME_EVENTS": str(frame_events),
-        }, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        if recording is None:
+            simulator = processes.start("simulator", [PYTHON, "-m", "bench.sim_process"], {
+                **shared, "LOG_LEVEL": "info", "SIMULATOR_PORT": "0", "SIMULATOR_SYMBOLS": str(SYMBOLS),
+                "SIMULATOR_EVENTS_PER_SECOND": str(rate), "SIMULATOR_SEED": "1",
+                "SIMULATOR_API_KEYS": POLYGON_KEY, "SIMULATOR_PREBUILT_EVENTS": str(args.prebuilt),
+                "SIMULATOR_FRAME_EVENTS": str(frame_events),
+            }, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            static = "T.*,Q.*,LULD.*,FMV.*" if scenario == "firehose-star" else ""
+        else:
+            simulator = processes.start("simulator", [
+                PYTHON, "-m", "bench.sim_process", "--journal", str(args.journal), "--speed", args.speed,
+            ], {**shared, "LOG_LEVEL": "info", "REPLAY_PORT": "0", "REPLAY_API_KEYS": POLYGON_KEY},
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            static = ",".join(f"{kind}.*" for kind in recording.types) if scenario == "firehose-star" else ""
         simulator_port = read_json_line(simulator.stdout, 120, "the simulator")["port"]
-        static = "T.*,Q.*,LULD.*,FMV.*" if scenario == "firehose-star" else ""
         processes.start("firehose", [TRIO_RUN, "proxy.firehose"], {
             **_profile_env(args, "firehose", logs), **_journal_env(args, "firehose"),
             **shared, "LOG_LEVEL": "info", "POLYGON_API_KEY": POLYGON_KEY,
@@ -270,12 +320,17 @@ def run_once(args: argparse.Namespace, rate: float, frame_events: int | str) -> 
                 **shared, "LOG_LEVEL": "info", "FIREHOSE_URL": f"ws://127.0.0.1:{firehose_port}",
                 "POLYGON_API_KEY": FIREHOSE_KEY, "FILTERED_PROXY_HOST": "127.0.0.1",
                 "FILTERED_PROXY_PORT": str(filtered_port), "FILTERED_PROXY_API_KEYS": CLIENT_KEY,
-                "FILTERED_METRICS_PORT": "0",
+                "FILTERED_METRICS_PORT": "0", "FILTERED_PROXY_WORKERS": str(args.workers),
             })
-            processes.wait_for_log("filtered", "Subscribed to wildcard")
+            processes.wait_for_log("filtered", "Subscribed to wildcard", count=args.workers)
             tiers["filtered"] = processes.running["filtered"].pid
             url, key = f"ws://127.0.0.1:{filtered_port}/stocks", CLIENT_KEY
-            plan = idle_plan(args.clients) if scenario == "idle" else zipf_plan(args.clients, args.seed)
+            if recording is None:
+                plan = idle_plan(args.clients) if scenario == "idle" else zipf_plan(args.clients, args.seed)
+            else:
+                kinds = recording.types[:2]
+                plan = (idle_plan(args.clients, recording.symbols, kinds[0]) if scenario == "idle"
+                        else zipf_plan(args.clients, args.seed, recording.symbols, kinds))
         no_plan = logs / "no-plan.json"
         no_plan.write_text("[]")
         client_command = [PYTHON, "-m", "bench.client_process", "--url", url, "--key", key,
@@ -296,7 +351,8 @@ def run_once(args: argparse.Namespace, rate: float, frame_events: int | str) -> 
             "--join-delay", str(args.warmup + min(1.0, args.duration / 4)),
         ], {}, stdout=subprocess.PIPE)
         read_json_line(joiner.stdout, 60, "the join probe")
-        _progress(f"{scenario} @ {rate:,.0f} ev/s, frames of {frame_events}: {ready}/{len(plan)} clients "
+        source = f"{rate:,.0f} ev/s" if recording is None else f"{args.journal} at speed {args.speed}"
+        _progress(f"{scenario} @ {source}, frames of {frame_events}: {ready}/{len(plan)} clients "
                   f"subscribed in {len(clients)} process(es); warming up")
         time.sleep(args.warmup)
 
@@ -337,7 +393,7 @@ def run_once(args: argparse.Namespace, rate: float, frame_events: int | str) -> 
     extra = sum(max(0, r - e) for e, r in zip(expected, received))
     events_in = sent["window_events"]
     cpu_percent = {name: round(100 * (after[name] - before[name]) / window, 1) for name in after}
-    return {
+    result = {
         "scenario": scenario, "clients": len(plan), "rate_offered": rate,
         "frame_events": str(frame_events),
         # what the firehose really got: a connection gets only the events its channels select
@@ -370,14 +426,25 @@ def run_once(args: argparse.Namespace, rate: float, frame_events: int | str) -> 
         "peak_rss_mb": {name: round(value, 1) for name, value in rss.items()},
         "logs": str(logs),
     }
+    if recording is not None:
+        speed = parse_speed(args.speed)
+        result.update({
+            "source": f"journal {args.journal} at speed {args.speed}", "frame_events": "recorded",
+            # what the recording offers at this speed (None: as fast as the firehose takes it)
+            "rate_offered": None if speed is None else round(recording.events_per_second * speed),
+            # replayed events carry their recorded timestamps: a latency from them means nothing
+            "latency_ms": {"p50": None, "p99": None, "max": None, "samples": 0},
+            "replay_behind_seconds": sent.get("replay_behind_seconds"),
+        })
+    return result
 
 
 def _journal_env(args: argparse.Namespace, tier: str) -> dict[str, str]:
-    """``--journal``: off (no journal), memory (the default ring), disk (the ring and a fresh
+    """``--tier-journal``: off (no journal), memory (the default ring), disk (the ring and a fresh
     temporary directory per tier, deleted when the benchmark exits)."""
-    if args.journal == "off":
+    if args.tier_journal == "off":
         return {"JOURNAL_MEMORY_SECONDS": "0", "JOURNAL_DIR": ""}
-    if args.journal == "disk":
+    if args.tier_journal == "disk":
         directory = tempfile.mkdtemp(prefix=f"bench-journal-{tier}-")
         atexit.register(shutil.rmtree, directory, ignore_errors=True)
         return {"JOURNAL_DIR": directory}
@@ -403,6 +470,10 @@ def _ms(value: float | None) -> str:
     return f"{value:.1f}" if value < 10 else f"{value:.0f}"
 
 
+def _rate(value: float | None) -> str:
+    return "max" if value is None else f"{value:,.0f}"
+
+
 def table(results: list[dict[str, Any]]) -> str:
     """One row per run: framing, rates, loss, latency, CPU per input event per tier, the harness's CPU."""
     header = (f"{'scenario':<14}{'framing':>9}{'ev/frame':>9}{'clients':>8}{'offered/s':>11}{'in/s':>9}"
@@ -416,7 +487,7 @@ def table(results: list[dict[str, Any]]) -> str:
         clients_cpu = "+".join(f"{value:.0f}" for value in r["client_cpu_percent"])
         rows.append(
             f"{r['scenario']:<14}{r['frame_events']:>9}{r['events_per_frame']:>9}{r['clients']:>8}"
-            f"{r['rate_offered']:>11,.0f}{r['into_firehose_per_s']:>9,}{r['delivered_per_s']:>11,}"
+            f"{_rate(r['rate_offered']):>11}{r['into_firehose_per_s']:>9,}{r['delivered_per_s']:>11,}"
             f"{r['lost_events']:>8}{_ms(latency['p50']):>7}{_ms(latency['p99']):>7}{_ms(latency['max']):>7}"
             f"{max(r['join_ms'], default=0):>8.0f}  {cpu:<27}{clients_cpu:>12}{r['cpu_percent']['simulator']:>11.0f}"
             f"{r['other_cpu_percent']:>14.0f}  {rss}"
@@ -445,6 +516,11 @@ def warnings(result: dict[str, Any]) -> list[str]:
     if result["simulator_slow_consumer_drops"]:
         found.append(f"the simulator dropped the firehose as a slow consumer "
                      f"{result['simulator_slow_consumer_drops']} time(s) (its queue passed 250,000 events)")
+    if result.get("source"):
+        found.append("latency not measured: replayed events carry their recorded timestamps")
+        if (result.get("replay_behind_seconds") or 0) >= 1:
+            found.append(f"the replay fell up to {result['replay_behind_seconds']:.1f}s behind the recorded pace "
+                         f"(nothing skipped: in/s is what was sent)")
     if result["simulator_events_skipped"]:
         found.append(f"the simulator could not keep the offered rate: {result['simulator_events_skipped']:,} "
                      f"events skipped (in/s is what was sent)")
@@ -474,6 +550,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                         help="run the scenario once per framing, e.g. 1,10,200 (overrides --frame-events)")
     parser.add_argument("--client-processes", type=int, default=1,
                         help="processes the clients are split over (default 1)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="FILTERED_PROXY_WORKERS of the filtered proxy (default 1); its CPU and memory "
+                             "are the parent's and its workers' together")
     parser.add_argument("--duration", type=float, default=10, help="measured seconds per run (default 10)")
     parser.add_argument("--warmup", type=float, default=3, help="seconds before measuring (default 3)")
     parser.add_argument("--drain-seconds", type=float, default=30,
@@ -484,13 +563,27 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--queue-events", type=int, default=50_000, help="CLIENT_QUEUE_EVENTS for the tiers")
     parser.add_argument("--prebuilt", type=int, default=300_000, help="pre-built simulator events to cycle")
     parser.add_argument("--seed", type=int, default=1, help="seed of the client subscription plan")
-    parser.add_argument("--journal", choices=("off", "memory", "disk"), default="memory",
-                        help="the tiers' journal: off (JOURNAL_MEMORY_SECONDS=0), memory (the default: "
+    parser.add_argument("--tier-journal", choices=("off", "memory", "disk"), default="memory",
+                        help="the tiers' own journal: off (JOURNAL_MEMORY_SECONDS=0), memory (the default: "
                              "300 s / 256 MB in memory), disk (memory and a JOURNAL_DIR per tier)")
     parser.add_argument("--profile", choices=("firehose", "filtered"),
                         help="run that tier under cProfile; the statistics go to the run's log folder")
     parser.add_argument("--json", type=Path, help="where to write the results (default bench-results/<time>.json)")
+    parser.add_argument("--journal", type=Path, metavar="DIR",
+                        help="replay this recording (a journal directory) instead of the simulator's synthetic data")
+    parser.add_argument("--speed", default="1", metavar="N|max",
+                        help="with --journal: N times the recorded pace, or max (default 1)")
     args = parser.parse_args(argv)
+    args.recording = None
+    if args.journal is not None:
+        if args.sweep or args.framings:
+            parser.error("--sweep and --framings are for the simulator's data; with --journal give --speed")
+        try:
+            parse_speed(args.speed)
+        except ValueError as error:
+            parser.error(f"--speed: {error}")
+        args.recording = _profile(parser, args.journal)
+        args.frame_events = "recorded"
     if args.clients is None:
         args.clients = {"filtered": 100, "idle": 1000, "firehose-star": 4}[args.scenario]
     if args.client_processes < 1:
@@ -498,6 +591,18 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     if args.framings == []:
         parser.error("--framings needs at least one framing")
     return args
+
+
+def _profile(parser: argparse.ArgumentParser, directory: Path) -> Any:
+    from bench.recording import profile_journal
+
+    try:
+        profile = profile_journal(directory)
+    except OSError as error:
+        parser.error(f"--journal: cannot read {directory}: {error.strerror or error}")
+    if not profile.events:
+        parser.error(f"--journal: {directory} holds no events (python -m proxy.journal ls {directory})")
+    return profile
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -515,7 +620,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(results))
     for r in results:
         print(f"CPU use during the window (% of one core), frames of {r['frame_events']} at "
-              f"{r['rate_offered']:,.0f}/s: " + ", ".join(f"{name} {value}" for name, value in r["cpu_percent"].items())
+              f"{_rate(r['rate_offered'])}/s: " + ", ".join(f"{name} {value}" for name, value in r["cpu_percent"].items())
               + f"; other processes {r['other_cpu_percent']}")
         for warning in warnings(r):
             print(f"warning: {warning}")
@@ -529,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
     path.write_text(json.dumps({
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "platform": platform.platform()},
-        "arguments": {k: str(v) for k, v in vars(args).items()}, "results": results,
+        "arguments": {k: str(v) for k, v in vars(args).items() if k != "recording"}, "results": results,
     }, indent=2))
     print(f"results written to {path}")
     return 0

@@ -11,11 +11,13 @@ import logging
 
 from .app.config import load_filtered_config, setup_logging
 from .app.tier import log_start_up, run_tier
+from .app.workers import run_workers
 
 log = logging.getLogger("proxy.filtered")
 
 
 async def main() -> None:
+    """``trio-run proxy.filtered``: the filtered proxy (or its workers' parent) configured from the environment."""
     config = load_filtered_config()
     setup_logging(config.log_level, config.library_log_level)
     log_start_up(log, config, "Polygon Filtered WebSocket Proxy", "FIREHOSE_URL")
@@ -24,7 +26,10 @@ async def main() -> None:
             "!!! NO CLIENT AUTHENTICATION: FILTERED_PROXY_API_KEYS and POLYGON_API_KEY are both "
             "empty, so ANY key is accepted. Set FILTERED_PROXY_API_KEYS before exposing this port. !!!"
         )
-    await run_tier(config)
+    if config.workers > 1:
+        await run_workers(config)  # N processes on the port, one metrics endpoint for all
+    else:
+        await run_tier(config)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ log = logging.getLogger("proxy.firehose")
 
 
 async def main() -> None:
+    """``trio-run proxy.firehose``: the firehose configured from the environment and ``.env``."""
     config = load_firehose_config()
     setup_logging(config.log_level, config.library_log_level)
     log_start_up(log, config, "Polygon Firehose Proxy", "POLYGON_URL")

@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 import trio
 
-from proxy.app.admin import _allowed
+from proxy.app.admin import allowed as admin_allows
 from proxy.net.http import HttpRequest
 from tests.helpers import (
     CLIENT_KEY,
@@ -131,7 +131,7 @@ async def test_with_a_token_only_its_bearer_or_its_cookie_may_look(nursery):
     ("", None, {}, False),
 ])
 def test_who_may_see_the_operator_views(peer, token, headers, allowed):
-    assert _allowed(HttpRequest(method="GET", path="/clients", headers=headers, peer=peer), token) is allowed
+    assert admin_allows(HttpRequest(method="GET", path="/clients", headers=headers, peer=peer), token) is allowed
 
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -147,3 +147,138 @@ def test_a_short_benchmark_at_two_framings_records_them(tmp_path):
         assert r["client_processes"] == 2 and len(r["client_cpu_percent"]) == 2
     assert results[0]["events_per_frame"] == 1.0  # frames of one event hold one event, whatever is selected
     assert 1.0 < results[1]["events_per_frame"] <= 10.0
+
+
+# --- a recording as the source (--journal) -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bench_recording(tmp_path_factory) -> Path:
+    """Simulator frames written by the journal's writer: 600 frames over 6 s, 12 symbols."""
+    import trio
+
+    from tests.test_replay import simulator_frames, write_journal
+
+    directory = tmp_path_factory.mktemp("bench-recording")
+    trio.run(write_journal, directory, simulator_frames(600))
+    return directory
+
+
+def test_journal_options_profile_the_recording_for_the_plan_and_the_offered_rate(bench_recording, tmp_path, capsys):
+    from bench.runner import table, zipf_plan
+
+    args = parse_arguments(["--journal", str(bench_recording), "--speed", "2"])
+    profile = args.recording
+    assert args.frame_events == "recorded" and set(profile.types) == {"T", "Q", "LULD", "FMV"}
+    assert len(profile.symbols) == 12 and profile.symbols[0] == "AAPL"  # most traded first
+    assert 250 < profile.events_per_second < 350  # 1,800 events over 5.99 s
+    plan = zipf_plan(30, 1, profile.symbols, profile.types[:2])
+    held = {channel.split(".", 1)[1] for client in plan for channel in client.split(",")}
+    assert held <= {*profile.symbols, "*"}  # the recording's symbols, not the simulator's 3,000
+    assert "max" in table([_result(rate_offered=None, frame_events="recorded")]).splitlines()[2]
+    for argv, message in ((["--speed", "warp"], "--speed"), (["--sweep"], "--sweep"),
+                          (["--framings", "1,10"], "--sweep and --framings")):
+        with pytest.raises(SystemExit):
+            parse_arguments(["--journal", str(bench_recording), *argv])
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_arguments(["--journal", str(tmp_path)])
+    assert "holds no events" in capsys.readouterr().err
+
+
+async def test_the_replay_source_counts_what_it_sent_between_the_marks_exactly(bench_recording):
+    """What the runner's loss accounting rests on: a client's events between the two marks equal
+    what the replay says it sent of that client's channels in the window."""
+    import trio
+
+    from bench.runner import expected_count
+    from tests.helpers import POLYGON_KEY, authed_client
+    from tests.test_replay import replay_config
+    from proxy.sim.replay import run_replay
+
+    channels = "T.*,LULD.AAPL,FMV.MSFT"  # the other client holds Q.*: the counts, summed over both, tell them apart
+    async with trio.open_nursery() as nursery:
+        replay = await nursery.start(run_replay, replay_config(bench_recording, speed=4.0, loop=True))
+        client = await authed_client(nursery, replay.port, POLYGON_KEY, subscribe=channels + ",BENCH.MARK")
+        other = await authed_client(nursery, replay.port, POLYGON_KEY, subscribe="Q.*,BENCH.MARK")
+        await client.more_events(50)
+        replay.simulator.mark()
+        await trio.sleep(2.0)  # more than a pass (1.5 s at 4x): the loop's restart is inside the window
+        replay.simulator.mark()
+        counted = dict(replay.simulator.window_counts)
+        received = {}
+        for name, who in (("client", client), ("other", other)):
+            with trio.fail_after(30):
+                while sum(1 for event in who.events if event["ev"] == "BENCH") < 2:
+                    await who.receive()
+            marks = [index for index, event in enumerate(who.events) if event["ev"] == "BENCH"]
+            received[name] = marks[1] - marks[0] - 1
+        nursery.cancel_scope.cancel()
+    assert replay.passes >= 1
+    assert received["client"] == expected_count(channels, counted) > 0
+    assert received["other"] == expected_count("Q.*", counted) > 0
+    assert replay.simulator.window_events == received["client"] + received["other"]
+
+
+@pytest.mark.slow
+def test_a_short_benchmark_on_a_recording_loses_nothing(bench_recording, tmp_path):
+    """The whole harness with --journal: every process, the recording replayed in a loop at 2x,
+    exact loss, the source and the offered rate in the JSON, latency left out."""
+    import subprocess
+
+    output = tmp_path / "result.json"
+    subprocess.run(
+        [sys.executable, "-m", "bench.runner", "--journal", str(bench_recording), "--speed", "2",
+         "--clients", "6", "--client-processes", "2", "--duration", "4", "--warmup", "1", "--json", str(output)],
+        check=True, timeout=300, capture_output=True, cwd=Path(__file__).parent.parent,
+    )
+    (r,) = json.loads(output.read_text())["results"]
+    assert r["lost_events"] == 0 and r["unexpected_events"] == 0 and r["clients_complete"] == 6
+    assert r["received_events"] > 0 and r["frame_events"] == "recorded" and "journal" in r["source"]
+    assert 500 < r["rate_offered"] < 700  # the recording's 300 events/s at 2x
+    assert r["latency_ms"]["p99"] is None
+def test_a_tiers_cpu_and_memory_include_its_worker_processes():
+    """With FILTERED_PROXY_WORKERS the work is in the children: the benchmark counts them."""
+    import subprocess
+
+    from bench.runner import cpu_seconds, peak_rss_mb, process_tree
+
+    burn = "import time\nend = time.process_time() + 0.6\nwhile time.process_time() < end: pass\ntime.sleep(30)"
+    parent = subprocess.Popen([sys.executable, "-c",
+                               f"import subprocess, sys, time\nsubprocess.Popen([sys.executable, '-c', {burn!r}])\n"
+                               "time.sleep(30)"])
+    try:
+        deadline = time.monotonic() + 30
+        while (len(process_tree(parent.pid)) < 2 or cpu_seconds(parent.pid) < 0.5) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        tree = process_tree(parent.pid)
+        assert len(tree) == 2 and tree[0] == parent.pid
+        own = cpu_seconds(tree[0]) - cpu_seconds(tree[1])  # the parent's alone (it only sleeps)
+        assert cpu_seconds(parent.pid) >= 0.5 > own
+        assert peak_rss_mb(parent.pid) > peak_rss_mb(tree[1])
+    finally:
+        for pid in process_tree(parent.pid)[1:]:
+            subprocess.run(["kill", "-9", str(pid)])
+        parent.kill()
+        parent.wait()
+
+
+def test_the_source_process_replays_a_recording_and_answers_the_marks(bench_recording, tmp_path):
+    """`python -m bench.sim_process --journal DIR`, as the runner starts it: its port, then after
+    two marks the window's counts (none here: nobody connected) and how far behind it fell."""
+    import os
+    import subprocess
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bench.sim_process", "--journal", str(bench_recording), "--speed", "max"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent), "REPLAY_PORT": "0"})
+    try:
+        assert json.loads(process.stdout.readline())["port"] > 0
+        process.stdin.write(b"mark\nmark\n")
+        process.stdin.flush()
+        answer = json.loads(process.stdout.readline())
+        assert answer["window_events"] == 0 and answer["counts"] == {} and "replay_behind_seconds" in answer
+    finally:
+        process.kill()
+        process.communicate()

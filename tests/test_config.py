@@ -23,6 +23,7 @@ VARIABLES = [
     "MAX_MESSAGE_BYTES",
     "AUTH_TIMEOUT_SECONDS", "PROXY_ENV_FILE", "MARKET", "LOG_LEVEL_LIBRARIES", "FILTERED_PROXY_FIREHOSE_KEY",
     "SIMULATOR_EVENTS_PER_SECOND", "SIMULATOR_FRAME_EVENTS", "SIMULATOR_PREBUILT_EVENTS",
+    "SIMULATOR_MARKETS", "SIMULATOR_ENTITLED",
     "DOWNSTREAM_PROXY_CONTROL_MESSAGES_PER_SECOND", "DOWNSTREAM_PROXY_MAX_CHANNELS",
 ]
 
@@ -102,6 +103,13 @@ def test_env_file_and_proxy_env_file(monkeypatch, tmp_path):
         ("SIMULATOR_FRAME_EVENTS", "1001", load_simulator_config),
         ("SIMULATOR_FRAME_EVENTS", "2.5", load_simulator_config),
         ("SIMULATOR_FRAME_EVENTS", "lumps", load_simulator_config),
+        ("SIMULATOR_MARKETS", "stocks,bonds", load_simulator_config),
+        ("SIMULATOR_ENTITLED", "options,futures/cme", load_simulator_config),
+        ("SIMULATOR_SYMBOLS", "0", load_simulator_config),
+        ("UPSTREAM_PING_SECONDS", "0", load_firehose_config),
+        ("UPSTREAM_PONG_TIMEOUT_SECONDS", "inf", load_filtered_config),
+        ("JOURNAL_MAX_GB", "-1", load_filtered_config),
+        ("FILTERED_METRICS_PORT", "65536", load_filtered_config),
     ],
 )
 def test_bad_values_name_the_variable(monkeypatch, variable, value, loader):
@@ -113,6 +121,15 @@ def test_bad_values_name_the_variable(monkeypatch, variable, value, loader):
     assert variable in str(caught.value)
 
 
+def test_the_upstream_keepalive_is_read(monkeypatch):
+    monkeypatch.setenv("POLYGON_API_KEY", "k")
+    assert (load_firehose_config().keepalive_interval_seconds, load_firehose_config().keepalive_timeout_seconds) == (10, 20)
+    monkeypatch.setenv("UPSTREAM_PING_SECONDS", "0.5")
+    monkeypatch.setenv("UPSTREAM_PONG_TIMEOUT_SECONDS", "2")
+    for config in (load_firehose_config(), load_filtered_config()):
+        assert (config.keepalive_interval_seconds, config.keepalive_timeout_seconds) == (0.5, 2)
+
+
 def test_simulator_frame_events(monkeypatch):
     assert load_simulator_config().frame_events == "adaptive"  # as Polygon frames
     for raw, parsed in (("tick", "tick"), (" Adaptive ", "adaptive"), ("1", 1), ("10", 10), ("1000", 1000)):
@@ -121,6 +138,18 @@ def test_simulator_frame_events(monkeypatch):
     Path(".env").write_text("SIMULATOR_FRAME_EVENTS=200\n")
     monkeypatch.delenv("SIMULATOR_FRAME_EVENTS")
     assert load_simulator_config().frame_events == 200
+
+
+def test_simulator_markets_and_entitlement(monkeypatch):
+    config = load_simulator_config()
+    assert config.markets == config.entitled == ("stocks", "options", "forex", "crypto", "indices", "futures")
+    monkeypatch.setenv("SIMULATOR_MARKETS", " Options, stocks ,options")
+    monkeypatch.setenv("SIMULATOR_ENTITLED", "stocks")
+    config = load_simulator_config()
+    assert (config.markets, config.entitled) == (("options", "stocks"), ("stocks",))
+    monkeypatch.setenv("SIMULATOR_MARKETS", "bonds")
+    with pytest.raises(ConfigError, match=r"SIMULATOR_MARKETS: 'bonds' is not valid: markets must be one or more of stocks, "):
+        load_simulator_config()
 
 
 def test_missing_polygon_key_is_an_error_for_the_firehose():
@@ -179,20 +208,60 @@ def test_python_dash_m_works_too():
     assert process.returncode == 2 and "POLYGON_API_KEY" in process.stderr
 
 
-def test_env_example_documents_every_variable_the_code_reads():
+def test_env_example_and_readme_document_every_variable_the_code_reads(monkeypatch):
     import re
 
+    from proxy.app.config import declared_variables
+
     root = Path(__file__).parent.parent
-    source = (root / "proxy" / "app" / "config.py").read_text()
-    read = set(re.findall(r'_(?:read|required)\(source, "([A-Z_]+)"', source))
-    read |= {f"{prefix}_TLS_{part}" for prefix in re.findall(r'_tls\(source, "([A-Z_]+)"\)', source)
-             for part in ("CERT", "KEY")}
-    assert len(read) > 25
+    read = declared_variables()
+    assert {"FIREHOSE_PORT", "FILTERED_PROXY_PORT", "SIMULATOR_FRAME_EVENTS", "JOURNAL_MAX_GB",
+            "FIREHOSE_API_KEYS"} <= read and len(read) > 50
     example = (root / ".env.example").read_text()
-    documented = set(re.findall(r"^([A-Z_]+)=", example, flags=re.MULTILINE))
-    assert read - documented == set()
+    documented = set(re.findall(r"^#? ?([A-Z_]+)=", example, flags=re.MULTILINE))
+    assert sorted(read - documented - {"PROXY_ENV_FILE"}) == []
     readme = (root / "README.md").read_text()
-    assert [name for name in read if name not in readme] == []
+    assert sorted(name for name in read if f"`{name}`" not in readme) == []
+    # ... and nothing else is read: every variable the loaders look up is a declared one
+    looked_up: set[str] = set()
+    real_getitem = os.environ.__class__.__getitem__
+
+    def watching(self, key):
+        looked_up.add(key)
+        return real_getitem(self, key)
+
+    monkeypatch.setattr(os.environ.__class__, "__getitem__", watching)
+    monkeypatch.setenv("POLYGON_API_KEY", "k")
+    for loader in (load_firehose_config, load_filtered_config, load_simulator_config):
+        loader()
+    assert {name for name in looked_up if name.isupper()} - read == set()
+    assert {"FIREHOSE_PORT", "FILTERED_PROXY_PORT", "SIMULATOR_PORT"} <= looked_up
+
+
+def test_every_setting_is_declared_once_with_its_parser_and_default():
+    import attrs
+
+    from proxy.core.settings import SimulatorConfig, TierConfig, TierKind, variable_of
+
+    names: dict[tuple[str, str], str] = {}
+    for cls in (TierConfig, SimulatorConfig):
+        for field in attrs.fields(cls):
+            variable = variable_of(field)
+            if variable is None:
+                continue
+            tiers = (None,) if cls is SimulatorConfig else tuple(TierKind)
+            for tier in tiers:
+                name = variable.name_for(tier)
+                if name is None:
+                    continue
+                # one field per variable and scope (LOG_LEVEL serves the tiers and the simulator alike)
+                key = (cls.__name__ if tier is None else "tier", name)
+                assert key not in names or names[key] == field.name, f"{name} is declared twice"
+                names[key] = field.name
+                default = variable.defaults.get(tier, field.default) if tier else field.default
+                assert default is not attrs.NOTHING, f"{name} has no default"
+                if field.validator is not None and default is not None:
+                    field.validator(None, field, default)  # the default keeps the field's own rule
 
 
 def test_log_level_is_honoured():

@@ -20,7 +20,7 @@ LAYERS = {"core": 0, "net": 1, "app": 2, "sim": 3}
 ENTRY_POINT_LAYER = 4
 #: The modules outside the layers: the package and what ``trio-run`` / ``python -m`` names.
 ENTRY_POINTS = {"proxy", "proxy.firehose", "proxy.filtered", "proxy.simulator", "proxy.keys", "proxy.client",
-                "proxy.journal"}
+                "proxy.journal", "proxy.replay"}
 #: What the sans-I/O core must never import: event loops, sockets, TLS, metrics, files.
 CORE_FORBIDDEN = {"trio", "trio_websocket", "prometheus_client", "socket", "ssl", "selectors",
                   "asyncio", "os", "pathlib", "io", "shutil", "decouple", "h11"}
@@ -133,3 +133,35 @@ def test_the_checks_catch_what_they_are_for(tmp_path):
     found = imports_of("proxy.core.sample", sample)
     assert {"trio", "proxy.app.tier", "proxy.core.protocol"} <= found
     assert layer_of("proxy.app.tier") > layer_of("proxy.core.sample")
+
+
+def _public_definitions(tree: ast.Module) -> list[tuple[str, ast.AST]]:
+    """The module's public classes and functions (those in ``__all__`` when it declares one),
+    and the public methods of those classes; ``@overload`` stubs left out."""
+    exported: set[str] | None = None
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(target, "id", None) == "__all__" for target in node.targets):
+            exported = {element.value for element in node.value.elts}  # type: ignore[attr-defined]
+    found: list[tuple[str, ast.AST]] = []
+    for node in tree.body:
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) or node.name.startswith("_"):
+            continue
+        if exported is not None and node.name not in exported:
+            continue
+        if any(getattr(decorator, "id", None) == "overload" for decorator in getattr(node, "decorator_list", [])):
+            continue
+        found.append((node.name, node))
+        if isinstance(node, ast.ClassDef):
+            found.extend((f"{node.name}.{method.name}", method) for method in node.body
+                         if isinstance(method, (ast.FunctionDef, ast.AsyncFunctionDef))
+                         and not method.name.startswith("_"))
+    return found
+
+
+@pytest.mark.parametrize("name", sorted(modules()))
+def test_every_module_and_public_definition_says_what_it_is(name):
+    """A docstring on each module and on every public class, function and method: the contract."""
+    tree = ast.parse(modules()[name].read_text())
+    assert ast.get_docstring(tree), f"{name} has no module docstring"
+    assert [definition for definition, node in _public_definitions(tree)
+            if not ast.get_docstring(node)] == [], f"{name}: public definitions without a docstring"

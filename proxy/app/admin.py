@@ -29,7 +29,8 @@ from ..net.http import HttpRequest, HttpResponse
 from ..net.server import ClientSession, Hub
 from ..net.upstream import UpstreamLink
 
-__all__ = ["CHANNELS_LISTED", "COOKIE", "Observed", "client_view", "make_handler"]
+__all__ = ["CHANNELS_LISTED", "COOKIE", "JSON", "Observed", "allowed", "client_view", "forbidden", "login", "make_handler",
+           "static_file"]
 
 #: How many channels /clients lists per client (all of them: /clients/<id>).
 CHANNELS_LISTED = 100
@@ -104,7 +105,9 @@ def _status(tier: Observed) -> dict[str, Any]:
     }
 
 
-def _allowed(request: HttpRequest, token: str | None) -> bool:
+def allowed(request: HttpRequest, token: str | None) -> bool:
+    """Whether ``request`` may see the operator views: it presents ``token`` (Bearer or cookie),
+    or, when there is none, it comes from this machine."""
     if token is None:
         try:
             return ipaddress.ip_address(request.peer).is_loopback
@@ -122,7 +125,8 @@ def _allowed(request: HttpRequest, token: str | None) -> bool:
     return hmac.compare_digest(presented.encode(), token.encode())
 
 
-def _static(name: str) -> HttpResponse:
+def static_file(name: str) -> HttpResponse:
+    """A file of the status page shipped in the package (404 for anything outside it)."""
     folder = importlib.resources.files("proxy.app") / "static"
     resource = folder
     for part in name.split("/"):
@@ -134,6 +138,22 @@ def _static(name: str) -> HttpResponse:
     suffix = "." + name.rsplit(".", 1)[-1]
     return HttpResponse(200, resource.read_bytes(), _STATIC_TYPES.get(suffix, "application/octet-stream"),
                         (("cache-control", "max-age=3600"),))
+
+
+def login(request: HttpRequest, token: str | None) -> HttpResponse:
+    """``/login?token=...``: the cookie that opens the operator views in a browser, then the status page."""
+    presented = request.query.get("token", "")
+    if token is None or not hmac.compare_digest(presented.encode(), token.encode()):
+        return HttpResponse(403, b"forbidden: /login?token=ADMIN_TOKEN\n")
+    cookie = f"{COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/"
+    return HttpResponse(303, b"logged in\n", headers=(("set-cookie", cookie), ("location", "/")))
+
+
+def forbidden(token: str | None) -> HttpResponse:
+    """The answer to a request :func:`allowed` refuses, saying how to get in."""
+    why = ("send ADMIN_TOKEN as a Bearer token, or log in at /login?token=..." if token
+           else "without ADMIN_TOKEN set, only this machine (loopback) may look")
+    return HttpResponse(403, f"forbidden: {why}\n".encode())
 
 
 def make_handler(tier: Observed, registry: CollectorRegistry) -> Callable[[HttpRequest], HttpResponse]:
@@ -151,25 +171,19 @@ def make_handler(tier: Observed, registry: CollectorRegistry) -> Callable[[HttpR
         if path == "/metrics":
             return HttpResponse(200, generate_latest(registry), CONTENT_TYPE_LATEST)
         if path == "/login":
-            presented = request.query.get("token", "")
-            if token is None or not hmac.compare_digest(presented.encode(), token.encode()):
-                return HttpResponse(403, b"forbidden: /login?token=ADMIN_TOKEN\n")
-            cookie = f"{COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/"
-            return HttpResponse(303, b"logged in\n", headers=(("set-cookie", cookie), ("location", "/")))
+            return login(request, token)
         if path == "/" or path == "/status.json" or path.startswith(("/clients", "/static/")):
-            if not _allowed(request, token):
-                why = ("send ADMIN_TOKEN as a Bearer token, or log in at /login?token=..." if token
-                       else "without ADMIN_TOKEN set, only this machine (loopback) may look")
-                return HttpResponse(403, f"forbidden: {why}\n".encode())
+            if not allowed(request, token):
+                return forbidden(token)
             return _operator_view(path)
         return HttpResponse(404, (f"not found: this is the {name} tier's health and metrics port; try "
                                   "/healthz, /readyz, /metrics, or / for the status page\n").encode())
 
     def _operator_view(path: str) -> HttpResponse:
         if path == "/":
-            return _static("status.html")
+            return static_file("status.html")
         if path.startswith("/static/"):
-            return _static(path.removeprefix("/static/"))
+            return static_file(path.removeprefix("/static/"))
         if path == "/status.json":
             return HttpResponse(200, _encode(_status(tier)), JSON)
         now = trio.current_time()

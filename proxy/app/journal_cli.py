@@ -48,7 +48,7 @@ from ..core.protocol import EVERYTHING_CHANNEL, parse_channel_list
 from ..core.routing import FrameError
 from ..net.journal_store import SegmentFile, list_segments, read_blocks, scan_file
 
-__all__ = ["PROG", "parse_time", "Progress", "build_parser", "main"]
+__all__ = ["PROG", "parse_time", "describe_problem", "Progress", "build_parser", "main"]
 
 PROG = "python -m proxy.journal"
 _MARKER_NAMES = {
@@ -208,7 +208,7 @@ def _ls(segments: list[SegmentFile], directory: str, out: IO[str], err: IO[str])
             noted: list[str] = []
 
             def note(name: str, problem: Damage | TornTail, segment: SegmentFile = segment) -> None:
-                noted.append(_describe_problem(problem, last=segment is segments[-1]))
+                noted.append(describe_problem(problem, last=segment is segments[-1]))
 
             for records in read_blocks(directory, segments=[segment], codec=codec, on_problem=note,
                                        progress=progress.advance):
@@ -227,7 +227,9 @@ def _ls(segments: list[SegmentFile], directory: str, out: IO[str], err: IO[str])
     return 1 if problems else 0
 
 
-def _describe_problem(problem: Damage | TornTail, *, last: bool) -> str:
+def describe_problem(problem: Damage | TornTail, *, last: bool) -> str:
+    """One line saying what a damaged stretch or a torn tail is, where, and the seqs it cost;
+    ``last``: the problem is in the journal's last segment (where a torn tail is expected)."""
     if isinstance(problem, TornTail):
         what = ("zero bytes" if problem.zeroed else "an incomplete block")
         if last:
@@ -270,9 +272,9 @@ def _verify(segments: list[SegmentFile], out: IO[str], err: IO[str]) -> int:
                     segment.first_seq, segment.start_ns):
                 lines.append(f"DAMAGED: the header says seq {scan.header.first_seq:,} at "
                              f"{format_ns(scan.header.start_ns)}; the name says otherwise")
-            lines += [_describe_problem(damage, last=False) for damage in scan.damage]
+            lines += [describe_problem(damage, last=False) for damage in scan.damage]
             if scan.torn is not None:
-                lines.append(_describe_problem(scan.torn, last=segment is segments[-1]))
+                lines.append(describe_problem(scan.torn, last=segment is segments[-1]))
             if previous is not None and scan.first_seq is not None and scan.first_seq != previous[1] + 1:
                 lines.append(f"DAMAGED: starts at seq {scan.first_seq:,}, but {previous[0]} ends at "
                              f"{previous[1]:,}" + (f": seqs {previous[1] + 1:,}..{scan.first_seq - 1:,} "
@@ -312,7 +314,7 @@ def _cat(segments: list[SegmentFile], directory: str, args: argparse.Namespace, 
     def note(name: str, problem: Damage | TornTail) -> None:
         if isinstance(problem, TornTail) and name == last_name:
             return  # a writer at work, or a crash: nothing the reader lacks
-        problems.append(f"{name}: {_describe_problem(problem, last=name == last_name)}")
+        problems.append(f"{name}: {describe_problem(problem, last=name == last_name)}")
         progress.close()
         print(f"{PROG}: {problems[-1]}", file=err)
 

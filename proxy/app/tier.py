@@ -245,7 +245,7 @@ async def run_tier(
             try:
                 tier.metrics_port = await nursery.start(
                     functools.partial(serve_http, name=config.tier, pending=hub.pending),
-                    config.host, config.metrics_port, make_handler(tier, metrics),
+                    config.metrics_host or config.host, config.metrics_port, make_handler(tier, metrics),
                 )
             except OSError as error:
                 raise bind_error(config.metrics_port_setting, config.host, config.metrics_port, error) from None

@@ -18,6 +18,7 @@ __all__ = [
     "CloseReason",
     "ConfigError",
     "FrameError",
+    "JournalDamaged",
     "JournalFormatError",
     "JournalLocked",
     "ProxyError",
@@ -103,6 +104,11 @@ class SeqEvicted(ProxyError, LookupError):
 
 class JournalLocked(ProxyError, OSError):
     """Another process holds the journal directory's lock: it is writing there."""
+
+
+class JournalDamaged(ProxyError):
+    """A journal being replayed holds damage (not a torn tail at its very end); the message
+    names the segment, the bytes, what failed and the seqs lost, as ``verify`` reports it."""
 
 
 def leaves(raised: BaseException) -> Iterator[BaseException]:

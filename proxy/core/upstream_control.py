@@ -44,6 +44,7 @@ class TokenBucket:
         return 0.0 if self._tokens >= 1 else (1 - self._tokens) / self.rate
 
     def take(self, now: float) -> None:
+        """Spend one token (the caller checked there is one)."""
         self._refill(now)
         assert self._tokens is not None
         self._tokens -= 1
@@ -115,6 +116,7 @@ class SubscriptionPlan:
 
     @property
     def idle(self) -> bool:
+        """Whether nothing is waiting to be sent or answered."""
         return not (self._pending or self._looking or self._subscribe or self._unsubscribe)
 
     def _take(self, queue: deque[Channel]) -> list[Channel]:
@@ -148,6 +150,7 @@ class PendingAnswers:
     _requests: deque[_Request] = attrs.field(factory=deque)
 
     def sent(self, verb: str, channels: Iterable[Channel], now: float) -> None:
+        """Remember a request sent upstream at ``now``, to match the answers that come back."""
         listed = tuple(channels)
         self._requests.append(_Request(verb, listed, set(listed), now))
 

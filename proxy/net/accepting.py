@@ -23,7 +23,7 @@ from typing import Any, Callable, NoReturn
 import attrs
 import trio
 
-__all__ = ["AcceptTrouble", "PendingConnections", "open_socket_listeners", "accept_forever", "after_resource_error", "RESOURCE_ERRORS", "TRANSIENT_ERRORS", "RETRY_SECONDS", "REMIND_SECONDS"]
+__all__ = ["AcceptTrouble", "PendingConnections", "open_socket_listeners", "reserve_shared_port", "accept_forever", "after_resource_error", "RESOURCE_ERRORS", "TRANSIENT_ERRORS", "RETRY_SECONDS", "REMIND_SECONDS"]
 
 #: accept() errors that mean "out of a resource now": retry shortly (trio's serve_listeners does the same).
 RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
@@ -141,14 +141,48 @@ class PendingConnections:
         return connection in self._scopes
 
 
-async def open_socket_listeners(host: str, port: int) -> list[socket.socket]:
-    """Bound, listening, non-blocking sockets for ``host`` and ``port`` (trio resolves and binds)."""
-    listeners = await trio.open_tcp_listeners(port, host=host)
-    sockets = []
-    for listener in listeners:
-        sock = socket.socket(fileno=listener.socket.detach())
-        sock.setblocking(False)
-        sockets.append(sock)
+async def open_socket_listeners(host: str, port: int, *, reuse_port: bool = False) -> list[socket.socket]:
+    """Bound, listening, non-blocking sockets for ``host`` and ``port`` (trio resolves and binds).
+
+    With ``reuse_port``, each socket is opened with ``SO_REUSEPORT``, so that several
+    processes listen on the same port and the kernel spreads new connections over them
+    (the filtered proxy's workers); ``port`` must then be a real port, not 0.
+    """
+    if not reuse_port:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        sockets = []
+        for listener in listeners:
+            sock = socket.socket(fileno=listener.socket.detach())
+            sock.setblocking(False)
+            sockets.append(sock)
+        return sockets
+    return await reserve_shared_port(host, port, listen=True)
+
+
+async def reserve_shared_port(host: str, port: int, *, listen: bool = False) -> list[socket.socket]:
+    """Sockets bound with ``SO_REUSEPORT`` to ``port`` (0: a free one, the same for every
+    address of ``host``), listening only if ``listen``: a parent holds such sockets, unlistening,
+    to own the port its workers share (a bound socket that does not listen gets no connections)."""
+    infos = await trio.socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _name, address in infos:
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if port == 0 and len(sockets) > 1:
+                address = (address[0], sockets[0].getsockname()[1], *address[2:])
+            sock.bind(address)
+            if listen:
+                sock.listen(socket.SOMAXCONN)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
     return sockets
 
 

@@ -10,10 +10,11 @@ need nothing more than one request per connection.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import socket
 from http import HTTPStatus
-from typing import Callable
+from typing import Awaitable, Callable
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import attrs
@@ -22,7 +23,7 @@ import trio
 
 from .accepting import AcceptTrouble, PendingConnections, accept_forever, open_socket_listeners
 
-__all__ = ["MAX_REQUEST_BYTES", "REQUEST_TIMEOUT", "Handler", "HttpRequest", "HttpResponse", "serve_http"]
+__all__ = ["MAX_REQUEST_BYTES", "REQUEST_TIMEOUT", "Handler", "HttpRequest", "HttpResponse", "http_get", "serve_http"]
 
 log = logging.getLogger(__name__)
 REQUEST_TIMEOUT = 5.0
@@ -51,7 +52,8 @@ class HttpResponse:
     headers: tuple[tuple[str, str], ...] = ()
 
 
-Handler = Callable[[HttpRequest], HttpResponse]
+#: Answers a request, at once or (for a view that must ask elsewhere first) when awaited.
+Handler = Callable[[HttpRequest], "HttpResponse | Awaitable[HttpResponse]"]
 
 
 async def serve_http(
@@ -101,7 +103,8 @@ async def _handle(stream: trio.SocketStream, *, handler: Handler) -> None:
             if method not in ("GET", "HEAD"):
                 response = HttpResponse(405, b"only GET and HEAD\n")
             else:
-                response = handler(_request_value(request, method, stream))
+                answer = handler(_request_value(request, method, stream))
+                response = await answer if inspect.isawaitable(answer) else answer
             headers = [("content-type", response.content_type), ("content-length", str(len(response.body))),
                        ("connection", "close"), *response.headers]
             reason = HTTPStatus(response.status).phrase.encode()  # h11 leaves it empty: "HTTP/1.1 503 "
@@ -142,3 +145,31 @@ async def _read_request(stream: trio.SocketStream, connection: h11.Connection) -
         if isinstance(event, h11.Request):
             return event
         return None  # the client closed or sent something else
+
+
+async def http_get(
+    host: str, port: int, path: str, *, headers: tuple[tuple[str, str], ...] = (), timeout: float = REQUEST_TIMEOUT,
+) -> tuple[int, bytes]:
+    """GET ``path`` from ``host:port`` (one request, h11 as the server uses it): status and body.
+
+    For a parent asking its own workers on loopback, so nothing more than that:
+    raises OSError, ``trio.TooSlowError`` after ``timeout``, or h11's errors.
+    """
+    connection = h11.Connection(h11.CLIENT)
+    with trio.fail_after(timeout):
+        stream = await trio.open_tcp_stream(host, port)
+        async with stream:
+            request = h11.Request(method="GET", target=path,
+                                  headers=[("host", f"{host}:{port}"), ("connection", "close"), *headers])
+            await stream.send_all(connection.send(request) + connection.send(h11.EndOfMessage()))
+            status, body = 0, bytearray()
+            while True:
+                event = connection.next_event()
+                if event is h11.NEED_DATA:
+                    connection.receive_data(await stream.receive_some(65_536))
+                elif isinstance(event, h11.Response):
+                    status = event.status_code
+                elif isinstance(event, h11.Data):
+                    body += event.data
+                elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+                    return status, bytes(body)

@@ -551,7 +551,7 @@ async def serve_clients(
         except Exception:  # a bug in one session must not end the server for everyone
             log.exception("client session from %s failed; other clients are unaffected", peer)
 
-    listeners = await open_socket_listeners(config.host, config.port)
+    listeners = await open_socket_listeners(config.host, config.port, reuse_port=config.reuse_port)
     tls = _tls_context(config)
     async with trio.open_nursery() as nursery:
         for listener in listeners:

@@ -85,6 +85,7 @@ class Pacer:
 
     @property
     def sent(self) -> int:
+        """Frames handed out and not skipped."""
         return self.next_index - self.skipped
 
     def due(self, now: float) -> int:

@@ -4,8 +4,9 @@
 names, a long quiet tail), walks each price randomly, keeps quotes consistent
 (bid < ask) and trades inside them, and emits ``T`` and ``Q`` continuously with
 an occasional ``LULD`` and ``FMV``; ``A`` per second and ``AM`` per minute come
-from the trades it made. The caller supplies timestamps, so the same seed and the
-same calls give the same bytes.
+from the trades it made, and ``NOI`` (imbalances) once a minute from their own
+random source, so the stream's bytes are what they were before NOI existed. The
+caller supplies timestamps, so the same seed and the same calls give the same bytes.
 """
 
 from __future__ import annotations
@@ -105,6 +106,9 @@ class MarketModel:
         self._state: dict[str, _SymbolState] = {}
         self._sequence = itertools.count(1)
         self._trade_ids = itertools.count(1)
+        # NOI draws from its own source: adding it left the seeded stream's bytes unchanged.
+        self._imbalance_random = random.Random(None if seed is None else f"{seed}:NOI")
+        self._imbalance_sequence = itertools.count(1)
 
     def _symbol_state(self, symbol: str) -> _SymbolState:
         state = self._state.get(symbol)
@@ -169,6 +173,22 @@ class MarketModel:
     def minute_aggregates(self, start_ms: int) -> list[Event]:
         """``AM`` for every symbol that traded in the minute starting at ``start_ms``."""
         return list(self._aggregates("minute", "AM", start_ms, start_ms + 60_000))
+
+    def imbalances(self, now_ms: int, count: int = 3) -> list[Event]:
+        """``NOI`` (net order imbalance) for ``count`` symbols, busy ones most often, at ``now_ms``:
+        as an exchange publishes them ahead of an auction (the symbol in ``T``)."""
+        rnd = self._imbalance_random
+        chosen = dict.fromkeys(rnd.choices(self.symbols, cum_weights=self._cumulative, k=count))
+        events = []
+        for symbol in chosen:
+            state = self._state.get(symbol)  # not _symbol_state: that would draw from the stream's source
+            price = state.price if state is not None else round(rnd.uniform(5, 500), 2)
+            auction = rnd.choice("OC")  # opening or closing auction, at 9:30 or 16:00 (HHMMSS)
+            payload = {"ev": "NOI", "T": symbol, "t": now_ms * 1_000_000, "at": 93000 if auction == "O" else 160000,
+                       "a": auction, "i": next(self._imbalance_sequence), "x": rnd.choice((4, 10, 12)),
+                       "o": rnd.randint(1, 500) * 100, "p": rnd.randint(1, 2000) * 100, "b": round(price, 2)}
+            events.append(Event("NOI", symbol, _encode(payload)))
+        return events
 
     def _aggregates(self, attribute: str, ev: str, start: int, end: int) -> Iterator[Event]:
         for symbol, state in self._state.items():

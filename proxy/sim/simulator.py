@@ -1,10 +1,17 @@
 """A Polygon-compatible server with synthetic data and fault injection (``trio-run proxy.simulator``).
 
 It speaks the protocol as Polygon does (``connected`` first, auth against
-``SIMULATOR_API_KEYS``, ``auth_timeout``, ``max_connections`` per key, one
-status per channel, a bare ``*`` refused unless ``SIMULATOR_ALLOW_STAR``) and
+``SIMULATOR_API_KEYS``, ``auth_timeout``, ``max_connections`` per key and market,
+one status per channel, a bare ``*`` refused unless ``SIMULATOR_ALLOW_STAR``) and
 sends each connection only the events its channels select, in frames cut and
-paced as ``SIMULATOR_FRAME_EVENTS`` says (:mod:`proxy.sim.framing`). The
+paced as ``SIMULATOR_FRAME_EVENTS`` says (:mod:`proxy.sim.framing`). Every
+market of :mod:`proxy.core.markets` is served at its path on the one port
+(``SIMULATOR_MARKETS``; ``/`` is stocks), each with its own feed
+(:mod:`proxy.sim.feeds`), connection limit and channel rules (options quotes:
+no ``Q.*``, 1,000 contracts a connection); a market outside
+``SIMULATOR_ENTITLED`` answers ``auth_failed`` as Polygon does for a plan
+without it. A market other than stocks generates only while someone is
+connected to it, so that an unused market costs nothing. The
 WebSocket server is the tiers' own (:mod:`proxy.net.listener`,
 :class:`~proxy.net.connection.WsConnection`), whose writes go to the socket at
 once: so faults can be real (an abrupt close sends no close frame, a stall
@@ -23,6 +30,7 @@ import math
 import socket
 import time
 from typing import Awaitable, Callable, TypeVar
+from urllib.parse import urlsplit
 
 import attrs
 import msgspec
@@ -30,6 +38,7 @@ import trio
 
 from ..core.errors import ClientMessageError, WebSocketClosed
 from ..core import protocol
+from ..core.markets import MARKET_TABLE, screen
 from ..app.config import bind_error, load_simulator_config, setup_logging
 from ..core.keys import redact
 from ..core.settings import FRAME_ADAPTIVE, SimulatorConfig
@@ -38,6 +47,7 @@ from ..net.connection import WsConnection
 from ..net.listener import accept_connections
 from ..net.transport import SocketTransport
 from .framing import Pacer, Unit, events_per_frame, take_frame
+from .feeds import FeedModel, feed_model
 from .market import Event, MarketModel, frame_of, prebuild, stamp, synthetic_symbols
 from ..core.protocol import Auth, Channel, Subscribe
 
@@ -46,6 +56,7 @@ __all__ = [
     "MAX_MESSAGE_BYTES",
     "MALFORMED_FRAME",
     "CLOSE_SECONDS",
+    "NOT_ENTITLED",
     "Faults",
     "FaultyConnection",
     "SimConnection",
@@ -66,6 +77,8 @@ _FRAMES_BETWEEN_CHECKPOINTS = 64
 MALFORMED_FRAME = '[{"ev":"T","sym":"AAPL","p":'
 #: How long a close handshake of ours waits for the client's answer.
 CLOSE_SECONDS = 1.0
+#: Polygon's answer to a key whose plan does not include the market connected to.
+NOT_ENTITLED = protocol.status_frame("auth_failed", "Your plan doesn't include websocket access.")
 
 T = TypeVar("T")
 
@@ -90,14 +103,17 @@ class Faults:
     evict_oldest: bool = False
 
     def stall(self, seconds: float) -> None:
+        """Stop sending and reading for ``seconds`` from now (interrupting what waits)."""
         self.stall_until = trio.current_time() + seconds
         for scope in self._interruptible:
             scope.cancel()
 
     def stalled(self) -> bool:
+        """Whether a stall is going on."""
         return self.stall_until > trio.current_time()
 
     async def wait_out_stall(self) -> None:
+        """Return when no stall is going on."""
         if self.stalled():
             await trio.sleep_until(self.stall_until)
 
@@ -162,26 +178,40 @@ class FaultyConnection:
 
 @attrs.define(eq=False)
 class SimConnection:
+    """One client of the simulator: its key, its subscriptions (indexed for the per-event
+    filter) and the frames published to it that its writer has not sent yet."""
+
     id: int
     api_key: str = ""
+    #: The market connected to (its path), which its events come from and its limits apply to.
+    market: str = "stocks"
     channels: set[Channel] = attrs.field(factory=set)
     # Indexes of `channels` for the per-event filter: type wildcards, exact channel texts, `*`.
     wild_types: set[str] = attrs.field(factory=set)
     exact: set[str] = attrs.field(factory=set)
     star: bool = False
+    #: The held channels of each type its market caps (options: ``Q``), so that a subscribe is
+    #: checked against the cap without a look at the rest (set up by the server at auth).
+    capped: dict[str, set[Channel]] = attrs.field(factory=dict)
     #: Frames published to this connection and not yet written, in order (see framing.take_frame).
     pending: collections.deque[Unit] = attrs.field(factory=collections.deque)
     pending_events: int = 0
     #: Set when something is queued; the writer replaces it before it waits again.
     wake: trio.Event = attrs.field(factory=trio.Event)
     frames_sent: int = 0
+    #: Whether the writer waits for the kernel to take a frame (the socket is backed up): what
+    #: is published meanwhile piles up in ``pending``, and the adaptive framing joins it.
+    backed_up: bool = False
     opened_at: float = 0.0
     drop: trio.Event = attrs.field(factory=trio.Event)
     dropped: bool = False
     evicted: bool = False
+    #: Counts changes to ``channels``: what depends on them (the replay's selectors) rebuilds when it moves.
+    revision: int = 0
 
     def add(self, channel: Channel) -> None:
         """Hold ``channel``, and index it (one channel at a time: a tier may hold 100,000)."""
+        self.revision += 1
         self.channels.add(channel)
         if channel.is_everything:
             self.star = True
@@ -189,8 +219,14 @@ class SimConnection:
             self.wild_types.add(channel.ev_type)
         else:
             self.exact.add(channel.text)
+            if self.capped:
+                bucket = self.capped.get(channel.ev_type)
+                if bucket is not None:
+                    bucket.add(channel)
 
     def discard(self, channel: Channel) -> None:
+        """Unsubscribe ``channel`` (its index entries too)."""
+        self.revision += 1
         self.channels.discard(channel)
         if channel.is_everything:
             self.star = False
@@ -198,8 +234,13 @@ class SimConnection:
             self.wild_types.discard(channel.ev_type)
         else:
             self.exact.discard(channel.text)
+            if self.capped:
+                bucket = self.capped.get(channel.ev_type)
+                if bucket is not None:
+                    bucket.discard(channel)
 
     def selects(self, event: Event) -> bool:
+        """Whether this connection subscribed to ``event``."""
         return self.star or event.ev in self.wild_types or event.channel in self.exact
 
     def enqueue(self, events: int, payload: bytes) -> None:
@@ -221,6 +262,16 @@ class Simulator:
     model: MarketModel
     faults: Faults
     port: int = 0
+    #: Each market served, with its feed (stocks: :attr:`model`).
+    feeds: dict[str, FeedModel] = attrs.field(factory=dict)
+    #: Per market, caps replacing Polygon's (``{"options": {"Q": 5}}``; tests set them).
+    caps: dict[str, dict[str, int]] = attrs.field(factory=dict)
+    #: Per market, set when a connection arrives there (an idle market's generator waits on it).
+    arrivals: dict[str, trio.Event] = attrs.field(factory=dict)
+    #: Per market, stream events its generator skipped (see :attr:`events_skipped`), and events
+    #: it generated (of :attr:`events_generated`).
+    skipped_by_market: dict[str, int] = attrs.field(factory=dict)
+    generated_by_market: collections.Counter = attrs.field(factory=collections.Counter)
     connections: set[SimConnection] = attrs.field(factory=set)
     connections_total: int = 0
     auth_attempts: int = 0
@@ -253,12 +304,30 @@ class Simulator:
             connection.enqueue(1, frame_of([marker]))
 
     def drop_all(self, *, abrupt: bool = False) -> None:
+        """Drop every connection (``abrupt``: without a close frame), as a fault."""
         self.faults.abrupt = abrupt
         for connection in self.connections:
             connection.drop.set()
 
-    def subscribed_channels(self) -> set[str]:
-        return {channel.text for connection in self.connections for channel in connection.channels}
+    def subscribed_channels(self, market: str | None = None) -> set[str]:
+        """The channels held by the connections (to ``market`` only, when given), as texts."""
+        return {channel.text for connection in self.connections for channel in connection.channels
+                if market is None or connection.market == market}
+
+    def connections_to(self, market: str) -> list[SimConnection]:
+        """The authenticated connections to ``market``."""
+        return [connection for connection in self.connections if connection.market == market]
+
+    def arrived(self, market: str) -> None:
+        """Wake ``market``'s generator if it idles: a connection arrived there."""
+        event = self.arrivals.pop(market, None)
+        if event is not None:
+            event.set()
+
+    async def wait_for_arrival(self, market: str) -> None:
+        """Return once a connection to ``market`` arrives (at once if one is there)."""
+        while not self.connections_to(market):
+            await self.arrivals.setdefault(market, trio.Event()).wait()
 
 
 def _symbols(config: SimulatorConfig) -> tuple[str, ...]:
@@ -268,11 +337,22 @@ def _symbols(config: SimulatorConfig) -> tuple[str, ...]:
 
 
 async def run_simulator(
-    config: SimulatorConfig, *, task_status: trio.TaskStatus[Simulator] = trio.TASK_STATUS_IGNORED
+    config: SimulatorConfig,
+    *,
+    source: Callable[[Simulator], Awaitable[object]] | None = None,
+    port_setting: str = "SIMULATOR_PORT",
+    task_status: trio.TaskStatus[Simulator] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    """Serve Polygon's protocol until cancelled; hands the running :class:`Simulator` to
+    ``task_status`` once it listens. ``source`` feeds the connections instead of the synthetic
+    markets (the journal replay, :mod:`proxy.sim.replay`); it runs beside the server. Raises
+    ConfigError (naming ``port_setting``) when the port cannot be opened."""
+    stocks = MarketModel(_symbols(config), seed=config.seed)
     simulator = Simulator(
         config=config,
-        model=MarketModel(_symbols(config), seed=config.seed),
+        model=stocks,
+        feeds={market: stocks if market == "stocks" else feed_model(market, seed=config.seed)
+               for market in config.markets},
         faults=Faults(drop_after_seconds=config.drop_after_seconds,
                       drop_after_frames=config.drop_after_frames,
                       refuse_auth=config.refuse_auth,
@@ -283,7 +363,7 @@ async def run_simulator(
     try:
         listeners = await open_socket_listeners(config.host, config.port)
     except OSError as error:
-        raise bind_error("SIMULATOR_PORT", config.host, config.port, error) from None
+        raise bind_error(port_setting, config.host, config.port, error) from None
     pending = PendingConnections()
     async with trio.open_nursery() as nursery:
         for listener in listeners:
@@ -292,12 +372,19 @@ async def run_simulator(
                 max_message_bytes=MAX_MESSAGE_BYTES, pending=pending,
             ))
         simulator.port = listeners[0].getsockname()[1]
-        nursery.start_soon(_generate, simulator)
+        if source is None:
+            for market in simulator.feeds:
+                nursery.start_soon(_generate, simulator, market)
+        else:
+            nursery.start_soon(source, simulator)
         if config.stall_after_seconds is not None and config.stall_seconds > 0:
             nursery.start_soon(_stall_later, simulator.faults, config.stall_after_seconds, config.stall_seconds)
-        log.info("Polygon simulator listening on ws://%s:%d/stocks (%d symbols, %.0f events/s, "
-                 "frames: %s)", config.host, simulator.port, len(simulator.model.symbols),
-                 config.events_per_second, _describe_framing(config))
+        if source is None:
+            log.info("Polygon simulator listening on ws://%s:%d/<market> for %s (%d stock symbols, %.0f events/s "
+                     "a market, frames: %s%s)", config.host, simulator.port, ", ".join(config.markets),
+                     len(simulator.model.symbols), config.events_per_second, _describe_framing(config),
+                     "" if set(config.entitled) >= set(config.markets)
+                     else f"; entitled: {', '.join(config.entitled) or 'none'}")
         task_status.started(simulator)
 
 
@@ -314,26 +401,36 @@ def _describe_framing(config: SimulatorConfig) -> str:
     return f"{config.frame_events} ({per_frame} events each, {config.events_per_second / per_frame:,.1f} a second)"
 
 
-async def _generate(simulator: Simulator) -> None:
-    """Emit the stream at the configured rate, plus A each second and AM each minute.
+async def _generate(simulator: Simulator, market: str = "stocks") -> None:
+    """Emit ``market``'s stream at the configured rate, plus its aggregates each second and
+    each minute (and for stocks, NOI each minute).
 
     Frames are paced by deadline (:class:`~proxy.sim.framing.Pacer`): each wake-up
     publishes every frame due by then, each of the configured size, and sleeps until
     the next is due; Trio's sleep is too coarse to wake once per frame at high rates.
+    Stocks generate all the time, as before there were other markets; another market
+    only while a connection to it is open (nobody would see the rest), its pacing
+    starting afresh when one arrives.
     """
-    model, config = simulator.model, simulator.config
+    model, config = simulator.feeds[market], simulator.config
+    idles = market != "stocks"
     rate = config.events_per_second
     per_frame = events_per_frame(config.frame_events, rate)
     prebuilt: list[list[Event]] = []
-    if config.prebuilt_events:
+    if config.prebuilt_events and isinstance(model, MarketModel):  # its placeholder times are stocks'
+
         # whole frames only, so that the cycle's last frame is as full as the others
         prebuilt = prebuild(model, math.ceil(config.prebuilt_events / per_frame) * per_frame, per_frame)
     cursor = 0
     pacer = Pacer(frames_per_second=rate / per_frame, start=trio.current_time())
     second = int(time.time())
     minute = second // 60
-    skipped_reported, warned_ms = 0, 0
+    skipped_reported, warned_ms, skipped_before = 0, 0, 0
     while True:
+        if idles and not simulator.connections_to(market):
+            await simulator.wait_for_arrival(market)
+            skipped_before += pacer.skipped
+            pacer = Pacer(frames_per_second=rate / per_frame, start=trio.current_time())
         due = pacer.due(trio.current_time())
         wall_ms = int(time.time() * 1000)
         frames: list[list[Event]] = []
@@ -346,15 +443,19 @@ async def _generate(simulator: Simulator) -> None:
             frames = [events[offset:offset + per_frame] for offset in range(0, len(events), per_frame)]
         for events in frames:
             simulator.events_generated += len(events)
-            _publish(simulator, events, wall_ms if prebuilt else None)
+            simulator.generated_by_market[market] += len(events)
+            _publish(simulator, events, wall_ms if prebuilt else None, market)
         # Aggregates are cut like the stream: N to a frame, or one each when adaptive.
         if wall_ms // 1000 != second:
-            _publish_cut(simulator, model.second_aggregates(second * 1000), per_frame)
+            _publish_cut(simulator, model.second_aggregates(second * 1000), per_frame, market)
             second = wall_ms // 1000
         if wall_ms // 60_000 != minute:
-            _publish_cut(simulator, model.minute_aggregates(minute * 60_000), per_frame)
+            _publish_cut(simulator, model.minute_aggregates(minute * 60_000), per_frame, market)
+            if isinstance(model, MarketModel):
+                _publish_cut(simulator, model.imbalances(wall_ms), per_frame, market)
             minute = wall_ms // 60_000
-        simulator.events_skipped = pacer.skipped * per_frame
+        simulator.skipped_by_market[market] = (skipped_before + pacer.skipped) * per_frame
+        simulator.events_skipped = sum(simulator.skipped_by_market.values())
         if simulator.events_skipped > skipped_reported and wall_ms - warned_ms >= 5000:
             log.warning("the generator cannot keep %.0f events/s in frames of %d: %d events skipped so far",
                         rate, per_frame, simulator.events_skipped)
@@ -363,17 +464,20 @@ async def _generate(simulator: Simulator) -> None:
         await trio.sleep_until(min(pacer.next_at(), trio.current_time() + 1.0))
 
 
-def _publish_cut(simulator: Simulator, events: list[Event], per_frame: int) -> None:
+def _publish_cut(simulator: Simulator, events: list[Event], per_frame: int, market: str = "stocks") -> None:
     for offset in range(0, len(events), per_frame):
         chunk = events[offset:offset + per_frame]
         simulator.events_generated += len(chunk)
-        _publish(simulator, chunk, None)
+        simulator.generated_by_market[market] += len(chunk)
+        _publish(simulator, chunk, None, market)
 
 
-def _publish(simulator: Simulator, events: list[Event], stamp_ms: int | None) -> None:
-    """Queue each connection the events its channels select, as one frame."""
+def _publish(simulator: Simulator, events: list[Event], stamp_ms: int | None, market: str = "stocks") -> None:
+    """Queue each connection to ``market`` the events its channels select, as one frame."""
     whole: bytes | None = None
     for connection in simulator.connections:
+        if connection.market != market:
+            continue
         if connection.star:
             selected = events
             if whole is None:
@@ -399,24 +503,33 @@ async def _serve_connection(
     simulator: Simulator, pending: PendingConnections, connection: WsConnection, address: str
 ) -> None:
     """One client, from its handshake to its close; the listener closes the socket after."""
-    connection.plain_http_body = (b"this is the Polygon simulator's WebSocket port: "
-                                  b"connect a WebSocket client to /stocks\n")
+    markets = simulator.config.markets
+    connection.plain_http_body = (f"this is the Polygon simulator's WebSocket port (markets at /<market>: "
+                                  f"{', '.join(markets)}): connect a WebSocket client to /{markets[0]}\n").encode()
     faults = simulator.faults
     if isinstance(connection.transport, SocketTransport):
         _limit_unsent(connection.transport.sock)
     with trio.move_on_after(simulator.config.auth_timeout_seconds) as handshake:
         try:
-            await connection.read_request()
+            request = await connection.read_request()
         except WebSocketClosed as closed:
             log.info("refused %s: %s", address, closed.reason)
             await connection.aclose(timeout=CLOSE_SECONDS)  # after the refusal, if one was written
             return
     if handshake.cancelled_caught:
         return
+    market = _market_at(urlsplit(request.target).path, markets)
+    if market is None:
+        log.info("refused %s: path %r is not served here", address, request.target)
+        connection.reject(404, (f"not found: this simulator serves "
+                                f"{', '.join('/' + name for name in markets)}\n").encode())
+        with trio.move_on_after(CLOSE_SECONDS):
+            await connection.drain()
+        return
     connection.accept()
     peer = FaultyConnection(connection, faults)
     simulator.connections_total += 1
-    sim_connection = SimConnection(id=simulator.connections_total, opened_at=trio.current_time())
+    sim_connection = SimConnection(id=simulator.connections_total, market=market, opened_at=trio.current_time())
     close: tuple[int, str] | None = (1000, "")  # None: drop the TCP stream without a close frame
     try:
         await peer.send_text(protocol.CONNECTED)
@@ -425,6 +538,7 @@ async def _serve_connection(
             return
         pending.discard(connection)  # authenticated: never shed for descriptors
         simulator.connections.add(sim_connection)
+        simulator.arrived(market)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_read_control, simulator, peer, sim_connection)
@@ -447,6 +561,13 @@ async def _serve_connection(
                 await peer.abort()
             else:
                 await peer.close(*close, timeout=CLOSE_SECONDS)
+
+
+def _market_at(path: str, served: tuple[str, ...]) -> str | None:
+    """The market a request's path names, if served: ``/stocks``, ...; ``/`` is stocks (as before
+    there were markets)."""
+    name = path.strip("/") if path != "/" else "stocks"
+    return name if name in served and path in ("/", f"/{name}") else None
 
 
 def _limit_unsent(sock: socket.socket) -> None:
@@ -476,7 +597,13 @@ async def _authenticate(simulator: Simulator, peer: FaultyConnection, connection
         log.info("connection %d: auth_failed for key %s", connection.id, redact(key))
         await peer.send_text(protocol.AUTH_FAILED)
         return 1008, "authentication failed"
-    open_for_key = [other for other in simulator.connections if other.api_key == key]
+    if connection.market not in config.entitled:
+        log.info("connection %d: key %s is not entitled to %s (auth_failed)", connection.id, redact(key),
+                 connection.market)
+        await peer.send_text(NOT_ENTITLED)
+        return 1008, "not entitled"
+    # Polygon's limit is per cluster: one market's connections do not count against another's.
+    open_for_key = [other for other in simulator.connections_to(connection.market) if other.api_key == key]
     if len(open_for_key) >= config.max_connections and faults.evict_oldest and not faults.force_max_connections:
         oldest = min(open_for_key, key=lambda other: other.opened_at)
         log.info("connection %d: evicts connection %d of key %s", connection.id, oldest.id, redact(key))
@@ -487,6 +614,8 @@ async def _authenticate(simulator: Simulator, peer: FaultyConnection, connection
         await peer.send_text(protocol.MAX_CONNECTIONS)
         return 1008, "max connections"
     connection.api_key = key
+    connection.capped = {code: set() for code in MARKET_TABLE[connection.market].caps(
+        simulator.caps.get(connection.market))}
     await peer.send_text(protocol.AUTH_SUCCESS)
     return None
 
@@ -517,11 +646,15 @@ async def _read_control(simulator: Simulator, peer: FaultyConnection, connection
         verb = "subscribe" if isinstance(action, Subscribe) else "unsubscribe"
         simulator.control_log.append((connection.id, verb, protocol.format_channel_list(action.channels)))
         refused = simulator.faults.refused_channels if verb == "subscribe" else frozenset()
-        if refused or protocol.EVERYTHING_CHANNEL in action.channels:
+        over_limits = _over_limits(simulator, connection, action.channels) if verb == "subscribe" else {}
+        if refused or over_limits or protocol.EVERYTHING_CHANNEL in action.channels:
             statuses = []
             for channel in action.channels:
                 if (channel.is_everything and not simulator.config.allow_star) or channel.text in refused:
                     statuses.append(protocol.status_event("error", f"unknown channel: {channel.text}"))
+                    continue
+                if channel in over_limits:
+                    statuses.append(protocol.status_event("error", f"refused {channel.text}: {over_limits[channel]}"))
                     continue
                 (connection.add if verb == "subscribe" else connection.discard)(channel)
                 statuses.append(protocol.status_event("success", f"{verb}d to: {channel.text}"))
@@ -530,6 +663,21 @@ async def _read_control(simulator: Simulator, peer: FaultyConnection, connection
         for channel in action.channels:  # a tier may send tens of thousands a second: the plain way
             (connection.add if verb == "subscribe" else connection.discard)(channel)
         await peer.send_text(protocol.subscription_frame(f"{verb}d", action.channels))
+
+
+def _over_limits(simulator: Simulator, connection: SimConnection, channels: tuple[Channel, ...]) -> dict[Channel, str]:
+    """The channels of a subscribe that the market's rules refuse (:func:`~proxy.core.markets.screen`),
+    each with why; the others are taken in order up to the caps."""
+    rules = MARKET_TABLE[connection.market]
+    caps = simulator.caps.get(connection.market)
+    limits = rules.caps(caps)
+    if not limits and all(event_type.wildcard for event_type in rules.event_types):
+        return {}  # stocks and most markets: nothing to check, and a tier may send 100,000 channels
+    if limits.keys() <= connection.capped.keys():  # what screen reads of the set: the capped types
+        held: set[Channel] = set().union(*(connection.capped[code] for code in limits))
+    else:  # caps set after this connection authenticated: look through everything it holds
+        held = connection.channels
+    return dict(screen(rules, held, channels, caps=caps).refused)
 
 
 async def _send_frames(simulator: Simulator, peer: FaultyConnection, connection: SimConnection) -> None:
@@ -569,7 +717,9 @@ async def _send_frames(simulator: Simulator, peer: FaultyConnection, connection:
             connection.drop.set()
         backed_up = not at_once
         if backed_up:
-            await peer.drain()  # what is published meanwhile waits in connection.pending
+            connection.backed_up = True
+            await peer.drain()
+            connection.backed_up = False  # what is published meanwhile waits in connection.pending
             since_checkpoint = 0
         else:
             since_checkpoint += 1
@@ -596,6 +746,7 @@ async def _drop_when_told(simulator: Simulator, connection: SimConnection, scope
 
 
 async def main() -> None:
+    """``trio-run proxy.simulator``: the simulator configured from the environment."""
     config = load_simulator_config()
     setup_logging(config.log_level, config.library_log_level)
     await run_simulator(config)
