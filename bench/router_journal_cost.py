@@ -21,7 +21,9 @@ rounds: CPU µs per event, user + system.
 from __future__ import annotations
 
 import argparse
+import atexit
 import random
+import shutil
 import resource
 import statistics
 import tempfile
@@ -89,7 +91,9 @@ async def route(feed: list[bytes], scenario: str, mode: str, events: int) -> flo
     async with trio.open_nursery() as nursery:
         writer = None
         if mode == "disk":
-            writer = JournalWriter(tempfile.mkdtemp(prefix="router-journal-cost-"), retention_seconds=None)
+            directory = tempfile.mkdtemp(prefix="router-journal-cost-")
+            atexit.register(shutil.rmtree, directory, ignore_errors=True)
+            writer = JournalWriter(directory, retention_seconds=None)
             await nursery.start(writer.run)
         if mode != "off":
             tier.journal = Journal(sink=None if writer is None else writer.offer)
