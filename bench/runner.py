@@ -43,12 +43,14 @@ every run's output, with a warning when one is near a whole core.
 from __future__ import annotations
 
 import argparse
+import atexit
 import collections
 import datetime
 import json
 import os
 import platform
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -302,7 +304,7 @@ def run_once(args: argparse.Namespace, rate: float, frame_events: int | str) -> 
             static = ",".join(f"{kind}.*" for kind in recording.types) if scenario == "firehose-star" else ""
         simulator_port = read_json_line(simulator.stdout, 120, "the simulator")["port"]
         processes.start("firehose", [TRIO_RUN, "proxy.firehose"], {
-            **_profile_env(args, "firehose", logs),
+            **_profile_env(args, "firehose", logs), **_journal_env(args, "firehose"),
             **shared, "LOG_LEVEL": "info", "POLYGON_API_KEY": POLYGON_KEY,
             "POLYGON_URL": f"ws://127.0.0.1:{simulator_port}/stocks", "FIREHOSE_HOST": "127.0.0.1",
             "FIREHOSE_PORT": str(firehose_port), "FIREHOSE_API_KEYS": FIREHOSE_KEY,
@@ -314,7 +316,7 @@ def run_once(args: argparse.Namespace, rate: float, frame_events: int | str) -> 
             url, key, plan = f"ws://127.0.0.1:{firehose_port}/stocks", FIREHOSE_KEY, ["*"] * 4
         else:
             processes.start("filtered", [TRIO_RUN, "proxy.filtered"], {
-                **_profile_env(args, "filtered", logs),
+                **_profile_env(args, "filtered", logs), **_journal_env(args, "filtered"),
                 **shared, "LOG_LEVEL": "info", "FIREHOSE_URL": f"ws://127.0.0.1:{firehose_port}",
                 "POLYGON_API_KEY": FIREHOSE_KEY, "FILTERED_PROXY_HOST": "127.0.0.1",
                 "FILTERED_PROXY_PORT": str(filtered_port), "FILTERED_PROXY_API_KEYS": CLIENT_KEY,
@@ -437,6 +439,18 @@ def run_once(args: argparse.Namespace, rate: float, frame_events: int | str) -> 
     return result
 
 
+def _journal_env(args: argparse.Namespace, tier: str) -> dict[str, str]:
+    """``--tier-journal``: off (no journal), memory (the default ring), disk (the ring and a fresh
+    temporary directory per tier, deleted when the benchmark exits)."""
+    if args.tier_journal == "off":
+        return {"JOURNAL_MEMORY_SECONDS": "0", "JOURNAL_DIR": ""}
+    if args.tier_journal == "disk":
+        directory = tempfile.mkdtemp(prefix=f"bench-journal-{tier}-")
+        atexit.register(shutil.rmtree, directory, ignore_errors=True)
+        return {"JOURNAL_DIR": directory}
+    return {"JOURNAL_DIR": ""}
+
+
 def _profile_env(args: argparse.Namespace, tier: str, logs: Path) -> dict[str, str]:
     return {"PROXY_PROFILE": str(logs / f"{tier}.prof")} if args.profile == tier else {}
 
@@ -549,6 +563,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--queue-events", type=int, default=50_000, help="CLIENT_QUEUE_EVENTS for the tiers")
     parser.add_argument("--prebuilt", type=int, default=300_000, help="pre-built simulator events to cycle")
     parser.add_argument("--seed", type=int, default=1, help="seed of the client subscription plan")
+    parser.add_argument("--tier-journal", choices=("off", "memory", "disk"), default="memory",
+                        help="the tiers' own journal: off (JOURNAL_MEMORY_SECONDS=0), memory (the default: "
+                             "300 s / 256 MB in memory), disk (memory and a JOURNAL_DIR per tier)")
     parser.add_argument("--profile", choices=("firehose", "filtered"),
                         help="run that tier under cProfile; the statistics go to the run's log folder")
     parser.add_argument("--json", type=Path, help="where to write the results (default bench-results/<time>.json)")

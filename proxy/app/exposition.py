@@ -92,6 +92,30 @@ class TierCollector:
         yield gauge("proxy_upstream_connected", "1 while the upstream is connected and authenticated",
                     1 if snapshot.upstream_connected else 0)
         yield counter("proxy_upstream_reconnects", "Upstream reconnect attempts", snapshot.upstream_reconnects)
+        yield counter("proxy_replays", "Replays begun for clients resuming with \"from\"", stats.replays)
+        yield counter("proxy_replay_events", "Events sent to clients in replays", stats.replay_events)
+        yield counter("proxy_replays_refused", "Subscribes with \"from\" refused with an error (nothing applied)",
+                      stats.replays_refused)
+        journal = snapshot.journal
+        if journal is not None:
+            yield counter("proxy_journal_records", "Records journaled (frames from upstream, outages)", journal.records)
+            yield gauge("proxy_journal_memory_records", "Journal records held in memory", journal.memory_records)
+            yield gauge("proxy_journal_memory_bytes", "Journal bytes held in memory (frames plus an estimate "
+                        "of their objects)", journal.memory_bytes)
+            # the disk's families are served (as 0) without JOURNAL_DIR too: a dashboard or an
+            # alert reads the same names whatever the configuration
+            yield counter("proxy_journal_disk_records", "Journal records written to disk",
+                          journal.disk_records_written)
+            yield counter("proxy_journal_disk_bytes", "Journal bytes written to disk (compressed)",
+                          journal.disk_bytes_written)
+            yield counter("proxy_journal_disk_records_dropped", "Journal records the disk writer could not "
+                          "queue (they become gaps)", journal.disk_records_dropped)
+            yield counter("proxy_journal_disk_gaps", "Gap records written: stretches of seqs not on disk",
+                          journal.disk_gaps)
+            yield counter("proxy_journal_disk_seqs_missing", "Journal seqs not on disk (covered by gap records)",
+                          journal.disk_seqs_missing)
+            yield counter("proxy_journal_disk_write_errors", "Journal disk writes or syncs that failed",
+                          journal.disk_write_errors)
         per_key = [("proxy_key_clients", "Clients connected now, per key name", GaugeMetricFamily, 0),
                    ("proxy_key_events_sent", "Events sent to clients, per key name", CounterMetricFamily, 1),
                    ("proxy_key_events_dropped", "Events not delivered to clients, per key name",

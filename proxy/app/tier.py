@@ -28,13 +28,18 @@ from prometheus_client import CollectorRegistry
 
 from ..core import protocol
 from ..core.errors import ConfigError
+from ..core.journal import Journal
 from ..core.outbox import SlowClientPolicy
 from ..core.routing import FrameError, route_frame
 from ..core.session import CHANNELS_PER_STEP
 from ..core.settings import TierConfig, TierKind
-from ..core.stats import TierHistory, TierSnapshot, TierStats
+from ..core.journal import format_ns
+from ..core.replay import RELAYED_STATUSES, UPSTREAM_CONNECTED, UPSTREAM_DISCONNECTED, relayed_status_frame
+from ..core.stats import JournalFigures, TierHistory, TierSnapshot, TierStats
 from ..core.subscriptions import SubscriptionRegistry
 from ..net.http import serve_http
+from ..net.journal_writer import JournalWriter
+from ..net.replay import JournalSource
 from ..net.server import ClientSession, Hub, serve_clients
 from ..net.upstream import NOT_CONNECTED_YET, LinkState, UpstreamLink
 from .admin import make_handler
@@ -58,10 +63,6 @@ FRAME_QUEUE = 256
 SUMMARY_INTERVAL_SECONDS = 60.0
 #: Channels expired from the grace period between two returns of freed memory to the system.
 TRIM_AFTER_CHANNELS = 100_000
-UPSTREAM_DISCONNECTED = "upstream_disconnected"
-UPSTREAM_CONNECTED = "upstream_connected"
-#: Statuses an upstream proxy tier sends about its own upstream; relayed to our clients.
-RELAYED_STATUSES = frozenset({UPSTREAM_DISCONNECTED, UPSTREAM_CONNECTED})
 
 
 @attrs.define(eq=False)
@@ -76,6 +77,10 @@ class Tier:
     history: TierHistory = attrs.field(factory=TierHistory)
     port: int = 0
     metrics_port: int = 0
+    #: The journal (docs/journal.md) and what serves replays from it; None when the tier keeps
+    #: none (JOURNAL_MEMORY_SECONDS=0 and no JOURNAL_DIR): then the router pays nothing for it.
+    journal: Journal | None = None
+    journal_source: JournalSource | None = None
 
     def snapshot(self) -> TierSnapshot:
         """The tier's figures now, for the exposition and anything else that reports on it."""
@@ -91,6 +96,7 @@ class Tier:
             upstream_connected=self.link.state is LinkState.CONNECTED,
             upstream_reconnects=self.link.reconnects,
             keys=hub.key_totals(),
+            journal=None if self.journal_source is None else self.journal_source.figures(),
         )
 
     def readiness(self) -> tuple[bool, str]:
@@ -137,12 +143,23 @@ async def run_tier(
     history = TierHistory()
     outage_started: list[float] = []  # when the current outage began, if one is going on
     connections: list[float] = []  # when the link connected; no client hears of the first one
+    journal: Journal | None = None  # made below, once the disk writer (if any) has recovered
+
+    def tell_clients(status: str, message: str) -> None:
+        """Broadcast an outage status, journaled first (a replay shows it where it happened)."""
+        seq = None
+        if journal is not None:
+            now_ns = time.time_ns()
+            record = (journal.upstream_restored if status == UPSTREAM_CONNECTED else journal.upstream_lost)(
+                message, now_ns)
+            seq = record.seq
+        hub.broadcast(protocol.status_frame(status, message), seq)
 
     def connected() -> None:
         connections.append(trio.current_time())
         if len(connections) == 1:
             # Not a recovery; but any client already here was told the upstream was down.
-            hub.broadcast(protocol.status_frame(UPSTREAM_CONNECTED, f"{label} connected"))
+            tell_clients(UPSTREAM_CONNECTED, f"{label} connected")
             return
         if outage_started:
             seconds = trio.current_time() - outage_started.pop()
@@ -153,7 +170,7 @@ async def run_tier(
             message = f"{label} connection restored after {seconds:.1f}s; events of that window are lost"
         else:
             message = f"{label} connection restored"
-        hub.broadcast(protocol.status_frame(UPSTREAM_CONNECTED, message))
+        tell_clients(UPSTREAM_CONNECTED, message)
 
     def upstream_notice() -> str | None:
         """What a client that authenticates now is told, when the upstream is not connected."""
@@ -178,10 +195,8 @@ async def run_tier(
         outage_started.append(began)
         history.outage_began(int((time.time() - (now - began)) * 1000), reason)
         log.warning("lost the %s connection (%s); clients stay connected", label, reason)
-        hub.broadcast(protocol.status_frame(
-            UPSTREAM_DISCONNECTED,
-            f"{label} connection lost ({reason}); reconnecting, events in the gap are not replayed",
-        ))
+        tell_clients(UPSTREAM_DISCONNECTED,
+                     f"{label} connection lost ({reason}); reconnecting, events in the gap are not replayed")
 
     link = UpstreamLink(
         label=label,
@@ -210,6 +225,11 @@ async def run_tier(
                 history=history)
     metrics.register(TierCollector(tier.snapshot))
     async with trio.open_nursery() as nursery:
+        journal, writer = await _open_journal(config, nursery)
+        if journal is not None:
+            tier.journal = journal
+            tier.journal_source = hub.journal_source = JournalSource(
+                journal, writer, started_ns=time.time_ns(), replay_max_seconds=_replay_reach(config))
         nursery.start_soon(link.run)
         nursery.start_soon(_route_frames, tier, frames_receive)
         nursery.start_soon(_expire_grace, tier)
@@ -232,29 +252,76 @@ async def run_tier(
         task_status.started(tier)
 
 
+def _replay_reach(config: TierConfig) -> float:
+    """How far back a replay may ask: REPLAY_MAX_SECONDS, capped by what the journal keeps
+    (its memory's seconds, or its disk's retention when that is longer)."""
+    kept = config.journal_memory_seconds if config.journal_memory_bytes > 0 else 0.0
+    if config.journal_dir is not None:
+        kept = max(kept, math.inf if config.journal_retention_seconds is None else config.journal_retention_seconds)
+    return min(config.replay_max_seconds, kept)
+
+
+async def _open_journal(config: TierConfig, nursery: trio.Nursery) -> tuple[Journal | None, JournalWriter | None]:
+    """The tier's journal, or None when it keeps none (no cost on the router then).
+
+    With ``journal_dir``, the disk writer starts in ``nursery`` first: it locks and recovers
+    the directory, and the journal goes on from the seq and time recovery found. A journal
+    that continues one on disk begins with an ``UPSTREAM_LOST`` record saying the tier was
+    not running, so a replay across the restart shows the hole. Raises ConfigError (naming
+    JOURNAL_DIR) when the directory cannot be used.
+    """
+    memory = config.journal_memory_seconds > 0 and config.journal_memory_bytes > 0
+    if not memory and config.journal_dir is None:
+        return None, None
+    next_seq, not_before_ns, writer = 1, 0, None
+    if config.journal_dir is not None:
+        writer = JournalWriter(config.journal_dir, retention_seconds=config.journal_retention_seconds,
+                               max_bytes=config.journal_max_bytes)
+        recovered = await nursery.start(writer.run)
+        next_seq, not_before_ns = recovered.next_seq, recovered.last_ns
+    journal = Journal(next_seq=next_seq, not_before_ns=not_before_ns,
+                      memory_seconds=config.journal_memory_seconds if memory else 0,
+                      memory_bytes=config.journal_memory_bytes if memory else 0,
+                      sink=None if writer is None else writer.offer)
+    if next_seq > 1:
+        journal.upstream_lost(f"this {config.tier} tier was not running (restarted): events received "
+                              f"upstream after {format_ns(not_before_ns)} until now are not in the journal",
+                              time.time_ns())
+    return journal, writer
+
+
 async def _route_frames(
     tier: Tier, frames: trio.MemoryReceiveChannel[tuple[str | bytes, float]]
 ) -> None:
-    """Route every upstream frame, then write to the clients; the only await is for the next frame.
+    """Journal and route every upstream frame, then write to the clients; the only await is for
+    the next frame.
 
     Everything already queued is routed before the clients are written to, so
     under load a client gets several frames' worth of events in one message:
     per-send cost is paid less often exactly when it matters (docs/architecture.md).
+    A frame's receive time in ns since the epoch (the journal's) is its trio receive time
+    moved onto the wall clock, with one clock reading per pass, not per frame.
     """
+    journal = tier.journal
     async for frame, received_at in frames:
-        _route_one(tier, frame, received_at)
+        offset_ns = time.time_ns() - int(trio.current_time() * 1e9) if journal is not None else 0
+        _route_one(tier, frame, received_at, offset_ns)
         while True:
             try:
                 frame, received_at = frames.receive_nowait()
             except trio.WouldBlock:
                 break
-            _route_one(tier, frame, received_at)
+            _route_one(tier, frame, received_at, offset_ns)
         tier.hub.flush()
 
 
-def _route_one(tier: Tier, frame: str | bytes, received_at: float) -> None:
+def _route_one(tier: Tier, frame: str | bytes, received_at: float, offset_ns: int = 0) -> None:
     stats = tier.stats
     stats.bytes_in += len(frame)
+    journal = tier.journal
+    # Journaled as received, before routing and whatever routing makes of it: a replay
+    # must see what live clients saw, in the same order, malformed frames included.
+    seq = None if journal is None else journal.frame(frame, int(received_at * 1e9) + offset_ns).seq
     try:
         routed = route_frame(frame, tier.registry)
     except FrameError as error:
@@ -263,16 +330,16 @@ def _route_one(tier: Tier, frame: str | bytes, received_at: float) -> None:
         return
     stats.frames_in += 1
     stats.events_in += routed.event_count
-    tier.hub.deliver(routed, received_at)
+    tier.hub.deliver(routed, received_at, seq)
     for status in routed.statuses:
-        _handle_upstream_status(tier, status)
+        _handle_upstream_status(tier, status, seq)
 
 
-def _handle_upstream_status(tier: Tier, status: dict) -> None:
+def _handle_upstream_status(tier: Tier, status: dict, seq: int | None = None) -> None:
     kind = status.get("status")
     if kind in RELAYED_STATUSES:
         log.warning("upstream reports %s: %s", kind, status.get("message"))
-        tier.hub.broadcast(protocol.status_frame(str(kind), str(status.get("message", ""))))
+        tier.hub.broadcast(relayed_status_frame(status), seq)
     elif kind == "success":
         pass  # answers to our subscribes (hundreds a message): the link logs what it sent
     else:

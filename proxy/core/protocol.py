@@ -11,8 +11,9 @@ a sentence a client developer can act on.
 from __future__ import annotations
 
 import functools
+import math
 import re
-from typing import Final, Generator, Iterable, Literal, NamedTuple, TypeVar, overload
+from typing import Any, Final, Generator, Iterable, Literal, NamedTuple, TypeVar, overload
 
 import attrs
 import cattrs
@@ -37,6 +38,7 @@ __all__ = [
     "Subscribe",
     "Unsubscribe",
     "ChannelRequest",
+    "FROM_KEY",
     "parse_client_message",
     "auth_message",
     "subscription_message",
@@ -246,8 +248,10 @@ class Auth:
 
 @attrs.frozen
 class Subscribe:
-    """A client's ``subscribe`` action with its parsed channels, in the order given."""
+    """A client's ``subscribe`` action with its parsed channels, in the order given, and its
+    ``from`` (our resume extension: ms since the epoch, or negative ms before now), if any."""
     channels: tuple[Channel, ...]
+    from_ms: float | None = None
 
 
 @attrs.frozen
@@ -263,6 +267,8 @@ class ChannelRequest:
 
     action: str  # "subscribe" or "unsubscribe"
     params: str
+    #: A subscribe's ``from`` (resume), checked to be a finite number; None without one.
+    from_ms: float | None = None
 
 
 ClientAction = Auth | Subscribe | Unsubscribe
@@ -336,16 +342,42 @@ def parse_client_message(
             raise ClientMessageError("empty_params", 'auth needs the API key in "params"')
         return Auth(wire.params, wire.role)
     if wire.action in ("subscribe", "unsubscribe"):
+        from_ms = _read_from(wire.action, decoded)
         if not wire.params.strip():
             raise ClientMessageError("empty_params", f'{wire.action} needs channels in "params"')
         if not parse_channels:
-            return ChannelRequest(wire.action, wire.params)
+            return ChannelRequest(wire.action, wire.params, from_ms)
         channels = parse_channel_list(wire.params, max_channels=max_channels)
-        return Subscribe(channels) if wire.action == "subscribe" else Unsubscribe(channels)
+        return Subscribe(channels, from_ms) if wire.action == "subscribe" else Unsubscribe(channels)
     raise ClientMessageError(
         "unknown_action",
         f"unknown action {wire.action[:40]!r}; expected auth, subscribe or unsubscribe",
     )
+
+
+#: The key of the resume extension in a subscribe (docs/protocol.md).
+FROM_KEY: Final = "from"
+_NOTHING_APPLIED = "nothing of this subscribe was applied"
+
+
+def _read_from(action: str, message: dict[str, Any]) -> float | None:
+    """A subscribe's ``from``: None without one; raises :class:`ClientMessageError` (kind
+    ``bad_from``) when it is not a finite number or comes with another action."""
+    if FROM_KEY not in message:
+        return None
+    value = message[FROM_KEY]
+    if action != "subscribe":
+        raise ClientMessageError("bad_from", f'"from" is only for subscribe, not {action}; this {action} '
+                                             "was not applied")
+    try:
+        number = None if isinstance(value, bool) or not isinstance(value, (int, float)) else float(value)
+    except OverflowError:
+        number = None
+    if number is None or not math.isfinite(number):
+        shown = msgspec.json.encode(value).decode()[:40]
+        raise ClientMessageError("bad_from", f'"from" must be a number: milliseconds since the epoch, or '
+                                             f"negative milliseconds before now (not {shown}); {_NOTHING_APPLIED}")
+    return number
 
 
 #: A \\uD800-\\uDBFF escape not followed by a \\uDC00-\\uDFFF one, or the reverse, in JSON text: an odd

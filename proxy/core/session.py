@@ -10,6 +10,7 @@ is tested directly.
 from __future__ import annotations
 
 import enum
+import time
 from typing import Collection, Generator
 
 import attrs
@@ -18,10 +19,12 @@ from . import protocol
 from .errors import ClientMessageError, CloseReason
 from .entitlements import KeyBook, KeyEntry
 from .keys import key_matches
-from .protocol import Auth, Channel, ChannelRequest
+from .protocol import EVERYTHING_CHANNEL, Auth, Channel, ChannelRequest
+from .replay import ReplayRequest
 
 __all__ = [
     "CHANNELS_PER_STEP",
+    "REPLAY_CONTROL_COST",
     "Outcome",
     "Phase",
     "ProxyLimits",
@@ -32,6 +35,10 @@ __all__ = [
 #: Channels handled per step of a control message (:meth:`SessionState.receive_in_steps`):
 #: about a millisecond of work, after which the router may run.
 CHANNELS_PER_STEP = 500
+#: A subscribe with "from" (a replay) counts as this many control messages against the
+#: client's budget: a replay reads and sends up to REPLAY_MAX_SECONDS of the journal, so at
+#: the default 50 a second a client may begin at most 5 replays a second (10 in a burst).
+REPLAY_CONTROL_COST = 10
 
 
 class Outcome(enum.StrEnum):
@@ -45,6 +52,7 @@ class Outcome(enum.StrEnum):
     RATE_LIMITED = "rate_limited"  # over the control-message budget: ignored
     FLOOD = "flood"  # over it for too long: closed
     REFUSED = "refused"  # over a connection limit: closed
+    REPLAY_REFUSED = "replay_refused"  # a subscribe with "from" answered with an error: nothing applied
 
 
 class Phase(enum.Enum):
@@ -67,6 +75,8 @@ class Reaction:
     close_reason: str = ""
     #: What it came to (counted by the tier).
     outcome: Outcome = Outcome.OK
+    #: A subscribe with "from": the replay to serve after the answer (docs/protocol.md).
+    replay: ReplayRequest | None = None
 
 
 @attrs.frozen
@@ -116,26 +126,33 @@ class SessionState:
     #: Limits for a client that authenticates as a downstream proxy; None: proxies are clients.
     proxy_limits: ProxyLimits | None = None
     downstream_proxy: bool = False
+    #: How far back a subscribe's "from" may reach, in seconds (REPLAY_MAX_SECONDS capped by what
+    #: the journal keeps); 0: the tier keeps no journal, and "from" is refused.
+    replay_max_seconds: float = 0.0
+    #: Set by the tier while a replay is being served on this connection: another is refused.
+    replaying: bool = False
     phase: Phase = Phase.AWAITING_AUTH
     channels: set[Channel] = attrs.field(factory=set)
     refused_for_rate: int = 0
     _tokens: float | None = None
     _last: float = 0.0
 
-    def receive(self, message: str | bytes, now: float = 0.0) -> Reaction:
+    def receive(self, message: str | bytes, now: float = 0.0, *, wall_ns: int | None = None) -> Reaction:
         """React to one message from the client (``now`` for the rate limit) at once; never raises:
         bad input is an error status (tests; tiers use :meth:`receive_in_steps`)."""
-        return protocol.run_steps(self.receive_in_steps(message, now, step=0))
+        return protocol.run_steps(self.receive_in_steps(message, now, step=0, wall_ns=wall_ns))
 
     def receive_in_steps(
-        self, message: str | bytes, now: float = 0.0, *, step: int = CHANNELS_PER_STEP
+        self, message: str | bytes, now: float = 0.0, *, step: int = CHANNELS_PER_STEP, wall_ns: int | None = None
     ) -> Generator[None, None, Reaction]:
         """React to one message in steps of ``step`` channels, yielding between steps.
 
         A reader and the router share one thread: parsing a 10,000-channel subscribe
         and writing its 720 kB answer in one go would hold routing for all clients
         meanwhile, so the caller may let others run at each yield. The session's
-        channel set changes in one step, after every channel was checked.
+        channel set changes in one step, after every channel was checked. ``wall_ns``
+        is the wall clock (ns since the epoch; now when None) a subscribe's "from" is
+        measured against.
         """
         if self.phase is Phase.CLOSED:
             return Reaction()
@@ -160,7 +177,8 @@ class SessionState:
                 self.phase = Phase.CLOSED
                 return Reaction(replies=(protocol.error_frame(error.message),), close_code=error.close_code,
                                 close_reason=error.kind, outcome=Outcome.ERROR)
-            return Reaction(replies=(protocol.error_frame(error.message),), outcome=Outcome.ERROR)
+            outcome = Outcome.REPLAY_REFUSED if error.kind == "bad_from" else Outcome.ERROR
+            return Reaction(replies=(protocol.error_frame(error.message),), outcome=outcome)
         if isinstance(action, Auth):
             return self._auth(action)
         assert isinstance(action, ChannelRequest)
@@ -169,14 +187,22 @@ class SessionState:
                 replies=(protocol.error_frame(f"not authenticated: send auth before {action.action}"),),
                 outcome=Outcome.ERROR,
             )
+        replaying = action.from_ms is not None
+        refused_outcome = Outcome.REPLAY_REFUSED if replaying else Outcome.ERROR
         try:
             channels = yield from protocol.parse_channel_list_steps(
                 action.params, max_channels=self.max_channels_per_message, step=step
             )
         except ClientMessageError as error:
-            return Reaction(replies=(protocol.error_frame(error.message),), outcome=Outcome.ERROR)
+            return Reaction(replies=(protocol.error_frame(error.message),), outcome=refused_outcome)
         held = self.channels
         if action.action == "subscribe":
+            replay = None
+            if action.from_ms is not None:
+                replay_or_error = self._replay_request(action.from_ms, channels, wall_ns)
+                if isinstance(replay_or_error, str):
+                    return Reaction(replies=(protocol.error_frame(replay_or_error),), outcome=refused_outcome)
+                replay = replay_or_error
             if self.key is not None:
                 refused = self.key.refused(channels)
                 if refused:
@@ -184,21 +210,50 @@ class SessionState:
                     more = f" and {len(refused) - 10} more" if len(refused) > 10 else ""
                     return Reaction(replies=(protocol.error_frame(
                         f"not entitled: key {self.key.name!r} may not subscribe {shown}{more}; "
-                        "nothing of this subscribe was applied"),), outcome=Outcome.ERROR)
+                        "nothing of this subscribe was applied"),), outcome=refused_outcome)
             new = [channel for channel in channels if channel not in held]
             if len(held) + len(new) > self.max_channels_per_client:
                 return Reaction(replies=(protocol.error_frame(
                     f"channel limit: this connection holds {len(held)} channels and may hold "
                     f"{self.max_channels_per_client}; nothing of this subscribe was applied"),),
-                    outcome=Outcome.ERROR)
+                    outcome=refused_outcome)
+            if replay is not None and not self._take_token(now, REPLAY_CONTROL_COST - 1):
+                return Reaction(replies=(protocol.error_frame(
+                    f'rate limited: a subscribe with "from" counts as {REPLAY_CONTROL_COST} control messages, '
+                    f"at most {self.control_rate:g} a second; nothing of this subscribe was applied"),),
+                    outcome=Outcome.REPLAY_REFUSED)
             held.update(new)
             reply = yield from protocol.subscription_frame_steps("subscribed", channels, step=step)
             warning = protocol.lowercase_warning(channels)
-            return Reaction(replies=(reply,) + ((warning,) if warning else ()), subscribe=tuple(new))
+            return Reaction(replies=(reply,) + ((warning,) if warning else ()), subscribe=tuple(new), replay=replay)
         gone = [channel for channel in channels if channel in held]
         held.difference_update(gone)
         reply = yield from protocol.subscription_frame_steps("unsubscribed", channels, step=step)
         return Reaction(replies=(reply,), unsubscribe=tuple(gone))
+
+    def _replay_request(self, from_ms: float, channels: tuple[Channel, ...],
+                        wall_ns: int | None) -> ReplayRequest | str:
+        """The replay a subscribe's ``from`` asks for, or why it is refused (an error's text)."""
+        applied = "nothing of this subscribe was applied"
+        if self.replay_max_seconds <= 0:
+            return f'this proxy keeps no journal to resume from, so "from" cannot be served; {applied}'
+        if EVERYTHING_CHANNEL in channels:
+            return f'"from" cannot replay the * channel (every event): name the channels to replay; {applied}'
+        if self.replaying:
+            return f'a replay is already running on this connection: wait for its replay_complete; {applied}'
+        now_ns = time.time_ns() if wall_ns is None else wall_ns
+        # through whole µs, so that an integer of ms (the usual) becomes exactly that many ns
+        offset_ns = round(from_ms * 1000) * 1000
+        from_ns = offset_ns if from_ms >= 0 else now_ns + offset_ns
+        shown = f"{from_ms:.0f}" if from_ms.is_integer() else f"{from_ms}"
+        if from_ns > now_ns:
+            return (f'"from" {shown} is in the future (it is {now_ns // 1_000_000} ms since the epoch here); '
+                    f"{applied}")
+        age = (now_ns - from_ns) / 1e9
+        if age > self.replay_max_seconds:
+            return (f'"from" {shown} is {age:.0f} s ago; this proxy replays at most the last '
+                    f"{self.replay_max_seconds:g} s (REPLAY_MAX_SECONDS, and what its journal keeps); {applied}")
+        return ReplayRequest(from_ns=from_ns, from_ms=from_ms, channels=channels)
 
     def drop(self, channels: Collection[Channel]) -> None:
         """Forget channels the tier could not serve (upstream refused them)."""
@@ -233,13 +288,13 @@ class SessionState:
             unsubscribe=dropped,
         )
 
-    def _take_token(self, now: float) -> bool:
+    def _take_token(self, now: float, count: int = 1) -> bool:
         if self._tokens is None:
             self._tokens, self._last = self.control_burst, now
         self._tokens = min(self.control_burst, self._tokens + (now - self._last) * self.control_rate)
         self._last = now
-        if self._tokens >= 1:
-            self._tokens -= 1
+        if self._tokens >= count:
+            self._tokens -= count
             return True
         return False
 

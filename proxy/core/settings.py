@@ -246,6 +246,9 @@ class TierConfig:
                                                       default=24 * 3600.0, validator=ABOVE_ZERO)
     journal_max_bytes: int | None = setting("JOURNAL_MAX_GB", parse.gigabytes_or_unbounded,
                                             default=10_000_000_000, validator=AT_LEAST_ONE)
+    #: How far back a subscribe's "from" may reach, in seconds (docs/protocol.md, "Resume"); 0
+    #: turns resume off. Capped, where it is used, by what the journal keeps.
+    replay_max_seconds: float = setting("REPLAY_MAX_SECONDS", parse.number, default=3600.0, validator=SECONDS)
 
     #: Worker processes of the filtered proxy sharing its client port (``SO_REUSEPORT``), each
     #: with its own link to the firehose, under one parent that serves the metrics port for all

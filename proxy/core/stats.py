@@ -15,7 +15,7 @@ import itertools
 
 import attrs
 
-__all__ = ["LATENCY_BUCKETS", "LatencyHistogram", "Outage", "RateSample", "TierHistory", "TierSnapshot", "TierStats"]
+__all__ = ["LATENCY_BUCKETS", "JournalFigures", "LatencyHistogram", "Outage", "RateSample", "TierHistory", "TierSnapshot", "TierStats"]
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -71,7 +71,29 @@ class TierStats:
     dead_clients_closed: int = 0
     outages: int = 0
     outage_seconds: float = 0.0
+    #: Resumes ("from"): replays served (begun), events they held, and subscribes with "from"
+    #: answered with an error (nothing applied).
+    replays: int = 0
+    replay_events: int = 0
+    replays_refused: int = 0
     routing_latency: LatencyHistogram = attrs.field(factory=LatencyHistogram)
+
+
+@attrs.frozen
+class JournalFigures:
+    """The journal's figures at one moment: records journaled since start, what the memory
+    ring holds, and the disk writer's totals (zero without ``JOURNAL_DIR``)."""
+
+    records: int
+    memory_records: int
+    memory_bytes: int
+    disk: bool = False
+    disk_records_written: int = 0
+    disk_bytes_written: int = 0
+    disk_records_dropped: int = 0
+    disk_gaps: int = 0
+    disk_seqs_missing: int = 0
+    disk_write_errors: int = 0
 
 
 @attrs.frozen
@@ -93,6 +115,8 @@ class TierSnapshot:
     upstream_reconnects: int
     #: Per key name: (clients connected, events sent, events dropped), clients that left included.
     keys: dict[str, tuple[int, int, int]] = attrs.field(factory=dict)
+    #: The journal's figures; None when the tier keeps no journal.
+    journal: JournalFigures | None = None
 
 
 @attrs.frozen

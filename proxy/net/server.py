@@ -22,13 +22,14 @@ import logging
 import math
 import time
 import ssl
-from typing import Callable
+from typing import Callable, Sequence
 from urllib.parse import urlsplit
 
 import attrs
 import trio
 
 from ..core import protocol
+from ..core.journal import format_ns
 from .accepting import PendingConnections, open_socket_listeners
 from .beacon import Beacon
 from ..core.settings import TierConfig
@@ -47,8 +48,10 @@ from ..core.session import (
 )
 from ..core.subscriptions import SubscriptionRegistry
 from ..core.errors import CloseReason, WebSocketClosed
+from ..core.replay import ReplayRequest, Stitch
 from .connection import WsConnection
 from .listener import accept_connections
+from .replay import JournalSource
 
 __all__ = ["DROP_LOG_INTERVAL", "SLOW_CONSUMER", "UNAUTHENTICATED", "UNNAMED_KEY", "ClientSession", "Hub", "serve_clients"]
 
@@ -92,6 +95,10 @@ class ClientSession:
     last_control_at: float | None = None
     drops_logged: int = 0  # dropped_events when a drop was last logged (drop_oldest policy)
     drops_logged_at: float = -math.inf
+    #: The replay being served (a subscribe with "from"), or None; and what was queued before it
+    #: but not yet written (the subscribe's answer), which goes first.
+    replay: Stitch | None = None
+    replay_before: list[str | bytes] = attrs.field(factory=list)
 
     def notify(self) -> None:
         """Wake the client's writer: something was queued, or the session must close."""
@@ -134,6 +141,10 @@ class Hub:
     #: so with one step at a time the router waits at most one step, however many clients
     #: send 10,000-channel subscribes at once. Small messages do not take it.
     heavy_control: trio.Lock = attrs.field(factory=trio.Lock)
+    #: The tier's journal, which resuming clients' replays read; None: the tier keeps none.
+    journal_source: JournalSource | None = None
+    #: Sessions whose replay is being served: the router holds their live frames back (Stitch).
+    _replaying: dict[ClientSession, Stitch] = attrs.field(factory=dict)
 
     def open_session(self, peer: str, connection: WsConnection, path: str = "/") -> ClientSession:
         """Register a client that completed the WebSocket handshake; it starts unauthenticated."""
@@ -157,6 +168,7 @@ class Hub:
                     max_channels=self.config.downstream_proxy_max_channels,
                     control_rate=self.config.downstream_proxy_control_messages_per_second,
                 ),
+                replay_max_seconds=0.0 if self.journal_source is None else self.journal_source.replay_max_seconds,
             ),
         )
         connection.notify = session.notify
@@ -187,6 +199,7 @@ class Hub:
         session.connection.notify = _ignore
         self.sessions.discard(session)
         self._touched.pop(session, None)
+        self._replaying.pop(session, None)
         ip = _ip(session.peer)
         self.connections_per_ip[ip] -= 1
         if self.connections_per_ip[ip] <= 0:
@@ -237,7 +250,7 @@ class Hub:
 
     async def receive(self, session: ClientSession, message: str | bytes, now: float) -> Reaction:
         """What ``session`` makes of one message; a heavy message's steps take turns (heavy_control)."""
-        steps = session.state.receive_in_steps(message, now, step=CHANNELS_PER_STEP)
+        steps = session.state.receive_in_steps(message, now, step=CHANNELS_PER_STEP, wall_ns=time.time_ns())
         heavy = len(message) > HEAVY_MESSAGE_BYTES
         while True:
             try:
@@ -254,6 +267,7 @@ class Hub:
         """Apply what the session state decided: the answer is queued first, so that it comes
         before any event of the new channels; then the registry changes, in steps."""
         reaction = self._answer(session, reaction)
+        stitch = None if reaction.replay is None else self._begin_replay(session, reaction.replay)
         held = session.state.channels
         for start in range(0, len(reaction.subscribe), CHANNELS_PER_STEP):
             part = reaction.subscribe[start:start + CHANNELS_PER_STEP]
@@ -264,6 +278,43 @@ class Hub:
             part = reaction.unsubscribe[start:start + CHANNELS_PER_STEP]
             async with self._step(len(reaction.unsubscribe)):
                 self._apply_demand(self.registry.unsubscribe(session, part))
+        if stitch is not None and self.journal_source is not None:
+            # Every frame journaled so far was routed with the registry as it was: the replay
+            # serves them all, and live takes over with the next one.
+            stitch.close_at(self.journal_source.journal.next_seq - 1, session.state.channels)
+            session.notify()
+
+    def _begin_replay(self, session: ClientSession, request: ReplayRequest) -> Stitch:
+        """From now on the router holds back the session's live frames (the Stitch says which);
+        its writer serves the replay once the subscribe is wholly applied."""
+        assert self.journal_source is not None  # the session refuses "from" without a journal
+        self.write_queued(session, trio.current_time())  # the answer goes before the replay
+        if len(session.outbox):  # the socket is backed up: the writer sends these first
+            events = session.outbox.queued_events
+            session.replay_before = session.outbox.take_frames()
+            self.stats.events_out += events
+            session.events_sent += events
+        stitch = Stitch(request, hold_from=self.journal_source.journal.next_seq)
+        session.replay = self._replaying[session] = stitch
+        session.state.replaying = True
+        self.stats.replays += 1
+        log.info("%s: replaying %d channels from %s", session.label, len(request.channels),
+                 format_ns(request.from_ns))
+        return stitch
+
+    def end_replay(self, session: ClientSession) -> None:
+        """The session's replay was served (or abandoned): live frames go to it again."""
+        stitch = session.replay
+        if stitch is None:
+            return
+        session.replay = None
+        session.replay_before = []
+        self._replaying.pop(session, None)
+        session.state.replaying = False
+        self.stats.replay_events += stitch.events
+        self.stats.events_out += stitch.events
+        session.events_sent += stitch.events
+        session.notify()
 
     def react_at_once(self, session: ClientSession, reaction: Reaction) -> None:
         """:meth:`react` in one go, for callers that cannot wait (a reload of the key file)."""
@@ -279,6 +330,9 @@ class Hub:
             reaction = self._authenticated(session, reaction)
         if reaction.outcome is Outcome.ERROR:
             self.stats.control_errors += 1
+        elif reaction.outcome is Outcome.REPLAY_REFUSED:
+            self.stats.control_errors += 1
+            self.stats.replays_refused += 1
         elif reaction.outcome is Outcome.AUTH_FAILED:
             self.stats.auth_failures += 1
         elif reaction.outcome in (Outcome.RATE_LIMITED, Outcome.FLOOD):
@@ -342,12 +396,16 @@ class Hub:
             log.debug("upstream demand changed: %s", delta)
         self.demand_changed.pulse()
 
-    def deliver(self, routed: RoutedFrame[ClientSession], received_at: float) -> None:
-        """Queue a routed frame for every selected session; never waits on any of them.
+    def deliver(self, routed: RoutedFrame[ClientSession], received_at: float, seq: int | None = None) -> None:
+        """Queue a routed frame (journaled as ``seq``) for every selected session; never waits on any.
 
         Nothing is written yet: :meth:`flush` does, once the router has queued
         every frame waiting, so a client behind by several frames gets them in one.
+        A session whose replay serves this frame does not get it live.
         """
+        if self._replaying and any(not stitch.live(seq) for stitch in self._replaying.values()):
+            self._deliver_sparing(routed, received_at, seq)
+            return
         touched = self._touched
         if routed.whole is not None:
             for session in self.registry.everything_subscribers:
@@ -357,6 +415,27 @@ class Hub:
                     self._overflowed(session)
         for session, (joined, count) in routed.batches.items():
             if session.outbox.put_events(joined, count, received_at):
+                touched[session] = None
+            else:
+                self._overflowed(session)
+
+    def _deliver_sparing(self, routed: RoutedFrame[ClientSession], received_at: float, seq: int | None) -> None:
+        """:meth:`deliver`, sparing the sessions whose replay serves this frame (kept apart so
+        that the usual path pays nothing for replays)."""
+        replaying, touched = self._replaying, self._touched
+        targets: list[tuple[ClientSession, str | bytes, int, bool]] = []
+        if routed.whole is not None:
+            targets += [(session, routed.whole, routed.event_count, True)
+                        for session in self.registry.everything_subscribers]
+        targets += [(session, joined, count, False) for session, (joined, count) in routed.batches.items()]
+        for session, payload, count, whole in targets:
+            stitch = replaying.get(session)
+            if stitch is not None and not stitch.live(seq):
+                continue
+            outbox = session.outbox
+            put = outbox.put_frame(payload, count, received_at) if whole else outbox.put_events(
+                payload, count, received_at)  # type: ignore[arg-type]
+            if put:
                 touched[session] = None
             else:
                 self._overflowed(session)
@@ -381,6 +460,8 @@ class Hub:
         if connection.backlogged or outbox.overflowed:
             session.notify()
             return
+        if session.replay is not None:
+            return  # its writer is serving a replay; what is queued follows it
         if not len(outbox):
             return
         events, received_at = outbox.queued_events, outbox.oldest_received_at
@@ -402,9 +483,13 @@ class Hub:
                     session.label, session.outbox.dropped_events)
         session.drops_logged, session.drops_logged_at = session.outbox.dropped_events, now
 
-    def broadcast(self, frame: str) -> None:
-        """A status every client should see (upstream outage and recovery)."""
+    def broadcast(self, frame: str, seq: int | None = None) -> None:
+        """A status every client should see (upstream outage and recovery), journaled as ``seq``
+        (a client whose replay serves that record gets it there)."""
+        replaying = self._replaying
         for session in self.sessions:
+            if replaying and session in replaying and not replaying[session].live(seq):
+                continue
             if session.state.phase is Phase.AUTHENTICATED:
                 session.outbox.put_frame(frame)
                 session.notify()
@@ -587,10 +672,22 @@ async def _read_loop(hub: Hub, session: ClientSession) -> None:
 
 
 async def _write_loop(hub: Hub, session: ClientSession, stop: Callable[[], None]) -> None:
-    """Send what the router could not write at once: backlogs, replies, statuses; then the close."""
+    """Send what the router could not write at once: backlogs, replies, statuses, a replay; then
+    the close."""
     outbox, connection = session.outbox, session.connection
     try:
         while True:
+            replay = session.replay
+            if replay is not None:
+                if session.close_request is not None or outbox.overflowed:
+                    hub.end_replay(session)  # abandoned: the session is closing
+                elif replay.ready:
+                    await _serve_replay(hub, session, replay)
+                    continue
+                else:
+                    await session.wakeup.wait()  # the subscribe is still being applied
+                    session.wakeup = trio.Event()
+                    continue
             if not (len(outbox) or connection.backlogged or session.close_request or outbox.overflowed):
                 await session.wakeup.wait()
             session.wakeup = trio.Event()
@@ -606,6 +703,27 @@ async def _write_loop(hub: Hub, session: ClientSession, stop: Callable[[], None]
         pass
     finally:
         stop()
+
+
+async def _serve_replay(hub: Hub, session: ClientSession, stitch: Stitch) -> None:
+    """Write the session's replay at its socket's pace (what was queued before it first), then
+    hand it back to live delivery; the events that came live meanwhile wait in its outbox."""
+    connection, stats = session.connection, hub.stats
+
+    async def send(frames: Sequence[str | bytes]) -> bool:
+        if frames:
+            stats.bytes_out += connection.send_texts(frames)
+            stats.frames_out += len(frames)
+        await _drain_unless_overflowed(session)
+        return session.close_request is None and not session.outbox.overflowed and connection.open
+
+    assert hub.journal_source is not None
+    try:
+        before, session.replay_before = session.replay_before, []
+        if await send(before):
+            await hub.journal_source.replay(stitch, send)
+    finally:
+        hub.end_replay(session)
 
 
 async def _drain_unless_overflowed(session: ClientSession) -> None:
