@@ -128,7 +128,7 @@ async def test_a_churning_client_never_gets_the_tier_link_closed_or_throttled(nu
     await churn(attacker, cycles=12, per_cycle=5000, pause=0.5)
     await trio.sleep(0.5)
     sim.mark()
-    await wait_until(lambda: len(healthy.marks) == 2, timeout=15, what="the closing mark")
+    await wait_until(lambda: len(healthy.marks) == 2, timeout=60, what="the closing mark")
     lost = healthy.lost(sim.window_counts)
     print(f"healthy client: {sum(healthy.window.values())} events, {lost} lost, longest silence "
           f"{healthy.longest_silence:.2f}s; link reconnects {filtered.link.reconnects}; firehose refused "
@@ -209,7 +209,7 @@ async def test_big_subscribes_hold_nobody_up(nursery, monkeypatch):
         await wait_until(lambda: len(filtered.hub.sessions) == 1, timeout=60, what="the heavy clients to leave")
         await wait_until(lambda: firehose.registry.upstream_count < 10, timeout=60, what="the firehose to let go")
         sim.mark()
-        await wait_until(lambda: len(healthy.marks) == 2, timeout=30, what="the closing mark")
+        await wait_until(lambda: len(healthy.marks) == 2, timeout=90, what="the closing mark")
     finally:
         trio.lowlevel.remove_instrument(steps)
         gc.enable()
@@ -251,7 +251,7 @@ async def test_a_subscribe_upstream_refuses_is_taken_back_from_the_clients_holdi
     # Everything a client holds below, the firehose holds for the link: no channel is held on a lie.
     await wait_until(lambda: links_agree(firehose, filtered), what="the link and the firehose agree")
     sim.mark()
-    await wait_until(lambda: len(healthy.marks) == 2, timeout=15, what="the closing mark")
+    await wait_until(lambda: len(healthy.marks) == 2, timeout=60, what="the closing mark")
     assert healthy.lost(sim.window_counts) == 0 and filtered.link.reconnects == 0
 
 
