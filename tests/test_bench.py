@@ -55,7 +55,7 @@ def test_client_frames_are_masked_and_read_back_by_a_websocket_server(size):
 
 def test_frame_events_and_framings_are_parsed_as_the_simulator_reads_them():
     args = parse_arguments([])
-    assert (args.frame_events, args.framings, args.client_processes) == ("tick", None, 1)
+    assert (args.frame_events, args.framings, args.client_processes) == ("tick", None, 2)
     assert parse_arguments(["--frame-events", "1"]).frame_events == 1
     assert parse_arguments(["--frame-events", "Adaptive"]).frame_events == "adaptive"
     assert parse_arguments(["--framings", "1,10,200"]).framings == [1, 10, 200]
