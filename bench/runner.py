@@ -338,8 +338,9 @@ def run_once(args: argparse.Namespace, rate: float, frame_events: int | str) -> 
     return {
         "scenario": scenario, "clients": len(plan), "rate_offered": rate,
         "frame_events": str(frame_events),
-        # what the firehose really got: a connection gets only the events its channels select
-        "events_per_frame": round(events_in / max(sent["window_frames"], 1), 1),
+        # what the firehose really got, counted as written: a connection gets only the events its
+        # channels select, and a writer behind its queue must not skew the ratio
+        "events_per_frame": round(sent["window_frame_events"] / max(sent["window_frames"], 1), 1),
         "frames_into_firehose_per_s": round(sent["window_frames"] / window),
         "simulator_events_skipped": sent["events_skipped"],
         "duration_s": round(window, 2),
