@@ -32,6 +32,7 @@ async def _commands(simulator: Simulator) -> None:
                 if not simulator.counting:
                     print(json.dumps({"window_events": simulator.window_events,
                                       "window_frames": simulator.window_frames,
+                                      "window_frame_events": simulator.window_frame_events,
                                       "counts": dict(simulator.window_counts),
                                       "events_generated": simulator.events_generated,
                                       "events_skipped": simulator.events_skipped}), flush=True)
