@@ -35,7 +35,7 @@ from typing import Callable
 import trio
 
 from bench.client_process import FrameReader
-from proxy.net.wsserver import text_frame
+from proxy.net.frames import text_frame
 
 FRAME = text_frame(b'[{"ev":"T","sym":"MSFT","i":"50578","x":4,"p":215.9721,"s":100,'
                    b'"c":[37],"t":1611082428813,"q":3490,"z":3}]')

@@ -19,7 +19,7 @@ from bench.runner import collect_answers, merged_latency, parse_arguments, split
 
 @pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 70_000])
 def test_frame_reader_cuts_the_tiers_frames_at_every_length_boundary_however_the_bytes_arrive(size):
-    from proxy.net.wsserver import text_frame
+    from proxy.net.frames import text_frame
 
     payloads = [b"A" * size, b'[{"ev":"T"}]', bytes([97 + n % 26 for n in range(size)])]
     stream = b"".join(text_frame(payload) for payload in payloads)
