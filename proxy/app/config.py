@@ -143,6 +143,7 @@ def _shared(source: decouple.Config) -> dict:
             _read(source, "SLOW_CLIENT_POLICY", _default("slow_client_policy"), _choice(("disconnect", "drop_oldest")))
         ),
         slow_client_close_seconds=_read(source, "SLOW_CLIENT_CLOSE_SECONDS", _default("slow_client_close_seconds"), _seconds),
+        client_flush_ms=_read(source, "CLIENT_FLUSH_MS", _default("client_flush_ms"), _flush_ms),
         max_message_bytes=_read(source, "MAX_MESSAGE_BYTES", _default("max_message_bytes"), _positive_int),
         auth_timeout_seconds=_read(source, "AUTH_TIMEOUT_SECONDS", _default("auth_timeout_seconds"), _seconds),
         upstream_ca_file=_read(source, "UPSTREAM_CA_FILE", "", _existing_file),
@@ -161,6 +162,13 @@ def _shared(source: decouple.Config) -> dict:
         journal_retention_seconds=_unbounded_if_zero(_read(source, "JOURNAL_RETENTION_HOURS", "24", _amount) * 3600),
         journal_max_bytes=_unbounded_if_zero(int(_read(source, "JOURNAL_MAX_GB", "10", _amount) * 1e9)),
     )
+
+
+def _flush_ms(raw: str) -> float:
+    value = float(raw)
+    if not 0 <= value <= 1000:
+        raise ValueError("expected a number of milliseconds from 0 to 1000 (0: write every frame at once)")
+    return value
 
 
 def _positive_seconds(raw: str) -> float:

@@ -212,6 +212,8 @@ async def run_tier(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(link.run)
         nursery.start_soon(_route_frames, tier, frames_receive)
+        if hub.pacer.interval > 0:
+            nursery.start_soon(hub.run_flusher)
         nursery.start_soon(_expire_grace, tier)
         nursery.start_soon(_log_summary, tier)
         nursery.start_soon(_sample_rates, tier)

@@ -16,7 +16,7 @@ from .entitlements import KeyBook
 from .outbox import SlowClientPolicy
 from .protocol import Channel
 
-__all__ = ["ABOVE_ZERO", "AT_LEAST_ONE", "FRAME_ADAPTIVE", "FRAME_TICK", "MARKETS", "MAX_FRAME_EVENTS", "NOT_NEGATIVE",
+__all__ = ["ABOVE_ZERO", "AT_LEAST_ONE", "FLUSH_MS", "FRAME_ADAPTIVE", "FRAME_TICK", "MARKETS", "MAX_FRAME_EVENTS", "NOT_NEGATIVE",
            "PORT", "SECONDS", "SimulatorConfig", "TierConfig", "TierKind"]
 
 def _within(check: "Callable[[Any], bool]", expected: str) -> "Callable[[Any, attrs.Attribute, Any], None]":
@@ -36,6 +36,7 @@ AT_LEAST_ONE = _within(lambda v: isinstance(v, int) and v >= 1, "a whole number 
 SECONDS = _within(lambda v: 0 <= v < 86_400 * 365, "a number of seconds, 0 or more")
 ABOVE_ZERO = _within(lambda v: v > 0, "a number above 0")
 NOT_NEGATIVE = _within(lambda v: v >= 0, "0 or more")
+FLUSH_MS = _within(lambda v: 0 <= v <= 1000, "a number of milliseconds from 0 to 1000")
 
 #: Polygon's markets, each served at its own path.
 MARKETS = ("stocks", "options", "forex", "crypto", "indices", "futures")
@@ -83,6 +84,9 @@ class TierConfig:
     #: How long a client disconnected as a slow consumer gets to read what is already on its
     #: socket, the slow_consumer status and the close frame, before its TCP connection is closed.
     slow_client_close_seconds: float = attrs.field(default=5.0, validator=SECONDS)
+    #: Adaptive write coalescing (CLIENT_FLUSH_MS): a client is written at most once per this many
+    #: milliseconds; one last written longer ago than that is written at once. 0: every time.
+    client_flush_ms: float = attrs.field(default=5.0, validator=FLUSH_MS)
     max_message_bytes: int = attrs.field(default=262_144, validator=AT_LEAST_ONE)
     auth_timeout_seconds: float = attrs.field(default=10.0, validator=SECONDS)
     max_channels_per_message: int = attrs.field(default=10_000, validator=AT_LEAST_ONE)
