@@ -5,7 +5,9 @@ frames and it queues them into each client's :class:`~proxy.outbox.Outbox`
 without ever waiting, then, once per pass over the frames queued from upstream,
 :meth:`Hub.flush` writes every touched client's queue to its socket at once
 (one frame per run of events) wherever the kernel has room
-(:mod:`proxy.net.connection`). :func:`serve_clients` runs the accept loop; each
+(:mod:`proxy.net.connection`); with ``CLIENT_FLUSH_MS``, a client written to
+within the interval is written at its end instead, by :meth:`Hub.run_flusher`
+(:mod:`proxy.core.pacing` decides when). :func:`serve_clients` runs the accept loop; each
 :class:`ClientSession` lives in its own nursery with a reader (control
 messages through :class:`~proxy.session.SessionState`) and a writer, which
 sends what could not be written at once: a backlog, control replies,
