@@ -4,8 +4,10 @@ MockClock. The connection is a :class:`~tests.helpers.FakeConnection`."""
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
+import weakref
 
 import pytest
 import trio
@@ -196,6 +198,27 @@ async def test_a_write_scheduled_before_the_flusher_s_wake_up_wakes_it_earlier(m
         mock_clock.jump(late_written + 0.010 - trio.current_time())
         await trio.testing.wait_all_tasks_blocked()
         assert len(late_connection.sent) == 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_flusher_holds_no_session_once_it_is_closed(mock_clock):
+    hub = make_hub(client_flush_ms=10)
+    session, connection = join(hub, subscribe="T.AAPL")
+    replies(session)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(hub.run_flusher)
+        deliver(hub, AAPL_TRADE)
+        hub.flush()
+        deliver(hub, AAPL_TRADE)
+        hub.flush()  # scheduled: the flusher writes it
+        mock_clock.jump(0.010)
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(connection.sent) == 2
+        reference = weakref.ref(session)
+        hub.close_session(session)
+        del session
+        gc.collect()
+        assert reference() is None  # not kept alive by the sleeping flusher, nor by the pacer
         nursery.cancel_scope.cancel()
 
 

@@ -87,3 +87,26 @@ def test_every_client_is_written_at_most_once_per_interval_and_never_later_than_
     assert pending == {}  # everything was written
     for times in writes.values():
         assert all(later - earlier >= interval for earlier, later in zip(times, times[1:]))
+
+
+def test_a_forgotten_client_is_referenced_nowhere():
+    """A closed session must be freed at once: the pacer keeps no reference to a client it forgot,
+    nor to one written meanwhile, whatever its heap still holds."""
+    import gc
+    import weakref
+
+    class Client:
+        pass
+
+    pacer: FlushPacer[Client] = FlushPacer(0.005)
+    left, written = Client(), Client()
+    for client in (left, written):
+        pacer.written(client, 1.0)
+        assert not pacer.ready(client, 1.001)
+    pacer.written(written, 1.002)
+    references = [weakref.ref(left), weakref.ref(written)]
+    pacer.forget(left)
+    pacer.forget(written)
+    del left, written, client
+    gc.collect()
+    assert [reference() for reference in references] == [None, None]

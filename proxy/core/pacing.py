@@ -34,11 +34,13 @@ class FlushPacer(Generic[K]):
     interval: float
     #: When each client was last written to.
     _written_at: dict[K, float] = attrs.field(factory=dict, init=False)
-    #: Clients with a write scheduled, and when.
-    _waiting: dict[K, float] = attrs.field(factory=dict, init=False)
-    #: (time, sequence, client) of every scheduled write; entries whose client is no longer
-    #: waiting at that time are skipped when popped (cheaper than removing them).
-    _heap: list[tuple[float, int, K]] = attrs.field(factory=list, init=False)
+    #: Clients with a write scheduled: when, and the sequence number of its heap entry.
+    _waiting: dict[K, tuple[float, int]] = attrs.field(factory=dict, init=False)
+    #: The client of each live heap entry. The heap holds (time, sequence) only, so that a client
+    #: that left or was written meanwhile is referenced nowhere (a closed session must be freed);
+    #: entries whose sequence is no longer here are skipped when popped.
+    _clients: dict[int, K] = attrs.field(factory=dict, init=False)
+    _heap: list[tuple[float, int]] = attrs.field(factory=list, init=False)
     _sequence: itertools.count = attrs.field(factory=itertools.count, init=False)
 
     def ready(self, client: K, now: float) -> bool:
@@ -50,40 +52,47 @@ class FlushPacer(Generic[K]):
         if last is None or now - last >= self.interval:
             return True
         if client not in self._waiting:
-            at = last + self.interval
-            self._waiting[client] = at
-            heapq.heappush(self._heap, (at, next(self._sequence), client))
+            at, sequence = last + self.interval, next(self._sequence)
+            self._waiting[client] = (at, sequence)
+            self._clients[sequence] = client
+            heapq.heappush(self._heap, (at, sequence))
         return False
 
     def written(self, client: K, now: float) -> None:
         """``client`` was written to at ``now``: its next interval starts here, and any write
         scheduled for it is done."""
         self._written_at[client] = now
-        self._waiting.pop(client, None)
+        self._unschedule(client)
 
     def due(self, now: float) -> list[K]:
         """The clients whose scheduled write time has come (by ``now``), earliest first; each
         is no longer scheduled (write it, and report that with :meth:`written`)."""
-        heap, waiting = self._heap, self._waiting
+        heap, clients, waiting = self._heap, self._clients, self._waiting
         found: list[K] = []
         while heap and heap[0][0] <= now:
-            at, _, client = heapq.heappop(heap)
-            if waiting.get(client) == at:
+            _, sequence = heapq.heappop(heap)
+            client = clients.pop(sequence, None)
+            if client is not None:
                 del waiting[client]
                 found.append(client)
         return found
 
     def next_due(self) -> float | None:
         """When the earliest scheduled write is due, or None if none is scheduled."""
-        heap, waiting = self._heap, self._waiting
-        while heap and waiting.get(heap[0][2]) != heap[0][0]:
+        heap, clients = self._heap, self._clients
+        while heap and heap[0][1] not in clients:
             heapq.heappop(heap)  # done or forgotten meanwhile
         return heap[0][0] if heap else None
 
     def forget(self, client: K) -> None:
-        """``client`` left: nothing more is scheduled or remembered for it."""
+        """``client`` left: nothing more is scheduled or remembered for it, nor referenced."""
         self._written_at.pop(client, None)
-        self._waiting.pop(client, None)
+        self._unschedule(client)
+
+    def _unschedule(self, client: K) -> None:
+        scheduled = self._waiting.pop(client, None)
+        if scheduled is not None:
+            del self._clients[scheduled[1]]
 
     def __len__(self) -> int:
         """How many clients have a write scheduled."""

@@ -386,8 +386,7 @@ class Hub:
             if session.outbox.dropped_events != session.drops_logged:
                 self._log_drops(session, now)
         if paced and len(pacer):
-            for session in pacer.due(now):
-                self.write_queued(session, now)
+            self._write_due(now)
             due = pacer.next_due()
             if due is not None and due < self._flusher_until:
                 self._flusher_wakeup.set()
@@ -402,9 +401,13 @@ class Hub:
             self._flusher_until = math.inf if due is None else due
             with trio.move_on_at(self._flusher_until):
                 await self._flusher_wakeup.wait()
-            now = trio.current_time()
-            for session in pacer.due(now):
-                self.write_queued(session, now)
+            self._write_due(trio.current_time())
+
+    def _write_due(self, now: float) -> None:
+        # A function of its own: a loop variable in run_flusher's frame would keep the last
+        # session written alive, closed or not, for as long as the flusher sleeps.
+        for session in self.pacer.due(now):
+            self.write_queued(session, now)
 
     def write_queued(self, session: ClientSession, now: float) -> None:
         """Frame what ``session`` has queued and write it, unless bytes before it still wait.
