@@ -40,6 +40,7 @@ async def _commands(simulator: Simulator, replay: Replay | None = None) -> None:
                 if not simulator.counting:
                     print(json.dumps({"window_events": simulator.window_events,
                                       "window_frames": simulator.window_frames,
+                                      "window_frame_events": simulator.window_frame_events,
                                       "counts": dict(simulator.window_counts),
                                       "events_generated": simulator.events_generated,
                                       "events_skipped": simulator.events_skipped,

@@ -5,7 +5,8 @@
   firehose, link up, in one call (:func:`start_firehose`), and the whole chain (simulator →
   firehose → filtered proxy, links up): :func:`start_chain`.
 - **Clients**: :class:`Client` (trio-websocket, as a user writes one), :func:`connect`,
-  :func:`authed_client`, a ``*`` :class:`Neighbour` that must see a gapless stream, raw
+  :func:`authed_client`, :func:`raw_events` (a client's events as the bytes they came as),
+  a ``*`` :class:`Neighbour` that must see a gapless stream, raw
   wsproto clients for what a library would not send (:func:`handshake`, :func:`masked`), and a
   :class:`SlowReader` whose tiny socket buffer fills at once.
 - **Fakes**: :class:`FakeConnection`, what :class:`~proxy.net.server.Hub` and the client
@@ -25,6 +26,7 @@ import socket
 from typing import Any, Callable, NamedTuple
 
 import attrs
+import msgspec
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, connect_websocket_url
 from wsproto import ConnectionType, WSConnection
@@ -42,7 +44,7 @@ from proxy.sim.simulator import Simulator, run_simulator
 __all__ = [
     "ALL_STREAM", "CLIENT_KEY", "FAST_BACKOFF", "FAST_KEEPALIVE", "FIREHOSE_KEY", "LIVENESS_SECONDS", "POLYGON_KEY",
     "Chain", "Client", "FakeConnection", "Neighbour", "SlowReader", "authed_client", "connect", "count_tasks",
-    "filtered_config", "firehose_config", "handshake", "masked", "read_statuses", "selects", "send_all",
+    "filtered_config", "firehose_config", "handshake", "masked", "raw_events", "read_statuses", "selects", "send_all",
     "simulator_config", "start_chain", "start_firehose", "start_simulator", "start_tier", "wait_connected",
     "wait_until",
 ]
@@ -265,6 +267,15 @@ async def authed_client(nursery: trio.Nursery, port: int, key: str, subscribe: s
                 break
         assert all(status["status"] == "success" for status in answer), answer
     return client
+
+
+_split_raw = msgspec.json.Decoder(list[msgspec.Raw]).decode
+
+
+def raw_events(frames: list[str]) -> list[bytes]:
+    """The data events of ``frames`` (JSON arrays; status frames skipped), each as the exact bytes
+    it had in its frame: for checking that events arrive byte for byte however they were framed."""
+    return [bytes(raw) for frame in frames if '"ev":"status"' not in frame for raw in _split_raw(frame)]
 
 
 def selects(params: str, event: dict) -> bool:

@@ -13,13 +13,49 @@ from pathlib import Path
 
 import pytest
 
-from bench.client_process import histogram, percentile
+from bench.client_process import CLOSE, PING, TEXT, FrameReader, client_frame, histogram, percentile
 from bench.runner import collect_answers, merged_latency, parse_arguments, split_plan, table, warnings
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 70_000])
+def test_frame_reader_cuts_the_tiers_frames_at_every_length_boundary_however_the_bytes_arrive(size):
+    from proxy.net.frames import text_frame
+
+    payloads = [b"A" * size, b'[{"ev":"T"}]', bytes([97 + n % 26 for n in range(size)])]
+    stream = b"".join(text_frame(payload) for payload in payloads)
+    assert FrameReader().feed(stream) == [(TEXT, payload) for payload in payloads]
+    reader, got = FrameReader(), []
+    for start in range(0, len(stream), 997):  # cut anywhere, headers included
+        got += reader.feed(stream[start:start + 997])
+    assert got == [(TEXT, payload) for payload in payloads]
+
+
+def test_frame_reader_joins_fragments_and_passes_control_frames_between_them():
+    first, ping, last = b"\x01\x03abc", b"\x89\x01p", b"\x80\x02de"  # TEXT not final, PING, final CONTINUATION
+    reader = FrameReader()
+    assert reader.feed(first + ping) == [(PING, b"p")]
+    assert reader.feed(last + b"\x88\x00") == [(TEXT, b"abcde"), (CLOSE, b"")]
+
+
+@pytest.mark.parametrize("size", [5, 200, 70_000])
+def test_client_frames_are_masked_and_read_back_by_a_websocket_server(size):
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import AcceptConnection, Request, TextMessage
+
+    server, client = WSConnection(ConnectionType.SERVER), WSConnection(ConnectionType.CLIENT)
+    server.receive_data(client.send(Request(host="x", target="/")))
+    assert isinstance(next(server.events()), Request)
+    server.send(AcceptConnection())
+    payload = ("x" * size).encode()
+    frame = client_frame(TEXT, payload)
+    assert frame[1] & 0x80 and frame.count(payload) == 0  # masked: the text is not on the wire
+    server.receive_data(frame)
+    assert "".join(e.data for e in server.events() if isinstance(e, TextMessage)) == "x" * size
 
 
 def test_frame_events_and_framings_are_parsed_as_the_simulator_reads_them():
     args = parse_arguments([])
-    assert (args.frame_events, args.framings, args.client_processes) == ("tick", None, 1)
+    assert (args.frame_events, args.framings, args.client_processes) == ("tick", None, 2)
     assert parse_arguments(["--frame-events", "1"]).frame_events == 1
     assert parse_arguments(["--frame-events", "Adaptive"]).frame_events == "adaptive"
     assert parse_arguments(["--framings", "1,10,200"]).framings == [1, 10, 200]

@@ -15,6 +15,7 @@ from tests.helpers import (
     connect,
     filtered_config,
     firehose_config,
+    raw_events,
     selects,
     start_chain,
     start_simulator,
@@ -119,6 +120,26 @@ async def test_clients_receive_original_bytes_as_json_array_frames(nursery):
         for event in json.loads(frame):
             # re-serialised compactly, each event is byte-identical to what the simulator sent
             assert json.dumps(event, separators=(",", ":")) in sent_events
+
+
+async def test_through_two_coalescing_tiers_each_event_arrives_byte_for_byte_in_upstream_order(nursery):
+    """One event per upstream frame, both tiers writing at most every 20 ms: the client's frames hold
+    exactly the events it selected, the very bytes the simulator sent, in the simulator's order."""
+    sim, _, filtered = await start_chain(
+        nursery, simulator=dict(events_per_second=1000, frame_events=1),
+        firehose=dict(client_flush_ms=20), filtered=dict(client_flush_ms=20))
+    sim.record_frames = True
+    client = await authed_client(nursery, filtered.port, CLIENT_KEY, subscribe="T.*,Q.AAPL")
+    with trio.fail_after(60):
+        while len(raw_events(client.frames)) < 200:
+            await client.receive()
+    received = raw_events(client.frames)
+    sent = [raw for raw in raw_events(sim.sent_frames[1])
+            if selects("T.*,Q.AAPL", json.loads(raw))]
+    start = sent.index(received[0])
+    assert received == sent[start:start + len(received)]
+    data_frames = [frame for frame in client.frames if '"ev":"status"' not in frame]
+    assert len(data_frames) < len(received)  # coalesced
 
 
 async def test_paths_and_pre_auth_rules(nursery):

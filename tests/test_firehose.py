@@ -1,5 +1,8 @@
 """The firehose tier against the simulator, over real sockets on 127.0.0.1."""
 
+import json
+
+import pytest
 import trio
 
 from prometheus_client import generate_latest
@@ -16,6 +19,7 @@ from tests.helpers import (
     authed_client,
     connect,
     firehose_config,
+    raw_events,
     start_firehose,
     start_simulator,
     start_tier,
@@ -49,21 +53,26 @@ async def test_demand_reaches_polygon_and_overlaps_cause_one_subscription(nurser
     assert {(e["ev"], e["sym"]) for e in b.events} == both  # and nothing else
 
 
-async def test_star_downstream_gets_every_frame_byte_for_byte(nursery):
-    sim = await start_simulator(nursery, events_per_second=3000)
+@pytest.mark.parametrize("flush_ms", [0, 20])
+async def test_star_downstream_gets_every_event_byte_for_byte_in_order(nursery, flush_ms):
+    """One event per upstream frame, as Polygon sends in normal flow. With CLIENT_FLUSH_MS the `*`
+    downstream gets fewer, larger frames: JSON arrays of the very bytes upstream sent, in order."""
+    sim = await start_simulator(nursery, events_per_second=1000, frame_events=1)
     sim.record_frames = True
-    firehose = await start_tier(nursery, firehose_config(sim, static_channels=parse_channel_list("T.*,Q.*")))
+    firehose = await start_tier(nursery, firehose_config(
+        sim, static_channels=parse_channel_list("T.*,Q.*"), client_flush_ms=flush_ms))
     star = await authed_client(nursery, firehose.port, FIREHOSE_KEY, subscribe="*")
 
-    def data_frames() -> list[str]:
-        return [f for f in star.frames if '"ev":"status"' not in f]
-
-    with trio.fail_after(LIVENESS_SECONDS):  # frames, not events: a busy simulator sends fewer, larger ones
-        while len(data_frames()) <= 20:
+    with trio.fail_after(LIVENESS_SECONDS):
+        while len(raw_events(star.frames)) <= 300:
             await star.receive()
-    sent, received = sim.sent_frames[1], data_frames()
+    data_frames = [frame for frame in star.frames if '"ev":"status"' not in frame]
+    assert all(isinstance(json.loads(frame), list) for frame in data_frames)
+    sent, received = raw_events(sim.sent_frames[1]), raw_events(star.frames)
     start = sent.index(received[0])
     assert received == sent[start:start + len(received)]
+    if flush_ms:  # 20 ms of one-event frames: writes carry many each
+        assert len(data_frames) < len(received) / 2
 
 
 async def test_one_upstream_connection_whatever_the_downstreams(nursery):

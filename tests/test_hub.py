@@ -4,11 +4,14 @@ MockClock. The connection is a :class:`~tests.helpers.FakeConnection`."""
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
+import weakref
 
 import pytest
 import trio
+import trio.testing
 
 from proxy.core import protocol
 from proxy.core.entitlements import KeyBook, KeyEntry, hash_key
@@ -82,16 +85,16 @@ async def test_deliver_queues_and_flush_writes_each_client_its_events_in_one_fra
     deliver(hub, AAPL_TRADE)
     assert star_connection.sent == aapl_connection.sent == []  # queued only: flush writes
     hub.flush()
-    whole = b"[" + AAPL_TRADE + b"," + MSFT_QUOTE + b"]"
-    assert star_connection.sent == [whole, b"[" + AAPL_TRADE + b"]"]  # `*`: each frame verbatim
+    # `*`: the two frames' events as one array, in order
+    assert star_connection.sent == [b"[" + AAPL_TRADE + b"," + MSFT_QUOTE + b"," + AAPL_TRADE + b"]"]
     assert aapl_connection.sent == [b"[" + AAPL_TRADE + b"," + AAPL_TRADE + b"]"]  # its runs, joined
     assert idle_connection.sent == []
     assert (star.events_sent, aapl.events_sent, idle.events_sent) == (3, 2, 0)
-    assert hub.stats.events_out == 5 and hub.stats.frames_out == 3
+    assert hub.stats.events_out == 5 and hub.stats.frames_out == 2
     assert hub.stats.bytes_out == sum(len(frame) for frame in star_connection.sent + aapl_connection.sent)
     assert sum(hub.stats.routing_latency.counts) == 2  # one observation per client written
     hub.flush()  # nothing new: nothing written
-    assert len(star_connection.sent) == 2 and len(aapl_connection.sent) == 1
+    assert len(star_connection.sent) == 1 and len(aapl_connection.sent) == 1
 
 
 async def test_a_backlogged_connection_gets_nothing_new_and_its_writer_is_woken():
@@ -127,11 +130,103 @@ async def test_events_written_into_a_backlog_still_count_toward_the_queue():
     assert session.outbox.overflowed and session.close_request == (1008, "slow consumer")
 
 
+# --- adaptive write coalescing (CLIENT_FLUSH_MS) ----------------------------------------------------
+
+
+async def test_within_the_flush_interval_a_client_gets_one_write_at_its_end_with_everything_in_order(mock_clock):
+    hub = make_hub(client_flush_ms=10)
+    star, star_connection = join(hub, subscribe="*")
+    aapl, aapl_connection = join(hub, subscribe="T.AAPL")
+    for session in (star, aapl):
+        replies(session)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(hub.run_flusher)
+        start = trio.current_time()
+        deliver(hub, AAPL_TRADE, received_at=start)
+        hub.flush()  # quiet until now: written at once
+        assert aapl_connection.sent == [b"[" + AAPL_TRADE + b"]"] and len(star_connection.sent) == 1
+        mock_clock.jump(0.002)
+        deliver(hub, MSFT_QUOTE, received_at=trio.current_time())
+        hub.flush()
+        mock_clock.jump(0.002)
+        deliver(hub, AAPL_TRADE, MSFT_QUOTE, received_at=trio.current_time())
+        hub.flush()
+        hub.broadcast(protocol.status_frame("upstream_disconnected", "gone"))  # a status: keeps its place
+        mock_clock.jump(start + 0.0099 - trio.current_time())
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(aapl_connection.sent) == 1 and len(star_connection.sent) == 1  # 9.9 ms: still waiting
+        mock_clock.jump(start + 0.010 - trio.current_time())
+        await trio.testing.wait_all_tasks_blocked()
+        status = protocol.status_frame("upstream_disconnected", "gone")
+        assert aapl_connection.sent[1:] == [b"[" + AAPL_TRADE + b"]", status]  # the flusher wrote, at 10 ms
+        assert star_connection.sent[1:] == [
+            b"[" + MSFT_QUOTE + b"," + AAPL_TRADE + b"," + MSFT_QUOTE + b"]",  # two frames, one array
+            status]
+        # the wait counts as latency: the star's write waited 8 ms for its oldest events, T.AAPL's 6 ms
+        assert hub.stats.routing_latency.total_seconds == pytest.approx(0.008 + 0.006)
+        mock_clock.jump(0.05)
+        deliver(hub, AAPL_TRADE, received_at=trio.current_time())
+        hub.flush()  # a lone frame after a quiet spell: at once
+        assert aapl_connection.sent[3:] == [b"[" + AAPL_TRADE + b"]"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_write_scheduled_before_the_flusher_s_wake_up_wakes_it_earlier(mock_clock):
+    hub = make_hub(client_flush_ms=10)
+    early, early_connection = join(hub, subscribe="T.AAPL")
+    late, late_connection = join(hub, subscribe="Q.MSFT")
+    replies(early)
+    replies(late)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(hub.run_flusher)
+        start = trio.current_time()
+        deliver(hub, AAPL_TRADE)
+        hub.flush()  # early written at 0
+        mock_clock.jump(0.008)
+        late_written = trio.current_time()
+        deliver(hub, MSFT_QUOTE)
+        hub.flush()  # late written at 8 ms
+        mock_clock.jump(0.001)
+        deliver(hub, MSFT_QUOTE)
+        hub.flush()  # late due at 18 ms: the flusher sleeps until then
+        await trio.testing.wait_all_tasks_blocked()
+        deliver(hub, AAPL_TRADE)
+        hub.flush()  # early due at 10 ms: before that
+        mock_clock.jump(start + 0.010 - trio.current_time())
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(early_connection.sent) == 2 and len(late_connection.sent) == 1
+        mock_clock.jump(late_written + 0.010 - trio.current_time())
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(late_connection.sent) == 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_flusher_holds_no_session_once_it_is_closed(mock_clock):
+    hub = make_hub(client_flush_ms=10)
+    session, connection = join(hub, subscribe="T.AAPL")
+    replies(session)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(hub.run_flusher)
+        deliver(hub, AAPL_TRADE)
+        hub.flush()
+        deliver(hub, AAPL_TRADE)
+        hub.flush()  # scheduled: the flusher writes it
+        mock_clock.jump(0.010)
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(connection.sent) == 2
+        reference = weakref.ref(session)
+        hub.close_session(session)
+        del session
+        gc.collect()
+        assert reference() is None  # not kept alive by the sleeping flusher, nor by the pacer
+        nursery.cancel_scope.cancel()
+
+
 # --- slow clients ----------------------------------------------------------------------------------
 
 
 async def test_overflow_closes_the_client_once_and_cancels_its_wait_for_the_socket(caplog):
-    hub = make_hub(client_queue_events=2)
+    hub = make_hub(client_queue_events=2, client_flush_ms=0)  # every flush writes the neighbour
     session, _ = join(hub, subscribe="T.AAPL")
     neighbour, neighbour_connection = join(hub, subscribe="T.AAPL")
     replies(session)

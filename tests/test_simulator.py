@@ -322,6 +322,17 @@ async def test_marks_delimit_a_window_counted_by_channel(nursery):
     assert inside and len(inside) == counted == sim.window_events
 
 
+async def test_the_window_counts_the_frames_written_and_their_events_but_not_the_marks(nursery):
+    sim = await start_simulator(nursery, events_per_second=2000, frame_events=10, prebuilt_events=5000)
+    client = await authed_client(nursery, sim.port, POLYGON_KEY, subscribe="T.*,Q.*,LULD.*,FMV.*,BENCH.MARK")
+    await client.collect(0.2)
+    sim.mark()
+    await client.collect(0.5)
+    sim.mark()
+    await client.collect(0.2)
+    assert sim.window_frames > 50 and sim.window_frame_events == 10 * sim.window_frames
+
+
 async def test_faults_are_switchable_by_configuration(nursery):
     abrupt = await start_simulator(nursery, drop_after_frames=3, drop_abrupt=True, events_per_second=1000)
     client = await authed_client(nursery, abrupt.port, POLYGON_KEY, subscribe="T.*,Q.*")

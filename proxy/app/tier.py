@@ -232,6 +232,8 @@ async def run_tier(
                 journal, writer, started_ns=time.time_ns(), replay_max_seconds=_replay_reach(config))
         nursery.start_soon(link.run)
         nursery.start_soon(_route_frames, tier, frames_receive)
+        if hub.pacer.interval > 0:
+            nursery.start_soon(hub.run_flusher)
         nursery.start_soon(_expire_grace, tier)
         nursery.start_soon(_log_summary, tier)
         nursery.start_soon(_sample_rates, tier)

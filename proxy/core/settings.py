@@ -21,7 +21,7 @@ from .markets import MARKET_NAMES
 from .outbox import SlowClientPolicy
 from .protocol import Channel
 
-__all__ = ["ABOVE_ZERO", "AT_LEAST_ONE", "FRAME_ADAPTIVE", "FRAME_TICK", "LOG_LEVELS", "MARKETS", "MARKET_NAMES_ONLY",
+__all__ = ["ABOVE_ZERO", "AT_LEAST_ONE", "FLUSH_MS", "FRAME_ADAPTIVE", "FRAME_TICK", "LOG_LEVELS", "MARKETS", "MARKET_NAMES_ONLY",
            "MAX_FRAME_EVENTS", "SOME_MARKETS", "NOT_NEGATIVE", "PORT", "POSITIVE_SECONDS", "PathCheck", "ReplayConfig",
            "SECONDS", "SimulatorConfig", "TierConfig", "TierKind", "Variable", "parse_frame_events", "parse_speed",
            "setting", "variable_of"]
@@ -45,6 +45,7 @@ SECONDS = _within(lambda v: 0 <= v < 86_400 * 365, "a number of seconds, 0 or mo
 POSITIVE_SECONDS = _within(lambda v: 0 < v < 86_400 * 365, "a number of seconds above 0")
 ABOVE_ZERO = _within(lambda v: v > 0, "a number above 0")
 NOT_NEGATIVE = _within(lambda v: v >= 0, "0 or more")
+FLUSH_MS = _within(lambda v: 0 <= v <= 1000, "a number of milliseconds from 0 to 1000")
 
 #: Polygon's markets, each served at its own path (the table of their facts: :mod:`proxy.core.markets`).
 MARKETS = MARKET_NAMES
@@ -185,6 +186,9 @@ class TierConfig:
     #: socket, the slow_consumer status and the close frame, before its TCP connection is closed.
     slow_client_close_seconds: float = setting("SLOW_CLIENT_CLOSE_SECONDS", parse.number, default=5.0,
                                                validator=SECONDS)
+    #: Adaptive write coalescing: a client is written at most once per this many milliseconds; one
+    #: last written longer ago than that is written at once. 0: every time, as frames come.
+    client_flush_ms: float = setting("CLIENT_FLUSH_MS", parse.number, default=5.0, validator=FLUSH_MS)
     max_message_bytes: int = setting("MAX_MESSAGE_BYTES", parse.whole_number, default=262_144,
                                      validator=AT_LEAST_ONE)
     auth_timeout_seconds: float = setting("AUTH_TIMEOUT_SECONDS", parse.number, default=10.0, validator=SECONDS)

@@ -5,7 +5,9 @@ frames and it queues them into each client's :class:`~proxy.outbox.Outbox`
 without ever waiting, then, once per pass over the frames queued from upstream,
 :meth:`Hub.flush` writes every touched client's queue to its socket at once
 (one frame per run of events) wherever the kernel has room
-(:mod:`proxy.net.connection`). :func:`serve_clients` runs the accept loop; each
+(:mod:`proxy.net.connection`); with ``CLIENT_FLUSH_MS``, a client written to
+within the interval is written at its end instead, by :meth:`Hub.run_flusher`
+(:mod:`proxy.core.pacing` decides when). :func:`serve_clients` runs the accept loop; each
 :class:`ClientSession` lives in its own nursery with a reader (control
 messages through :class:`~proxy.session.SessionState`) and a writer, which
 sends what could not be written at once: a backlog, control replies,
@@ -36,6 +38,7 @@ from ..core.settings import TierConfig
 from ..core.stats import TierStats
 from ..core.entitlements import KeyBook
 from ..core.outbox import Outbox, SlowClientPolicy
+from ..core.pacing import FlushPacer
 from ..core.protocol import Channel
 from ..core.routing import RoutedFrame
 from ..core.session import (
@@ -145,6 +148,13 @@ class Hub:
     journal_source: JournalSource | None = None
     #: Sessions whose replay is being served: the router holds their live frames back (Stitch).
     _replaying: dict[ClientSession, Stitch] = attrs.field(factory=dict)
+    #: When each client is written (CLIENT_FLUSH_MS): at once after a quiet spell, otherwise once at
+    #: the end of the interval since its last write; :meth:`run_flusher` makes the scheduled writes.
+    pacer: FlushPacer[ClientSession] = attrs.field(
+        default=attrs.Factory(lambda self: FlushPacer(self.config.client_flush_ms / 1000), takes_self=True))
+    #: Set to wake :meth:`run_flusher` when a write is scheduled before the time it sleeps until.
+    _flusher_wakeup: trio.Event = attrs.field(factory=trio.Event)
+    _flusher_until: float = math.inf
 
     def open_session(self, peer: str, connection: WsConnection, path: str = "/") -> ClientSession:
         """Register a client that completed the WebSocket handshake; it starts unauthenticated."""
@@ -200,6 +210,7 @@ class Hub:
         self.sessions.discard(session)
         self._touched.pop(session, None)
         self._replaying.pop(session, None)
+        self.pacer.forget(session)
         ip = _ip(session.peer)
         self.connections_per_ip[ip] -= 1
         if self.connections_per_ip[ip] <= 0:
@@ -409,7 +420,7 @@ class Hub:
         touched = self._touched
         if routed.whole is not None:
             for session in self.registry.everything_subscribers:
-                if session.outbox.put_frame(routed.whole, routed.event_count, received_at):
+                if session.outbox.put_array(routed.whole, routed.event_count, received_at):
                     touched[session] = None
                 else:
                     self._overflowed(session)
@@ -433,7 +444,7 @@ class Hub:
             if stitch is not None and not stitch.live(seq):
                 continue
             outbox = session.outbox
-            put = outbox.put_frame(payload, count, received_at) if whole else outbox.put_events(
+            put = outbox.put_array(payload, count, received_at) if whole else outbox.put_events(
                 payload, count, received_at)  # type: ignore[arg-type]
             if put:
                 touched[session] = None
@@ -441,13 +452,41 @@ class Hub:
                 self._overflowed(session)
 
     def flush(self) -> None:
-        """Write every touched session's queue to its socket now, as far as the kernel takes it."""
+        """Write every touched session's queue to its socket now, as far as the kernel takes it;
+        with CLIENT_FLUSH_MS, only those not written to within the interval, the others when
+        it ends (:meth:`run_flusher`), along with whatever reaches them meanwhile."""
         touched, self._touched = self._touched, {}
         now = trio.current_time()
+        pacer = self.pacer
+        paced = pacer.interval > 0
         for session in touched:
-            self.write_queued(session, now)
+            if not paced or pacer.ready(session, now):
+                self.write_queued(session, now)
             if session.outbox.dropped_events != session.drops_logged:
                 self._log_drops(session, now)
+        if paced and len(pacer):
+            self._write_due(now)
+            due = pacer.next_due()
+            if due is not None and due < self._flusher_until:
+                self._flusher_wakeup.set()
+
+    async def run_flusher(self) -> None:
+        """Make the writes the pacer scheduled (CLIENT_FLUSH_MS), each when it is due; runs
+        until cancelled. One wake-up writes every client due by then."""
+        pacer = self.pacer
+        while True:
+            self._flusher_wakeup = trio.Event()
+            due = pacer.next_due()
+            self._flusher_until = math.inf if due is None else due
+            with trio.move_on_at(self._flusher_until):
+                await self._flusher_wakeup.wait()
+            self._write_due(trio.current_time())
+
+    def _write_due(self, now: float) -> None:
+        # A function of its own: a loop variable in run_flusher's frame would keep the last
+        # session written alive, closed or not, for as long as the flusher sleeps.
+        for session in self.pacer.due(now):
+            self.write_queued(session, now)
 
     def write_queued(self, session: ClientSession, now: float) -> None:
         """Frame what ``session`` has queued and write it, unless bytes before it still wait.
@@ -466,6 +505,7 @@ class Hub:
             return
         events, received_at = outbox.queued_events, outbox.oldest_received_at
         frames = outbox.take_frames()
+        self.pacer.written(session, now)
         stats = self.stats
         stats.bytes_out += connection.send_texts(frames)
         outbox.unsent_events = events if connection.backlogged else 0  # the writer clears it once drained

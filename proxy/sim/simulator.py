@@ -286,8 +286,11 @@ class Simulator:
     marks: int = 0
     window_counts: collections.Counter = attrs.field(factory=collections.Counter)
     window_events: int = 0
-    #: Data frames written in the window, over all connections (events per frame = events / this).
+    #: Data frames written in the window, over all connections, and the stream events in them
+    #: (counted when written, not when published, so their ratio is the framing the peer got
+    #: even when the writer lags; frames holding only a mark are not counted).
     window_frames: int = 0
+    window_frame_events: int = 0
     #: Stream events not sent because the generator fell more than half a second behind its rate.
     events_skipped: int = 0
 
@@ -301,7 +304,7 @@ class Simulator:
         self.counting = not self.counting
         marker = Event("BENCH", "MARK", msgspec.json.encode({"ev": "BENCH", "sym": "MARK", "n": self.marks}))
         for connection in self.connections:
-            connection.enqueue(1, frame_of([marker]))
+            connection.enqueue(0, frame_of([marker]))  # 0: not a stream event, for the counts of frames
 
     def drop_all(self, *, abrupt: bool = False) -> None:
         """Drop every connection (``abrupt``: without a close frame), as a fault."""
@@ -709,8 +712,9 @@ async def _send_frames(simulator: Simulator, peer: FaultyConnection, connection:
         if not at_once and not websocket.open:
             raise WebSocketClosed(websocket.close_code, "connection closed")  # closing, closed or broken
         connection.frames_sent += 1
-        if simulator.counting:
+        if simulator.counting and count:
             simulator.window_frames += 1
+            simulator.window_frame_events += count
         if simulator.record_frames:
             simulator.sent_frames.setdefault(connection.id, []).append(payload.decode())
         if faults.drop_after_frames is not None and connection.frames_sent >= faults.drop_after_frames:
