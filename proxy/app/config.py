@@ -35,6 +35,7 @@ from ..core.settings import (
     SimulatorConfig,
     TierConfig,
     TierKind,
+    Variable,
     parse_frame_events,
     variable_of,
 )
@@ -51,6 +52,8 @@ __all__ = [
     "bind_error",
     "check_market_url",
     "declared_variables",
+    "parse_setting",
+    "settings_source",
     "DERIVED_VARIABLES",
 ]
 
@@ -60,7 +63,8 @@ T = TypeVar("T")
 # --- reading -------------------------------------------------------------------------
 
 
-def _source() -> decouple.Config:
+def settings_source() -> decouple.Config:
+    """Where settings are read: the environment, then `.env` (or the file PROXY_ENV_FILE names)."""
     path = Path(os.environ.get("PROXY_ENV_FILE", ".env"))
     if "PROXY_ENV_FILE" in os.environ and not path.is_file():
         raise ConfigError("PROXY_ENV_FILE", f"no such file: {path}")
@@ -87,16 +91,23 @@ def _declared(cls: type, source: decouple.Config, tier: TierKind | None = None) 
             if tier is not None and tier in variable.defaults:
                 values[field.name] = variable.defaults[tier]
             continue  # the field's own default
-        try:
-            value = variable.parse(raw)
-            if field.validator is not None:
-                field.validator(None, field, value)
-        except (ValueError, TypeError) as error:
-            raise ConfigError(name, f"{raw!r} is not valid: {error}") from None
+        value = parse_setting(field, variable, raw, name)
         if variable.path is not None:
             _check_path(name, value, variable.path)
         values[field.name] = value
     return values
+
+
+def parse_setting(field: attrs.Attribute, variable: Variable, raw: str, where: str) -> Any:
+    """``raw`` (stripped, not blank) as ``field``'s value: parsed by its variable's parser and
+    checked by the field's validator; ConfigError naming ``where`` (the variable or option) if not."""
+    try:
+        value = variable.parse(raw)
+        if field.validator is not None:
+            field.validator(None, field, value)
+    except (ValueError, TypeError) as error:
+        raise ConfigError(where, f"{raw!r} is not valid: {error}") from None
+    return value
 
 
 def _check_path(name: str, path: str, check: PathCheck) -> None:
@@ -145,7 +156,7 @@ def _tier_settings(source: decouple.Config, tier: TierKind) -> dict[str, Any]:
 
 def load_firehose_config() -> TierConfig:
     """The firehose's configuration from the environment and ``.env``; raises ConfigError naming a bad variable."""
-    source = _source()
+    source = settings_source()
     api_key = _required(source, "POLYGON_API_KEY")
     accepted = key_set(_raw(source, "FIREHOSE_API_KEYS"))
     return TierConfig(
@@ -160,7 +171,7 @@ def load_firehose_config() -> TierConfig:
 
 def load_filtered_config() -> TierConfig:
     """The filtered proxy's configuration from the environment and ``.env``; raises ConfigError naming a bad variable."""
-    source = _source()
+    source = settings_source()
     api_key = _raw(source, "POLYGON_API_KEY")
     accepted = key_set(_raw(source, "FILTERED_PROXY_API_KEYS"))
     if not accepted and api_key:
@@ -197,7 +208,7 @@ def _firehose_key(source: decouple.Config, polygon_key: str) -> tuple[str, str]:
 
 def load_simulator_config() -> SimulatorConfig:
     """The simulator's configuration from the environment and ``.env``; raises ConfigError naming a bad variable."""
-    return SimulatorConfig(**_declared(SimulatorConfig, _source()))
+    return SimulatorConfig(**_declared(SimulatorConfig, settings_source()))
 
 
 #: Variables read beside the fields' own: keys and the files they come from, and the replay's

@@ -18,7 +18,7 @@ import attrs
 
 from ..core.errors import ConfigError
 from ..core.settings import ReplayConfig, parse_speed, variable_of
-from .config import _source
+from .config import parse_setting, settings_source
 from .journal_cli import parse_time
 
 __all__ = ["REPLAY_OPTIONS", "REPLAY_TIME_VARIABLES", "parse_speed", "load_replay_config"]
@@ -46,7 +46,7 @@ def load_replay_config(journal_dir: str, options: Mapping[str, str | None] | Non
     on the command line, None when not given) over the variables. Times (``from``, ``to``)
     are read as ``python -m proxy.journal cat`` reads them, negative ones relative to
     ``now_ns`` (default: now). Raises ConfigError naming the option or the variable."""
-    source = _source()
+    source = settings_source()
     given = {name: value for name, value in (options or {}).items() if value is not None}
     now = time.time_ns() if now_ns is None else now_ns
     values: dict[str, Any] = {}
@@ -60,13 +60,7 @@ def load_replay_config(journal_dir: str, options: Mapping[str, str | None] | Non
             raw, where = str(source(variable.name, default="")).strip(), variable.name
         if not raw:
             continue  # the field's default
-        try:
-            value = variable.parse(raw)
-            if field.validator is not None:
-                field.validator(None, field, value)
-        except (ValueError, TypeError) as error:
-            raise ConfigError(where, f"{raw!r} is not valid: {error}") from None
-        values[field.name] = value
+        values[field.name] = parse_setting(field, variable, raw, where)
     for key, variable_name in REPLAY_TIME_VARIABLES.items():
         raw, where = (given[key], REPLAY_OPTIONS[key]) if key in given else (
             str(source(variable_name, default="")), variable_name)
