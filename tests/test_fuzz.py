@@ -329,7 +329,7 @@ def test_the_wire_pipelined_fragmented_flooded_or_broken_gets_what_the_protocol_
     port = live_chain["filtered"].port
     baseline = _sessions(live_chain, "filtered")
 
-    @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(ops=operations, violation=violations, cuts=st.lists(st.integers(0, 1 << 30), max_size=6))
     def exchange(ops, violation, cuts):
         _wire_exchange(port, ops, violation, cuts)

@@ -387,7 +387,8 @@ async def test_accept_errors_are_retried_only_when_they_concern_one_connection()
 # --- slow clients under load ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("policy", ["disconnect", "drop_oldest"])
+# drop_oldest is a load test of 8 s: with --slow (the default suite keeps disconnect)
+@pytest.mark.parametrize("policy", ["disconnect", pytest.param("drop_oldest", marks=pytest.mark.slow)])
 async def test_slow_client_policies_fire_under_load_and_the_neighbour_loses_nothing(nursery, policy):
     """A reader far slower than its feed, while the kernel's buffers take what they can.
 

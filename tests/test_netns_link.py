@@ -389,6 +389,7 @@ def check_the_healthy_side(chain: Chain, sent: int) -> None:
 # --- the blackout is a blackhole ---------------------------------------------------------------------
 
 
+@pytest.mark.slow  # checks the method the blackout tests use (7 s); the short blackout runs by default
 async def test_the_blackout_drops_packets_and_resets_no_connection(link):
     """What :meth:`Link.blackout` does, checked on a bare TCP connection across the link: nothing
     gets through either way and a new connection is not answered (not refused: silence); once
@@ -535,6 +536,7 @@ async def impaired_link(link: Link, tmp_path: Path, impair: Callable[[], None], 
     return stats
 
 
+@pytest.mark.slow  # 11 s of a shaped link
 async def test_a_rate_limited_link_queues_and_loses_nothing(link, tmp_path):
     """tbf at 400 kbit/s for 5 s, below the feed (about 0.5 Mbit/s at 500 events a second): what the link cannot carry at once
     waits (in the shaper's queue, in the firehose's socket and its queue for the link) and comes

@@ -13,6 +13,7 @@ import time
 from collections import Counter
 
 import attrs
+import pytest
 import trio
 import trio_websocket
 
@@ -115,6 +116,7 @@ async def churn(client: Client, cycles: int, per_cycle: int, pause: float) -> No
         await trio.sleep(pause)
 
 
+@pytest.mark.slow  # a load test (60,000 channels churned); the proxy-link fuzz covers the limits by default
 async def test_a_churning_client_never_gets_the_tier_link_closed_or_throttled(nursery):
     # End clients of the firehose may send 10 control messages a second and hold 10,000
     # channels; the tier link carries every client's demand and must not be held to that.
@@ -182,6 +184,7 @@ class LongestSteps(trio.abc.Instrument):
         return max(self.longest.items(), key=lambda item: item[1])
 
 
+@pytest.mark.slow  # a load test (50,000 channels at once)
 async def test_big_subscribes_hold_nobody_up(nursery, monkeypatch):
     trims = []
     monkeypatch.setattr(tier_module, "_trim_allocator", lambda: trims.append(trio.current_time()))
