@@ -15,6 +15,7 @@ over loopback: nothing is computed on anyone's hot path.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import signal
@@ -96,7 +97,8 @@ async def run_workers(
             if config.metrics_port is not None:
                 try:
                     workers.metrics_port = await nursery.start(
-                        serve_http, config.host, config.metrics_port, make_workers_handler(workers))
+                        functools.partial(serve_http, name=f"{config.tier} tier ({config.workers} workers)"),
+                        config.host, config.metrics_port, make_workers_handler(workers))
                 except OSError as error:
                     raise bind_error(config.metrics_port_setting, config.host, config.metrics_port, error) from None
             for slot in workers.slots:
