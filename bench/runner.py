@@ -86,29 +86,41 @@ def _stat(pid: int) -> list[str]:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
 
 
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and its children (a filtered proxy with FILTERED_PROXY_WORKERS: the parent and its workers)."""
-    children = []
+def _parents() -> dict[int, int]:
+    """Every running process's parent, read once from /proc."""
+    parents = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if int(_stat(int(entry.name))[1]) == pid:  # field 4 of stat: the parent's pid
-                    children.append(int(entry.name))
+                parents[int(entry.name)] = int(_stat(int(entry.name))[1])  # field 4 of stat: the parent's pid
             except (FileNotFoundError, ProcessLookupError):
                 pass  # gone meanwhile
-    return [pid, *children]
+    return parents
 
 
-def cpu_seconds(pid: int) -> float:
+def process_tree(pid: int, parents: dict[int, int] | None = None) -> list[int]:
+    """``pid`` and its children (a filtered proxy with FILTERED_PROXY_WORKERS: the parent and its workers)."""
+    parents = _parents() if parents is None else parents
+    return [pid, *(child for child, parent in parents.items() if parent == pid)]
+
+
+def cpu_seconds(pid: int, parents: dict[int, int] | None = None) -> float:
     """CPU (user + system) used by ``pid`` and its children still running."""
     total = 0
-    for member in process_tree(pid):
+    for member in process_tree(pid, parents):
         try:
             fields = _stat(member)
         except FileNotFoundError:
             continue
         total += int(fields[11]) + int(fields[12])  # utime + stime
     return total / TICKS
+
+
+def cpu_by_name(pids: dict[str, int]) -> dict[str, float]:
+    """:func:`cpu_seconds` of each named process, /proc's process list read once for all of them
+    (once a second during a run: the harness's own reads count against the machine)."""
+    parents = _parents()
+    return {name: cpu_seconds(pid, parents) for name, pid in pids.items()}
 
 
 def machine_busy_seconds() -> float:
@@ -358,21 +370,21 @@ def run_once(args: argparse.Namespace, rate: float, frame_events: int | str) -> 
 
         harness = {"simulator": simulator.pid, **{name: process.pid for name, process in clients.items()},
                    "joiner": joiner.pid}
-        before = {name: cpu_seconds(pid) for name, pid in {**tiers, **harness}.items()}
+        before = cpu_by_name({**tiers, **harness})
         machine_before = machine_busy_seconds()
         started = time.monotonic()
         simulator.stdin.write(b"mark\n")
         simulator.stdin.flush()
         while (elapsed := time.monotonic() - started) < args.duration:
             time.sleep(min(1.0, args.duration - elapsed))
-            used = {name: cpu_seconds(pid) - before[name] for name, pid in {**tiers, **harness}.items()}
+            used = {name: seconds - before[name] for name, seconds in cpu_by_name({**tiers, **harness}).items()}
             elapsed = time.monotonic() - started
             _progress(f"  {elapsed:5.1f}s  " + "  ".join(
                 f"{name} CPU {100 * seconds / elapsed:5.1f}%" for name, seconds in used.items()))
         simulator.stdin.write(b"mark\n")
         simulator.stdin.flush()
         window = time.monotonic() - started
-        after = {name: cpu_seconds(pid) for name, pid in {**tiers, **harness}.items()}
+        after = cpu_by_name({**tiers, **harness})
         machine_used = machine_busy_seconds() - machine_before
         sent = read_json_line(simulator.stdout, 30, "the simulator")
         by_name, stopped = collect_answers({**clients, "joiner": joiner}, args.drain_seconds)

@@ -40,6 +40,21 @@ def _drain(registry: SubscriptionRegistry) -> None:
         take()
 
 
+def _subscribe_everyone(messages: list[str], channels: int) -> tuple["_Clock", SubscriptionRegistry, list[SessionState]]:
+    """A registry in which client N subscribed ``messages[N]`` through its own session, upstream drained."""
+    clock = _Clock()
+    registry: SubscriptionRegistry = SubscriptionRegistry(clock=clock, grace_seconds=5.0)
+    states = []
+    for client, message in enumerate(messages):
+        state = SessionState(accepted_keys=frozenset({"k"}), max_channels_per_client=channels,
+                             max_channels_per_message=channels)
+        state.receive('{"action":"auth","params":"k"}')
+        registry.subscribe(client, state.receive(message).subscribe)
+        _drain(registry)
+        states.append(state)
+    return clock, registry, states
+
+
 def _messages(clients: int, channels: int, overlap: bool) -> list[str]:
     messages = []
     for client in range(clients):
@@ -81,16 +96,7 @@ def _traced_round(messages: list[str], channels: int) -> tuple[int, int, int]:
     gc.collect()
     tracemalloc.start()
     baseline = tracemalloc.get_traced_memory()[0]
-    clock = _Clock()
-    registry = SubscriptionRegistry(clock=clock, grace_seconds=5.0)
-    states = []
-    for client, message in enumerate(messages):
-        state = SessionState(accepted_keys=frozenset({"k"}), max_channels_per_client=channels,
-                             max_channels_per_message=channels)
-        state.receive('{"action":"auth","params":"k"}')
-        registry.subscribe(client, state.receive(message).subscribe)
-        _drain(registry)
-        states.append(state)
+    clock, registry, states = _subscribe_everyone(messages, channels)
     gc.collect()
     held = tracemalloc.get_traced_memory()[0]
     for client in range(len(states)):
@@ -117,16 +123,7 @@ def _rss_mb() -> float:
 def _rss_round(messages: list[str], channels: int) -> tuple[float, float, float, float]:
     gc.collect()
     before = _rss_mb()
-    clock = _Clock()
-    registry = SubscriptionRegistry(clock=clock, grace_seconds=5.0)
-    states = []
-    for client, message in enumerate(messages):
-        state = SessionState(accepted_keys=frozenset({"k"}), max_channels_per_client=channels,
-                             max_channels_per_message=channels)
-        state.receive('{"action":"auth","params":"k"}')
-        registry.subscribe(client, state.receive(message).subscribe)
-        _drain(registry)
-        states.append(state)
+    clock, registry, states = _subscribe_everyone(messages, channels)
     peak = _rss_mb()
     for client in range(len(states)):
         registry.remove_subscriber(client)
