@@ -42,9 +42,9 @@ async def run(args: argparse.Namespace) -> int:
         async with open_websocket_url(args.url) as ws:
             label = f"[{args.label}] " if args.label else ""
             market = urlsplit(args.url).path.strip("/") or "stocks"
-            print(label + await ws.get_message(), flush=True)
+            print(f"{label}{await ws.get_message()!s}", flush=True)
             await ws.send_message(json.dumps({"action": "auth", "params": args.key}))
-            print(label + await ws.get_message(), flush=True)
+            print(f"{label}{await ws.get_message()!s}", flush=True)
             await ws.send_message(json.dumps({"action": "subscribe", "params": args.channels}))
             received = total = 0
             with trio.move_on_after(args.seconds if args.seconds > 0 else float("inf")):
