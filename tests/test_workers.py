@@ -116,7 +116,7 @@ async def test_workers_share_the_port_and_each_client_gets_exactly_its_channels(
 
     status, body = await _get(workers.metrics_port, "/metrics")
     assert status == 200
-    connected = dict(re.findall(rb'proxy_clients_connected\{tier="filtered",worker="(\d)"\} ([\d.]+)', body))
+    connected = dict(re.findall(rb'proxy_clients_connected\{market="stocks",tier="filtered",worker="(\d)"\} ([\d.]+)', body))
     assert sorted(connected) == [b"1", b"2"] and sum(float(value) for value in connected.values()) == len(clients)
     status, body = await _get(workers.metrics_port, "/readyz")
     assert status == 200 and body.count(b"ready: firehose proxy connected") == 2
