@@ -12,13 +12,16 @@ import trio
 from hypothesis import given, strategies as st
 
 from proxy.app.tier import run_tier
-from proxy.core.protocol import SeqResume, format_channel_list, parse_client_message, subscription_message
+from proxy.core.protocol import (
+    EVERYTHING_CHANNEL, SeqResume, format_channel_list, parse_client_message, subscription_message,
+)
 from proxy.core.errors import ClientMessageError
-from proxy.core.replay import JOURNAL_SEQ, RESUME_STATUSES, ReplayRequest, journal_seq_frame, resume_start
+from proxy.core.replay import JOURNAL_SEQ, RESUME_STATUSES, ReplayRequest, Stitch, journal_seq_frame, resume_start
 from proxy.core.resume import LinkResume
 from proxy.core.session import Outcome, Phase, ProxyLimits, SessionState
 from proxy.net.journal_store import JOURNAL_ID_NAME, journal_lineage, read_blocks
-from proxy.core.journal import RecordKind
+from proxy.core.journal import Journal, JournalRing, RecordKind
+from proxy.net.replay import JournalSource
 from tests.helpers import (
     ALL_STREAM, CLIENT_KEY, FIREHOSE_KEY, authed_client, filtered_config, firehose_config, start_chain,
     start_simulator, start_tier, wait_until,
@@ -256,6 +259,36 @@ async def test_a_full_filtered_link_outage_with_a_disk_journal_loses_nothing(nur
     assert after[0] > before[-1] + 1, "the simulator's events while the firehose was down are a gap"
 
 
+async def test_a_firehose_restarted_without_a_journal_dir_is_a_reported_loss(nursery) -> None:
+    """A memory-only firehose restarts: its journal is another lineage, so the link cannot resume;
+    the firehose says so, and the filtered proxy's clients hear that events were lost (and no
+    resume chatter), then live events again."""
+    sim = await start_simulator(nursery, events_per_second=2000)
+    scopes: list[trio.CancelScope] = []
+
+    async def run_firehose(config, task_status=trio.TASK_STATUS_IGNORED):
+        with trio.CancelScope() as scope:
+            scopes.append(scope)
+            await run_tier(config, task_status=task_status)
+
+    firehose = await nursery.start(run_firehose, firehose_config(sim, static_channels=ALL_STREAM))
+    filtered = await start_tier(nursery, filtered_config(firehose))
+    await wait_until(lambda: filtered.link.state.value == "connected", what="the tier link")
+    client = await authed_client(nursery, filtered.port, CLIENT_KEY, subscribe=ALL)
+    await client.more_events(100)
+    old_position = filtered.link.resume.position
+    assert old_position is not None and old_position[0] == firehose.journal_source.journal_id
+    scopes[-1].cancel()
+    await client.wait_status("upstream_disconnected")
+    await nursery.start(run_firehose, firehose_config(sim, port=firehose.port, static_channels=ALL_STREAM))
+    restored = await client.wait_status("upstream_connected", timeout=30)
+    assert "events of that window are lost" in restored["message"]
+    assert f"journal {old_position[0]} is not this proxy's journal" in restored["message"]
+    await client.more_events(100)
+    assert_no_resume_chatter(client)
+    assert filtered.link.resume.position[0] != old_position[0]  # it follows the new journal now
+
+
 async def test_an_ordinary_client_sending_from_seq_over_the_wire(nursery) -> None:
     chain = await start_chain(nursery, firehose=dict(static_channels=ALL_STREAM))
     client = await authed_client(nursery, chain.firehose.port, FIREHOSE_KEY)
@@ -271,3 +304,60 @@ async def test_an_ordinary_client_sending_from_seq_over_the_wire(nursery) -> Non
     await client.request("subscribe", "*")
     await client.more_events(50)
     assert not [s for s in client.statuses if s["status"] == JOURNAL_SEQ]
+
+
+# --- serving a resume by seq, without sockets (Hypothesis) ---------------------------------------
+
+
+def feed_frame(index: int, events: int) -> str:
+    return "[" + ",".join('{"ev":"T","sym":"S%d","q":%d}' % (n % 3, index * 10 + n) for n in range(events)) + "]"
+
+
+@given(before=st.lists(st.integers(0, 3), max_size=30), during=st.lists(st.integers(0, 3), max_size=5),
+       wanted=st.integers(1, 40), ring_records=st.integers(1, 40), same=st.booleans())
+def test_a_resume_by_seq_serves_every_record_from_there_once(before: list[int], during: list[int], wanted: int,
+                                                              ring_records: int, same: bool) -> None:
+    """Records journaled before the resume, more while its subscribe is applied; the ring keeps only
+    the last ``ring_records``: the resume serves, from where it starts, every record to its end
+    once, in order, with a mark after each write that never goes back and ends at the end; a
+    start it cannot make is said first, never silently."""
+    journal = Journal(memory_seconds=1e6, memory_bytes=10**12)
+    frames = {}
+    for index, events in enumerate(before):
+        frames[journal.frame(feed_frame(index, events), index).seq] = feed_frame(index, events)
+    hold_from = journal.next_seq
+    for index, events in enumerate(during, start=len(before)):
+        frames[journal.frame(feed_frame(index, events), index).seq] = feed_frame(index, events)
+    # a ring that evicted all but its last `ring_records` records
+    ring = JournalRing(max_seconds=1e6, max_bytes=10**12)
+    for record in journal.ring.records_from(journal.ring.first_seq or 1)[-ring_records:] if len(journal.ring) else []:
+        ring.append(record)
+    ring.evicted = len(journal.ring) - len(ring)
+    journal.ring = ring
+    request = ReplayRequest(0, 0.0, (EVERYTHING_CHANNEL,), from_seq=wanted, journal=JOURNAL if same else "x")
+    source = JournalSource(journal, None, started_ns=0, replay_max_seconds=600.0, journal_id=JOURNAL)
+    stitch = Stitch(request, hold_from)
+    stitch.close_at(journal.next_seq - 1, (EVERYTHING_CHANNEL,))
+    sent: list[str | bytes] = []
+    marks: list[int] = []
+
+    async def send(out) -> bool:
+        sent.extend(out)
+        if out and stitch.cursor is not None:
+            marks.append(stitch.cursor - 1)
+        return True
+
+    trio.run(source.replay, stitch, send)
+    reach = ring.first_seq if ring.first_seq is not None else journal.next_seq
+    valid = same and wanted <= hold_from
+    chosen = max(wanted, reach) if valid else hold_from
+    through = journal.next_seq - 1
+    # a start the ring evicted already (only this model's tiny ring does that to hold_from) is a journal_gap
+    expected = [event for seq in range(max(chosen, reach), through + 1) for event in json.loads(frames[seq])]
+    got = [event for frame in sent for event in json.loads(frame) if event.get("ev") != "status"]
+    assert got == expected
+    statuses = [event["status"] for frame in sent for event in json.loads(frame) if event.get("ev") == "status"]
+    assert statuses[-1] == "replay_complete"
+    assert ("replay_partial" in statuses) == (not valid or wanted < reach)
+    assert ("journal_gap" in statuses) == (chosen < reach and chosen <= through)
+    assert marks == sorted(marks) and marks[-1] == through
