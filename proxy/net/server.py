@@ -533,7 +533,7 @@ class Hub:
         dropped (it is closed as a slow consumer, and resumes from its last mark); under
         drop_oldest the dropped events are lost to it, as they are to any client."""
         source = self.journal_source
-        if source is None or session not in self.registry.everything_subscribers:
+        if source is None or not self.registry.holds_everything(session):
             return None
         return journal_seq_frame(source.journal.next_seq - 1 if seq is None else seq, source.journal_id)
 
