@@ -190,14 +190,14 @@ async def test_metrics_per_key_name_count_clients_sent_and_dropped(nursery):
     await client.wait_events(5)
     _, _, body = await get(f"http://127.0.0.1:{filtered.metrics_port}/metrics")
     text = body.decode()
-    assert 'proxy_key_clients{key="unnamed",tier="filtered"} 1.0' in text
+    assert 'proxy_key_clients{key="unnamed",market="stocks",tier="filtered"} 1.0' in text
     sent = [line for line in text.splitlines() if line.startswith('proxy_key_events_sent_total{key="unnamed"')]
     assert sent and float(sent[0].rsplit(" ", 1)[1]) >= 5
     await client.ws.aclose()
     await wait_until(lambda: not filtered.hub.sessions, what="the client gone")
     _, _, body = await get(f"http://127.0.0.1:{filtered.metrics_port}/metrics")
     text = body.decode()
-    assert 'proxy_key_clients{key="unnamed",tier="filtered"} 0.0' in text  # it left; its totals stay
+    assert 'proxy_key_clients{key="unnamed",market="stocks",tier="filtered"} 0.0' in text  # it left; its totals stay
     kept = [line for line in text.splitlines() if line.startswith('proxy_key_events_sent_total{key="unnamed"')]
     assert float(kept[0].rsplit(" ", 1)[1]) >= float(sent[0].rsplit(" ", 1)[1])
 

@@ -26,7 +26,7 @@ ROOT = Path(__file__).parent.parent
 
 def readme_metrics() -> dict[str, set[str]]:
     """The metric families README's "Health and metrics" paragraph lists, with their labels
-    beyond ``tier``: ``proxy_upstream_{frames,events}_total`` names two families, and a trailing
+    beyond ``tier`` and ``market``: ``proxy_upstream_{frames,events}_total`` names two families, and a trailing
     ``{reason}`` names a label."""
     readme = (ROOT / "README.md").read_text()
     paragraph = re.search(r"^\*\*Health and metrics\.\*\*(.+?)\n\n", readme, flags=re.MULTILINE | re.DOTALL)
@@ -48,7 +48,7 @@ def readme_metrics() -> dict[str, set[str]]:
 
 
 def served_metrics(exposition: str) -> dict[str, set[str]]:
-    """Family names from the ``# TYPE`` lines, with the labels of their samples beyond ``tier``."""
+    """Family names from the ``# TYPE`` lines, with the labels of their samples beyond ``tier`` and ``market``."""
     families = dict.fromkeys(re.findall(r"^# TYPE (\S+) \S+$", exposition, flags=re.MULTILINE), None)
     served: dict[str, set[str]] = {name: set() for name in families}
     for line in exposition.splitlines():
@@ -57,8 +57,8 @@ def served_metrics(exposition: str) -> dict[str, set[str]]:
         sample, labels = re.fullmatch(r"([a-z_]+)(?:\{(.*)\})? \S+", line).groups()
         family = next(name for name in (sample, re.sub(r"_(bucket|count|sum)$", "", sample)) if name in served)
         label_names = set(re.findall(r'([a-z_]+)="', labels or ""))
-        assert "tier" in label_names, f"README says every metric is labelled with tier: {line}"
-        served[family] |= label_names - {"tier", "le"}
+        assert {"tier", "market"} <= label_names, f"README says every metric is labelled with tier and market: {line}"
+        served[family] |= label_names - {"tier", "market", "le"}
     return served
 
 

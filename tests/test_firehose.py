@@ -220,7 +220,7 @@ async def test_drop_oldest_policy_keeps_the_client_and_counts(nursery, caplog):
     assert any("oldest events dropped" in r.getMessage() for r in caplog.records)
     # visible in /metrics while the client is still connected
     exposition = generate_latest(firehose.metrics).decode()
-    line = next(l for l in exposition.splitlines() if l.startswith('proxy_events_dropped_total{reason="drop_oldest"'))
+    line = next(l for l in exposition.splitlines() if l.startswith('proxy_events_dropped_total{market="stocks",reason="drop_oldest"'))
     assert float(line.rsplit(" ", 1)[1]) >= session.outbox.dropped_events > 0
 
 

@@ -79,7 +79,7 @@ async def test_metrics_move_when_traffic_flows(nursery):
                  "proxy_client_frames_sent_total", "proxy_client_events_sent_total",
                  "proxy_client_bytes_sent_total", "proxy_routing_latency_seconds_count"):
         assert metric(after, name) > metric(before, name) > 0, name
-    assert 'proxy_events_dropped_total{reason="slow_consumer",tier="firehose"} 0.0' in after
+    assert 'proxy_events_dropped_total{market="stocks",reason="slow_consumer",tier="firehose"} 0.0' in after
     # the latency histogram: cumulative buckets ending in +Inf == count, a sum, the tier label
     buckets = [(line.split('le="')[1].split('"')[0], float(line.rsplit(" ", 1)[1]))
                for line in after.splitlines() if line.startswith("proxy_routing_latency_seconds_bucket{")]

@@ -16,12 +16,13 @@ import importlib.resources
 import ipaddress
 import itertools
 import time
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 import msgspec
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from ..core.routes import Route
 from ..core.settings import TierConfig
 from ..core.stats import TierHistory, TierSnapshot
 from ..core.subscriptions import SubscriptionRegistry
@@ -58,6 +59,16 @@ class Observed(Protocol):
         """Whether the upstream is connected, and why not."""
         ...
 
+    @property
+    def parts(self) -> "Sequence[Observed]":
+        """Every market's part of the tier (itself alone when it serves one)."""
+        ...
+
+    @property
+    def route(self) -> Route:
+        """The market and feed this part serves."""
+        ...
+
 
 def client_view(tier: Observed, session: ClientSession, now: float, *, all_channels: bool = False) -> dict[str, Any]:
     """One client as /clients shows it: who, where, since when, what it holds and how it keeps up."""
@@ -67,6 +78,7 @@ def client_view(tier: Observed, session: ClientSession, now: float, *, all_chann
     oldest = outbox.oldest_received_at
     return {
         "id": session.id,
+        "market": tier.route.path,
         "peer": session.peer,
         "key": session.key_name or None,
         "path": session.path,
@@ -102,6 +114,21 @@ def _status(tier: Observed) -> dict[str, Any]:
                   for r in history.rates],
         "keys": [{"key": name, "clients": clients, "events_sent": sent, "events_dropped": dropped}
                  for name, (clients, sent, dropped) in sorted(tier.hub.key_totals().items())],
+        "markets": [_market_status(part) for part in tier.parts],
+    }
+
+
+def _market_status(part: Observed) -> dict[str, Any]:
+    """One market's part as the status page lists it: where it is served and how its upstream is."""
+    snapshot = part.snapshot()
+    return {
+        "path": f"/{part.route.path}",
+        "clients_connected": snapshot.clients_connected,
+        "upstream_channels": snapshot.upstream_channels,
+        "upstream_connected": snapshot.upstream_connected,
+        "upstream_refused": snapshot.upstream_refused,
+        "last_error": None if snapshot.upstream_connected else part.link.last_error,
+        "events_in": snapshot.stats.events_in,
     }
 
 
@@ -188,13 +215,14 @@ def make_handler(tier: Observed, registry: CollectorRegistry) -> Callable[[HttpR
             return HttpResponse(200, _encode(_status(tier)), JSON)
         now = trio.current_time()
         if path in ("/clients", "/clients/"):
-            views = [client_view(tier, session, now) for session in tier.hub.sessions]
+            views = [client_view(part, session, now) for part in tier.parts for session in part.hub.sessions]
             views.sort(key=lambda view: view["id"])
             return HttpResponse(200, _encode(views), JSON)
         wanted = path.removeprefix("/clients/")
-        for session in tier.hub.sessions:
-            if str(session.id) == wanted:
-                return HttpResponse(200, _encode(client_view(tier, session, now, all_channels=True)), JSON)
+        for part in tier.parts:
+            for session in part.hub.sessions:
+                if str(session.id) == wanted:
+                    return HttpResponse(200, _encode(client_view(part, session, now, all_channels=True)), JSON)
         return HttpResponse(404, f"no client {wanted!r} is connected\n".encode())
 
     return handle

@@ -51,6 +51,7 @@ __all__ = [
     "LIBRARY_LOGGERS",
     "bind_error",
     "check_market_url",
+    "connections_variable",
     "declared_variables",
     "parse_setting",
     "settings_source",
@@ -137,6 +138,34 @@ def _required(source: decouple.Config, name: str) -> str:
     return value
 
 
+def connections_variable(market: str) -> str:
+    """The variable that says how many upstream connections the account has for ``market``."""
+    return f"POLYGON_CONNECTIONS_{market.upper()}"
+
+
+def _connections(source: decouple.Config) -> dict[str, int]:
+    """``POLYGON_CONNECTIONS_<MARKET>`` for every market that has one set."""
+    counts: dict[str, int] = {}
+    for market in MARKETS:
+        name = connections_variable(market)
+        raw = _raw(source, name)
+        if raw:
+            if not raw.isdigit() or not 1 <= int(raw) <= 100:
+                raise ConfigError(name, f"{raw!r} is not valid: expected a whole number of connections from 1 to 100")
+            counts[market] = int(raw)
+    return counts
+
+
+def _check_markets(values: dict[str, Any]) -> None:
+    """MARKET is the one-market spelling of MARKETS: set both, and they must agree."""
+    markets, market = values.get("markets", ()), values.get("market")
+    if markets and market is not None and market not in markets:
+        raise ConfigError("MARKET", f"MARKET={market} is not among MARKETS={','.join(markets)}; "
+                                    "set one of them (MARKETS lists every market served)")
+    if markets:
+        values["market"] = markets[0]
+
+
 def read_key_file(path: str) -> KeyBook:
     """The named keys in ``path`` (API_KEYS_FILE); ConfigError naming the file, line and problem."""
     try:
@@ -149,6 +178,8 @@ def read_key_file(path: str) -> KeyBook:
 def _tier_settings(source: decouple.Config, tier: TierKind) -> dict[str, Any]:
     values = _declared(TierConfig, source, tier)
     _check_tls_pair(values, tier)
+    _check_markets(values)
+    values["upstream_connections"] = _connections(source)
     path = values.get("api_keys_file")
     values["key_book"] = read_key_file(path) if path else KeyBook()
     return values
@@ -214,7 +245,8 @@ def load_simulator_config() -> SimulatorConfig:
 #: Variables read beside the fields' own: keys and the files they come from, and the replay's
 #: times (read relative to now by proxy.app.replay_config). README lists them too.
 DERIVED_VARIABLES = ("POLYGON_API_KEY", "FIREHOSE_API_KEYS", "FILTERED_PROXY_API_KEYS",
-                     "FILTERED_PROXY_FIREHOSE_KEY", "PROXY_ENV_FILE", "REPLAY_FROM", "REPLAY_TO")
+                     "FILTERED_PROXY_FIREHOSE_KEY", "PROXY_ENV_FILE", "REPLAY_FROM", "REPLAY_TO",
+                     *(connections_variable(market) for market in MARKETS))
 
 
 def declared_variables() -> set[str]:

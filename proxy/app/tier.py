@@ -14,6 +14,7 @@ import collections
 import contextlib
 import ctypes
 import functools
+import itertools
 import logging
 import math
 import os
@@ -28,13 +29,15 @@ import trio
 
 from prometheus_client import CollectorRegistry
 
-from ..core import protocol
+from ..core import markets, protocol
 from ..core.errors import ConfigError
 from ..core.journal import Journal
 from ..core.outbox import SlowClientPolicy
 from ..core.routing import FrameError, route_frame
 from ..core.session import CHANNELS_PER_STEP
+from ..core.routes import Route
 from ..core.settings import TierConfig, TierKind
+from ..core.shards import ChannelShards
 from ..core.journal import format_ns
 from ..core.replay import RELAYED_STATUSES, UPSTREAM_CONNECTED, UPSTREAM_DISCONNECTED, relayed_status_frame
 from ..core.resume import LinkResume, ResumeOutcome
@@ -42,6 +45,7 @@ from ..core.stats import JournalFigures, TierHistory, TierSnapshot, TierStats
 from ..core.subscriptions import SubscriptionRegistry
 from ..net.http import serve_http
 from ..net.journal_store import journal_lineage
+from ..net.accepting import PendingConnections
 from ..net.journal_writer import JournalWriter
 from ..net.replay import JournalSource
 from ..net.server import ClientSession, Hub, serve_clients
@@ -90,6 +94,24 @@ class Tier:
     #: to clients after the frames the link read before it, as it happened.
     frames_routed: int = 0
     notices: collections.deque[tuple[int, Callable[[], None]]] = attrs.field(factory=collections.deque)
+    #: The market of the feed this part serves (its path: ``stocks``, ``delayed/stocks``).
+    route: Route = Route("stocks")
+    #: Every route's part of this tier by path, this one included, the first one (also served
+    #: at ``/``) first; they share the client port, the metrics port and the key file.
+    markets: dict[str, "Tier"] = attrs.field(factory=dict)
+    #: The upstream links beyond ``link`` where the market's channels are spread over several
+    #: connections (POLYGON_CONNECTIONS_<MARKET>).
+    more_links: list[UpstreamLink] = attrs.field(factory=list)
+
+    @property
+    def links(self) -> list[UpstreamLink]:
+        """This route's upstream links: ``link``, then any more the market's connections allow."""
+        return [self.link, *self.more_links]
+
+    @property
+    def parts(self) -> list["Tier"]:
+        """Every route's part of the tier (just this one when it serves one market)."""
+        return list(self.markets.values()) or [self]
 
     def snapshot(self) -> TierSnapshot:
         """The tier's figures now, for the exposition and anything else that reports on it."""
@@ -102,52 +124,144 @@ class Tier:
             upstream_channels=registry.upstream_count + len(self.config.upstream_extra),
             dropped_drop_oldest=hub.dropped(SlowClientPolicy.DROP_OLDEST),
             dropped_slow_consumer=hub.dropped(SlowClientPolicy.DISCONNECT),
-            upstream_connected=self.link.state is LinkState.CONNECTED,
-            upstream_reconnects=self.link.reconnects,
+            upstream_connected=all(link.state is LinkState.CONNECTED for link in self.links),
+            upstream_reconnects=sum(link.reconnects for link in self.links),
             keys=hub.key_totals(),
             journal=None if self.journal_source is None else self.journal_source.figures(),
+            market=self.route.path,
+            upstream_refused=any(link.state is LinkState.REFUSED for link in self.links),
+            upstream_evictions=sum(link.evictions for link in self.links),
         )
 
     def readiness(self) -> tuple[bool, str]:
-        """Ready only while the upstream is connected and authenticated; else why not."""
-        if self.link.state is LinkState.CONNECTED:
-            return True, f"ready: {self.link.label} connected"
-        return False, f"not ready: {self.link.label} {self.link.state.value} ({self.link.last_error})"
+        """Ready while every market's upstream is connected and authenticated, else why not.
+
+        A market whose upstream refused us (not entitled, say) is reported but does not hold
+        the others back: the tier is ready while at least one market is connected and every
+        other one is either connected or refused."""
+        states = [(part.route, link) for part in self.parts for link in part.links]
+        ready = (any(link.state is LinkState.CONNECTED for _, link in states)
+                 and all(link.state in (LinkState.CONNECTED, LinkState.REFUSED) for _, link in states))
+        several = len(states) > 1
+        lines = []
+        for route, link in states:
+            where = f"{route.label}: " if several else ""
+            if link.state is LinkState.CONNECTED:
+                lines.append(f"{where}{link.label} connected")
+            else:
+                lines.append(f"{where}{link.label} {link.state.value} ({link.last_error})")
+        return ready, ("ready: " if ready else "not ready: ") + "; ".join(lines)
 
 
-def _upstream_label(config: TierConfig) -> str:
-    return "Polygon" if config.tier is TierKind.FIREHOSE else "firehose proxy"
+def _upstream_label(config: TierConfig, route: Route) -> str:
+    """How log lines and statuses name the upstream: ``Polygon``, or ``Polygon options`` (and
+    ``Polygon stocks (delayed)``) where a tier serves several markets."""
+    label = "Polygon" if config.tier is TierKind.FIREHOSE else "firehose proxy"
+    return label if len(config.routes) == 1 else f"{label} {route.label}"
+
+
+def _spread_over_links(tier: Tier, connections: int) -> None:
+    """Give the market ``connections`` upstream links, its channels spread over them within each
+    connection's caps (:class:`~proxy.core.shards.ChannelShards`): more links like the first."""
+    config, registry, link = tier.config, tier.registry, tier.link
+    caps = markets.market(config.market).caps(config.upstream_caps.get(config.market))
+    shards = ChannelShards(connections, caps, take_changes=registry.take_upstream_changes,
+                           held=registry.held_upstream)
+
+    def share(index: int) -> UpstreamLink:
+        label = f"{link.label} (connection {index + 1} of {connections})"
+        return attrs.evolve(
+            link, label=label, desired=lambda: frozenset(shards.held_by(index)),
+            changes=lambda: shards.changes_for(index), held=lambda: shards.held_by(index),
+            extra=link.extra if index == 0 else ())
+
+    links = [share(index) for index in range(connections)]
+    tier.link, tier.more_links = links[0], links[1:]
+    log.info("%s: channels spread over %d upstream connections (POLYGON_CONNECTIONS_%s); caps per "
+             "connection: %s", config.market, connections, config.market.upper(),
+             ", ".join(f"{code} {cap:,}" for code, cap in caps.items()) or "none known")
 
 
 def log_start_up(log: logging.Logger, config: TierConfig, title: str, url_setting: str) -> None:
     """The lines an operator reads first: what runs, its upstream, its market (warned when the
     upstream URL names another), its port."""
     log.info("Starting %s", title)
-    log.info("%s: %s", url_setting, config.upstream_url)
-    log.info("Market: %s (clients connect at / and /%s)", config.market, config.market)
-    mismatch = check_market_url(config.market, config.upstream_url, url_setting)
-    if mismatch:
-        log.warning("%s", mismatch)
+    routes = config.routes
+    if len(routes) == 1:
+        log.info("%s: %s", url_setting, config.upstream_url)
+        log.info("Market: %s (clients connect at / and /%s)", config.market, config.market)
+        mismatch = check_market_url(config.market, config.upstream_url, url_setting)
+        if mismatch:
+            log.warning("%s", mismatch)
+    else:
+        for route in routes:
+            connections = config.connections_for(route.market) if config.tier is TierKind.FIREHOSE else 1
+            log.info("Market %s at /%s%s: upstream %s%s", route.label, route.path,
+                     " (and /)" if route == routes[0] else "", config.upstream_url_for(route),
+                     f" ({connections} connections)" if connections > 1 else "")
     log.info("Listening port: %d", config.port)
 
 
 async def run_tier(
     config: TierConfig, *, task_status: trio.TaskStatus[Tier] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Run one tier until cancelled: its upstream link, router, grace timer, summary and servers.
+    """Run one tier until cancelled: a part per market and feed it serves (each with its upstream
+    link, router, grace timer and journal), one client port for them all (each market at its
+    path), one metrics port, one key file.
 
-    Reports the running :class:`Tier` through ``task_status`` once it listens.
+    Reports the running :class:`Tier` of the first market (the one also served at ``/``)
+    through ``task_status`` once it listens; every part is in its ``markets``.
     Raises ConfigError when a port cannot be opened (named by its variable)."""
+    routes = config.routes
+    metrics = CollectorRegistry()
+    pending = PendingConnections()
+    session_ids = itertools.count(1)  # one numbering for the clients of every market (/clients)
+    async with trio.open_nursery() as nursery:
+        parts: dict[str, Tier] = {}
+        for route in routes:
+            parts[route.path] = await nursery.start(
+                _run_route, config.for_route(route), route, metrics, pending, session_ids)
+        for part in parts.values():
+            part.markets = parts
+        tier = parts[routes[0].path]
+        metrics.register(TierCollector(lambda: [part.snapshot() for part in parts.values()]))
+        nursery.start_soon(_reload_keys, tier, config.api_keys_file)
+        try:
+            port = await nursery.start(serve_clients, {route: parts[route.path].hub for route in routes})
+        except OSError as error:
+            raise bind_error(config.port_setting, config.host, config.port, error) from None
+        log.info("Listening for clients on ws://%s:%d (%s)", config.host, port,
+                 ", ".join(f"/{route.path}" for route in routes))
+        metrics_port = 0
+        if config.metrics_port is not None:
+            try:
+                metrics_port = await nursery.start(
+                    functools.partial(serve_http, name=config.tier, pending=pending),
+                    config.metrics_host or config.host, config.metrics_port, make_handler(tier, metrics),
+                )
+            except OSError as error:
+                raise bind_error(config.metrics_port_setting, config.host, config.metrics_port, error) from None
+        for part in parts.values():
+            part.port, part.metrics_port = port, metrics_port
+        task_status.started(tier)
+
+
+async def _run_route(
+    config: TierConfig, route: Route, metrics: CollectorRegistry, pending: PendingConnections,
+    session_ids: itertools.count, *, task_status: trio.TaskStatus[Tier] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """One route's part of the tier (``config`` is the route's own, :meth:`TierConfig.for_route`):
+    its registry, hub, journal, upstream link(s), router and timers; reports its :class:`Tier`."""
     registry: SubscriptionRegistry[ClientSession] = SubscriptionRegistry(
         clock=trio.current_time,
         grace_seconds=config.unsubscribe_grace_seconds,
         static=config.static_channels,
     )
     stats = TierStats()
-    metrics = CollectorRegistry()
-    hub = Hub(config=config, registry=registry, stats=stats, key_book=config.key_book)
+    hub = Hub(config=config, registry=registry, stats=stats, key_book=config.key_book, pending=pending,
+              ids=session_ids)
     frames_send, frames_receive = trio.open_memory_channel[tuple[str | bytes, float]](FRAME_QUEUE)
-    label = _upstream_label(config)
+    label = _upstream_label(config, route)
 
     history = TierHistory()
     outage_started: list[float] = []  # when the current outage began, if one is going on
@@ -277,11 +391,15 @@ async def run_tier(
         keepalive_timeout=config.keepalive_timeout_seconds,
         ca_file=config.upstream_ca_file,
         close_seconds=config.shutdown_close_seconds,
+        market=route.label,
     )
     hub.upstream_notice = upstream_notice
     tier = Tier(config=config, registry=registry, hub=hub, link=link, stats=stats, metrics=metrics,
-                history=history)
-    metrics.register(TierCollector(tier.snapshot))
+                history=history, route=route)
+    connection_count = config.connections_for(route.market) if config.tier is TierKind.FIREHOSE else 1
+    if connection_count > 1:
+        _spread_over_links(tier, connection_count)
+        link = tier.link  # what the callbacks above read: the first of the links
     async with trio.open_nursery() as nursery:
         journal, writer, journal_id = await _open_journal(config, nursery)
         if journal is not None:
@@ -289,30 +407,15 @@ async def run_tier(
             tier.journal_source = hub.journal_source = JournalSource(
                 journal, writer, started_ns=time.time_ns(), replay_max_seconds=_replay_reach(config),
                 journal_id=journal_id)
-        nursery.start_soon(link.run)
+        for each in tier.links:
+            nursery.start_soon(each.run)
         nursery.start_soon(_route_frames, tier, frames_receive)
         if hub.pacer.interval > 0:
             nursery.start_soon(hub.run_flusher)
         nursery.start_soon(_expire_grace, tier)
         nursery.start_soon(_log_summary, tier)
         nursery.start_soon(_sample_rates, tier)
-        nursery.start_soon(_reload_keys, tier, config.api_keys_file)
-        try:
-            tier.port = await nursery.start(serve_clients, hub)
-        except OSError as error:
-            raise bind_error(config.port_setting, config.host, config.port, error) from None
-        log.info("Listening for clients on ws://%s:%d", config.host, tier.port)
-        if config.metrics_port is not None:
-            try:
-                tier.metrics_port = await nursery.start(
-                    functools.partial(serve_http, name=config.tier, pending=hub.pending),
-                    config.metrics_host or config.host, config.metrics_port, make_handler(tier, metrics),
-                )
-            except OSError as error:
-                raise bind_error(config.metrics_port_setting, config.host, config.metrics_port, error) from None
         task_status.started(tier)
-
-
 def _replay_reach(config: TierConfig) -> float:
     """How far back a replay may ask: REPLAY_MAX_SECONDS, capped by what the journal keeps
     (its memory's seconds, or its disk's retention when that is longer)."""
@@ -519,7 +622,8 @@ async def _reload_keys(tier: Tier, path: str | None, poll_seconds: float = KEY_F
             except ConfigError as error:
                 log.error("key file not reloaded, the old keys stay in force: %s", error)
                 continue
-            tier.hub.reload_keys(book)
+            for part in tier.parts:
+                part.hub.reload_keys(book)
             log.info("key file reloaded: %d named keys (%s)", len(book), ", ".join(book.names()) or "none")
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 import time
-from typing import Collection, Generator
+from typing import Callable, Collection, Generator, Sequence
 
 import attrs
 
@@ -131,6 +131,10 @@ class SessionState:
     replay_max_seconds: float = 0.0
     #: Set by the tier while a replay is being served on this connection: another is refused.
     replaying: bool = False
+    #: The upstream's rules for a subscribe's new channels (a market's caps and wildcards):
+    #: None to let them in, else the sentence that refuses the whole subscribe. Called last,
+    #: once every other check passed: letting channels in may reserve room under a cap.
+    upstream_screen: Callable[[Sequence[Channel]], str | None] | None = None
     phase: Phase = Phase.AWAITING_AUTH
     channels: set[Channel] = attrs.field(factory=set)
     refused_for_rate: int = 0
@@ -231,6 +235,11 @@ class SessionState:
                     f'rate limited: a subscribe with "from" counts as {REPLAY_CONTROL_COST} control messages, '
                     f"at most {self.control_rate:g} a second; nothing of this subscribe was applied"),),
                     outcome=Outcome.REPLAY_REFUSED)
+            if self.upstream_screen is not None and new:
+                refusal = self.upstream_screen(new)
+                if refusal is not None:
+                    return Reaction(replies=(protocol.error_frame(
+                        f"{refusal}; nothing of this subscribe was applied"),), outcome=refused_outcome)
             held.update(new)
             reply = yield from protocol.subscription_frame_steps("subscribed", channels, step=step)
             warning = protocol.lowercase_warning(channels)

@@ -14,6 +14,7 @@ from typing import Callable, Iterable, TypeVar
 from urllib.parse import urlsplit
 
 from .errors import ClientMessageError
+from .markets import MARKET_NAMES
 from .protocol import Channel, parse_channel_list
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "gigabytes_or_unbounded",
     "hours_or_unbounded",
     "key_set",
+    "market_caps",
     "megabytes",
     "names",
     "number",
@@ -175,3 +177,18 @@ def as_tuple(value: Iterable[str]) -> tuple[str, ...]:
     """A converter for fields holding a list of names: any iterable becomes a tuple (typed, where
     ``converter=tuple`` would be generic to mypy)."""
     return tuple(value)
+
+
+def market_caps(raw: str) -> dict[str, dict[str, int]]:
+    """Per-connection caps by market and event type: ``options.Q=1000,crypto.XL2=50``."""
+    caps: dict[str, dict[str, int]] = {}
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        name, _, value = item.partition("=")
+        market_name, _, code = name.strip().partition(".")
+        if market_name not in MARKET_NAMES or not code or not value.strip().isdigit() or int(value) < 1:
+            raise ValueError(f"expected MARKET.TYPE=COUNT items such as options.Q=1000 (markets: "
+                             f"{', '.join(MARKET_NAMES)}; COUNT at least 1), not {item!r}")
+        caps.setdefault(market_name, {})[code.strip()] = int(value)
+    return caps

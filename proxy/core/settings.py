@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 from typing import Any, Callable, Mapping
+from urllib.parse import urlsplit
 
 import attrs
 
@@ -20,6 +21,7 @@ from .entitlements import KeyBook
 from .markets import MARKET_NAMES
 from .outbox import SlowClientPolicy
 from .protocol import Channel
+from .routes import Route, replace_market_path, routes_for
 
 __all__ = ["ABOVE_ZERO", "AT_LEAST_ONE", "FLUSH_MS", "FRAME_ADAPTIVE", "FRAME_TICK", "LOG_LEVELS", "MARKETS", "MARKET_NAMES_ONLY",
            "MAX_FRAME_EVENTS", "SOME_MARKETS", "NOT_NEGATIVE", "PORT", "POSITIVE_SECONDS", "PathCheck", "ReplayConfig",
@@ -174,6 +176,26 @@ class TierConfig:
     metrics_port: int | None = setting(_tiers("FIREHOSE_METRICS_PORT", "FILTERED_METRICS_PORT"), parse.port_or_off,
                                        validator=PORT, default=None, defaults=_tiers(9767, 9765))
     market: str = setting("MARKET", parse.choice(MARKETS), default="stocks", validator=attrs.validators.in_(MARKETS))
+    #: Every market served, each at its Polygon path with its own upstream link(s) (empty: just
+    #: ``market``, the one-market spelling); the first is served at ``/`` too.
+    markets: tuple[str, ...] = setting("MARKETS", parse.names, default=(), converter=parse.as_tuple,
+                                       validator=MARKET_NAMES_ONLY)
+    #: Markets of the 15-minute delayed feed, served under ``/delayed/<market>`` beside the real-time ones.
+    delayed_markets: tuple[str, ...] = setting("POLYGON_DELAYED_MARKETS", parse.names, default=(),
+                                               converter=parse.as_tuple, validator=MARKET_NAMES_ONLY)
+    #: The firehose's real-time feed: market M's upstream is ``<feed>/M`` (None: ``upstream_url``
+    #: for one market, its host for several).
+    polygon_feed: str | None = setting({TierKind.FIREHOSE: "POLYGON_FEED"}, parse.ws_url, default=None)
+    #: The firehose's delayed feed: delayed market M's upstream is ``<feed>/M``.
+    delayed_feed: str = setting({TierKind.FIREHOSE: "POLYGON_DELAYED_FEED"}, parse.ws_url,
+                                default="wss://delayed.polygon.io")
+    #: Upstream connections per market (``POLYGON_CONNECTIONS_<MARKET>``; 1 when not named): the
+    #: firehose spreads a market's channels over them, which multiplies its per-connection caps.
+    upstream_connections: Mapping[str, int] = attrs.field(factory=dict, validator=attrs.validators.deep_mapping(
+        attrs.validators.in_(MARKETS), AT_LEAST_ONE))
+    #: Per market and event type, the most symbols one upstream connection may hold, over
+    #: Polygon's documented caps (``POLYGON_CAPS=options.Q=1000``; the table: proxy/core/markets.py).
+    upstream_caps: Mapping[str, Mapping[str, int]] = setting("POLYGON_CAPS", parse.market_caps, factory=dict)
     log_level: str = setting("LOG_LEVEL", parse.choice(LOG_LEVELS), default="info",
                              validator=attrs.validators.in_(LOG_LEVELS))
     unsubscribe_grace_seconds: float = setting("UNSUBSCRIBE_GRACE_SECONDS", parse.number, default=5.0,
@@ -265,6 +287,44 @@ class TierConfig:
     reuse_port: bool = False
     worker_index: int | None = None
     metrics_host: str | None = None
+
+    @property
+    def routes(self) -> tuple[Route, ...]:
+        """The markets of each feed this tier serves, each at its path; the first is also at ``/``."""
+        return routes_for(self.markets or (self.market,), self.delayed_markets)
+
+    def connections_for(self, market: str) -> int:
+        """How many upstream connections the firehose holds for ``market`` (its channels spread over them)."""
+        return self.upstream_connections.get(market, 1)
+
+    def upstream_url_for(self, route: Route) -> str:
+        """Where ``route``'s upstream is.
+
+        Firehose: ``<feed>/<market>`` of the delayed feed or of POLYGON_FEED; without POLYGON_FEED,
+        POLYGON_URL verbatim when it serves one real-time market (as it always did), else its
+        host with each market's path. Filtered proxy: the firehose's path for the route
+        (FIREHOSE_URL with the route's path), unless one real-time market is served and
+        FIREHOSE_URL names a path of its own (kept verbatim: a reverse proxy's, say).
+        """
+        single = len(self.routes) == 1 and not route.delayed
+        if self.tier is TierKind.FIREHOSE:
+            if route.delayed:
+                return replace_market_path(self.delayed_feed, route.market)
+            if self.polygon_feed is not None:
+                return replace_market_path(self.polygon_feed, route.market)
+            return self.upstream_url if single else replace_market_path(self.upstream_url, route.market)
+        if single and urlsplit(self.upstream_url).path.strip("/"):
+            return self.upstream_url
+        return replace_market_path(self.upstream_url, route.path)
+
+    def for_route(self, route: Route) -> "TierConfig":
+        """The configuration of one route's part of the tier: its market, its upstream URL, and
+        its journal's directory (a subdirectory per route when the tier serves several)."""
+        journal_dir = self.journal_dir
+        if journal_dir is not None and len(self.routes) > 1:
+            journal_dir = f"{journal_dir.rstrip('/')}/{route.path.replace('/', '-')}"
+        return attrs.evolve(self, market=route.market, upstream_url=self.upstream_url_for(route),
+                            journal_dir=journal_dir)
 
     def setting_name(self, field: str) -> str:
         """The variable that sets ``field`` in this tier, for error messages."""

@@ -76,6 +76,9 @@ class TierStats:
     replays: int = 0
     replay_events: int = 0
     replays_refused: int = 0
+    #: Client subscribes refused whole because they would pass the market's upstream caps or
+    #: ask a wildcard Polygon does not allow there.
+    cap_refusals: int = 0
     routing_latency: LatencyHistogram = attrs.field(factory=LatencyHistogram)
 
 
@@ -117,6 +120,12 @@ class TierSnapshot:
     keys: dict[str, tuple[int, int, int]] = attrs.field(factory=dict)
     #: The journal's figures; None when the tier keeps no journal.
     journal: JournalFigures | None = None
+    #: The market and feed these figures are of (its path: ``stocks``, ``delayed/stocks``).
+    market: str = "stocks"
+    #: Whether upstream refused us (not entitled, a key in use elsewhere) and we wait the long backoff.
+    upstream_refused: bool = False
+    #: Times upstream ended or refused our connection because another used the key's connection.
+    upstream_evictions: int = 0
 
 
 @attrs.frozen

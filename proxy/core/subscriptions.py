@@ -122,6 +122,11 @@ class SubscriptionRegistry(Generic[S]):
         """The upstream set itself, not a copy, for a reader that looks a few channels up in it now."""
         return self._upstream
 
+    def wanted_of_type(self, ev_type: str) -> AbstractSet[Channel]:
+        """Every channel of ``ev_type`` wanted, held upstream or in its grace (the set itself, not a
+        copy): what an upstream cap on that type counts."""
+        return self._of_type.get(ev_type, frozenset())
+
     def take_upstream_changes(self) -> list[Channel]:
         """Channels whose upstream membership changed since the last call (the upstream link
         compares each with what its connection was sent, so a change undone meanwhile costs nothing)."""

@@ -24,13 +24,13 @@ import logging
 import math
 import time
 import ssl
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 from urllib.parse import urlsplit
 
 import attrs
 import trio
 
-from ..core import protocol
+from ..core import markets, protocol
 from ..core.journal import format_ns
 from .accepting import PendingConnections, open_socket_listeners
 from .beacon import Beacon
@@ -52,6 +52,7 @@ from ..core.session import (
 from ..core.subscriptions import SubscriptionRegistry
 from ..core.errors import CloseReason, WebSocketClosed
 from ..core.replay import ReplayRequest, Stitch, journal_seq_frame
+from ..core.routes import Route, route_of_path, unserved_message
 from .connection import WsConnection
 from .listener import accept_connections
 from .replay import JournalSource
@@ -155,6 +156,49 @@ class Hub:
     #: Set to wake :meth:`run_flusher` when a write is scheduled before the time it sleeps until.
     _flusher_wakeup: trio.Event = attrs.field(factory=trio.Event)
     _flusher_until: float = math.inf
+    #: Channels of capped types that a client's subscribe was granted and the registry does not
+    #: hold yet: counted against the caps, so that subscribes applied at once cannot pass a cap together.
+    _reserved: collections.Counter[Channel] = attrs.field(factory=collections.Counter)
+
+    @property
+    def upstream_caps(self) -> dict[str, int]:
+        """Per event type, the most symbols this market's upstream may hold in all: Polygon's
+        per-connection caps (or POLYGON_CAPS) times the connections the firehose has for it."""
+        connections = self.config.connections_for(self.config.market)
+        caps = markets.market(self.config.market).caps(self.config.upstream_caps.get(self.config.market))
+        return {code: cap * connections for code, cap in caps.items()}
+
+    def screen_subscribe(self, channels: Sequence[Channel]) -> str | None:
+        """Whether a subscribe's new ``channels`` keep this market's upstream within Polygon's rules
+        (no ``TYPE.*`` it refuses, no cap passed); None lets them in and reserves their room
+        until :meth:`react` applies them, else the sentence naming the limit."""
+        market = markets.market(self.config.market)
+        caps = self.upstream_caps
+        codes = {channel.ev_type for channel in channels}
+        capped = codes & caps.keys()
+        if not capped and all(market.wildcard_allowed(code) for code in codes):
+            return None
+        held: set[Channel] = set(channel for channel in self._reserved if channel.ev_type in capped)
+        for code in capped:
+            held.update(self.registry.wanted_of_type(code))
+        refusal = markets.change_refusal(market, held, channels, caps=caps)
+        if refusal is None:
+            self._reserved.update(channel for channel in channels if channel.ev_type in capped)
+        else:
+            self.stats.cap_refusals += 1
+            log.info("refused a subscribe on %s: %s", self.config.market, refusal)
+        return refusal
+
+    def _release_reserved(self, channels: Sequence[Channel]) -> None:
+        """The registry holds these now (or never will): they no longer need reserved room."""
+        reserved = self._reserved
+        if not reserved:
+            return
+        for channel in channels:
+            if channel in reserved:
+                reserved[channel] -= 1
+                if reserved[channel] <= 0:
+                    del reserved[channel]
 
     def open_session(self, peer: str, connection: WsConnection, path: str = "/") -> ClientSession:
         """Register a client that completed the WebSocket handshake; it starts unauthenticated."""
@@ -174,6 +218,7 @@ class Hub:
                 control_burst=2 * self.config.control_messages_per_second,
                 key_book=self.key_book,
                 market=self.config.market,
+                upstream_screen=self.screen_subscribe,
                 proxy_limits=ProxyLimits(
                     max_channels=self.config.downstream_proxy_max_channels,
                     control_rate=self.config.downstream_proxy_control_messages_per_second,
@@ -280,11 +325,14 @@ class Hub:
         reaction = self._answer(session, reaction)
         stitch = None if reaction.replay is None else self._begin_replay(session, reaction.replay)
         held = session.state.channels
-        for start in range(0, len(reaction.subscribe), CHANNELS_PER_STEP):
-            part = reaction.subscribe[start:start + CHANNELS_PER_STEP]
-            async with self._step(len(reaction.subscribe)):
-                # Only what the session still holds: upstream may have refused some meanwhile.
-                self._apply_demand(self.registry.subscribe(session, [c for c in part if c in held]))
+        try:
+            for start in range(0, len(reaction.subscribe), CHANNELS_PER_STEP):
+                part = reaction.subscribe[start:start + CHANNELS_PER_STEP]
+                async with self._step(len(reaction.subscribe)):
+                    # Only what the session still holds: upstream may have refused some meanwhile.
+                    self._apply_demand(self.registry.subscribe(session, [c for c in part if c in held]))
+        finally:
+            self._release_reserved(reaction.subscribe)
         for start in range(0, len(reaction.unsubscribe), CHANNELS_PER_STEP):
             part = reaction.unsubscribe[start:start + CHANNELS_PER_STEP]
             async with self._step(len(reaction.unsubscribe)):
@@ -333,6 +381,7 @@ class Hub:
         reaction = self._answer(session, reaction)
         if reaction.subscribe:
             self._apply_demand(self.registry.subscribe(session, reaction.subscribe))
+            self._release_reserved(reaction.subscribe)
         if reaction.unsubscribe:
             self._apply_demand(self.registry.unsubscribe(session, reaction.unsubscribe))
 
@@ -570,15 +619,21 @@ class Hub:
 
 
 async def serve_clients(
-    hub: Hub, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+    hubs: Mapping[Route, Hub], *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Accept clients on the tier's host and port; reports the bound port when listening."""
-    config = hub.config
-    allowed_paths = {"/", f"/{config.market}"}
-
-    plain_http_body = (f"this is the {config.tier} tier's WebSocket port for the {config.market} market: "
-                       f"connect a WebSocket client to /{config.market}; health and metrics are on its "
-                       "metrics port\n").encode()
+    """Accept clients on the tier's host and port, each market's at its path (``/stocks``,
+    ``/delayed/stocks``; ``/`` is the first's), handed to that market's hub; reports the bound
+    port when listening. A path no market is served at is answered as Polygon answers a key
+    without the market: ``connected``, then ``auth_failed`` naming the paths served, then a
+    close (1008), so a client written for Polygon stops with that message instead of retrying."""
+    routes = tuple(hubs)
+    first = hubs[routes[0]]
+    config = first.config
+    served = ", ".join(f"/{route.path}" for route in routes)
+    names = ", ".join(route.label for route in routes)
+    plain_http_body = (f"this is the {config.tier} tier's WebSocket port for the {names} market"
+                       f"{'s' if len(routes) > 1 else ''}: connect a WebSocket client to {served}; "
+                       "health and metrics are on its metrics port\n").encode()
 
     async def handle(connection: WsConnection, peer: str) -> None:
         connection.plain_http_body = plain_http_body
@@ -594,12 +649,11 @@ async def serve_clients(
             log.info("dropped %s: no WebSocket handshake within %ss", peer, config.auth_timeout_seconds)
             return
         path = urlsplit(request.target).path or "/"
-        if path not in allowed_paths:
-            log.info("refused %s: path %r is not served here", peer, path)
-            connection.reject(404, f"this proxy serves the {config.market} market at / and /{config.market}\n".encode())
-            with trio.move_on_after(config.shutdown_close_seconds):
-                await connection.drain()
+        route = route_of_path(path, routes)
+        if route is None:
+            await _refuse_unserved(connection, peer, path, routes, config)
             return
+        hub = hubs[route]
         connection.accept()
         refusal = hub.refusal(peer)
         if refusal is not None:
@@ -619,9 +673,25 @@ async def serve_clients(
         for listener in listeners:
             nursery.start_soon(functools.partial(
                 accept_connections, listener, handle, max_message_bytes=config.max_message_bytes, tls_context=tls,
-                pending=hub.pending,
+                pending=first.pending,
             ))
         task_status.started(listeners[0].getsockname()[1])
+
+
+async def _refuse_unserved(connection: WsConnection, peer: str, path: str, routes: Sequence[Route],
+                           config: TierConfig) -> None:
+    """A market this tier does not serve: the refusal Polygon gives a key without the market."""
+    message = unserved_message(path, routes)
+    log.info("refused %s: %s", peer, message)
+    connection.accept()
+    connection.send_texts([protocol.CONNECTED])
+    with trio.move_on_after(config.auth_timeout_seconds):
+        try:
+            await connection.get_message()  # its auth, most likely: answered as a refused one
+        except WebSocketClosed:
+            return
+    connection.send_texts([protocol.status_frame("auth_failed", message)])
+    await connection.aclose(CloseReason.POLICY_VIOLATION, "market not served", config.shutdown_close_seconds)
 
 
 def _tls_context(config: TierConfig) -> ssl.SSLContext | None:

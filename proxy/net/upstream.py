@@ -146,6 +146,10 @@ class UpstreamLink:
     #: When the link last read a frame (trio time): an outage starts there, not when it is noticed.
     last_received_at: float | None = None
     subscribe_messages: int = 0  # sent since start, for tests and logs
+    #: The market (and feed) this link carries, for the lines that name it: ``options``, ``stocks (delayed)``.
+    market: str = "stocks"
+    #: Times upstream ended or refused this link because another program uses the key's connection.
+    evictions: int = 0
     _plan: SubscriptionPlan = attrs.field(factory=SubscriptionPlan)
     _answers: PendingAnswers = attrs.field(factory=PendingAnswers)
 
@@ -161,10 +165,16 @@ class UpstreamLink:
             except (Exception, BaseExceptionGroup) as raised:
                 error = _handled_cause(raised)
                 self.last_error = _describe(error)
+                evicted_by_close = self.state is LinkState.CONNECTED and _close_code(error) == POLICY_CLOSE
+                if evicted_by_close:
+                    # Polygon ends the older connection with 1008 when the key connects again elsewhere.
+                    error = UpstreamRefused("max_connections", f"closed with {POLICY_CLOSE} while connected")
                 if isinstance(error, UpstreamRefused):
                     delay = self.backoff.refused_seconds
                     if error.status == "auth_failed":
                         self.last_error = f"auth_failed: {self.label} refused the key in {self.api_key_source}"
+                    if error.status == "max_connections":
+                        self.evictions += 1
                     self._log_refusal(error, delay)
             was_connected = self.state is LinkState.CONNECTED  # (an eviction ends a connected link)
             self.state = LinkState.DISCONNECTED if delay is None else LinkState.REFUSED
@@ -188,8 +198,9 @@ class UpstreamLink:
             log.error("%s refused our key %s from %s (auth_failed): check that setting; "
                       "retrying in %.0fs", self.label, redact(self.api_key), self.api_key_source, delay)
         elif refusal.status == "max_connections":
-            log.error("%s answered max_connections: another process holds (or just took) this key's "
-                      "connection; retrying in %.0fs", self.label, delay)
+            log.error("another program is using this key's %s connection: %s answered max_connections (%s); "
+                      "retrying in %.0fs, not at once, so that the two do not evict each other in a loop",
+                      self.market, self.label, refusal, delay)
         else:
             log.error("%s refused authentication (%s); retrying in %.0fs", self.label, refusal, delay)
 
@@ -437,6 +448,17 @@ def _handled_cause(raised: BaseException) -> BaseException:
             if isinstance(leaf, _HANDLED):
                 return leaf
     raise raised
+
+
+#: The close code Polygon ends a connection with when the key's connection is taken elsewhere.
+POLICY_CLOSE = 1008
+
+
+def _close_code(error: BaseException) -> int | None:
+    """The WebSocket close code that ended the connection, when ``error`` is such an end."""
+    if isinstance(error, ConnectionClosed) and error.reason is not None:
+        return int(error.reason.code)
+    return None
 
 
 def _describe(error: BaseException) -> str:

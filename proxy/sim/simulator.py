@@ -39,6 +39,7 @@ import trio
 from ..core.errors import ClientMessageError, WebSocketClosed
 from ..core import protocol
 from ..core.markets import MARKET_TABLE, screen
+from ..core.routes import DELAYED_PREFIX
 from ..app.config import bind_error, load_simulator_config, setup_logging
 from ..core.keys import redact
 from ..core.settings import FRAME_ADAPTIVE, SimulatorConfig
@@ -185,6 +186,8 @@ class SimConnection:
     api_key: str = ""
     #: The market connected to (its path), which its events come from and its limits apply to.
     market: str = "stocks"
+    #: Connected at ``/delayed/<market>``: the delayed feed's connection (counted in the same limit).
+    delayed: bool = False
     channels: set[Channel] = attrs.field(factory=set)
     # Indexes of `channels` for the per-event filter: type wildcards, exact channel texts, `*`.
     wild_types: set[str] = attrs.field(factory=set)
@@ -521,18 +524,20 @@ async def _serve_connection(
             return
     if handshake.cancelled_caught:
         return
-    market = _market_at(urlsplit(request.target).path, markets)
+    path = urlsplit(request.target).path
+    market = _market_at(path, markets)
     if market is None:
         log.info("refused %s: path %r is not served here", address, request.target)
         connection.reject(404, (f"not found: this simulator serves "
-                                f"{', '.join('/' + name for name in markets)}\n").encode())
+                                f"{', '.join('/' + name for name in markets)} (and each under /delayed/)\n").encode())
         with trio.move_on_after(CLOSE_SECONDS):
             await connection.drain()
         return
     connection.accept()
     peer = FaultyConnection(connection, faults)
     simulator.connections_total += 1
-    sim_connection = SimConnection(id=simulator.connections_total, market=market, opened_at=trio.current_time())
+    sim_connection = SimConnection(id=simulator.connections_total, market=market, opened_at=trio.current_time(),
+                                   delayed=path.strip("/").startswith(f"{DELAYED_PREFIX}/"))
     close: tuple[int, str] | None = (1000, "")  # None: drop the TCP stream without a close frame
     try:
         await peer.send_text(protocol.CONNECTED)
@@ -568,8 +573,14 @@ async def _serve_connection(
 
 def _market_at(path: str, served: tuple[str, ...]) -> str | None:
     """The market a request's path names, if served: ``/stocks``, ...; ``/`` is stocks (as before
-    there were markets)."""
-    name = path.strip("/") if path != "/" else "stocks"
+    there were markets); ``/delayed/stocks`` is the delayed feed's stocks (Polygon's other host,
+    here a path: the same synthetic events, not delayed, and the same per-market connection
+    limit, which Polygon counts across both feeds)."""
+    wanted = path.strip("/")
+    if wanted.startswith(f"{DELAYED_PREFIX}/"):
+        wanted = wanted.removeprefix(f"{DELAYED_PREFIX}/")
+        return wanted if wanted in served else None
+    name = wanted or "stocks"
     return name if name in served and path in ("/", f"/{name}") else None
 
 
