@@ -11,7 +11,9 @@ within the interval is written at its end instead, by :meth:`Hub.run_flusher`
 :class:`ClientSession` lives in its own nursery with a reader (control
 messages through :class:`~proxy.session.SessionState`) and a writer, which
 sends what could not be written at once: a backlog, control replies,
-statuses, the close. Closing that nursery ends both.
+statuses, the close. Closing that nursery ends both. A downstream proxy's link holding
+``*`` gets a ``journal_seq`` mark after each write (:meth:`Hub.journal_mark`), by which it
+resumes after an outage (docs/protocol.md, "Between the tiers").
 """
 
 from __future__ import annotations

@@ -14,7 +14,9 @@ reading stops and TCP pushes back. Any failure reconnects with exponential
 backoff and jitter; a refusal (``auth_failed``, ``max_connections``, also when
 upstream evicts an established connection with ``max_connections``) waits the
 long ``refused_seconds``: two processes sharing a key must not evict each other
-in a loop. A WebSocket ping notices a silent upstream.
+in a loop. A WebSocket ping notices a silent upstream. A link to a tier of ours
+resumes by that tier's journal seq after an outage (``resume``, :mod:`proxy.core.resume`):
+its marks and the resume's statuses are taken out of the stream here.
 """
 
 from __future__ import annotations
