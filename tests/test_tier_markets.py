@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from proxy.core.markets import MARKET_NAMES
-from proxy.core.protocol import Channel
+from proxy.core.protocol import Channel, parse_channel_list
 from proxy.core.routes import Route, replace_market_path, route_of_path, routes_for, unserved_message
 from proxy.net.upstream import LinkState
 from tests.helpers import (
@@ -418,3 +418,47 @@ def test_shards_place_each_held_channel_once_within_the_caps_and_report_every_ch
     assert sent == [set(shards.held_by(0)), set(shards.held_by(1))]
     assert all(shards.count_on(index, "Q") <= 3 for index in (0, 1))
     assert Channel("T", "*") not in sent[1]
+
+
+async def test_one_market_s_outage_leaves_the_others_flowing_and_unwarned(nursery):
+    sim, hose, _ = await start_markets(nursery, ["stocks", "crypto"],
+                                       firehose=dict(static_channels=parse_channel_list("T.*,Q.*,XT.*")))
+    await all_connected(hose)
+    assert "Q.*" not in sim.subscribed_channels("options")  # (options not served: nothing there)
+    stocks = await market_client(nursery, hose.port, "/stocks", FIREHOSE_KEY, "T.*")
+    crypto = await market_client(nursery, hose.port, "/crypto", FIREHOSE_KEY, "XT.*")
+    await stocks.more_events(5)
+    await crypto.more_events(5)
+    crypto_part = hose.markets["crypto"]
+    reconnects = crypto_part.link.reconnects
+    sim.connections_to("crypto")[0].drop.set()
+    await crypto.wait_status("upstream_disconnected")
+    await wait_until(lambda: crypto_part.link.reconnects > reconnects, what="the crypto reconnect")
+    await crypto.wait_status("upstream_connected")
+    assert len(await crypto.more_events(5)) >= 5
+    assert len(await stocks.more_events(20)) >= 20
+    assert not [s for s in stocks.statuses if s["status"].startswith("upstream_")]  # stocks heard of nothing
+    assert hose.link.reconnects == 0
+
+
+async def test_static_channels_polygon_refuses_in_a_market_are_left_out_there(nursery, caplog):
+    caplog.set_level(logging.WARNING, logger="proxy.app.tier")
+    sim, hose, _ = await start_markets(nursery, ["stocks", "options"],
+                                       firehose=dict(static_channels=parse_channel_list("T.*,Q.*")))
+    await all_connected(hose)
+    await wait_until(lambda: "T.*" in sim.subscribed_channels("options"), what="options' T.*")
+    assert "Q.*" in sim.subscribed_channels("stocks") and "Q.*" not in sim.subscribed_channels("options")
+    assert any("options: FIREHOSE_SUBSCRIPTIONS' Q.* is not held in this market" in r.getMessage()
+               for r in caplog.records)
+
+
+async def test_the_official_client_reaches_the_delayed_feed_with_feed_host_port_delayed(nursery):
+    sim, hose, _ = await start_markets(nursery, ["stocks"], delayed=["stocks"], simulator=dict(max_connections=2))
+    await all_connected(hose)
+    result = await trio.run_process(
+        [sys.executable, str(CLIENTS / "massive_client.py"), f"127.0.0.1:{hose.port}/delayed", FIREHOSE_KEY,
+         "T.AAPL", "3", "stocks"], capture_stdout=True, capture_stderr=True, check=False, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr.decode()
+    lines = [json.loads(line) for line in result.stdout.decode().splitlines() if line.startswith("[")]
+    assert len(lines) >= 3 and {tuple(line[1:]) for line in lines} == {("AAPL", "EquityTrade")}
+    assert Channel("T", "AAPL") in next(c for c in sim.connections_to("stocks") if c.delayed).channels

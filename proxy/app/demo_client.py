@@ -13,6 +13,7 @@ import json
 import signal
 import sys
 import urllib.request
+from urllib.parse import urlsplit
 
 import trio
 from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
@@ -20,15 +21,15 @@ from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 __all__ = ["proxy_events_in", "run", "main"]
 
 
-def proxy_events_in(metrics_url: str | None) -> str:
-    """The filtered proxy's events received so far, read from its /metrics, or "n/a"."""
+def proxy_events_in(metrics_url: str | None, market: str = "stocks") -> str:
+    """The filtered proxy's events received so far for ``market``, read from its /metrics, or "n/a"."""
     if not metrics_url:
         return "n/a"
     try:
         with urllib.request.urlopen(metrics_url, timeout=0.5) as response:
             for line in response.read().decode().splitlines():
-                # e.g. proxy_upstream_events_total{tier="filtered"} 1234.0
-                if line.startswith(("proxy_upstream_events_total ", "proxy_upstream_events_total{")):
+                # e.g. proxy_upstream_events_total{market="stocks",tier="filtered"} 1234.0
+                if line.startswith("proxy_upstream_events_total{") and f'market="{market}"' in line:
                     return str(int(float(line.rsplit(" ", 1)[1])))
     except OSError:
         pass
@@ -39,9 +40,11 @@ async def run(args: argparse.Namespace) -> int:
     """Connect, authenticate, subscribe and print the stream; the exit code."""
     try:
         async with open_websocket_url(args.url) as ws:
-            print(await ws.get_message(), flush=True)
+            label = f"[{args.label}] " if args.label else ""
+            market = urlsplit(args.url).path.strip("/") or "stocks"
+            print(f"{label}{await ws.get_message()!s}", flush=True)
             await ws.send_message(json.dumps({"action": "auth", "params": args.key}))
-            print(await ws.get_message(), flush=True)
+            print(f"{label}{await ws.get_message()!s}", flush=True)
             await ws.send_message(json.dumps({"action": "subscribe", "params": args.channels}))
             received = total = 0
             with trio.move_on_after(args.seconds if args.seconds > 0 else float("inf")):
@@ -49,13 +52,13 @@ async def run(args: argparse.Namespace) -> int:
                 while True:
                     with trio.move_on_at(next_summary):
                         for event in json.loads(await ws.get_message()):
-                            print(json.dumps(event, separators=(",", ":")), flush=True)
+                            print(label + json.dumps(event, separators=(",", ":")), flush=True)
                             if event.get("ev") != "status":
                                 received += 1
                         continue
                     total += received
-                    in_count = await trio.to_thread.run_sync(proxy_events_in, args.metrics_url)
-                    print(f"-- last second: {received} events out to this client ({args.channels}); "
+                    in_count = await trio.to_thread.run_sync(proxy_events_in, args.metrics_url, market)
+                    print(f"{label}-- last second: {received} events out to this client ({args.channels}); "
                           f"total out {total}; proxy events in so far: {in_count}", flush=True)
                     received = 0
                     next_summary += 1
@@ -73,6 +76,7 @@ def main() -> None:
     parser.add_argument("--channels", default="T.AAPL")
     parser.add_argument("--seconds", type=float, default=0, help="stop after this long (0 = never)")
     parser.add_argument("--metrics-url", default=None)
+    parser.add_argument("--label", default="", help="a prefix for every line (another market's client)")
     args = parser.parse_args()
     # scripts/demo runs this client in the background, and bash starts background commands with
     # SIGINT ignored: take Ctrl-C back so that it stops this client at once and quietly.

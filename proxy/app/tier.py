@@ -160,6 +160,17 @@ def _upstream_label(config: TierConfig, route: Route) -> str:
     return label if len(config.routes) == 1 else f"{label} {route.label}"
 
 
+def _within_market_rules(config: TierConfig) -> TierConfig:
+    """``config`` without the static channels (FIREHOSE_SUBSCRIPTIONS, held in every market) that
+    Polygon refuses in this market (options ``Q.*``); each one left out is logged once."""
+    caps = markets.market(config.market).caps(config.upstream_caps.get(config.market))
+    caps = {code: cap * config.connections_for(config.market) for code, cap in caps.items()}
+    screened = markets.screen(markets.market(config.market), frozenset(), config.static_channels, caps=caps)
+    for channel, reason in screened.refused:
+        log.warning("%s: FIREHOSE_SUBSCRIPTIONS' %s is not held in this market: %s", config.market, channel.text, reason)
+    return config if not screened.refused else attrs.evolve(config, static_channels=screened.allowed)
+
+
 def _spread_over_links(tier: Tier, connections: int) -> None:
     """Give the market ``connections`` upstream links, its channels spread over them within each
     connection's caps (:class:`~proxy.core.shards.ChannelShards`): more links like the first."""
@@ -252,6 +263,7 @@ async def _run_route(
 ) -> None:
     """One route's part of the tier (``config`` is the route's own, :meth:`TierConfig.for_route`):
     its registry, hub, journal, upstream link(s), router and timers; reports its :class:`Tier`."""
+    config = _within_market_rules(config)
     registry: SubscriptionRegistry[ClientSession] = SubscriptionRegistry(
         clock=trio.current_time,
         grace_seconds=config.unsubscribe_grace_seconds,
