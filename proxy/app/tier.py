@@ -10,6 +10,7 @@ running :class:`Tier` to the caller (tests read its port, link and hub).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import functools
@@ -17,6 +18,7 @@ import itertools
 import logging
 import math
 import os
+import secrets
 import signal
 import threading
 import time
@@ -38,9 +40,11 @@ from ..core.settings import TierConfig, TierKind
 from ..core.shards import ChannelShards
 from ..core.journal import format_ns
 from ..core.replay import RELAYED_STATUSES, UPSTREAM_CONNECTED, UPSTREAM_DISCONNECTED, relayed_status_frame
+from ..core.resume import LinkResume, ResumeOutcome
 from ..core.stats import JournalFigures, TierHistory, TierSnapshot, TierStats
 from ..core.subscriptions import SubscriptionRegistry
 from ..net.http import serve_http
+from ..net.journal_store import journal_lineage
 from ..net.accepting import PendingConnections
 from ..net.journal_writer import JournalWriter
 from ..net.replay import JournalSource
@@ -85,6 +89,11 @@ class Tier:
     #: none (JOURNAL_MEMORY_SECONDS=0 and no JOURNAL_DIR): then the router pays nothing for it.
     journal: Journal | None = None
     journal_source: JournalSource | None = None
+    #: Frames the router has taken from the link so far, and what waits to be told to clients
+    #: once the router has taken a given count (:func:`_route_frames`): an outage status goes
+    #: to clients after the frames the link read before it, as it happened.
+    frames_routed: int = 0
+    notices: collections.deque[tuple[int, Callable[[], None]]] = attrs.field(factory=collections.deque)
     #: The market of the feed this part serves (its path: ``stocks``, ``delayed/stocks``).
     route: Route = Route("stocks")
     #: Every route's part of this tier by path, this one included, the first one (also served
@@ -272,20 +281,38 @@ async def _run_route(
     journal: Journal | None = None  # made below, once the disk writer (if any) has recovered
 
     def tell_clients(status: str, message: str) -> None:
-        """Broadcast an outage status, journaled first (a replay shows it where it happened)."""
-        seq = None
-        if journal is not None:
-            now_ns = time.time_ns()
-            record = (journal.upstream_restored if status == UPSTREAM_CONNECTED else journal.upstream_lost)(
-                message, now_ns)
-            seq = record.seq
-        hub.broadcast(protocol.status_frame(status, message), seq)
+        """Broadcast an outage status, journaled first (a replay shows it where it happened), once
+        the router has routed the frames the link read before it (they are older news)."""
+
+        def tell() -> None:
+            seq = None
+            if journal is not None:
+                now_ns = time.time_ns()
+                record = (journal.upstream_restored if status == UPSTREAM_CONNECTED else journal.upstream_lost)(
+                    message, now_ns)
+                seq = record.seq
+            hub.broadcast(protocol.status_frame(status, message), seq)
+
+        waiting = frames_receive.statistics().current_buffer_used
+        if waiting or tier.notices:
+            tier.notices.append((tier.frames_routed + waiting, tell))
+        else:
+            tell()
+
+    #: An outage's end, while the link resumes by the firehose's journal: told once the resume
+    #: says whether the outage cost the clients anything (:func:`resumed`).
+    resuming: list[float] = []
 
     def connected() -> None:
         connections.append(trio.current_time())
         if len(connections) == 1:
             # Not a recovery; but any client already here was told the upstream was down.
             tell_clients(UPSTREAM_CONNECTED, f"{label} connected")
+            return
+        if outage_started and link.resume is not None and link.resume.position is not None:
+            # This connection asks the firehose for what the link missed: the clients hear of the
+            # end of the outage when it says whether that worked (resumed).
+            resuming.append(trio.current_time())
             return
         if outage_started:
             seconds = trio.current_time() - outage_started.pop()
@@ -313,7 +340,35 @@ async def _run_route(
             f"{situation}; your subscriptions are kept, and upstream_connected follows when it is up",
         )
 
+    def resumed(outcome: ResumeOutcome) -> None:
+        """The link's resume ended: the outage is over, and cost the clients nothing, or not."""
+        if not resuming or not outage_started:
+            return
+        resuming.clear()
+        seconds = trio.current_time() - outage_started.pop()
+        stats.outage_seconds += seconds
+        history.outage_ended(seconds)
+        if outcome.complete:
+            log.warning("%s connection restored after a %.1fs outage; resumed from seq %d of the firehose's "
+                        "journal %s: no events were lost", label, seconds, outcome.asked.from_seq,
+                        outcome.asked.journal)
+            message = (f"{label} connection restored after {seconds:.1f}s; resumed from the firehose's journal: "
+                       "no events were lost")
+        else:
+            why = "; ".join(outcome.lost)
+            log.warning("%s connection restored after a %.1fs outage; the firehose's journal could not resume "
+                        "all of it (%s): events of that window are lost", label, seconds, why)
+            message = (f"{label} connection restored after {seconds:.1f}s; the firehose's journal could not "
+                       f"resume all of it ({why}): events of that window are lost")
+        tell_clients(UPSTREAM_CONNECTED, message)
+
     def disconnected(reason: str) -> None:
+        if resuming:
+            # Lost again before the resume ended: the clients have not heard the outage was over,
+            # so it goes on (the next connection resumes from the last mark read).
+            resuming.clear()
+            log.warning("lost the %s connection again while resuming (%s)", label, reason)
+            return
         stats.outages += 1
         # The gap began with the last frame the link read, not when the keepalive noticed it.
         now, last = trio.current_time(), link.last_received_at
@@ -340,6 +395,9 @@ async def _run_route(
         on_connected=connected,
         on_disconnected=disconnected,
         on_refused=hub.refuse,
+        # ... and it resumes by the firehose's journal seq after an outage between the tiers
+        resume=LinkResume() if config.tier is not TierKind.FIREHOSE else None,
+        on_resumed=resumed,
         backoff=config.backoff,
         keepalive_interval=config.keepalive_interval_seconds,
         keepalive_timeout=config.keepalive_timeout_seconds,
@@ -355,11 +413,12 @@ async def _run_route(
         _spread_over_links(tier, connection_count)
         link = tier.link  # what the callbacks above read: the first of the links
     async with trio.open_nursery() as nursery:
-        journal, writer = await _open_journal(config, nursery)
+        journal, writer, journal_id = await _open_journal(config, nursery)
         if journal is not None:
             tier.journal = journal
             tier.journal_source = hub.journal_source = JournalSource(
-                journal, writer, started_ns=time.time_ns(), replay_max_seconds=_replay_reach(config))
+                journal, writer, started_ns=time.time_ns(), replay_max_seconds=_replay_reach(config),
+                journal_id=journal_id)
         for each in tier.links:
             nursery.start_soon(each.run)
         nursery.start_soon(_route_frames, tier, frames_receive)
@@ -378,24 +437,33 @@ def _replay_reach(config: TierConfig) -> float:
     return min(config.replay_max_seconds, kept)
 
 
-async def _open_journal(config: TierConfig, nursery: trio.Nursery) -> tuple[Journal | None, JournalWriter | None]:
+async def _open_journal(config: TierConfig,
+                        nursery: trio.Nursery) -> tuple[Journal | None, JournalWriter | None, str]:
     """The tier's journal, or None when it keeps none (no cost on the router then).
 
     With ``journal_dir``, the disk writer starts in ``nursery`` first: it locks and recovers
     the directory, and the journal goes on from the seq and time recovery found. A journal
     that continues one on disk begins with an ``UPSTREAM_LOST`` record saying the tier was
     not running, so a replay across the restart shows the hole. Raises ConfigError (naming
-    JOURNAL_DIR) when the directory cannot be used.
+    JOURNAL_DIR) when the directory cannot be used. The third value is the journal's id
+    (:func:`~proxy.net.journal_store.journal_lineage`: kept in the directory; random for a
+    journal in memory only), which downstream proxies resume by.
     """
     memory = config.journal_memory_seconds > 0 and config.journal_memory_bytes > 0
     if not memory and config.journal_dir is None:
-        return None, None
+        return None, None, ""
     next_seq, not_before_ns, writer = 1, 0, None
+    journal_id = secrets.token_hex(16)
     if config.journal_dir is not None:
         writer = JournalWriter(config.journal_dir, retention_seconds=config.journal_retention_seconds,
                                max_bytes=config.journal_max_bytes)
         recovered = await nursery.start(writer.run)
         next_seq, not_before_ns = recovered.next_seq, recovered.last_ns
+        try:
+            journal_id = await trio.to_thread.run_sync(
+                functools.partial(journal_lineage, config.journal_dir, continuing=next_seq > 1))
+        except OSError as error:
+            raise ConfigError("JOURNAL_DIR", f"cannot keep the journal's id in {config.journal_dir}: {error}") from None
     journal = Journal(next_seq=next_seq, not_before_ns=not_before_ns,
                       memory_seconds=config.journal_memory_seconds if memory else 0,
                       memory_bytes=config.journal_memory_bytes if memory else 0,
@@ -404,7 +472,7 @@ async def _open_journal(config: TierConfig, nursery: trio.Nursery) -> tuple[Jour
         journal.upstream_lost(f"this {config.tier} tier was not running (restarted): events received "
                               f"upstream after {format_ns(not_before_ns)} until now are not in the journal",
                               time.time_ns())
-    return journal, writer
+    return journal, writer, journal_id
 
 
 async def _route_frames(
@@ -419,17 +487,30 @@ async def _route_frames(
     A frame's receive time in ns since the epoch (the journal's) is its trio receive time
     moved onto the wall clock, with one clock reading per pass, not per frame.
     """
-    journal = tier.journal
+    journal, notices = tier.journal, tier.notices
     async for frame, received_at in frames:
         offset_ns = time.time_ns() - int(trio.current_time() * 1e9) if journal is not None else 0
         _route_one(tier, frame, received_at, offset_ns)
+        tier.frames_routed += 1
+        if notices:
+            _tell_due(tier)
         while True:
             try:
                 frame, received_at = frames.receive_nowait()
             except trio.WouldBlock:
                 break
             _route_one(tier, frame, received_at, offset_ns)
+            tier.frames_routed += 1
+            if notices:
+                _tell_due(tier)
         tier.hub.flush()
+
+
+def _tell_due(tier: Tier) -> None:
+    """Tell the clients what waited for the frames routed so far (outage statuses, in order)."""
+    notices = tier.notices
+    while notices and notices[0][0] <= tier.frames_routed:
+        notices.popleft()[1]()
 
 
 def _route_one(tier: Tier, frame: str | bytes, received_at: float, offset_ns: int = 0) -> None:

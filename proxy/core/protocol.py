@@ -39,6 +39,9 @@ __all__ = [
     "Unsubscribe",
     "ChannelRequest",
     "FROM_KEY",
+    "FROM_SEQ_KEY",
+    "JOURNAL_KEY",
+    "SeqResume",
     "parse_client_message",
     "auth_message",
     "subscription_message",
@@ -247,11 +250,23 @@ class Auth:
 
 
 @attrs.frozen
+class SeqResume:
+    """A downstream proxy's resume by journal seq (our extension, docs/protocol.md): a subscribe of
+    ``*`` with ``"from_seq": N, "journal": ID`` asks for every journaled record from seq ``N`` of
+    the journal ``ID`` on, then live."""
+
+    from_seq: int
+    journal: str
+
+
+@attrs.frozen
 class Subscribe:
     """A client's ``subscribe`` action with its parsed channels, in the order given, and its
     ``from`` (our resume extension: ms since the epoch, or negative ms before now), if any."""
     channels: tuple[Channel, ...]
     from_ms: float | None = None
+    #: A downstream proxy's resume by journal seq, if any.
+    resume: SeqResume | None = None
 
 
 @attrs.frozen
@@ -269,6 +284,8 @@ class ChannelRequest:
     params: str
     #: A subscribe's ``from`` (resume), checked to be a finite number; None without one.
     from_ms: float | None = None
+    #: A subscribe's ``from_seq`` and ``journal`` (a downstream proxy's resume), checked; None without.
+    resume: SeqResume | None = None
 
 
 ClientAction = Auth | Subscribe | Unsubscribe
@@ -343,12 +360,16 @@ def parse_client_message(
         return Auth(wire.params, wire.role)
     if wire.action in ("subscribe", "unsubscribe"):
         from_ms = _read_from(wire.action, decoded)
+        resume = _read_seq_resume(wire.action, decoded)
+        if resume is not None and from_ms is not None:
+            raise ClientMessageError("bad_from", f'"{FROM_KEY}" and "{FROM_SEQ_KEY}" cannot come together; '
+                                                 f"{_NOTHING_APPLIED}")
         if not wire.params.strip():
             raise ClientMessageError("empty_params", f'{wire.action} needs channels in "params"')
         if not parse_channels:
-            return ChannelRequest(wire.action, wire.params, from_ms)
+            return ChannelRequest(wire.action, wire.params, from_ms, resume)
         channels = parse_channel_list(wire.params, max_channels=max_channels)
-        return Subscribe(channels, from_ms) if wire.action == "subscribe" else Unsubscribe(channels)
+        return Subscribe(channels, from_ms, resume) if wire.action == "subscribe" else Unsubscribe(channels)
     raise ClientMessageError(
         "unknown_action",
         f"unknown action {wire.action[:40]!r}; expected auth, subscribe or unsubscribe",
@@ -380,6 +401,35 @@ def _read_from(action: str, message: dict[str, Any]) -> float | None:
     return number
 
 
+#: The keys of a downstream proxy's resume by journal seq in a subscribe (docs/protocol.md).
+FROM_SEQ_KEY: Final = "from_seq"
+JOURNAL_KEY: Final = "journal"
+#: A journal's id is short (ours are 32 hex digits); anything longer is not one.
+MAX_JOURNAL_ID_LENGTH = 64
+
+
+def _read_seq_resume(action: str, message: dict[str, Any]) -> SeqResume | None:
+    """A subscribe's ``from_seq`` and ``journal``: None without them; raises
+    :class:`ClientMessageError` (kind ``bad_from``) unless both are there and well formed
+    (``from_seq`` an integer of at least 1, ``journal`` a short non-empty string)."""
+    if FROM_SEQ_KEY not in message and JOURNAL_KEY not in message:
+        return None
+    if action != "subscribe":
+        raise ClientMessageError("bad_from", f'"{FROM_SEQ_KEY}" is only for subscribe, not {action}; this '
+                                             f"{action} was not applied")
+    seq, journal = message.get(FROM_SEQ_KEY), message.get(JOURNAL_KEY)
+    if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
+        shown = msgspec.json.encode(seq).decode()[:40]
+        raise ClientMessageError("bad_from", f'"{FROM_SEQ_KEY}" must be a journal seq (an integer of at least 1, '
+                                             f'with "{JOURNAL_KEY}"), not {shown}; {_NOTHING_APPLIED}')
+    if not isinstance(journal, str) or not journal or len(journal) > MAX_JOURNAL_ID_LENGTH:
+        shown = msgspec.json.encode(journal).decode()[:40]
+        raise ClientMessageError("bad_from", f'"{JOURNAL_KEY}" must name the journal "{FROM_SEQ_KEY}" is a seq of '
+                                             f"(a string of 1 to {MAX_JOURNAL_ID_LENGTH} characters), not {shown}; "
+                                             f"{_NOTHING_APPLIED}")
+    return SeqResume(seq, journal)
+
+
 #: A \\uD800-\\uDBFF escape not followed by a \\uDC00-\\uDFFF one, or the reverse, in JSON text: an odd
 #: number of backslashes before the ``u`` (an even number escapes the backslashes themselves).
 _LONE_SURROGATE = re.compile(
@@ -405,10 +455,15 @@ def auth_message(api_key: str, role: str | None = None) -> str:
     return msgspec.json.encode(message).decode()
 
 
-def subscription_message(action: str, channels: Iterable[Channel]) -> str:
-    """A ``subscribe`` or ``unsubscribe`` control message for ``channels``."""
+def subscription_message(action: str, channels: Iterable[Channel], resume: SeqResume | None = None) -> str:
+    """A ``subscribe`` or ``unsubscribe`` control message for ``channels`` (a subscribe with
+    ``resume``: a downstream proxy's resume by journal seq)."""
     # Channel texts need no escaping (parse_channel); a tier link may send tens of thousands a second.
-    return f'{{"action":"{action}","params":"' + format_channel_list(channels) + '"}'
+    message = f'{{"action":"{action}","params":"' + format_channel_list(channels) + '"'
+    if resume is not None:
+        message += (f',"{FROM_SEQ_KEY}":{int(resume.from_seq)},"{JOURNAL_KEY}":'
+                    + msgspec.json.encode(resume.journal).decode())
+    return message + "}"
 
 
 # --- status frames --------------------------------------------------------------

@@ -39,9 +39,13 @@ __all__ = [
     "REPLAY_COMPLETE",
     "REPLAY_PARTIAL",
     "JOURNAL_GAP",
+    "JOURNAL_SEQ",
+    "RESUME_STATUSES",
     "REPLAY_FRAME_BYTES",
     "relayed_status_frame",
+    "journal_seq_frame",
     "ReplayRequest",
+    "resume_start",
     "Stitch",
 ]
 
@@ -55,6 +59,11 @@ REPLAY_COMPLETE = "replay_complete"
 REPLAY_PARTIAL = "replay_partial"
 #: Sent inside a replay where the journal lacks records (the disk could not keep up, damage).
 JOURNAL_GAP = "journal_gap"
+#: The mark a tier sends a downstream proxy's link after each write: every journaled record up to
+#: this seq that was meant for the link is in its socket (docs/protocol.md, "Between the tiers").
+JOURNAL_SEQ = "journal_seq"
+#: The statuses of a resume by journal seq: the downstream proxy's link consumes them; its clients never see them.
+RESUME_STATUSES = frozenset({JOURNAL_SEQ, REPLAY_PARTIAL, JOURNAL_GAP, REPLAY_COMPLETE})
 #: A replay frame holds events up to about this many bytes: big enough that the per-frame cost
 #: is small, small enough for any client's message limit (websockets' default is 1 MiB).
 REPLAY_FRAME_BYTES = 64 * 1024
@@ -67,14 +76,52 @@ def relayed_status_frame(status: Mapping[str, Any]) -> str:
     return status_frame(str(status.get("status")), str(status.get("message", "")))
 
 
+def journal_seq_frame(seq: int, journal: str) -> str:
+    """The mark that tells a downstream proxy's link how far it has been sent: its own frame, so
+    that the link can take it out whole (``journal`` is an id of letters and digits)."""
+    return f'[{{"ev":"status","status":"{JOURNAL_SEQ}","seq":{seq},"journal":"{journal}"}}]'
+
+
 @attrs.frozen
 class ReplayRequest:
     """A subscribe's ``from``, checked: replay the ``channels`` from ``from_ns`` (ns since the epoch;
-    ``from_ms`` is the value as the client sent it, for messages)."""
+    ``from_ms`` is the value as the client sent it, for messages). A downstream proxy's resume
+    by journal seq has ``from_seq`` and ``journal`` instead (``from_ns`` and ``from_ms`` 0)."""
 
     from_ns: int
     from_ms: float
     channels: tuple[Channel, ...]
+    from_seq: int | None = None
+    journal: str | None = None
+
+
+def resume_start(request: ReplayRequest, journal_id: str, hold_from: int, reach_seq: int,
+                 reach_ns: int | None = None) -> tuple[int, str | None]:
+    """Where a resume by journal seq starts, and the ``replay_partial`` status to send first when it
+    cannot start where asked (None when it can).
+
+    ``hold_from`` is this journal's next seq when the resume began (live delivery holds back
+    from there, so the replay serves at least from there); ``reach_seq`` the oldest seq this
+    journal still holds everything from (``reach_ns``: its receive time, if known). Another
+    journal's id, or a seq past this journal's end (the same id cannot be that: a journal
+    directory that begins afresh gets a new id), cannot be resumed: the replay starts at
+    ``hold_from``, and what came in between is lost. A seq older than the journal reaches starts
+    at ``reach_seq``: the records before it are lost.
+    """
+    assert request.from_seq is not None and request.journal is not None
+    wanted = request.from_seq
+    if request.journal != journal_id or wanted > hold_from:
+        why = (f"journal {request.journal} is not this proxy's journal {journal_id} (it restarted without "
+               "JOURNAL_DIR, or it is another proxy)" if request.journal != journal_id else
+               f"seq {wanted} is past the end of journal {journal_id}, which is at {hold_from - 1}")
+        return hold_from, status_frame(REPLAY_PARTIAL, f"cannot resume from seq {wanted}: {why}; the events in "
+                                                       f"between are lost; resuming at seq {hold_from}")
+    if wanted < reach_seq:
+        when = "" if reach_ns is None else f" (received {format_ns(reach_ns)})"
+        return reach_seq, status_frame(REPLAY_PARTIAL, f"the journal {journal_id} reaches back to seq {reach_seq}"
+                                                       f"{when}, not to seq {wanted} asked for: records {wanted}.."
+                                                       f"{reach_seq - 1} are lost; the replay starts there")
+    return wanted, None
 
 
 class Stitch:
@@ -219,6 +266,12 @@ class Stitch:
 
     def complete_frame(self) -> str:
         """The status that ends the replay, saying how many events it held and from when."""
+        if self.request.from_seq is not None:
+            assert self.through is not None
+            span = "" if self.first_ns is None or self.last_ns is None else (
+                f", received from {format_ns(self.first_ns)} to {format_ns(self.last_ns)}")
+            return status_frame(REPLAY_COMPLETE, f"{self.events} events replayed from journal {self.request.journal}, "
+                                                 f"through seq {self.through}{span}; live events follow")
         asked = f"{format_ns(self.request.from_ns)} ({self.request.from_ns // 1_000_000} ms)"
         if not self.events:
             message = f"0 events replayed: none of these channels received since {asked}; live events follow"

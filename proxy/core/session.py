@@ -19,8 +19,8 @@ from . import protocol
 from .errors import ClientMessageError, CloseReason
 from .entitlements import KeyBook, KeyEntry
 from .keys import key_matches
-from .protocol import EVERYTHING_CHANNEL, Auth, Channel, ChannelRequest
-from .replay import ReplayRequest
+from .protocol import EVERYTHING_CHANNEL, Auth, Channel, ChannelRequest, SeqResume
+from .replay import REPLAY_COMPLETE, REPLAY_PARTIAL, ReplayRequest
 
 __all__ = [
     "CHANNELS_PER_STEP",
@@ -191,7 +191,7 @@ class SessionState:
                 replies=(protocol.error_frame(f"not authenticated: send auth before {action.action}"),),
                 outcome=Outcome.ERROR,
             )
-        replaying = action.from_ms is not None
+        replaying = action.from_ms is not None or action.resume is not None
         refused_outcome = Outcome.REPLAY_REFUSED if replaying else Outcome.ERROR
         try:
             channels = yield from protocol.parse_channel_list_steps(
@@ -202,11 +202,20 @@ class SessionState:
         held = self.channels
         if action.action == "subscribe":
             replay = None
+            unserved: tuple[str, ...] = ()  # a resume this tier cannot serve: said after the answer
             if action.from_ms is not None:
                 replay_or_error = self._replay_request(action.from_ms, channels, wall_ns)
                 if isinstance(replay_or_error, str):
                     return Reaction(replies=(protocol.error_frame(replay_or_error),), outcome=refused_outcome)
                 replay = replay_or_error
+            elif action.resume is not None:
+                resume_or_error = self._seq_resume_request(action.resume, channels)
+                if isinstance(resume_or_error, str):
+                    return Reaction(replies=(protocol.error_frame(resume_or_error),), outcome=refused_outcome)
+                if isinstance(resume_or_error, tuple):
+                    unserved = resume_or_error
+                else:
+                    replay = resume_or_error
             if self.key is not None:
                 refused = self.key.refused(channels)
                 if refused:
@@ -234,7 +243,8 @@ class SessionState:
             held.update(new)
             reply = yield from protocol.subscription_frame_steps("subscribed", channels, step=step)
             warning = protocol.lowercase_warning(channels)
-            return Reaction(replies=(reply,) + ((warning,) if warning else ()), subscribe=tuple(new), replay=replay)
+            return Reaction(replies=(reply,) + ((warning,) if warning else ()) + unserved, subscribe=tuple(new),
+                            replay=replay)
         gone = [channel for channel in channels if channel in held]
         held.difference_update(gone)
         reply = yield from protocol.subscription_frame_steps("unsubscribed", channels, step=step)
@@ -263,6 +273,28 @@ class SessionState:
             return (f'"from" {shown} is {age:.0f} s ago; this proxy replays at most the last '
                     f"{self.replay_max_seconds:g} s (REPLAY_MAX_SECONDS, and what its journal keeps); {applied}")
         return ReplayRequest(from_ns=from_ns, from_ms=from_ms, channels=channels)
+
+    def _seq_resume_request(self, resume: SeqResume,
+                            channels: tuple[Channel, ...]) -> ReplayRequest | tuple[str, ...] | str:
+        """The replay a downstream proxy's ``from_seq`` asks for; the statuses that say it cannot be
+        served (this tier keeps no journal: the subscribe is applied all the same, since the link
+        needs its ``*``); or why it is refused (an error's text: not a proxy's link, no ``*``)."""
+        applied = "nothing of this subscribe was applied"
+        if not self.downstream_proxy:
+            return (f'"from_seq" resumes a downstream proxy\'s link (one that authenticated with "role":"proxy"); '
+                    f'a client resumes with "from" (milliseconds since the epoch); {applied}')
+        if EVERYTHING_CHANNEL not in channels:
+            return f'"from_seq" resumes the * channel: the subscribe must hold *; {applied}'
+        if self.replaying:
+            return f'a replay is already running on this connection: wait for its replay_complete; {applied}'
+        if self.replay_max_seconds <= 0:
+            return (protocol.status_frame(REPLAY_PARTIAL, f"cannot resume from seq {resume.from_seq} of journal "
+                                                          f"{resume.journal}: this proxy serves no replay (it keeps "
+                                                          "no journal, or REPLAY_MAX_SECONDS=0); the events in "
+                                                          "between are lost"),
+                    protocol.status_frame(REPLAY_COMPLETE, "0 events replayed; live events follow"))
+        return ReplayRequest(from_ns=0, from_ms=0.0, channels=channels, from_seq=resume.from_seq,
+                             journal=resume.journal)
 
     def drop(self, channels: Collection[Channel]) -> None:
         """Forget channels the tier could not serve (upstream refused them)."""

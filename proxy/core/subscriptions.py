@@ -138,6 +138,10 @@ class SubscriptionRegistry(Generic[S]):
         """Subscribers holding ``*``: they get every frame whole, and nothing else."""
         return frozenset(self._everything)
 
+    def holds_everything(self, subscriber: S) -> bool:
+        """Whether ``subscriber`` holds ``*`` (without copying the set, as everything_subscribers does)."""
+        return subscriber in self._everything
+
     def subscribers(self) -> frozenset[S]:
         """Everyone registered, subscribed to anything or not."""
         return frozenset(self._channels)

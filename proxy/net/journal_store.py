@@ -9,7 +9,9 @@ truncates, appends, syncs and deletes files.
 A directory holds one journal: segments named ``journal-<first seq>-<start>.seg``
 (see :func:`~proxy.core.journal.segment_name`), and a ``LOCK`` file that the
 writing process holds locked (``flock``), so that two tiers never write one
-directory. Other files are ignored.
+directory, and a ``JOURNAL_ID`` file naming the journal's lineage (its seqs mean the same
+records for as long as it keeps that id; a downstream proxy resumes by seq within it).
+Other files are ignored.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import fcntl
 import io
 import mmap
 import os
+import re
+import secrets
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -47,6 +51,8 @@ from ..core.journal import (
 
 __all__ = [
     "LOCK_NAME",
+    "JOURNAL_ID_NAME",
+    "journal_lineage",
     "JournalLocked",
     "SegmentFile",
     "list_segments",
@@ -62,6 +68,8 @@ __all__ = [
 ]
 
 LOCK_NAME = "LOCK"
+JOURNAL_ID_NAME = "JOURNAL_ID"
+_JOURNAL_ID = re.compile(r"[0-9a-f]{32}")
 #: data_sync(fd): the data and the size, not every inode time (fsync where there is no fdatasync).
 _data_sync: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
 
@@ -161,6 +169,30 @@ def fsync_directory(directory: str | os.PathLike[str]) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+def journal_lineage(directory: str | os.PathLike[str], *, continuing: bool) -> str:
+    """The id of the journal in ``directory``: the one its ``JOURNAL_ID`` file holds when the
+    journal goes on from records on disk (``continuing``), else a new random one, written
+    there (durably, before any record of it can be sent). A directory whose segments are
+    all gone begins a new lineage: its seqs start again at 1. Raises OSError."""
+    path = Path(directory) / JOURNAL_ID_NAME
+    if continuing:
+        try:
+            kept = path.read_text(encoding="ascii").strip()
+        except (FileNotFoundError, UnicodeDecodeError):
+            kept = ""
+        if _JOURNAL_ID.fullmatch(kept):
+            return kept
+    fresh = secrets.token_hex(16)
+    staging = path.with_name(JOURNAL_ID_NAME + ".new")
+    with open(staging, "w", encoding="ascii") as file:
+        file.write(fresh + "\n")
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(staging, path)
+    fsync_directory(directory)
+    return fresh
 
 
 @attrs.frozen

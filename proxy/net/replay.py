@@ -22,7 +22,7 @@ import trio
 
 from ..core.errors import SeqEvicted
 from ..core.journal import Journal, Record
-from ..core.replay import Stitch
+from ..core.replay import Stitch, resume_start
 from ..core.stats import JournalFigures
 from .journal_store import list_segments, read_blocks
 from .journal_writer import JournalWriter
@@ -47,15 +47,19 @@ class JournalSource:
     """A tier's journal as replays read it: the memory ring, and the disk when there is one.
 
     ``started_ns`` is when this tier's journal began (nothing is missing after it but what
-    the ring evicted); ``replay_max_seconds`` is how far back a ``from`` may reach.
+    the ring evicted); ``replay_max_seconds`` is how far back a ``from`` may reach;
+    ``journal_id`` names the journal's lineage, in which seqs mean the same records: random
+    for a journal in memory only, kept in ``JOURNAL_DIR`` for one on disk (a downstream
+    proxy resumes by seq only in the same lineage).
     """
 
     def __init__(self, journal: Journal, writer: JournalWriter | None, *, started_ns: int,
-                 replay_max_seconds: float) -> None:
+                 replay_max_seconds: float, journal_id: str = "") -> None:
         self.journal = journal
         self.writer = writer
         self.started_ns = started_ns
         self.replay_max_seconds = replay_max_seconds
+        self.journal_id = journal_id
         self._first_seq = journal.next_seq
 
     def figures(self) -> JournalFigures:
@@ -87,6 +91,22 @@ class JournalSource:
                 reach = min(reach, segments[0].start_ns)
         return reach
 
+    def reach_seq(self) -> tuple[int, int | None]:
+        """The oldest seq the journal still holds everything from, and its receive time if known:
+        the first segment on disk, else the memory ring's oldest (this run's first seq while the
+        ring evicted nothing), else the next seq (nothing held yet)."""
+        ring = self.journal.ring
+        if self.writer is not None:
+            try:
+                segments = list_segments(self.writer.directory)
+            except OSError:
+                segments = []
+            if segments:
+                return segments[0].first_seq, segments[0].start_ns
+        if ring.first_seq is not None:
+            return ring.first_seq, ring.oldest_ns
+        return self.journal.next_seq, None
+
     async def replay(self, stitch: Stitch, send: Send) -> bool:
         """Serve ``stitch``'s replay through ``send``: the ``replay_partial`` status when the
         journal does not reach back to the start, the records from the start to the stitch's end
@@ -94,9 +114,17 @@ class JournalSource:
         it was all sent (False: ``send`` said stop). The stitch must be ready."""
         assert stitch.ready and stitch.through is not None
         from_ns = stitch.request.from_ns
-        reach = await trio.to_thread.run_sync(self.reach_ns) if self.writer is not None else self.reach_ns()
-        if reach > from_ns and not await send([stitch.partial_frame(reach)]):
-            return False
+        if stitch.request.from_seq is not None:  # a downstream proxy resuming by seq
+            reach_seq, reach_ns = (await trio.to_thread.run_sync(self.reach_seq) if self.writer is not None
+                                   else self.reach_seq())
+            start, partial = resume_start(stitch.request, self.journal_id, stitch.hold_from, reach_seq, reach_ns)
+            stitch.start_at(start)
+            if partial is not None and not await send([partial]):
+                return False
+        else:
+            reach = await trio.to_thread.run_sync(self.reach_ns) if self.writer is not None else self.reach_ns()
+            if reach > from_ns and not await send([stitch.partial_frame(reach)]):
+                return False
         ring = self.journal.ring
         disk: Iterator[list[Record]] | None = None
         disk_fresh = False  # the disk iterator was opened after the last block taken

@@ -11,7 +11,9 @@ within the interval is written at its end instead, by :meth:`Hub.run_flusher`
 :class:`ClientSession` lives in its own nursery with a reader (control
 messages through :class:`~proxy.session.SessionState`) and a writer, which
 sends what could not be written at once: a backlog, control replies,
-statuses, the close. Closing that nursery ends both.
+statuses, the close. Closing that nursery ends both. A downstream proxy's link holding
+``*`` gets a ``journal_seq`` mark after each write (:meth:`Hub.journal_mark`), by which it
+resumes after an outage (docs/protocol.md, "Between the tiers").
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ from ..core.session import (
 )
 from ..core.subscriptions import SubscriptionRegistry
 from ..core.errors import CloseReason, WebSocketClosed
-from ..core.replay import ReplayRequest, Stitch
+from ..core.replay import ReplayRequest, Stitch, journal_seq_frame
 from ..core.routes import Route, route_of_path, unserved_message
 from .connection import WsConnection
 from .listener import accept_connections
@@ -347,7 +349,8 @@ class Hub:
         """From now on the router holds back the session's live frames (the Stitch says which);
         its writer serves the replay once the subscribe is wholly applied."""
         assert self.journal_source is not None  # the session refuses "from" without a journal
-        self.write_queued(session, trio.current_time())  # the answer goes before the replay
+        # the answer goes before the replay; no journal_seq mark: the replay's own marks say how far it got
+        self.write_queued(session, trio.current_time(), mark=False)
         if len(session.outbox):  # the socket is backed up: the writer sends these first
             events = session.outbox.queued_events
             session.replay_before = session.outbox.take_frames()
@@ -537,12 +540,14 @@ class Hub:
         for session in self.pacer.due(now):
             self.write_queued(session, now)
 
-    def write_queued(self, session: ClientSession, now: float) -> None:
+    def write_queued(self, session: ClientSession, now: float, *, mark: bool = True) -> None:
         """Frame what ``session`` has queued and write it, unless bytes before it still wait.
 
         Whatever the socket does not take waits in the connection's backlog, and
         the session's writer is woken to drain it; while it waits, new events
-        stay in the outbox, where the slow-client policy bounds them.
+        stay in the outbox, where the slow-client policy bounds them. A downstream
+        proxy's link holding ``*`` gets a ``journal_seq`` mark after what was written
+        (:meth:`journal_mark`), unless ``mark`` is False.
         """
         outbox, connection = session.outbox, session.connection
         if connection.backlogged or outbox.overflowed:
@@ -556,13 +561,32 @@ class Hub:
         frames = outbox.take_frames()
         self.pacer.written(session, now)
         stats = self.stats
+        stats.frames_out += len(frames)
+        if session.state.downstream_proxy and mark:
+            journal_mark = self.journal_mark(session)
+            if journal_mark is not None:
+                frames.append(journal_mark)
         stats.bytes_out += connection.send_texts(frames)
         outbox.unsent_events = events if connection.backlogged else 0  # the writer clears it once drained
-        stats.frames_out += len(frames)
         stats.events_out += events
         session.events_sent += events
         if received_at is not None:
             stats.routing_latency.observe(now - received_at)
+
+    def journal_mark(self, session: ClientSession, seq: int | None = None) -> str | None:
+        """The ``journal_seq`` mark for a downstream proxy's link holding ``*`` (None for anyone
+        else, or without a journal): ``seq`` (the journal's last, by default) and the journal's id.
+
+        Written right after a write, the journal's last seq is exact: the router journals and
+        queues each frame (and each outage status) in one step, so every record journaled so
+        far that was meant for the link was in its queue, and the queue was just written whole.
+        A link whose queue overflows under SLOW_CLIENT_POLICY=disconnect gets no mark for what was
+        dropped (it is closed as a slow consumer, and resumes from its last mark); under
+        drop_oldest the dropped events are lost to it, as they are to any client."""
+        source = self.journal_source
+        if source is None or not self.registry.holds_everything(session):
+            return None
+        return journal_seq_frame(source.journal.next_seq - 1 if seq is None else seq, source.journal_id)
 
     def _log_drops(self, session: ClientSession, now: float) -> None:
         """drop_oldest: say so, at most once per DROP_LOG_INTERVAL per client."""
@@ -820,10 +844,19 @@ async def _serve_replay(hub: Hub, session: ClientSession, stitch: Stitch) -> Non
     hand it back to live delivery; the events that came live meanwhile wait in its outbox."""
     connection, stats = session.connection, hub.stats
 
+    resume = stitch.request.from_seq is not None  # a downstream proxy's: marked as it goes
+
     async def send(frames: Sequence[str | bytes]) -> bool:
         if frames:
-            stats.bytes_out += connection.send_texts(frames)
             stats.frames_out += len(frames)
+            cursor = stitch.cursor
+            if resume and cursor is not None:
+                # every record before the cursor is in these frames or before them: a link that
+                # drops during the replay resumes after what it got
+                journal_mark = hub.journal_mark(session, cursor - 1)
+                if journal_mark is not None:
+                    frames = [*frames, journal_mark]
+            stats.bytes_out += connection.send_texts(frames)
         await _drain_unless_overflowed(session)
         return session.close_request is None and not session.outbox.overflowed and connection.open
 

@@ -14,7 +14,9 @@ reading stops and TCP pushes back. Any failure reconnects with exponential
 backoff and jitter; a refusal (``auth_failed``, ``max_connections``, also when
 upstream evicts an established connection with ``max_connections``) waits the
 long ``refused_seconds``: two processes sharing a key must not evict each other
-in a loop. A WebSocket ping notices a silent upstream.
+in a loop. A WebSocket ping notices a silent upstream. A link to a tier of ours
+resumes by that tier's journal seq after an outage (``resume``, :mod:`proxy.core.resume`):
+its marks and the resume's statuses are taken out of the stream here.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from ..core.keys import redact
 from ..core.errors import UpstreamProtocolError, UpstreamRefused, leaves
 from ..core.protocol import Channel
 from .beacon import Beacon
+from ..core.resume import LinkResume, ResumeOutcome
 from ..core.routing import may_hold_status
 from ..core.upstream_control import SUBSCRIBE_CHUNK, PendingAnswers, SubscriptionPlan, TokenBucket
 
@@ -121,6 +124,11 @@ class UpstreamLink:
     on_disconnected: Callable[[str], None] = lambda reason: None
     #: Upstream refused these channels (its words): the tier tells the clients holding them.
     on_refused: Callable[[tuple[Channel, ...], str], object] = lambda channels, reason: None
+    #: A link to a tier of ours resumes by its journal seq (:mod:`proxy.core.resume`): the marks
+    #: and resume statuses are taken out of the stream here; None (Polygon): nothing of it.
+    resume: LinkResume | None = None
+    #: A resume asked on a new connection ended (its replay_complete came): how it went.
+    on_resumed: Callable[[ResumeOutcome], None] = lambda outcome: None
     backoff: Backoff = Backoff()
     keepalive_interval: float = 10.0
     keepalive_timeout: float = 20.0
@@ -273,17 +281,25 @@ class UpstreamLink:
             self._carried_data = True
             while True:
                 received = self.last_received_at = trio.current_time()
-                if may_hold_status(message):
-                    self._read_answers(message, received)
-                await self.frames.send((message, received))
+                if not (may_hold_status(message) and self._read_answers(message, received)):
+                    await self.frames.send((message, received))
                 message = await ws.get_message()
 
-    def _read_answers(self, message: str | bytes, now: float) -> None:
-        """Upstream's answers to our subscribes, and an eviction; routing handles the rest."""
+    def _read_answers(self, message: str | bytes, now: float) -> bool:
+        """Upstream's answers to our subscribes, and an eviction; routing handles the rest.
+        Returns True for a frame of the resume's (a journal mark, a resume's statuses), which
+        is the link's alone: it goes no further."""
         try:
-            statuses = [event for event in _read_statuses(message) if event.get("ev") == "status"]
+            events = _read_statuses(message)
         except msgspec.DecodeError:
-            return  # not ours to judge: the router counts and drops malformed frames
+            return False  # not ours to judge: the router counts and drops malformed frames
+        statuses = [event for event in events if event.get("ev") == "status"]
+        if self.resume is not None and statuses and len(statuses) == len(events):
+            ours, outcome = self.resume.read(statuses)
+            if outcome is not None:
+                self.on_resumed(outcome)
+            if ours:
+                return True
         for status in statuses:
             if status.get("status") in EVICTIONS:
                 raise UpstreamRefused(str(status.get("status")), str(status.get("message")))
@@ -296,6 +312,7 @@ class UpstreamLink:
             self._plan.forget(channels)
             if channels:
                 self.on_refused(channels, reason)
+        return False
 
     async def _expect(self, ws: WebSocketConnection, wanted: str) -> None:
         message = await ws.get_message()
@@ -317,6 +334,9 @@ class UpstreamLink:
         """
         plan, answers, extra = self._plan, self._answers, frozenset(self.extra)
         bucket = TokenBucket(self.subscribe_rate, self.subscribe_burst)
+        resume = self.resume
+        if resume is not None:
+            resume.begin_connection()  # this connection's * subscribe asks for what the last one missed
         self.changes()  # the whole set below covers these
         plan.touch(self.extra)
         plan.touch(self.desired())
@@ -341,7 +361,12 @@ class UpstreamLink:
             now = trio.current_time()
             bucket.take(now)
             answers.sent(verb, channels, now)
-            await ws.send_message(protocol.subscription_message(verb, channels))
+            asked = None
+            if resume is not None and verb == "subscribe" and protocol.EVERYTHING_CHANNEL in channels:
+                asked, resume = resume.request(), None  # once a connection
+                if asked is not None:
+                    log.info("resuming from seq %d of %s's journal %s", asked.from_seq, self.label, asked.journal)
+            await ws.send_message(protocol.subscription_message(verb, channels, asked))
             last_sent = now
             self.subscribe_messages += 1
             if verb == "subscribe":
