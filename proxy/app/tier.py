@@ -41,7 +41,7 @@ from ..net.http import serve_http
 from ..net.journal_writer import JournalWriter
 from ..net.replay import JournalSource
 from ..net.server import ClientSession, Hub, serve_clients
-from ..net.upstream import NOT_CONNECTED_YET, LinkState, UpstreamLink
+from ..net.upstream import NOT_CONNECTED_YET, FrameBatch, LinkState, UpstreamLink
 from .admin import make_handler
 from .config import bind_error, check_market_url, read_key_file
 from .exposition import TierCollector
@@ -59,7 +59,10 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-FRAME_QUEUE = 256
+#: Batches the link may queue for the router (each is what one upstream read completed, at most
+#: about 256 KiB unless one message is bigger): past them the link stops reading, and TCP pushes
+#: back on upstream.
+FRAME_QUEUE = 32
 SUMMARY_INTERVAL_SECONDS = 60.0
 #: Channels expired from the grace period between two returns of freed memory to the system.
 TRIM_AFTER_CHANNELS = 100_000
@@ -137,7 +140,7 @@ async def run_tier(
     stats = TierStats()
     metrics = CollectorRegistry()
     hub = Hub(config=config, registry=registry, stats=stats, key_book=config.key_book)
-    frames_send, frames_receive = trio.open_memory_channel[tuple[str | bytes, float]](FRAME_QUEUE)
+    frames_send, frames_receive = trio.open_memory_channel[FrameBatch](FRAME_QUEUE)
     label = _upstream_label(config)
 
     history = TierHistory()
@@ -292,28 +295,28 @@ async def _open_journal(config: TierConfig, nursery: trio.Nursery) -> tuple[Jour
     return journal, writer
 
 
-async def _route_frames(
-    tier: Tier, frames: trio.MemoryReceiveChannel[tuple[str | bytes, float]]
-) -> None:
+async def _route_frames(tier: Tier, frames: trio.MemoryReceiveChannel[FrameBatch]) -> None:
     """Journal and route every upstream frame, then write to the clients; the only await is for
-    the next frame.
+    the next batch (the frames one upstream read completed).
 
-    Everything already queued is routed before the clients are written to, so
+    Every batch already queued is routed before the clients are written to, so
     under load a client gets several frames' worth of events in one message:
     per-send cost is paid less often exactly when it matters (docs/architecture.md).
     A frame's receive time in ns since the epoch (the journal's) is its trio receive time
     moved onto the wall clock, with one clock reading per pass, not per frame.
     """
     journal = tier.journal
-    async for frame, received_at in frames:
+    async for batch, received_at in frames:
         offset_ns = time.time_ns() - int(trio.current_time() * 1e9) if journal is not None else 0
-        _route_one(tier, frame, received_at, offset_ns)
+        for frame in batch:
+            _route_one(tier, frame, received_at, offset_ns)
         while True:
             try:
-                frame, received_at = frames.receive_nowait()
+                batch, received_at = frames.receive_nowait()
             except trio.WouldBlock:
                 break
-            _route_one(tier, frame, received_at, offset_ns)
+            for frame in batch:
+                _route_one(tier, frame, received_at, offset_ns)
         tier.hub.flush()
 
 
