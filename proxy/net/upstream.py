@@ -13,8 +13,7 @@ The link reads its WebSocket itself (:mod:`proxy.net.upstream_socket`, wsproto
 on the Trio stream): each wake-up is one read, and every frame it completed goes
 to the router as one batch, one channel operation however many frames a read
 holds. The channel is bounded: when the router lags, reading stops and TCP
-pushes back. Any failure reconnects with exponential
-backoff and jitter; a refusal (``auth_failed``, ``max_connections``, also when
+pushes back. Any failure reconnects with exponential backoff and jitter; a refusal (``auth_failed``, ``max_connections``, also when
 upstream evicts an established connection with ``max_connections``) waits the
 long ``refused_seconds``: two processes sharing a key must not evict each other
 in a loop. A WebSocket ping notices a silent upstream.
@@ -102,8 +101,8 @@ def chunks(channels: Iterable[Channel], size: int = SUBSCRIBE_CHUNK) -> list[lis
 class UpstreamLink:
     """The one connection upstream, kept up forever: connect, authenticate, subscribe, relay frames.
 
-    Frames go to ``frames`` in batches, a read's worth with its receive time; ``desired()`` is the channel set to
-    hold, and ``changes()`` the channels whose membership changed, read whenever
+    Frames go to ``frames`` in batches, a read's worth with its receive time; ``desired()`` is
+    the channel set to hold, and ``changes()`` the channels whose membership changed, read whenever
     ``demand_changed`` pulses; subscribes are paced and merged (:mod:`proxy.core.upstream_control`);
     ``on_connected`` and ``on_disconnected`` tell the tier about outages, ``on_refused`` about
     channels upstream refused. :meth:`run` returns only by cancellation."""
