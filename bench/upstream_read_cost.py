@@ -11,8 +11,13 @@ reader is a process forked fresh for its round (see :mod:`bench.receive_cost` fo
 
 Readers compared:
 
-- ``trio-websocket``: as the upstream link reads now: ``get_message()`` in the link's task,
-  one memory-channel ``send`` per frame, the router task receiving each frame;
+- ``link``: the upstream link's own code (:meth:`~proxy.net.upstream.UpstreamLink._read_frames`
+  on a :class:`~proxy.net.upstream_socket.UpstreamSocket`): one ``receive_some`` of up to 256 KiB
+  a wake-up, wsproto parses it, and its frames go to the router task as one batch;
+- ``trio-websocket``: as the upstream link read until 2026-12-07: ``get_message()`` in the link's
+  task, its ``may_hold_status`` check, one memory-channel ``send`` per frame, the router task
+  receiving each frame (the link's check was added to this reader on 2026-12-07, so that it
+  stands for the old link next to ``link``; the bare readers below skip it);
 - ``wsproto``: wsproto's connection straight on a Trio socket stream: each ``receive_some``
   (up to 256 KiB) is parsed at once and its frames go to the router as one list, with
   no task switch or channel operation per frame;
@@ -38,7 +43,9 @@ import trio
 RECEIVE_BYTES = 256 * 1024
 EVENT = (b'{"ev":"T","sym":"MSFT","i":"50578","x":4,"p":215.9721,"s":100,'
          b'"c":[37],"t":1611082428813,"q":3490,"z":3}')
-READERS = ("trio-websocket", "wsproto", "websockets", "frame-reader")
+READERS = ("link", "trio-websocket", "wsproto", "websockets", "frame-reader")
+#: The message queue trio-websocket was given when the link read through it.
+TRIO_WEBSOCKET_QUEUE = 64
 
 
 def frames_blob(events_per_frame: int, frames: int) -> bytes:
@@ -83,18 +90,19 @@ def cpu_now() -> float:
 async def read_trio_websocket(port: int, frames: int) -> float:
     from trio_websocket import wrap_client_stream
 
-    from proxy.net.upstream import UPSTREAM_MESSAGE_QUEUE
+    from proxy.core.routing import may_hold_status
 
     async with trio.open_nursery() as nursery:
         stream = await trio.open_tcp_stream("127.0.0.1", port)
         ws = await wrap_client_stream(nursery, stream, f"127.0.0.1:{port}", "/", max_message_size=64 * 1024 * 1024,
-                                      receive_buffer_size=RECEIVE_BYTES, message_queue_size=UPSTREAM_MESSAGE_QUEUE)
+                                      receive_buffer_size=RECEIVE_BYTES, message_queue_size=TRIO_WEBSOCKET_QUEUE)
         send, receive = trio.open_memory_channel[tuple[str | bytes, float]](256)
         started = cpu_now()
 
         async def link() -> None:  # as UpstreamLink._serve: one get_message and one send per frame
             for _ in range(frames):
                 message = await ws.get_message()
+                may_hold_status(message)
                 await send.send((message, trio.current_time()))
 
         nursery.start_soon(link)
@@ -105,6 +113,33 @@ async def read_trio_websocket(port: int, frames: int) -> float:
                 break
         used = cpu_now() - started
         nursery.cancel_scope.cancel()
+    return used
+
+
+async def read_link(port: int, frames: int) -> float:
+    """The link's reading code on its socket, batches to a stand-in for the router."""
+    from proxy.app.tier import FRAME_QUEUE
+    from proxy.net.beacon import Beacon
+    from proxy.net.upstream import FrameBatch, UpstreamLink
+    from proxy.net.upstream_socket import UpstreamSocket
+
+    ws = UpstreamSocket(await trio.open_tcp_stream("127.0.0.1", port))
+    await ws.open(f"127.0.0.1:{port}", "/")
+    send, receive = trio.open_memory_channel[FrameBatch](FRAME_QUEUE)
+    link = UpstreamLink("bench", f"ws://127.0.0.1:{port}", "key", desired=frozenset, demand_changed=Beacon(),
+                        frames=send)
+    started = cpu_now()
+    seen = reads = 0
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(link._read_frames, ws)
+        async for batch, _ in receive:  # as the router
+            seen += len(batch)
+            reads += 1
+            if seen >= frames:
+                break
+        used = cpu_now() - started
+        nursery.cancel_scope.cancel()
+    print(f"    {reads} batches, {seen / reads:.1f} frames a batch", file=sys.stderr)
     return used
 
 
@@ -206,6 +241,8 @@ def measure(reader: str, events_per_frame: int, frames: int, per_write: int = 0)
         try:
             if reader == "trio-websocket":
                 used = trio.run(read_trio_websocket, port, frames)
+            elif reader == "link":
+                used = trio.run(read_link, port, frames)
             else:
                 make = {"wsproto": wsproto_reader, "websockets": websockets_reader, "frame-reader": frame_reader}[reader]
                 used = trio.run(read_batched, port, frames, make)

@@ -122,7 +122,7 @@ async def test_a_long_outage_never_overflows_the_backoff(autojump_clock):
 
 
 class PingedUpstream:
-    """What the keepalive uses of a trio-websocket connection: ``ping``, answered after ``answer_after``."""
+    """What the keepalive uses of an UpstreamSocket: ``ping``, answered after ``answer_after``."""
 
     def __init__(self, answer_after: float | None) -> None:
         self.answer_after = answer_after

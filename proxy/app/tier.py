@@ -49,7 +49,7 @@ from ..net.accepting import PendingConnections
 from ..net.journal_writer import JournalWriter
 from ..net.replay import JournalSource
 from ..net.server import ClientSession, Hub, serve_clients
-from ..net.upstream import NOT_CONNECTED_YET, LinkState, UpstreamLink
+from ..net.upstream import NOT_CONNECTED_YET, FrameBatch, LinkState, UpstreamLink
 from .admin import make_handler
 from .config import bind_error, check_market_url, read_key_file
 from .exposition import TierCollector
@@ -67,7 +67,10 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-FRAME_QUEUE = 256
+#: Batches the link may queue for the router (each is what one upstream read completed, at most
+#: about 256 KiB unless one message is bigger): past them the link stops reading, and TCP pushes
+#: back on upstream.
+FRAME_QUEUE = 32
 SUMMARY_INTERVAL_SECONDS = 60.0
 #: Channels expired from the grace period between two returns of freed memory to the system.
 TRIM_AFTER_CHANNELS = 100_000
@@ -89,10 +92,11 @@ class Tier:
     #: none (JOURNAL_MEMORY_SECONDS=0 and no JOURNAL_DIR): then the router pays nothing for it.
     journal: Journal | None = None
     journal_source: JournalSource | None = None
-    #: Frames the router has taken from the link so far, and what waits to be told to clients
-    #: once the router has taken a given count (:func:`_route_frames`): an outage status goes
-    #: to clients after the frames the link read before it, as it happened.
-    frames_routed: int = 0
+    #: Batches (the frames of one upstream read) the router has taken from the link(s) so far,
+    #: and what waits to be told to clients once the router has taken a given count
+    #: (:func:`_route_frames`): an outage status goes to clients after the frames the link read
+    #: before it, as it happened.
+    batches_routed: int = 0
     notices: collections.deque[tuple[int, Callable[[], None]]] = attrs.field(factory=collections.deque)
     #: The market of the feed this part serves (its path: ``stocks``, ``delayed/stocks``).
     route: Route = Route("stocks")
@@ -272,7 +276,7 @@ async def _run_route(
     stats = TierStats()
     hub = Hub(config=config, registry=registry, stats=stats, key_book=config.key_book, pending=pending,
               ids=session_ids)
-    frames_send, frames_receive = trio.open_memory_channel[tuple[str | bytes, float]](FRAME_QUEUE)
+    frames_send, frames_receive = trio.open_memory_channel[FrameBatch](FRAME_QUEUE)
     label = _upstream_label(config, route)
 
     history = TierHistory()
@@ -295,7 +299,7 @@ async def _run_route(
 
         waiting = frames_receive.statistics().current_buffer_used
         if waiting or tier.notices:
-            tier.notices.append((tier.frames_routed + waiting, tell))
+            tier.notices.append((tier.batches_routed + waiting, tell))
         else:
             tell()
 
@@ -475,32 +479,32 @@ async def _open_journal(config: TierConfig,
     return journal, writer, journal_id
 
 
-async def _route_frames(
-    tier: Tier, frames: trio.MemoryReceiveChannel[tuple[str | bytes, float]]
-) -> None:
+async def _route_frames(tier: Tier, frames: trio.MemoryReceiveChannel[FrameBatch]) -> None:
     """Journal and route every upstream frame, then write to the clients; the only await is for
-    the next frame.
+    the next batch (the frames one upstream read completed).
 
-    Everything already queued is routed before the clients are written to, so
+    Every batch already queued is routed before the clients are written to, so
     under load a client gets several frames' worth of events in one message:
     per-send cost is paid less often exactly when it matters (docs/architecture.md).
     A frame's receive time in ns since the epoch (the journal's) is its trio receive time
     moved onto the wall clock, with one clock reading per pass, not per frame.
     """
     journal, notices = tier.journal, tier.notices
-    async for frame, received_at in frames:
+    async for batch, received_at in frames:
         offset_ns = time.time_ns() - int(trio.current_time() * 1e9) if journal is not None else 0
-        _route_one(tier, frame, received_at, offset_ns)
-        tier.frames_routed += 1
+        for frame in batch:
+            _route_one(tier, frame, received_at, offset_ns)
+        tier.batches_routed += 1
         if notices:
             _tell_due(tier)
         while True:
             try:
-                frame, received_at = frames.receive_nowait()
+                batch, received_at = frames.receive_nowait()
             except trio.WouldBlock:
                 break
-            _route_one(tier, frame, received_at, offset_ns)
-            tier.frames_routed += 1
+            for frame in batch:
+                _route_one(tier, frame, received_at, offset_ns)
+            tier.batches_routed += 1
             if notices:
                 _tell_due(tier)
         tier.hub.flush()
@@ -509,7 +513,7 @@ async def _route_frames(
 def _tell_due(tier: Tier) -> None:
     """Tell the clients what waited for the frames routed so far (outage statuses, in order)."""
     notices = tier.notices
-    while notices and notices[0][0] <= tier.frames_routed:
+    while notices and notices[0][0] <= tier.batches_routed:
         notices.popleft()[1]()
 
 

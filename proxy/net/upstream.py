@@ -9,9 +9,11 @@ paced under the budget of the tier above and bursts of changes are merged
 demand, and one client churning channels must not get it refused or closed.
 Upstream's answers are matched with what was sent; a refusal is handed to the
 tier (``on_refused``), which tells the clients holding those channels.
-Data frames go into a bounded channel to the router; when the router lags,
-reading stops and TCP pushes back. Any failure reconnects with exponential
-backoff and jitter; a refusal (``auth_failed``, ``max_connections``, also when
+The link reads its WebSocket itself (:mod:`proxy.net.upstream_socket`, wsproto
+on the Trio stream): each wake-up is one read, and every frame it completed goes
+to the router as one batch, one channel operation however many frames a read
+holds. The channel is bounded: when the router lags, reading stops and TCP
+pushes back. Any failure reconnects with exponential backoff and jitter; a refusal (``auth_failed``, ``max_connections``, also when
 upstream evicts an established connection with ``max_connections``) waits the
 long ``refused_seconds``: two processes sharing a key must not evict each other
 in a loop. A WebSocket ping notices a silent upstream. A link to a tier of ours
@@ -33,7 +35,7 @@ from urllib.parse import urlsplit
 import attrs
 import msgspec
 import trio
-from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, wrap_client_stream
+from wsproto.utilities import ProtocolError as WsprotoProtocolError
 
 from ..core import protocol
 from ..core.backoff import Backoff
@@ -43,6 +45,7 @@ from ..core.protocol import Channel
 from .beacon import Beacon
 from ..core.resume import LinkResume, ResumeOutcome
 from ..core.routing import may_hold_status
+from .upstream_socket import MAX_MESSAGE_BYTES, RECEIVE_BYTES, UpgradeRefused, UpstreamClosed, UpstreamSocket
 from ..core.upstream_control import SUBSCRIBE_CHUNK, PendingAnswers, SubscriptionPlan, TokenBucket
 
 __all__ = [
@@ -54,7 +57,7 @@ __all__ = [
     "SETTLE_SECONDS",
     "CLASSIFY_STEP",
     "EVICTIONS",
-    "UPSTREAM_MESSAGE_QUEUE",
+    "FrameBatch",
     "LinkState",
     "UpstreamRefused",
     "UpstreamProtocolError",
@@ -77,8 +80,9 @@ SETTLE_SECONDS = 0.05
 CLASSIFY_STEP = 2000
 #: Statuses by which upstream ends an established connection that we must not rush back to.
 EVICTIONS = frozenset({"max_connections"})
-#: Frames trio-websocket may hold for us; more than 1 lets a burst reach the router together.
-UPSTREAM_MESSAGE_QUEUE = 64
+#: What the link hands the router per wake-up: every frame one read completed, in order, and
+#: when that read returned (trio time).
+FrameBatch = tuple[list[str | bytes], float]
 _read_statuses = msgspec.json.Decoder(list[dict[str, Any]]).decode
 
 
@@ -100,8 +104,8 @@ def chunks(channels: Iterable[Channel], size: int = SUBSCRIBE_CHUNK) -> list[lis
 class UpstreamLink:
     """The one connection upstream, kept up forever: connect, authenticate, subscribe, relay frames.
 
-    Frames go to ``frames`` with their receive time; ``desired()`` is the channel set to
-    hold, and ``changes()`` the channels whose membership changed, read whenever
+    Frames go to ``frames`` in batches, a read's worth with its receive time; ``desired()`` is
+    the channel set to hold, and ``changes()`` the channels whose membership changed, read whenever
     ``demand_changed`` pulses; subscribes are paced and merged (:mod:`proxy.core.upstream_control`);
     ``on_connected`` and ``on_disconnected`` tell the tier about outages, ``on_refused`` about
     channels upstream refused. :meth:`run` returns only by cancellation."""
@@ -112,7 +116,7 @@ class UpstreamLink:
     api_key_source: str = attrs.field(default="POLYGON_API_KEY", kw_only=True)
     desired: Callable[[], frozenset[Channel]]
     demand_changed: Beacon
-    frames: trio.MemorySendChannel[tuple[str | bytes, float]]
+    frames: trio.MemorySendChannel[FrameBatch]
     #: Channels whose upstream membership changed since the last call (the registry keeps them).
     changes: Callable[[], Iterable[Channel]] = lambda: ()
     #: The set of channels the registry wants held upstream now (read, never changed).
@@ -211,38 +215,29 @@ class UpstreamLink:
         self._plan = SubscriptionPlan(chunk=self.chunk)
         self._answers = PendingAnswers()
         self._carried_data = False
-        # trio-websocket reads in a task of the nursery it is given. When the tier is cancelled
-        # (SIGTERM), that reader must live on until the peer has answered our close frame, or
-        # the close waits out its whole timeout for an answer nobody reads. So its nursery is
-        # shielded, and the tier's cancellation reaches the serving code through `serving`,
-        # which a watcher outside the shield cancels.
-        shutdown = _ShutdownWatch()
-        async with trio.open_nursery() as watch_nursery:
-            serving = trio.CancelScope()
-            shutdown.serving = serving
-            watch_nursery.start_soon(shutdown.watch)
-            async with trio.open_nursery() as reader_nursery:
-                reader_nursery.cancel_scope.shield = True
-                try:
-                    with serving:
-                        with trio.fail_after(HANDSHAKE_SECONDS):
-                            ws = await self._open(reader_nursery)
-                        try:
-                            await self._serve(ws)
-                        finally:
-                            await self._close(ws, shutting_down=shutdown.requested)
-                finally:
-                    reader_nursery.cancel_scope.cancel()
-            shutdown.serving = None  # finished: what cancels the watcher now is not a shutdown
-            watch_nursery.cancel_scope.cancel()
+        ws: UpstreamSocket | None = None
+        shutting_down = False
+        try:
+            with trio.fail_after(HANDSHAKE_SECONDS):
+                ws = await self._open()
+            await self._serve(ws)
+        except BaseException as raised:
+            # Only the tier's cancellation gets a Cancelled out of here: the link's own scopes end
+            # in TooSlowError, and its nursery keeps the Cancelled it gave its tasks.
+            shutting_down = any(isinstance(leaf, trio.Cancelled) for leaf in leaves(raised))
+            raise
+        finally:
+            if ws is not None:
+                await self._close(ws, shutting_down=shutting_down)
 
-    async def _close(self, ws: WebSocketConnection, *, shutting_down: bool) -> None:
+    async def _close(self, ws: UpstreamSocket, *, shutting_down: bool) -> None:
         """Say goodbye upstream: 1001 when the tier shuts down, else 1000; done as soon as the
         peer answers, and never longer than ``close_seconds``, whatever is being cancelled."""
-        with trio.CancelScope(shield=True), trio.move_on_after(self.close_seconds):
-            await ws.aclose(*((1001, "proxy shutting down") if shutting_down else (1000, None)))
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(self.close_seconds):  # cut short, aclose still closes the stream
+                await ws.aclose(*((1001, "proxy shutting down") if shutting_down else (1000, "")))
 
-    async def _open(self, nursery: trio.Nursery) -> WebSocketConnection:
+    async def _open(self) -> UpstreamSocket:
         """TCP, then TLS with its handshake done here (so a bad certificate is named, not
         hidden behind a timeout), then the WebSocket opening handshake."""
         parts = urlsplit(self.url)
@@ -251,20 +246,21 @@ class UpstreamLink:
         port = parts.port or (443 if secure else 80)
         stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]
         stream = await trio.open_tcp_stream(hostname, port)
-        if secure:
-            stream = trio.SSLStream(stream, ssl.create_default_context(cafile=self.ca_file),
-                                    server_hostname=hostname, https_compatible=True)
-            await stream.do_handshake()
-        resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        host = hostname if parts.port is None else f"{hostname}:{parts.port}"
-        return await wrap_client_stream(
-            nursery, stream, host, resource,
-            max_message_size=64 * 1024 * 1024,
-            receive_buffer_size=256 * 1024,
-            message_queue_size=UPSTREAM_MESSAGE_QUEUE,
-        )
+        try:
+            if secure:
+                stream = trio.SSLStream(stream, ssl.create_default_context(cafile=self.ca_file),
+                                        server_hostname=hostname, https_compatible=True)
+                await stream.do_handshake()
+            resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            host = hostname if parts.port is None else f"{hostname}:{parts.port}"
+            ws = UpstreamSocket(stream, max_message_bytes=MAX_MESSAGE_BYTES, receive_bytes=RECEIVE_BYTES)
+            await ws.open(host, resource)
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+        return ws
 
-    async def _serve(self, ws: WebSocketConnection) -> None:
+    async def _serve(self, ws: UpstreamSocket) -> None:
         log.info("Connected to %s", self.label)
         with trio.fail_after(HANDSHAKE_SECONDS):
             await self._expect(ws, "connected")
@@ -277,13 +273,29 @@ class UpstreamLink:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._keep_subscribed, ws)
             nursery.start_soon(self._keepalive, ws)
-            message = await ws.get_message()
+            await self._read_frames(ws)
+
+    async def _read_frames(self, ws: UpstreamSocket) -> None:
+        """Hand the router each read's frames as one batch; returns only by an error.
+
+        A frame that evicts us raises after the frames before it went to the router."""
+        while True:
+            messages = await ws.get_messages()
             self._carried_data = True
-            while True:
-                received = self.last_received_at = trio.current_time()
-                if not (may_hold_status(message) and self._read_answers(message, received)):
-                    await self.frames.send((message, received))
-                message = await ws.get_message()
+            received = self.last_received_at = trio.current_time()
+            kept: list[str | bytes] = []
+            for message in messages:
+                if may_hold_status(message):
+                    try:
+                        if self._read_answers(message, received):
+                            continue  # the link's own: a journal mark, a resume's status
+                    except UpstreamRefused:
+                        if kept:
+                            await self.frames.send((kept, received))
+                        raise
+                kept.append(message)
+            if kept:
+                await self.frames.send((kept, received))
 
     def _read_answers(self, message: str | bytes, now: float) -> bool:
         """Upstream's answers to our subscribes, and an eviction; routing handles the rest.
@@ -314,7 +326,7 @@ class UpstreamLink:
                 self.on_refused(channels, reason)
         return False
 
-    async def _expect(self, ws: WebSocketConnection, wanted: str) -> None:
+    async def _expect(self, ws: UpstreamSocket, wanted: str) -> None:
         message = await ws.get_message()
         statuses = [event.get("status") for event in _read_statuses(message)]
         if wanted in statuses:
@@ -324,7 +336,7 @@ class UpstreamLink:
                 raise UpstreamRefused(str(event.get("status")), str(event.get("message")))
         raise UpstreamProtocolError(f"expected status {wanted!r}, got {message[:200]!r}")
 
-    async def _keep_subscribed(self, ws: WebSocketConnection) -> None:
+    async def _keep_subscribed(self, ws: UpstreamSocket) -> None:
         """Bring what this connection was sent in step with what is wanted, paced and merged.
 
         Everything wanted is touched at first (``*`` first); then each change the registry
@@ -378,7 +390,7 @@ class UpstreamLink:
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("%s %s", verb, protocol.format_channel_list(channels))
 
-    async def _keepalive(self, ws: WebSocketConnection) -> None:
+    async def _keepalive(self, ws: UpstreamSocket) -> None:
         """Ping every ``keepalive_interval``; give up when a ping has had no answer, and no frame
         has come either, for ``keepalive_timeout``.
 
@@ -396,7 +408,7 @@ class UpstreamLink:
                     await ws.ping(payload)
                     waiting.cancel_scope.cancel()  # answered
 
-                # our own payload: without one trio-websocket draws it from the global `random`
+                # our own payload, which says what it is in a packet capture
                 waiting.start_soon(ping, b"keepalive %d" % sequence)
                 sent = trio.current_time()
                 while not silent:
@@ -412,24 +424,7 @@ class UpstreamLink:
                 )
 
 
-@attrs.define
-class _ShutdownWatch:
-    """Notices that the surrounding scope is cancelled and passes it on to a scope that a
-    shield keeps the cancellation from reaching (see ``UpstreamLink._connect_and_serve``)."""
-
-    serving: trio.CancelScope | None = None
-    requested: bool = False
-
-    async def watch(self) -> None:
-        try:
-            await trio.sleep_forever()
-        finally:
-            if self.serving is not None:
-                self.requested = True
-                self.serving.cancel()
-
-
-_HANDLED = (OSError, HandshakeError, ConnectionClosed, trio.TooSlowError, UpstreamRefused,
+_HANDLED = (OSError, UpgradeRefused, UpstreamClosed, WsprotoProtocolError, trio.TooSlowError, UpstreamRefused,
             UpstreamProtocolError, msgspec.DecodeError, trio.BrokenResourceError)
 
 
@@ -458,14 +453,12 @@ POLICY_CLOSE = 1008
 
 def _close_code(error: BaseException) -> int | None:
     """The WebSocket close code that ended the connection, when ``error`` is such an end."""
-    if isinstance(error, ConnectionClosed) and error.reason is not None:
-        return int(error.reason.code)
-    return None
+    return error.code if isinstance(error, UpstreamClosed) else None
 
 
 def _describe(error: BaseException) -> str:
-    if isinstance(error, ConnectionClosed) and error.reason is not None:
-        return f"connection closed ({error.reason.code} {error.reason.name})"
+    if isinstance(error, (UpstreamClosed, UpgradeRefused)):
+        return str(error)  # says itself what happened: "connection closed (1001 GOING_AWAY)"
     text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
     cause = error.__cause__ or error.__context__
     if isinstance(error, trio.BrokenResourceError) and cause is not None:
