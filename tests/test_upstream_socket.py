@@ -259,3 +259,33 @@ async def test_a_lagging_router_stops_the_reading_and_tcp_pushes_back(nursery):
     with trio.fail_after(20):
         await stuck.wait()
     assert len(frames.receive_nowait()[0]) >= 1  # what was read waits for the router
+
+
+async def test_reads_at_least_the_read_interval_apart_gather_a_trickle_into_one_batch(nursery):
+    # Ten one-event frames written one at a time, 5 ms apart (a Polygon feed in normal flow):
+    # with read_interval 0 each is a read and a batch of its own; with 400 ms the first is read
+    # at once (a frame after a quiet spell waits for nothing) and the others together, counted as
+    # received when the wait began (the latency histogram must not hide the wait).
+    async def trickle(upstream: Upstream) -> None:
+        await upstream.accept()
+        await upstream.authenticate()
+        await trio.sleep(0.05)
+        for n in range(10):
+            await upstream.send_raw(text_frame(trade(n)))
+            await trio.sleep(0.005)
+        await trio.sleep_forever()
+
+    for interval, most_batches in ((0.0, None), (0.4, 2)):
+        link, frames = make_link(await serve_one(nursery, trickle), read_interval=interval)
+        nursery.start_soon(link.run)
+        batches: list[tuple[list, float]] = []
+        with trio.fail_after(5):
+            while sum(len(batch) for batch, _ in batches) < 10:
+                batches.append(await frames.receive())
+        if most_batches is None:
+            assert len(batches) > 2  # nothing gathers them (each read finds one or two frames)
+        else:
+            assert len(batches) <= most_batches, [len(batch) for batch, _ in batches]
+            first_read_at = batches[0][1]
+            assert batches[-1][1] - first_read_at < 0.1  # counted from the start of the wait
+        assert [json.loads(frame)[0]["s"] for batch, _ in batches for frame in batch] == list(range(10))

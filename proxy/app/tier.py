@@ -408,6 +408,7 @@ async def _run_route(
         ca_file=config.upstream_ca_file,
         close_seconds=config.shutdown_close_seconds,
         market=route.label,
+        read_interval=config.upstream_read_ms / 1000,
     )
     hub.upstream_notice = upstream_notice
     tier = Tier(config=config, registry=registry, hub=hub, link=link, stats=stats, metrics=metrics,

@@ -238,6 +238,10 @@ class TierConfig:
                                                 validator=POSITIVE_SECONDS)
     keepalive_timeout_seconds: float = setting("UPSTREAM_PONG_TIMEOUT_SECONDS", parse.number, default=20.0,
                                                validator=POSITIVE_SECONDS)
+    #: Reads of the upstream link at least this many milliseconds apart: what arrives meanwhile is
+    #: read, journaled and routed as one batch, so one-event frames cost a wake-up per interval,
+    #: not one each. A frame after a quiet spell is read at once. 0: every frame as it comes.
+    upstream_read_ms: float = setting("UPSTREAM_READ_MS", parse.number, default=1.0, validator=FLUSH_MS)
     upstream_ca_file: str | None = setting("UPSTREAM_CA_FILE", parse.text, default=None, path=PathCheck.FILE)
     #: On shutdown, how long to wait for clients and upstream to answer our close frame.
     shutdown_close_seconds: float = attrs.field(default=2.0, validator=SECONDS)
