@@ -980,12 +980,28 @@ class EventSelector:
             except msgspec.DecodeError as error:
                 raise FrameError(f"frame is not a JSON array of objects: {error}") from None
         try:
-            raw_events = _split_frame(frame)
             # every event's routing fields in one call into C, not one call per event
             keys = _read_keys(frame)
         except msgspec.DecodeError as error:
             raise FrameError(f"frame is not a JSON array of objects: {error}") from None
         targets_of = self._registry.channel_targets
+        if len(keys) == 1:
+            # Polygon's usual frame, one event: no second parse to cut it out. Its bytes are the
+            # frame's between the brackets when nothing else is there (msgspec.Raw would be the
+            # same span); a frame with spaces around its event takes the general path.
+            key = keys[0]
+            if key.ev == "status":
+                return []  # statuses are never selected: routing takes them aside
+            if not everything:
+                symbol = event_symbol(key)
+                if symbol is None or not targets_of(key.ev, symbol):  # type: ignore[arg-type]
+                    return []
+            if isinstance(frame, bytes) and frame[1:2] == b"{" and frame[-2:] == b"}]" and frame[:1] == b"[":
+                return [frame[1:-1]]  # type: ignore[list-item]
+        try:
+            raw_events = _split_frame(frame)
+        except msgspec.DecodeError as error:
+            raise FrameError(f"frame is not a JSON array of objects: {error}") from None
         selected: list[msgspec.Raw] = []
         for raw, key in zip(raw_events, keys):
             ev = key.ev
