@@ -462,3 +462,19 @@ async def test_the_official_client_reaches_the_delayed_feed_with_feed_host_port_
     lines = [json.loads(line) for line in result.stdout.decode().splitlines() if line.startswith("[")]
     assert len(lines) >= 3 and {tuple(line[1:]) for line in lines} == {("AAPL", "EquityTrade")}
     assert Channel("T", "AAPL") in next(c for c in sim.connections_to("stocks") if c.delayed).channels
+
+
+async def test_each_market_journals_in_its_own_directory_and_the_cli_names_them(nursery, tmp_path):
+    import io
+    from proxy.app.journal_cli import main as journal_main
+    from proxy.net.journal_store import list_segments
+    sim, hose, _ = await start_markets(nursery, ["stocks", "crypto"], firehose=dict(
+        journal_dir=str(tmp_path), static_channels=parse_channel_list("T.*,XT.*")))
+    await all_connected(hose)
+    await wait_until(lambda: all((tmp_path / name).is_dir() and list_segments(tmp_path / name)
+                                 for name in ("stocks", "crypto")), what="a segment in each market's directory")
+    assert hose.markets["crypto"].config.journal_dir == f"{tmp_path}/crypto"
+    err = io.StringIO()
+    assert journal_main(["ls", str(tmp_path)], stdout=io.StringIO(), stderr=err) == 2
+    assert "holds one journal per market (crypto, stocks)" in err.getvalue()
+    assert journal_main(["ls", str(tmp_path / "crypto")], stdout=io.StringIO(), stderr=io.StringIO()) == 0

@@ -404,6 +404,12 @@ def main(argv: list[str] | None = None, *, stdout: IO[str] | None = None, stderr
         print(f"{PROG}: cannot read {directory}: {error.strerror or error}", file=err)
         return 2
     if not segments:
+        markets = _market_journals(directory)
+        if markets:
+            # a tier serving several markets keeps one journal per market, each in its subdirectory
+            print(f"{PROG}: {directory} holds one journal per market ({', '.join(markets)}); name one: "
+                  f"{PROG} {args.command} {os.path.join(str(directory), markets[0])}", file=err)
+            return 2
         print(f"{PROG}: no journal segments in {directory}", file=err)
         return 2 if args.command == "verify" else 0
     try:
@@ -425,6 +431,22 @@ def main(argv: list[str] | None = None, *, stdout: IO[str] | None = None, stderr
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 1
+
+
+def _market_journals(directory: str | os.PathLike[str]) -> list[str]:
+    """The subdirectories of ``directory`` that hold journal segments (a tier's per-market journals)."""
+    try:
+        names = sorted(entry.name for entry in os.scandir(directory) if entry.is_dir())
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        try:
+            if list_segments(os.path.join(str(directory), name)):
+                found.append(name)
+        except OSError:
+            continue
+    return found
 
 
 @attrs.define
