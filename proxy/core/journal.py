@@ -965,6 +965,10 @@ class EventSelector:
         self.everything = EVERYTHING_CHANNEL in channels
         self._registry: SubscriptionRegistry[str] = SubscriptionRegistry(clock=lambda: 0.0)
         self._registry.subscribe("replay", channels)
+        #: Whether the frame :meth:`select` last read holds a status event (its parse says so;
+        #: False where a scan found none could be there): the replay relays an upstream tier's
+        #: statuses, and a frame without one needs no second look.
+        self.saw_status = False
 
     def select(self, frame: str | bytes) -> list[msgspec.Raw]:
         """The selected events of ``frame``, as their original bytes, in order.
@@ -972,6 +976,7 @@ class EventSelector:
         Raises :class:`~proxy.core.routing.FrameError` for a frame routing would drop.
         """
         everything = self.everything
+        self.saw_status = False
         if everything and not _may_hold_status(frame):
             # Every event is data and selected: routing's own fast path (it relays such a
             # frame whole to `*` holders after checking it is an array of objects).
@@ -991,6 +996,7 @@ class EventSelector:
             # same span); a frame with spaces around its event takes the general path.
             key = keys[0]
             if key.ev == "status":
+                self.saw_status = True
                 return []  # statuses are never selected: routing takes them aside
             if not everything:
                 symbol = event_symbol(key)
@@ -1006,6 +1012,7 @@ class EventSelector:
         for raw, key in zip(raw_events, keys):
             ev = key.ev
             if ev == "status":
+                self.saw_status = True
                 continue
             if everything:
                 selected.append(raw)
