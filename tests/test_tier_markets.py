@@ -199,7 +199,8 @@ async def test_an_unserved_market_is_refused_as_polygon_refuses_a_plan_without_i
 async def test_the_delayed_feed_is_served_under_delayed_beside_real_time(nursery):
     # Polygon counts a market's delayed and real-time connections together: two connections for stocks.
     sim, hose, proxy = await start_markets(nursery, ["stocks"], delayed=["stocks"], filtered={},
-                                           simulator=dict(max_connections=2))
+                                           simulator=dict(max_connections=2),
+                                           firehose=dict(upstream_connections={"stocks": 2}))
     await all_connected(hose)
     await all_connected(proxy)
     delayed = await market_client(nursery, proxy.port, "/delayed/stocks", CLIENT_KEY, "T.AAPL,Q.*")
@@ -453,7 +454,8 @@ async def test_static_channels_polygon_refuses_in_a_market_are_left_out_there(nu
 
 
 async def test_the_official_client_reaches_the_delayed_feed_with_feed_host_port_delayed(nursery):
-    sim, hose, _ = await start_markets(nursery, ["stocks"], delayed=["stocks"], simulator=dict(max_connections=2))
+    sim, hose, _ = await start_markets(nursery, ["stocks"], delayed=["stocks"], simulator=dict(max_connections=2),
+                                       firehose=dict(upstream_connections={"stocks": 2}))
     await all_connected(hose)
     result = await trio.run_process(
         [sys.executable, str(CLIENTS / "massive_client.py"), f"127.0.0.1:{hose.port}/delayed", FIREHOSE_KEY,
@@ -478,3 +480,36 @@ async def test_each_market_journals_in_its_own_directory_and_the_cli_names_them(
     assert journal_main(["ls", str(tmp_path)], stdout=io.StringIO(), stderr=err) == 2
     assert "holds one journal per market (crypto, stocks)" in err.getvalue()
     assert journal_main(["ls", str(tmp_path / "crypto")], stdout=io.StringIO(), stderr=io.StringIO()) == 0
+
+
+def test_real_time_and_delayed_share_the_market_s_connections(monkeypatch, tmp_path):
+    # Polygon counts a market's delayed and real-time connections together: a firehose serving
+    # both needs two, and with three the real-time feed gets two (its channels spread over them).
+    from proxy.app.config import load_firehose_config
+    from proxy.core.errors import ConfigError
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("POLYGON_API_KEY", "k")
+    monkeypatch.setenv("MARKETS", "stocks,options")
+    monkeypatch.setenv("POLYGON_DELAYED_MARKETS", "stocks")
+    with pytest.raises(ConfigError) as raised:
+        load_firehose_config()
+    assert raised.value.variable == "POLYGON_CONNECTIONS_STOCKS"
+    assert "takes 2 connections, and Polygon counts them together; the account has 1" in str(raised.value)
+    monkeypatch.setenv("POLYGON_CONNECTIONS_STOCKS", "3")
+    config = load_firehose_config()
+    shares = {route.path: config.for_route(route).connections_for(route.market) for route in config.routes}
+    assert shares == {"stocks": 2, "options": 1, "delayed/stocks": 1}
+
+
+async def test_a_quiet_market_s_outage_is_counted_from_its_last_answered_ping(nursery):
+    # Nobody holds anything in crypto: no frame comes, but pings are answered; the outage that
+    # follows a drop is as long as the drop, not as long as the quiet.
+    sim, hose, _ = await start_markets(nursery, ["stocks", "crypto"])
+    await all_connected(hose)
+    crypto = hose.markets["crypto"]
+    await trio.sleep(3.0)  # quiet: pings every 0.5 s (the tests' keepalive), answered
+    assert crypto.link.last_heard_at is not None and trio.current_time() - crypto.link.last_heard_at < 1.5
+    sim.connections_to("crypto")[0].drop.set()
+    await wait_until(lambda: crypto.stats.outages == 1 and crypto.link.state is LinkState.CONNECTED,
+                     what="the reconnect")
+    assert crypto.stats.outage_seconds < 1.5, crypto.stats.outage_seconds

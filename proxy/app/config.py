@@ -190,7 +190,7 @@ def load_firehose_config() -> TierConfig:
     source = settings_source()
     api_key = _required(source, "POLYGON_API_KEY")
     accepted = key_set(_raw(source, "FIREHOSE_API_KEYS"))
-    return TierConfig(
+    config = TierConfig(
         tier=TierKind.FIREHOSE,
         upstream_api_key=api_key,
         upstream_extra=(),
@@ -198,6 +198,11 @@ def load_firehose_config() -> TierConfig:
         allow_any_key=False,
         **_tier_settings(source, TierKind.FIREHOSE),
     )
+    shortfall = config.connection_shortfall()
+    if shortfall is not None:
+        market = next(route.market for route in config.routes if config.connections_for_route(route) < 1)
+        raise ConfigError(connections_variable(market), shortfall)
+    return config
 
 
 def load_filtered_config() -> TierConfig:

@@ -210,7 +210,7 @@ def log_start_up(log: logging.Logger, config: TierConfig, title: str, url_settin
             log.warning("%s", mismatch)
     else:
         for route in routes:
-            connections = config.connections_for(route.market) if config.tier is TierKind.FIREHOSE else 1
+            connections = config.connections_for_route(route) if config.tier is TierKind.FIREHOSE else 1
             log.info("Market %s at /%s%s: upstream %s%s", route.label, route.path,
                      " (and /)" if route == routes[0] else "", config.upstream_url_for(route),
                      f" ({connections} connections)" if connections > 1 else "")
@@ -374,8 +374,9 @@ async def _run_route(
             log.warning("lost the %s connection again while resuming (%s)", label, reason)
             return
         stats.outages += 1
-        # The gap began with the last frame the link read, not when the keepalive noticed it.
-        now, last = trio.current_time(), link.last_received_at
+        # The gap began when upstream was last heard from (a frame, or an answered ping), not
+        # when the keepalive noticed it.
+        now, last = trio.current_time(), link.last_heard_at
         began = now if last is None else last
         outage_started.append(began)
         history.outage_began(int((time.time() - (now - began)) * 1000), reason)

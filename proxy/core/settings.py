@@ -298,8 +298,28 @@ class TierConfig:
         return routes_for(self.markets or (self.market,), self.delayed_markets)
 
     def connections_for(self, market: str) -> int:
-        """How many upstream connections the firehose holds for ``market`` (its channels spread over them)."""
+        """How many upstream connections the account has for ``market`` (POLYGON_CONNECTIONS_<MARKET>)."""
         return self.upstream_connections.get(market, 1)
+
+    def connections_for_route(self, route: Route) -> int:
+        """How many of the market's connections ``route`` uses: the delayed feed one, the real-time
+        feed the rest (Polygon counts a market's delayed and real-time connections together).
+        0 when the account has too few for both (:meth:`connection_shortfall` says so)."""
+        if route.delayed:
+            return 1
+        delayed = 1 if route.market in self.delayed_markets else 0
+        return max(0, self.connections_for(route.market) - delayed)
+
+    def connection_shortfall(self) -> str | None:
+        """Why the markets served need more connections than the account has, or None."""
+        for route in self.routes:
+            if not route.delayed and self.connections_for_route(route) < 1:
+                have = self.connections_for(route.market)
+                return (f"{route.market} is served real-time and delayed (POLYGON_DELAYED_MARKETS), which takes "
+                        f"2 connections, and Polygon counts them together; the account has {have} "
+                        f"(POLYGON_CONNECTIONS_{route.market.upper()}): set it to 2 if your plan has them, or "
+                        f"drop {route.market} from one feed")
+        return None
 
     def upstream_url_for(self, route: Route) -> str:
         """Where ``route``'s upstream is.
@@ -327,8 +347,10 @@ class TierConfig:
         journal_dir = self.journal_dir
         if journal_dir is not None and len(self.routes) > 1:
             journal_dir = f"{journal_dir.rstrip('/')}/{route.path.replace('/', '-')}"
+        # the route's own share of the market's connections, which its links and caps count
+        connections = {**self.upstream_connections, route.market: max(1, self.connections_for_route(route))}
         return attrs.evolve(self, market=route.market, upstream_url=self.upstream_url_for(route),
-                            journal_dir=journal_dir)
+                            journal_dir=journal_dir, upstream_connections=connections)
 
     def setting_name(self, field: str) -> str:
         """The variable that sets ``field`` in this tier, for error messages."""

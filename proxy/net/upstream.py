@@ -151,8 +151,11 @@ class UpstreamLink:
     last_error: str = NOT_CONNECTED_YET
     #: Whether the current connection has delivered a frame since it authenticated.
     _carried_data: bool = False
-    #: When the link last read a frame (trio time): an outage starts there, not when it is noticed.
+    #: When the link last read a frame (trio time).
     last_received_at: float | None = None
+    #: When upstream last showed it was there, by a frame or an answered ping (trio time): an
+    #: outage starts there, not when it is noticed (a quiet market sends no frame for minutes).
+    last_heard_at: float | None = None
     subscribe_messages: int = 0  # sent since start, for tests and logs
     #: The market (and feed) this link carries, for the lines that name it: ``options``, ``stocks (delayed)``.
     market: str = "stocks"
@@ -272,7 +275,7 @@ class UpstreamLink:
             await ws.send_message(protocol.auth_message(self.api_key, self.role))
             await self._expect(ws, "auth_success")
         log.info("Authenticated successfully")
-        self.last_received_at = trio.current_time()
+        self.last_received_at = self.last_heard_at = trio.current_time()
         self.state = LinkState.CONNECTED
         self.on_connected()
         async with trio.open_nursery() as nursery:
@@ -301,7 +304,7 @@ class UpstreamLink:
             # A read after the wait that returned at once found frames that arrived during it.
             piled = waited_from is not None and now - asked <= READ_AT_ONCE_SECONDS
             received = waited_from if piled and waited_from is not None else now
-            self.last_received_at = now
+            self.last_received_at = self.last_heard_at = now
             kept: list[str | bytes] = []
             for message in messages:
                 if may_hold_status(message):
@@ -429,6 +432,7 @@ class UpstreamLink:
 
                 async def ping(payload: bytes) -> None:
                     await ws.ping(payload)
+                    self.last_heard_at = trio.current_time()
                     waiting.cancel_scope.cancel()  # answered
 
                 # our own payload, which says what it is in a packet capture
