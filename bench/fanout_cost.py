@@ -11,6 +11,9 @@ backlogs, writing into real local sockets (real ``WsConnection`` s after a real 
 handshake) that a child process drains. What is measured is the CPU of the tier's thread
 (``time.thread_time``: user and system, so the kernel's ``send`` counts) per input event, and
 the writes made. The upstream read is not in it: :mod:`bench.upstream_read_cost` measures that.
+
+``--star N`` measures the firehose-star scenario's relay instead: N clients holding ``*`` (no
+filtered plan), every frame routed whole to all of them; the figures add CPU per input frame.
 """
 
 from __future__ import annotations
@@ -128,7 +131,8 @@ async def run(framing: int, flush_ms: float, rate: float, seconds: float, plan: 
         end.close()
     os.wait()
     return {"framing": framing, "flush_ms": flush_ms, "events": events_in,
-            "us_per_event": 1e6 * used / events_in, "writes_per_s": writes / seconds,
+            "us_per_event": 1e6 * used / events_in, "us_per_frame": 1e6 * used / len(frames),
+            "writes_per_s": writes / seconds,
             "events_per_write": hub.stats.events_out / max(hub.stats.frames_out, 1)}
 
 
@@ -141,10 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=5.0, help="virtual seconds of feed per measurement")
     parser.add_argument("--clients", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--star", type=int, default=0, metavar="N",
+                        help="N clients holding `*` instead of the filtered plan (the firehose-star relay)")
     args = parser.parse_args(argv)
-    plan = zipf_plan(args.clients, 1)
+    plan = ["*"] * args.star if args.star else zipf_plan(args.clients, 1)
     random.seed(1)
-    print(f"{'ev/frame':>9}{'flush ms':>9}{'events':>9}  {'µs/event':>9}{'writes/s':>10}{'ev/write':>9}")
+    print(f"{'ev/frame':>9}{'flush ms':>9}{'events':>9}  {'µs/event':>9}{'µs/frame':>9}{'writes/s':>10}{'ev/write':>9}")
     for framing in (int(item) for item in args.framings.split(",")):
         for flush_ms in (float(item) for item in args.flush_ms.split(",")):
             for _ in range(args.rounds):
@@ -152,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                 ends = socket_pairs(len(plan))
                 result = trio.run(run, framing, flush_ms, args.rate, args.seconds, plan, ends, clock, clock=clock)
                 print(f"{framing:>9}{flush_ms:>9g}{result['events']:>9}  {result['us_per_event']:>9.2f}"
-                      f"{result['writes_per_s']:>10,.0f}{result['events_per_write']:>9.1f}", flush=True)
+                      f"{result['us_per_frame']:>9.2f}{result['writes_per_s']:>10,.0f}{result['events_per_write']:>9.1f}", flush=True)
     return 0
 
 
