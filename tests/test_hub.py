@@ -304,9 +304,10 @@ async def test_star_holders_in_step_are_written_the_same_frames_joined_once_and_
 async def test_a_member_that_lets_star_go_or_leaves_gets_nothing_more_from_the_run(mock_clock):
     hub = make_hub(client_flush_ms=10)
     (kept, kept_connection), (letting_go, letting_go_connection), (leaving, _) = star_clients(hub, 3)
-    deliver(hub, trade(1))  # within the interval of their last write: the run waits
+    deliver(hub, trade(1), received_at=trio.current_time())  # within the interval of their last write: the run waits
     hub.flush()
     assert len(hub.star_run) == 1
+    assert kept.outbox.events_waiting == 1 and kept.outbox.oldest_waiting_at == trio.current_time()  # for /clients
     hub.react_at_once(letting_go, letting_go.state.receive(message("unsubscribe", "*"), trio.current_time()))
     await hub.release(leaving)  # a client leaving lets its channels go (no answer: nothing put)
     assert set(hub.star_run.members) == {kept}
