@@ -11,6 +11,12 @@ backlogs, writing into real local sockets (real ``WsConnection`` s after a real 
 handshake) that a child process drains. What is measured is the CPU of the tier's thread
 (``time.thread_time``: user and system, so the kernel's ``send`` counts) per input event, and
 the writes made. The upstream read is not in it: :mod:`bench.upstream_read_cost` measures that.
+
+``--star N`` measures the firehose-star scenario's relay instead: N clients holding ``*`` (no
+filtered plan), every frame routed whole to all of them; the figures add CPU per input frame.
+The thread's CPU includes the harness's own Trio checkpoints (two per frame, as a router woken
+per frame pays); "tier µs/frame" is the wall time inside the tier's code alone (``route_frame``,
+``Hub.deliver``, ``Hub.flush`` and the flusher's writes), which on a quiet machine is its CPU.
 """
 
 from __future__ import annotations
@@ -46,6 +52,20 @@ def zipf_plan(clients: int, seed: int) -> list[str]:
     from bench.runner import zipf_plan as plan
 
     return plan(clients, seed)
+
+
+class TimedHub(Hub):
+    """A Hub whose flusher's writes are timed (flush's own are inside the timed block already)."""
+
+    tier_seconds = 0.0
+    in_block = False
+
+    def _write_due(self, now: float) -> None:
+        if self.in_block:
+            return super()._write_due(now)
+        started = time.perf_counter()
+        super()._write_due(now)
+        self.tier_seconds += time.perf_counter() - started
 
 
 def socket_pairs(count: int) -> list[socket.socket]:
@@ -98,7 +118,7 @@ async def run(framing: int, flush_ms: float, rate: float, seconds: float, plan: 
     )
     registry: SubscriptionRegistry[ClientSession] = SubscriptionRegistry(
         clock=trio.current_time, grace_seconds=5.0, static=())
-    hub = Hub(config=config, registry=registry)
+    hub = TimedHub(config=config, registry=registry)
     model = MarketModel(synthetic_symbols(SYMBOLS), seed=1)
     events = int(rate * seconds)
     frames = [stamp(frame_of(chunk), 1_700_000_000_000) for chunk in prebuild(model, events, framing)]
@@ -114,10 +134,14 @@ async def run(framing: int, flush_ms: float, rate: float, seconds: float, plan: 
         for index, frame in enumerate(frames):
             clock.jump(max(0.0, start + index * interval - trio.current_time()))
             await trio.lowlevel.checkpoint()  # the flusher (and writers) run if due, as between frames live
+            started = time.perf_counter()
+            hub.in_block = True
             routed = route_frame(frame, registry)
             events_in += routed.event_count
             hub.deliver(routed, trio.current_time())
             hub.flush()
+            hub.in_block = False
+            hub.tier_seconds += time.perf_counter() - started
             await trio.lowlevel.checkpoint()
         clock.jump(1.0)
         await trio.testing.wait_all_tasks_blocked()
@@ -128,7 +152,9 @@ async def run(framing: int, flush_ms: float, rate: float, seconds: float, plan: 
         end.close()
     os.wait()
     return {"framing": framing, "flush_ms": flush_ms, "events": events_in,
-            "us_per_event": 1e6 * used / events_in, "writes_per_s": writes / seconds,
+            "us_per_event": 1e6 * used / events_in, "us_per_frame": 1e6 * used / len(frames),
+            "tier_us_per_frame": 1e6 * hub.tier_seconds / len(frames),
+            "writes_per_s": writes / seconds,
             "events_per_write": hub.stats.events_out / max(hub.stats.frames_out, 1)}
 
 
@@ -141,10 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=5.0, help="virtual seconds of feed per measurement")
     parser.add_argument("--clients", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--star", type=int, default=0, metavar="N",
+                        help="N clients holding `*` instead of the filtered plan (the firehose-star relay)")
     args = parser.parse_args(argv)
-    plan = zipf_plan(args.clients, 1)
+    plan = ["*"] * args.star if args.star else zipf_plan(args.clients, 1)
     random.seed(1)
-    print(f"{'ev/frame':>9}{'flush ms':>9}{'events':>9}  {'µs/event':>9}{'writes/s':>10}{'ev/write':>9}")
+    print(f"{'ev/frame':>9}{'flush ms':>9}{'events':>9}  {'µs/event':>9}{'µs/frame':>9}{'tier µs/frame':>14}{'writes/s':>10}{'ev/write':>9}")
     for framing in (int(item) for item in args.framings.split(",")):
         for flush_ms in (float(item) for item in args.flush_ms.split(",")):
             for _ in range(args.rounds):
@@ -152,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                 ends = socket_pairs(len(plan))
                 result = trio.run(run, framing, flush_ms, args.rate, args.seconds, plan, ends, clock, clock=clock)
                 print(f"{framing:>9}{flush_ms:>9g}{result['events']:>9}  {result['us_per_event']:>9.2f}"
-                      f"{result['writes_per_s']:>10,.0f}{result['events_per_write']:>9.1f}", flush=True)
+                      f"{result['us_per_frame']:>9.2f}{result['tier_us_per_frame']:>14.2f}{result['writes_per_s']:>10,.0f}{result['events_per_write']:>9.1f}", flush=True)
     return 0
 
 

@@ -9,9 +9,11 @@ import json
 import logging
 import weakref
 
+import msgspec
 import pytest
 import trio
 import trio.testing
+from hypothesis import given, settings, strategies as st
 
 from proxy.core import protocol
 from proxy.core.entitlements import KeyBook, KeyEntry, hash_key
@@ -220,6 +222,182 @@ async def test_the_flusher_holds_no_session_once_it_is_closed(mock_clock):
         gc.collect()
         assert reference() is None  # not kept alive by the sleeping flusher, nor by the pacer
         nursery.cancel_scope.cancel()
+
+
+# --- `*` holders in step share one run: joined once, written to each ----------------------------------
+
+_raw_events = msgspec.json.Decoder(list[msgspec.Raw]).decode
+STATUS = protocol.status_frame("upstream_disconnected", "gone")
+
+
+def trade(n: int) -> bytes:
+    return b'{"ev":"T","sym":"AAPL","p":1,"q":%d}' % n
+
+
+def received(connection: FakeConnection) -> list[bytes]:
+    """What a client received: each data event's bytes, and each status frame whole, in order;
+    every frame must be a JSON array (of whole events: msgspec splits it)."""
+    got: list[bytes] = []
+    for frame in connection.sent:
+        data = frame.encode() if isinstance(frame, str) else frame
+        if b'"ev":"status"' in data:
+            got.append(data)
+        else:
+            got.extend(bytes(raw).strip() for raw in _raw_events(data))
+    return got
+
+
+def star_clients(hub: Hub, count: int) -> list[tuple[ClientSession, FakeConnection]]:
+    """``count`` clients holding ``*``, their answers written: in step with the run."""
+    clients = [join(hub, subscribe="*") for _ in range(count)]
+    for session, connection in clients:
+        hub.write_queued(session, trio.current_time())
+        connection.sent.clear()
+    return clients
+
+
+async def test_star_holders_in_step_are_written_the_same_frames_joined_once_and_a_lagging_one_catches_up(
+        mock_clock):
+    hub = make_hub(client_flush_ms=0)
+    (a, a_connection), (b, b_connection), (lagging, lagging_connection) = star_clients(hub, 3)
+    assert set(hub.star_run.members) == {a, b, lagging}
+    hub.stats.events_out = hub.stats.frames_out = hub.stats.bytes_out = 0
+    for session in (a, b, lagging):
+        session.events_sent = 0
+    deliver(hub, trade(1))
+    deliver(hub, trade(2), trade(3))
+    hub.flush()
+    [written] = a_connection.sent
+    assert written == b"[" + trade(1) + b"," + trade(2) + b"," + trade(3) + b"]"
+    assert b_connection.sent[0] is written and lagging_connection.sent[0] is written  # built once
+    assert (a.events_sent, b.events_sent, lagging.events_sent) == (3, 3, 3)
+    assert hub.stats.events_out == 9 and hub.stats.frames_out == 3
+    assert hub.stats.bytes_out == 3 * len(written) and sum(hub.stats.routing_latency.counts) == 3
+
+    lagging_connection.backlogged = True  # the kernel takes no more from it
+    deliver(hub, trade(4))
+    hub.flush()
+    deliver(hub, trade(5))
+    hub.flush()
+    assert set(hub.star_run.members) == {a, b}  # it goes on alone, with its own outbox
+    assert a_connection.sent[1:] == [b"[" + trade(4) + b"]", b"[" + trade(5) + b"]"]
+    assert all(x is y for x, y in zip(a_connection.sent, b_connection.sent))
+    assert len(lagging_connection.sent) == 1 and lagging.outbox.queued_events == 2 and lagging.wakeup.is_set()
+    lagging_connection.backlogged = False
+    hub.write_queued(lagging, trio.current_time())  # what its writer does once the socket drained
+    assert lagging_connection.sent[1:] == [b"[" + trade(4) + b"," + trade(5) + b"]"]  # behind: one array
+
+    hub.broadcast(STATUS)  # a status for everyone: after the data queued before it
+    deliver(hub, trade(6))
+    hub.flush()
+    deliver(hub, trade(7))
+    hub.flush()
+    deliver(hub, trade(8))
+    hub.flush()
+    reference = [trade(1), trade(2), trade(3), trade(4), trade(5), STATUS.encode(), trade(6), trade(7), trade(8)]
+    for connection in (a_connection, b_connection, lagging_connection):
+        assert received(connection) == reference
+    assert set(hub.star_run.members) == {a, b, lagging}  # all caught up: in step again
+    assert a_connection.sent[-1] is b_connection.sent[-1] is lagging_connection.sent[-1]
+
+
+async def test_a_member_that_lets_star_go_or_leaves_gets_nothing_more_from_the_run(mock_clock):
+    hub = make_hub(client_flush_ms=10)
+    (kept, kept_connection), (letting_go, letting_go_connection), (leaving, _) = star_clients(hub, 3)
+    deliver(hub, trade(1), received_at=trio.current_time())  # within the interval of their last write: the run waits
+    hub.flush()
+    assert len(hub.star_run) == 1
+    assert kept.outbox.events_waiting == 1 and kept.outbox.oldest_waiting_at == trio.current_time()  # for /clients
+    hub.react_at_once(letting_go, letting_go.state.receive(message("unsubscribe", "*"), trio.current_time()))
+    await hub.release(leaving)  # a client leaving lets its channels go (no answer: nothing put)
+    assert set(hub.star_run.members) == {kept}
+    deliver(hub, trade(2))
+    hub.write_run(trio.current_time())
+    assert received(kept_connection) == [trade(1), trade(2)]
+    hub.write_queued(letting_go, trio.current_time())
+    assert [event for event in received(letting_go_connection) if b"status" not in event] == [trade(1)]
+    assert leaving.outbox.take_frames() == [b"[" + trade(1) + b"]"]  # what was routed while it held `*`
+    hub.close_session(leaving)
+    deliver(hub, trade(3))
+    assert hub.star_run.events == 1 and set(hub.star_run.members) == {kept}
+
+
+async def test_a_run_past_the_queue_capacity_is_the_slow_consumer_it_would_have_been_alone(mock_clock):
+    hub = make_hub(client_flush_ms=10, client_queue_events=3)
+    clients = star_clients(hub, 2)
+    for n in range(3):
+        deliver(hub, trade(n))
+        hub.flush()  # within the interval: nothing written
+    assert hub.star_run.events == 3
+    deliver(hub, trade(3))
+    for session, connection in clients:
+        assert session.outbox.overflowed and session.outbox.dropped_events == 4
+        assert session.close_request == (1008, "slow consumer") and connection.sent == []
+    assert not hub.star_run.members and hub.stats.slow_consumer_disconnects == 2
+
+
+_ops = st.lists(st.one_of(
+    st.tuples(st.just("frame"), st.integers(1, 3)),
+    st.tuples(st.just("status"), st.just(0)),
+    st.tuples(st.just("flush"), st.just(0)),
+    st.tuples(st.just("tick"), st.integers(1, 12)),  # ms, then a flush (as the flusher's wake-up would)
+    st.tuples(st.just("backlog"), st.integers(0, 2)),
+    st.tuples(st.just("drain"), st.integers(0, 2)),
+), max_size=40)
+
+
+@settings(max_examples=200, deadline=None)
+@given(ops=_ops, flush_ms=st.sampled_from([0, 5]))
+def test_every_star_holder_gets_every_event_in_order_with_statuses_in_place_whoever_lags(ops, flush_ms):
+    """Random frames, statuses, flushes, clock ticks and sockets backing up and draining: each of three
+    `*` clients receives exactly the reference (every event's bytes in upstream order, each status
+    where it was sent), every frame a JSON array, however it fell in and out of step; and once
+    every socket is drained, all are in step again and share each write."""
+
+    async def scenario() -> None:
+        hub = make_hub(client_flush_ms=flush_ms)
+        clients = star_clients(hub, 3)
+        reference: list[bytes] = []
+        counter = 0
+
+        def drain(session: ClientSession, connection: FakeConnection) -> None:
+            connection.backlogged = False
+            session.outbox.unsent_events = 0
+            hub.write_queued(session, trio.current_time())
+
+        for op, arg in ops:
+            if op == "frame":
+                events = [trade(counter + i) for i in range(arg)]
+                counter += arg
+                deliver(hub, *events, received_at=trio.current_time())
+                reference.extend(events)
+            elif op == "status":
+                hub.broadcast(STATUS)
+                reference.append(STATUS.encode())
+            elif op == "flush":
+                hub.flush()
+            elif op == "tick":
+                clock.jump(arg / 1000)
+                hub.flush()
+            elif op == "backlog":
+                clients[arg][1].backlogged = True
+            else:
+                drain(*clients[arg])
+        for _ in range(3):  # every socket drains; the writers write; frames come, a second apart
+            for client in clients:
+                drain(*client)
+            deliver(hub, trade(counter), received_at=trio.current_time())
+            reference.append(trade(counter))
+            counter += 1
+            clock.jump(1.0)
+            hub.flush()
+        for session, connection in clients:
+            assert received(connection) == reference
+        assert set(hub.star_run.members) == {session for session, _ in clients}
+        assert clients[0][1].sent[-1] is clients[1][1].sent[-1] is clients[2][1].sent[-1]
+
+    clock = trio.testing.MockClock()
+    trio.run(scenario, clock=clock)
 
 
 # --- slow clients ----------------------------------------------------------------------------------

@@ -137,3 +137,81 @@ def test_taken_frames_are_json_arrays_of_the_original_events_in_order_with_statu
         got.extend(bytes(raw).strip() for raw in _raw_events(frame))
     assert got == expected
     assert box.queued_events == 0 and len(box) == 0
+
+
+# --- the shared run: `*` frames kept once for the holders in step ---------------------------------
+
+from proxy.core.outbox import SharedRun  # noqa: E402
+
+
+def members_of(capacity: int = 100, count: int = 3,
+               policy: SlowClientPolicy = SlowClientPolicy.DISCONNECT) -> tuple[SharedRun[str], list[Outbox]]:
+    run: SharedRun[str] = SharedRun(capacity)
+    boxes = [Outbox(capacity, policy) for _ in range(count)]
+    for index, box in enumerate(boxes):
+        assert run.join(f"m{index}", box)
+    return run, boxes
+
+
+def test_a_shared_run_queues_each_frame_once_and_joins_it_once_for_every_member():
+    run, boxes = members_of()
+    first, second = b'[{"n":1}]', b' [{"n":2},{"n":3}]\n'
+    assert run.add(first, 1, received_at=5.0) and run.add(second, 2, received_at=6.0)
+    assert len(run) == 2 and run.events == 3 and run.oldest_received_at == 5.0
+    assert all(len(box) == 0 and box.events_waiting == 3 and box.oldest_waiting_at == 5.0 for box in boxes)
+    assert run.take_frames() == [b'[{"n":1},{"n":2},{"n":3}]']  # as an outbox joins them: once, for all
+    assert len(run) == 0 and run.events == 0 and run.oldest_received_at is None
+    run.add(first, 1)
+    [alone] = run.take_frames()
+    assert alone is first  # a frame alone goes out as upstream sent it
+
+
+def test_a_put_into_a_member_s_outbox_releases_it_after_the_run_s_frames():
+    run, (status_box, other, _) = members_of()
+    run.add(b'[{"n":1}]', 1, received_at=1.0)
+    status = '[{"ev":"status","status":"upstream_disconnected"}]'
+    assert status_box.put_frame(status)  # a status: it keeps its place, after what the run held for it
+    assert "m0" not in run.members and status_box.shared is None and other.shared is run
+    assert run.take_released() == ["m0"] and run.take_released() == []
+    assert status_box.queued_events == 2 and status_box.oldest_received_at == 1.0
+    run.add(b'[{"n":2}]', 1)  # not for the one that left: it gets its frames itself from now on
+    assert status_box.take_frames() == [b'[{"n":1}]', status]
+    assert run.take_frames() == [b'[{"n":1},{"n":2}]']
+
+
+def test_joining_takes_an_empty_run_and_an_outbox_that_holds_and_owes_nothing():
+    run, _ = members_of(count=1)
+    behind = Outbox(100)
+    behind.put_array(b'[{"n":1}]', 1)
+    assert not run.join("behind", behind)  # it has its own frames to send first
+    behind.take_frames()
+    behind.unsent_events = 1
+    assert not run.join("behind", behind)  # its socket has not taken them all
+    behind.unsent_events = 0
+    run.add(b'[{"n":2}]', 1)
+    assert not run.join("behind", behind)  # the run holds frames it may already have
+    run.take_frames()
+    assert not run.join("smaller", Outbox(10))  # queue counting is per client: the same capacity only
+    assert run.join("behind", behind) and set(run.members) == {"m0", "behind"}
+    run.leave("behind")
+    assert behind.shared is None and set(run.members) == {"m0"}
+
+
+def test_a_frame_that_would_pass_the_capacity_releases_every_member_and_the_policy_applies_to_each():
+    run, boxes = SharedRun[str](3), [Outbox(3, SlowClientPolicy.DISCONNECT), Outbox(3, SlowClientPolicy.DROP_OLDEST)]
+    for index, box in enumerate(boxes):
+        run.join(f"m{index}", box)
+    for n in range(3):
+        assert run.add(b'[{"n":%d}]' % n, 1)
+    assert not run.add(b'[{"n":3}]', 1)  # 3 + 1 > 3: every member goes on alone, with the run's frames
+    assert not run.members and len(run) == 0 and sorted(run.take_released()) == ["m0", "m1"]
+    cut, dropping = boxes
+    assert not cut.put_array(b'[{"n":3}]', 1) and cut.overflowed and cut.dropped_events == 4
+    assert dropping.put_array(b'[{"n":3}]', 1) and dropping.dropped_events == 1
+    assert dropping.take_frames() == [b'[{"n":1},{"n":2},{"n":3}]']
+
+
+def test_a_first_frame_larger_than_the_capacity_is_accepted_as_an_empty_outbox_accepts_it():
+    run, _ = members_of(capacity=2, count=2)
+    assert run.add(b"[1,2,3,4]", 4) and run.events == 4
+    assert not run.add(b"[5]", 1) and not run.members

@@ -75,7 +75,7 @@ def client_view(tier: Observed, session: ClientSession, now: float, *, all_chann
     channels = tier.registry.channels_of(session)
     listed = channels if all_channels else itertools.islice(channels, CHANNELS_LISTED)
     outbox = session.outbox
-    oldest = outbox.oldest_received_at
+    oldest = outbox.oldest_waiting_at
     return {
         "id": session.id,
         "market": tier.route.path,
@@ -88,7 +88,7 @@ def client_view(tier: Observed, session: ClientSession, now: float, *, all_chann
         "channels": sorted(channel.text for channel in listed),
         "events_sent": session.events_sent,
         "events_dropped": outbox.dropped_events,
-        "events_queued": outbox.queued_events,
+        "events_queued": outbox.events_waiting,
         "oldest_queued_seconds": None if oldest is None else round(now - oldest, 6),
         "slow": outbox.overflowed or outbox.dropped_events > 0,
         "last_control_seconds_ago": (None if session.last_control_at is None

@@ -64,6 +64,10 @@ class FlushPacer(Generic[K]):
         self._written_at[client] = now
         self._unschedule(client)
 
+    def last_written(self, client: K) -> float | None:
+        """When ``client`` was last written to, or None if never (or forgotten)."""
+        return self._written_at.get(client)
+
     def due(self, now: float) -> list[K]:
         """The clients whose scheduled write time has come (by ``now``), earliest first; each
         is no longer scheduled (write it, and report that with :meth:`written`)."""

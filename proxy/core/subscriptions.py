@@ -138,6 +138,12 @@ class SubscriptionRegistry(Generic[S]):
         """Subscribers holding ``*``: they get every frame whole, and nothing else."""
         return frozenset(self._everything)
 
+    @property
+    def everything_holders(self) -> AbstractSet[S]:
+        """Subscribers holding ``*``: the set itself, not a copy (the router reads it per frame;
+        do not keep it across a change of subscriptions)."""
+        return self._everything
+
     def holds_everything(self, subscriber: S) -> bool:
         """Whether ``subscriber`` holds ``*`` (without copying the set, as everything_subscribers does)."""
         return subscriber in self._everything

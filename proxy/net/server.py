@@ -13,7 +13,10 @@ messages through :class:`~proxy.session.SessionState`) and a writer, which
 sends what could not be written at once: a backlog, control replies,
 statuses, the close. Closing that nursery ends both. A downstream proxy's link holding
 ``*`` gets a ``journal_seq`` mark after each write (:meth:`Hub.journal_mark`), by which it
-resumes after an outage (docs/protocol.md, "Between the tiers").
+resumes after an outage (docs/protocol.md, "Between the tiers"). The ``*`` holders in step
+share one :class:`~proxy.core.outbox.SharedRun`: each frame for them is queued once, and each
+write of the run is joined once and handed to every one of them; a holder that is behind, or
+has anything else queued, goes on with its own outbox.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from .beacon import Beacon
 from ..core.settings import TierConfig
 from ..core.stats import TierStats
 from ..core.entitlements import KeyBook
-from ..core.outbox import Outbox, SlowClientPolicy
+from ..core.outbox import Outbox, SharedRun, SlowClientPolicy
 from ..core.pacing import FlushPacer
 from ..core.protocol import Channel
 from ..core.routing import RoutedFrame
@@ -153,8 +156,12 @@ class Hub:
     _replaying: dict[ClientSession, Stitch] = attrs.field(factory=dict)
     #: When each client is written (CLIENT_FLUSH_MS): at once after a quiet spell, otherwise once at
     #: the end of the interval since its last write; :meth:`run_flusher` makes the scheduled writes.
-    pacer: FlushPacer[ClientSession] = attrs.field(
+    #: (The shared run is paced as one client: its members are written together.)
+    pacer: FlushPacer[ClientSession | SharedRun[ClientSession]] = attrs.field(
         default=attrs.Factory(lambda self: FlushPacer(self.config.client_flush_ms / 1000), takes_self=True))
+    #: The ``*`` frames of the holders in step (its members), queued once for all of them.
+    star_run: SharedRun[ClientSession] = attrs.field(
+        default=attrs.Factory(lambda self: SharedRun(self.config.client_queue_events), takes_self=True))
     #: Set to wake :meth:`run_flusher` when a write is scheduled before the time it sleeps until.
     _flusher_wakeup: trio.Event = attrs.field(factory=trio.Event)
     _flusher_until: float = math.inf
@@ -257,6 +264,7 @@ class Hub:
         self.sessions.discard(session)
         self._touched.pop(session, None)
         self._replaying.pop(session, None)
+        self.star_run.leave(session)
         self.pacer.forget(session)
         ip = _ip(session.peer)
         self.connections_per_ip[ip] -= 1
@@ -349,6 +357,9 @@ class Hub:
         """From now on the router holds back the session's live frames (the Stitch says which);
         its writer serves the replay once the subscribe is wholly applied."""
         assert self.journal_source is not None  # the session refuses "from" without a journal
+        # Not from the shared run from here on (its answer's put released it already, if it was in it):
+        # what the run held for it goes first, before the replay.
+        self.star_run.release(session)
         # the answer goes before the replay; no journal_seq mark: the replay's own marks say how far it got
         self.write_queued(session, trio.current_time(), mark=False)
         if len(session.outbox):  # the socket is backed up: the writer sends these first
@@ -457,6 +468,11 @@ class Hub:
         # period changes the registry's next deadline, which the grace task must see.
         if delta:
             log.debug("upstream demand changed: %s", delta)
+        run = self.star_run
+        if run.members:
+            holders = self.registry.everything_holders
+            for session in [member for member in run.members if member not in holders]:
+                run.release(session)  # it let `*` go: what the run held for it is still its own
         self.demand_changed.pulse()
 
     def deliver(self, routed: RoutedFrame[ClientSession], received_at: float, seq: int | None = None) -> None:
@@ -470,12 +486,21 @@ class Hub:
             self._deliver_sparing(routed, received_at, seq)
             return
         touched = self._touched
-        if routed.whole is not None:
-            for session in self.registry.everything_subscribers:
-                if session.outbox.put_array(routed.whole, routed.event_count, received_at):
-                    touched[session] = None
-                else:
-                    self._overflowed(session)
+        whole = routed.whole
+        if whole is not None:
+            run = self.star_run
+            members = run.members
+            if members:
+                run.add(whole, routed.event_count, received_at)  # once for all (or, over the capacity, none)
+            holders = self.registry.everything_holders
+            if len(holders) != len(members):  # some go alone: each its own put, as before the run
+                for session in holders:
+                    if session in members:
+                        continue
+                    if session.outbox.put_array(whole, routed.event_count, received_at):
+                        touched[session] = None
+                    else:
+                        self._overflowed(session)
         for session, (joined, count) in routed.batches.items():
             if session.outbox.put_events(joined, count, received_at):
                 touched[session] = None
@@ -488,8 +513,11 @@ class Hub:
         replaying, touched = self._replaying, self._touched
         targets: list[tuple[ClientSession, str | bytes, int, bool]] = []
         if routed.whole is not None:
+            run = self.star_run
+            if run.members:  # never replaying: a replay releases its session
+                run.add(routed.whole, routed.event_count, received_at)
             targets += [(session, routed.whole, routed.event_count, True)
-                        for session in self.registry.everything_subscribers]
+                        for session in self.registry.everything_holders if session not in run.members]
         targets += [(session, joined, count, False) for session, (joined, count) in routed.batches.items()]
         for session, payload, count, whole in targets:
             stitch = replaying.get(session)
@@ -511,11 +539,16 @@ class Hub:
         now = trio.current_time()
         pacer = self.pacer
         paced = pacer.interval > 0
+        run = self.star_run
+        for released in run.take_released():
+            touched[released] = None
         for session in touched:
             if not paced or pacer.ready(session, now):
                 self.write_queued(session, now)
             if session.outbox.dropped_events != session.drops_logged:
                 self._log_drops(session, now)
+        if len(run) and (not paced or pacer.ready(run, now)):
+            self.write_run(now)
         if paced and len(pacer):
             self._write_due(now)
             due = pacer.next_due()
@@ -537,8 +570,11 @@ class Hub:
     def _write_due(self, now: float) -> None:
         # A function of its own: a loop variable in run_flusher's frame would keep the last
         # session written alive, closed or not, for as long as the flusher sleeps.
-        for session in self.pacer.due(now):
-            self.write_queued(session, now)
+        for due in self.pacer.due(now):
+            if isinstance(due, SharedRun):
+                self.write_run(now)
+            else:
+                self.write_queued(due, now)
 
     def write_queued(self, session: ClientSession, now: float, *, mark: bool = True) -> None:
         """Frame what ``session`` has queued and write it, unless bytes before it still wait.
@@ -556,6 +592,8 @@ class Hub:
         if session.replay is not None:
             return  # its writer is serving a replay; what is queued follows it
         if not len(outbox):
+            if mark and outbox.shared is None and self.registry.holds_everything(session):
+                self._join_run(session)
             return
         events, received_at = outbox.queued_events, outbox.oldest_received_at
         frames = outbox.take_frames()
@@ -572,6 +610,77 @@ class Hub:
         session.events_sent += events
         if received_at is not None:
             stats.routing_latency.observe(now - received_at)
+        if not connection.backlogged and mark and self.registry.holds_everything(session):
+            self._join_run(session)
+
+    def write_run(self, now: float) -> None:
+        """Write the shared run to all its members: joined once, the same frames for each, as
+        :meth:`write_queued` would have written each its own (a journal mark after them for a
+        downstream proxy's link). A member whose socket is backed up is released first (its writer
+        sends the run's frames once the socket drains), and one left with a backlog after its write
+        is released after; then the ``*`` holders that caught up join."""
+        run = self.star_run
+        for released in run.take_released():  # written at the run's time, as the run would have been
+            if self.pacer.ready(released, now):
+                self.write_queued(released, now)
+        members = run.members
+        for session in [member for member in members if member.connection.backlogged]:
+            run.release(session)
+            session.notify()
+            self._touched[session] = None
+        if len(run):
+            events, received_at = run.events, run.oldest_received_at
+            frames = run.take_frames()
+            self.pacer.written(run, now)
+            marked: list[str | bytes] | None = None
+            stats, pacer = self.stats, self.pacer
+            behind: list[ClientSession] = []
+            for session in members:
+                texts = frames
+                if session.state.downstream_proxy:
+                    if marked is None:
+                        journal_mark = self.journal_mark(session)
+                        marked = frames if journal_mark is None else [*frames, journal_mark]
+                    texts = marked
+                connection = session.connection
+                stats.frames_out += len(frames)
+                stats.bytes_out += connection.send_texts(texts)
+                if connection.backlogged:
+                    session.outbox.unsent_events = events  # the writer clears it once drained
+                    behind.append(session)
+                stats.events_out += events
+                session.events_sent += events
+                pacer.written(session, now)
+                if received_at is not None:
+                    stats.routing_latency.observe(now - received_at)
+            for session in behind:
+                run.release(session)  # nothing of the run left to copy: it goes on alone until drained
+        holders = self.registry.everything_holders
+        if len(holders) != len(members):
+            for session in holders:
+                if session not in members:
+                    self._join_run(session)
+
+    def _join_run(self, session: ClientSession) -> None:
+        """Make a ``*`` holder that is in step a member of the shared run, when the run allows it
+        (empty) and its writes stay paced (CLIENT_FLUSH_MS): the run's last write must be no
+        earlier than the holder's, so that it is never written twice within an interval (nor
+        waits longer than one), or the run has no members and takes the holder's time."""
+        run = self.star_run
+        if (len(run) or session.replay is not None or session.close_request is not None
+                or session.connection.backlogged or not run.can_join(session.outbox)):
+            return
+        pacer = self.pacer
+        last = pacer.last_written(session)
+        if run.members and pacer.interval > 0:
+            run_last = pacer.last_written(run)
+            if last is not None and (run_last is None or run_last < last):
+                return
+        elif last is None:
+            pacer.forget(run)
+        else:
+            pacer.written(run, last)
+        run.join(session, session.outbox)
 
     def journal_mark(self, session: ClientSession, seq: int | None = None) -> str | None:
         """The ``journal_seq`` mark for a downstream proxy's link holding ``*`` (None for anyone
