@@ -81,7 +81,7 @@ async def test_a_refusal_waits_the_long_delay_and_does_not_grow_the_backoff(auto
         nursery.start_soon(link.run)
         await trio.sleep(30)
         assert link.state is LinkState.REFUSED and len(link.tries) == 3
-        assert link.last_error == "auth_failed: Polygon refused the key in POLYGON_API_KEY"
+        assert link.last_error == "auth_failed: authentication failed (Polygon refused the key in POLYGON_API_KEY)"
         await trio.sleep(40)
         nursery.cancel_scope.cancel()
     gaps = waits(link, [0.001] * len(link.tries))

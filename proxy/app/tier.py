@@ -333,6 +333,12 @@ async def _run_route(
         """What a client that authenticates now is told, when the upstream is not connected."""
         if link.state is LinkState.CONNECTED:
             return None
+        if link.state is LinkState.REFUSED:
+            # not a blip: upstream said no, and the link asks again only after the long backoff
+            return protocol.status_frame(UPSTREAM_DISCONNECTED, (
+                f"{label} refused us ({link.last_error}); asking again every "
+                f"{config.backoff.refused_seconds:g}s; your subscriptions are kept, and "
+                "upstream_connected follows if it accepts"))
         if not connections:
             situation = f"{label} not connected yet"
             if link.last_error != NOT_CONNECTED_YET:

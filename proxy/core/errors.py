@@ -76,6 +76,8 @@ class UpstreamRefused(ProxyError):
     def __init__(self, status: str, message: str) -> None:
         super().__init__(f"{status}: {message}")
         self.status = status
+        #: Upstream's own words (Polygon: "Your plan doesn't include websocket access.").
+        self.message = message
 
 
 class UpstreamProtocolError(ProxyError):

@@ -186,7 +186,10 @@ class UpstreamLink:
                 if isinstance(error, UpstreamRefused):
                     delay = self.backoff.refused_seconds
                     if error.status == "auth_failed":
-                        self.last_error = f"auth_failed: {self.label} refused the key in {self.api_key_source}"
+                        # Polygon's own words say why: a wrong key, or a plan without this market
+                        said = f": {error.message}" if error.message and error.message != "None" else ""
+                        self.last_error = (f"auth_failed{said} ({self.label} refused the key in "
+                                           f"{self.api_key_source})")
                     if error.status == "max_connections":
                         self.evictions += 1
                     self._log_refusal(error, delay)
@@ -209,8 +212,9 @@ class UpstreamLink:
 
     def _log_refusal(self, refusal: UpstreamRefused, delay: float) -> None:
         if refusal.status == "auth_failed":
-            log.error("%s refused our key %s from %s (auth_failed): check that setting; "
-                      "retrying in %.0fs", self.label, redact(self.api_key), self.api_key_source, delay)
+            log.error("%s refused our key %s from %s (%s): check that setting, and that your plan "
+                      "includes this market's WebSocket; "
+                      "retrying in %.0fs", self.label, redact(self.api_key), self.api_key_source, refusal, delay)
         elif refusal.status == "max_connections":
             log.error("another program is using this key's %s connection: %s answered max_connections (%s); "
                       "retrying in %.0fs, not at once, so that the two do not evict each other in a loop",
