@@ -516,3 +516,22 @@ async def test_a_quiet_market_s_outage_is_counted_from_its_last_answered_ping(nu
     await wait_until(lambda: crypto.stats.outages == 1 and crypto.link.state is LinkState.CONNECTED,
                      what="the reconnect")
     assert crypto.stats.outage_seconds < 1.5, crypto.stats.outage_seconds
+
+
+async def test_the_filtered_proxy_passes_on_what_the_firehose_says_of_a_refused_market(nursery):
+    sim, hose, proxy = await start_markets(nursery, ["stocks", "options"], simulator=dict(entitled=("stocks",)),
+                                           filtered=dict(metrics_port=0))
+    await wait_until(lambda: hose.markets["options"].link.state is LinkState.REFUSED, what="the options refusal")
+    await all_connected(proxy)
+    options = proxy.markets["options"]
+    await wait_until(lambda: options.upstream_reports is not None, what="the firehose's report")
+    # a client that connects afterwards is told, as a client of the firehose would be
+    client = await connect(nursery, proxy.port, "/options")
+    answer = await client.auth(CLIENT_KEY)
+    notice = next(s for s in answer + await client.next_status() if s["status"] == "upstream_disconnected")
+    assert notice["message"].startswith("Polygon options refused us (auth_failed: Your plan doesn't include")
+    ready, reason = proxy.readiness()
+    assert ready and "options: firehose proxy options connected, and reports: Polygon options refused us" in reason
+    # a market merely down at the firehose makes the filtered proxy not ready, as it does the firehose
+    options.upstream_reports = {"status": "upstream_disconnected", "message": "Polygon options connection lost"}
+    assert proxy.readiness()[0] is False

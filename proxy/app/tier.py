@@ -67,6 +67,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+#: How a tier says its upstream refused it (not entitled, the key's connection in use): a downstream
+#: tier that reads these words in a relayed status counts the market as refused, not as down.
+REFUSED_WORDS = "refused us"
 #: Batches the link may queue for the router (each is what one upstream read completed, at most
 #: about 256 KiB unless one message is bigger): past them the link stops reading, and TCP pushes
 #: back on upstream.
@@ -100,6 +103,9 @@ class Tier:
     notices: collections.deque[tuple[int, Callable[[], None]]] = attrs.field(factory=collections.deque)
     #: The market of the feed this part serves (its path: ``stocks``, ``delayed/stocks``).
     route: Route = Route("stocks")
+    #: The last ``upstream_disconnected`` an upstream tier of ours relayed about its own upstream,
+    #: until its ``upstream_connected``: a filtered proxy's link is up, but the firehose's market is not.
+    upstream_reports: dict | None = None
     #: Every route's part of this tier by path, this one included, the first one (also served
     #: at ``/``) first; they share the client port, the metrics port and the key file.
     markets: dict[str, "Tier"] = attrs.field(factory=dict)
@@ -143,17 +149,24 @@ class Tier:
         A market whose upstream refused us (not entitled, say) is reported but does not hold
         the others back: the tier is ready while at least one market is connected and every
         other one is either connected or refused."""
-        states = [(part.route, link) for part in self.parts for link in part.links]
-        ready = (any(link.state is LinkState.CONNECTED for _, link in states)
-                 and all(link.state in (LinkState.CONNECTED, LinkState.REFUSED) for _, link in states))
-        several = len(states) > 1
+        states = [(part, link) for part in self.parts for link in part.links]
+        connected = refused = 0
         lines = []
-        for route, link in states:
-            where = f"{route.label}: " if several else ""
-            if link.state is LinkState.CONNECTED:
+        for part, link in states:
+            where = f"{part.route.label}: " if len(states) > 1 else ""
+            reported = part.upstream_reports
+            if link.state is LinkState.CONNECTED and reported is None:
+                connected += 1
                 lines.append(f"{where}{link.label} connected")
+            elif link.state is LinkState.CONNECTED and reported is not None:
+                # our link is up; the upstream tier's is not (refused, in its words, or down)
+                message = str(reported.get("message", ""))
+                refused += REFUSED_WORDS in message
+                lines.append(f"{where}{link.label} connected, and reports: {message}")
             else:
+                refused += link.state is LinkState.REFUSED
                 lines.append(f"{where}{link.label} {link.state.value} ({link.last_error})")
+        ready = connected > 0 and connected + refused == len(states)
         return ready, ("ready: " if ready else "not ready: ") + "; ".join(lines)
 
 
@@ -330,13 +343,15 @@ async def _run_route(
         tell_clients(UPSTREAM_CONNECTED, message)
 
     def upstream_notice() -> str | None:
-        """What a client that authenticates now is told, when the upstream is not connected."""
+        """What a client that authenticates now is told, when the upstream is not connected (or
+        is, and the upstream tier reported that its own upstream is not)."""
         if link.state is LinkState.CONNECTED:
-            return None
+            reported = tier.upstream_reports
+            return None if reported is None else relayed_status_frame(reported)
         if link.state is LinkState.REFUSED:
             # not a blip: upstream said no, and the link asks again only after the long backoff
             return protocol.status_frame(UPSTREAM_DISCONNECTED, (
-                f"{label} refused us ({link.last_error}); asking again every "
+                f"{label} {REFUSED_WORDS} ({link.last_error}); asking again every "
                 f"{config.backoff.refused_seconds:g}s; your subscriptions are kept, and "
                 "upstream_connected follows if it accepts"))
         if not connections:
@@ -373,6 +388,7 @@ async def _run_route(
         tell_clients(UPSTREAM_CONNECTED, message)
 
     def disconnected(reason: str) -> None:
+        tier.upstream_reports = None  # the upstream tier says again at the next auth, if it still holds
         if resuming:
             # Lost again before the resume ended: the clients have not heard the outage was over,
             # so it goes on (the next connection resumes from the last mark read).
@@ -549,6 +565,9 @@ def _handle_upstream_status(tier: Tier, status: dict, seq: int | None = None) ->
     kind = status.get("status")
     if kind in RELAYED_STATUSES:
         log.warning("upstream reports %s: %s", kind, status.get("message"))
+        # kept for clients that connect later and for /readyz: our link is up, but the upstream
+        # tier's own upstream is not
+        tier.upstream_reports = status if kind == UPSTREAM_DISCONNECTED else None
         tier.hub.broadcast(relayed_status_frame(status), seq)
     elif kind == "success":
         pass  # answers to our subscribes (hundreds a message): the link logs what it sent
