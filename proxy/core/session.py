@@ -271,7 +271,8 @@ class SessionState:
         age = (now_ns - from_ns) / 1e9
         if age > self.replay_max_seconds:
             return (f'"from" {shown} is {age:.0f} s ago; this proxy replays at most the last '
-                    f"{self.replay_max_seconds:g} s (REPLAY_MAX_SECONDS, and what its journal keeps); {applied}")
+                    f"{self.replay_max_seconds:g} s (the least of REPLAY_MAX_SECONDS and what its journal keeps: "
+                    f"JOURNAL_MEMORY_SECONDS, or JOURNAL_RETENTION_HOURS with JOURNAL_DIR); ask from within it; {applied}")
         return ReplayRequest(from_ns=from_ns, from_ms=from_ms, channels=channels)
 
     def _seq_resume_request(self, resume: SeqResume,
