@@ -48,6 +48,12 @@ async def test_a_refused_key_or_no_server_is_exit_1_with_a_reason(nursery):
     assert refused.returncode == 1 and b"status auth_failed" in refused.stderr
     nothing = await _run_client("--url", "ws://127.0.0.1:9/stocks", "--key", "k", "T.*")
     assert nothing.returncode == 1 and b"cannot talk to ws://127.0.0.1:9/stocks" in nothing.stderr
+    # a subscribe refused whole (here: more channels than a client may hold) brings nothing: exit 1, not a wait
+    _, small = await start_firehose(nursery, max_channels_per_client=2)
+    with trio.fail_after(30):
+        whole = await _run_client("--url", f"ws://127.0.0.1:{small.port}/stocks", "--key", FIREHOSE_KEY,
+                                  "--count", "5", "T.AAPL", "T.MSFT", "Q.AAPL")
+    assert whole.returncode == 1 and b"nothing of this subscribe was applied" in whole.stderr
 
 
 @pytest.mark.parametrize("arguments", [[], ["--count", "0", "T.*"]])

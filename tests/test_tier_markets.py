@@ -259,7 +259,8 @@ async def test_two_connections_double_the_cap_and_share_the_channels(nursery):
         while quoted != set(contracts[:6]):  # events from both connections reach the client
             quoted |= {event["sym"] for event in await client.more_events(1) if event["ev"] == "Q"}
     over = await client.request("subscribe", f"Q.{contracts[6]}")
-    assert over[0]["status"] == "error" and "limited to 6 contracts" in over[0]["message"]
+    assert over[0]["message"] == ("options Q (quotes) is limited to 3 contracts a connection, 6 over this market's 2 "
+                                  "connections; this would hold 7; nothing of this subscribe was applied")
 
 
 async def test_an_eviction_is_named_counted_and_retried_on_the_long_backoff(nursery, caplog):
@@ -286,6 +287,7 @@ async def test_an_eviction_is_named_counted_and_retried_on_the_long_backoff(nurs
     ("MARKETS", "stocks,bonds", "market names"),
     ("POLYGON_CONNECTIONS_OPTIONS", "0", "from 1 to 100"),
     ("POLYGON_CAPS", "options.Q=lots", "MARKET.TYPE=COUNT"),
+    ("POLYGON_CAPS", "options.ZZ=5", "options has no event type 'ZZ' (its types: T, Q, A, AM, FMV)"),
     ("POLYGON_FEED", "https://socket.polygon.io", "ws://"),
 ])
 def test_bad_market_settings_name_the_variable(monkeypatch, tmp_path, variable, value, message):

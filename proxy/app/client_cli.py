@@ -66,6 +66,8 @@ async def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = 
                         print(f"status {status}: {event.get('message')}", file=err, flush=True)
                         if status in ("auth_failed", "auth_timeout", "max_connections"):
                             return 1
+                        if status == "error" and "nothing of this subscribe was applied" in str(event.get("message")):
+                            return 1  # the whole subscribe was refused: nothing will come
                         if status == "auth_success" and not subscribed:
                             await ws.send_message(json.dumps(subscribe))
                             subscribed = True

@@ -403,8 +403,12 @@ async def _run_route(
         outage_started.append(began)
         history.outage_began(int((time.time() - (now - began)) * 1000), reason)
         log.warning("lost the %s connection (%s); clients stay connected", label, reason)
-        tell_clients(UPSTREAM_DISCONNECTED,
-                     f"{label} connection lost ({reason}); reconnecting, events in the gap are not replayed")
+        if link.resume is not None:  # a link to a tier of ours: it resumes by that tier's journal
+            then = ("reconnecting; the link resumes where it left off in the firehose's journal, and "
+                    "upstream_connected will say whether any event was lost")
+        else:
+            then = "reconnecting, events in the gap are not replayed"
+        tell_clients(UPSTREAM_DISCONNECTED, f"{label} connection lost ({reason}); {then}")
 
     link = UpstreamLink(
         label=label,

@@ -176,9 +176,12 @@ def _wildcard_refusal(market: Market, event_type: EventType, caps: Mapping[str, 
             f"{market.name} {event_type.meaning}; {named}")
 
 
-def _cap_refusal(market: Market, code: str, cap: int, holding: int) -> str:
+def _cap_refusal(market: Market, code: str, cap: int, holding: int, connections: int = 1) -> str:
     event_type = market.event_type(code)
     meaning = f" ({event_type.meaning})" if event_type is not None else ""
+    if connections > 1:
+        return (f"{market.name} {code}{meaning} is limited to {cap // connections:,} {market.symbol_noun} a "
+                f"connection, {cap:,} over this market's {connections} connections; this would hold {holding:,}")
     return (f"{market.name} {code}{meaning} is limited to {cap:,} {market.symbol_noun} a connection; "
             f"this would hold {holding:,}")
 
@@ -234,7 +237,7 @@ def screen(
 
 def change_refusal(
     market: Market, held: AbstractSet[Channel], added: Iterable[Channel] = (),
-    removed: Iterable[Channel] = (), *, caps: Mapping[str, int] | None = None,
+    removed: Iterable[Channel] = (), *, caps: Mapping[str, int] | None = None, connections: int = 1,
 ) -> str | None:
     """Whether one connection's channel set may change from ``held`` to ``held - removed | added``.
 
@@ -244,10 +247,11 @@ def change_refusal(
     added is judged: removing channels is always allowed. A caller that sends a change's subscribes before its
     unsubscribes (so that nothing wanted is uncovered meanwhile) must judge the
     subscribes alone, with ``removed`` empty. A set over a cap (one lowered since)
-    may shrink, but takes nothing new of that type until it is within the cap.
+    may shrink, but takes nothing new of that type until it is within the cap. ``connections``
+    (the set spread over that many upstream connections) multiplies every cap.
     Raises nothing.
     """
-    limits = market.caps(caps)
+    limits = {code: cap * connections for code, cap in market.caps(caps).items()}
     gone = set(removed)
     after = set(held) - gone
     new = [channel for channel in dict.fromkeys(added) if channel not in after]
@@ -260,5 +264,5 @@ def change_refusal(
     counts = _held_counts(after, {code for code, count in adding.items() if count})
     for code, count in counts.items():
         if count + adding[code] > limits[code]:
-            return _cap_refusal(market, code, limits[code], count + adding[code])
+            return _cap_refusal(market, code, limits[code], count + adding[code], connections)
     return None

@@ -14,7 +14,7 @@ from typing import Callable, Iterable, TypeVar
 from urllib.parse import urlsplit
 
 from .errors import ClientMessageError
-from .markets import MARKET_NAMES
+from .markets import MARKET_NAMES, MARKET_TABLE
 from .protocol import Channel, parse_channel_list
 
 __all__ = [
@@ -190,5 +190,8 @@ def market_caps(raw: str) -> dict[str, dict[str, int]]:
         if market_name not in MARKET_NAMES or not code or not value.strip().isdigit() or int(value) < 1:
             raise ValueError(f"expected MARKET.TYPE=COUNT items such as options.Q=1000 (markets: "
                              f"{', '.join(MARKET_NAMES)}; COUNT at least 1), not {item!r}")
+        codes = MARKET_TABLE[market_name].codes
+        if code.strip() not in codes:
+            raise ValueError(f"{market_name} has no event type {code.strip()!r} (its types: {', '.join(codes)})")
         caps.setdefault(market_name, {})[code.strip()] = int(value)
     return caps

@@ -190,7 +190,8 @@ class Hub:
         held: set[Channel] = set(channel for channel in self._reserved if channel.ev_type in capped)
         for code in capped:
             held.update(self.registry.wanted_of_type(code))
-        refusal = markets.change_refusal(market, held, channels, caps=caps)
+        refusal = markets.change_refusal(market, held, channels, caps=self.config.upstream_caps.get(self.config.market),
+                                         connections=self.config.connections_for(self.config.market))
         if refusal is None:
             self._reserved.update(channel for channel in channels if channel.ev_type in capped)
         else:
