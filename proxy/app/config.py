@@ -286,7 +286,7 @@ def setup_logging(level: str, library_level: str | None = None, *, tag: str | No
 
 
 #: Third-party loggers set up before they first log (they are created on import).
-LIBRARY_LOGGERS = ("trio-websocket", "trio_websocket", "wsproto", "websockets", "h11", "hpack", "asyncio")
+LIBRARY_LOGGERS = ("trio-websocket", "trio_websocket", "wsproto", "h11", "hpack", "asyncio")
 
 
 def bind_error(variable: str, host: str, port: int, error: OSError) -> ConfigError:
