@@ -1,7 +1,11 @@
 """The upstream link's own WebSocket reader (proxy.net.upstream_socket) against a scripted upstream on
 127.0.0.1: a burst that one read brings reaches the router as one batch, fragments are joined, pings
-answered, a message over the bound closed 1009, a refused upgrade named, the goodbye's close code
-(1001 on shutdown, 1000 otherwise), and backpressure when the router lags."""
+answered, a message over the bound closed 1009 (in one frame or in fragments), a refused upgrade
+named (and a 101 that is no valid upgrade), the goodbye's close code (1001 on shutdown, 1000
+otherwise), backpressure when the router lags, reads paced by the read interval; and what
+websockets' protocol leaves to the socket: text checked as UTF-8 (1007 otherwise, also across
+fragments), frames that came with the 101, framing errors (1002), closes without a code (1005)
+or without a frame (1006)."""
 
 from __future__ import annotations
 
