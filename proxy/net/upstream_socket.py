@@ -27,7 +27,6 @@ from websockets.exceptions import PayloadTooBig
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Response
 from websockets.protocol import State
-from websockets.typing import BytesLike
 from websockets.uri import WebSocketURI
 
 from ..core.errors import CloseReason, ProxyError, UpstreamProtocolError
@@ -106,7 +105,7 @@ class UpstreamSocket:
         #: Set while a write is under way: a write cut off (cancelled) leaves part of a frame on the
         #: wire, after which nothing more may be written, not even a close frame.
         self._writing = False
-        self._parts: list[BytesLike] = []  # the fragments of the message being received
+        self._parts: list[bytes | bytearray | memoryview] = []  # the fragments of the message being received
         self._text = False  # whether that message is text
         self._ready: list[str | bytes] = []  # whole messages read but not yet handed out
         #: Why reading is over (upstream's close, its framing error, a message too big), raised
