@@ -137,7 +137,7 @@ class UpstreamSocket:
             for index, event in enumerate(events):
                 if isinstance(event, Response):
                     if event.status_code != 101:
-                        raise UpgradeRefused(event.status_code, bytes(event.body))
+                        raise UpgradeRefused(event.status_code, bytes(event.body or b""))  # (None in websockets 13 for a 204)
                     if protocol.handshake_exc is not None:  # a 101 without the right headers
                         raise UpstreamProtocolError(
                             f"upstream's answer to the WebSocket upgrade is not valid: {protocol.handshake_exc}")
