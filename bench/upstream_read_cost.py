@@ -13,7 +13,9 @@ Readers compared:
 
 - ``link``: the upstream link's own code (:meth:`~proxy.net.upstream.UpstreamLink._read_frames`
   on a :class:`~proxy.net.upstream_socket.UpstreamSocket`): one ``receive_some`` of up to 256 KiB
-  a wake-up, wsproto parses it, and its frames go to the router task as one batch;
+  a wake-up, the socket's protocol parses it (wsproto until 2026-12-07, websockets' sans-I/O
+  ``ClientProtocol`` since, with each text frame decoded to check it is UTF-8), and its frames go
+  to the router task as one batch;
 - ``trio-websocket``: as the upstream link read until 2026-12-07: ``get_message()`` in the link's
   task, its ``may_hold_status`` check, one memory-channel ``send`` per frame, the router task
   receiving each frame (the link's check was added to this reader on 2026-12-07, so that it

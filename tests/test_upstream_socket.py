@@ -1,7 +1,11 @@
 """The upstream link's own WebSocket reader (proxy.net.upstream_socket) against a scripted upstream on
 127.0.0.1: a burst that one read brings reaches the router as one batch, fragments are joined, pings
-answered, a message over the bound closed 1009, a refused upgrade named, the goodbye's close code
-(1001 on shutdown, 1000 otherwise), and backpressure when the router lags."""
+answered, a message over the bound closed 1009 (in one frame or in fragments), a refused upgrade
+named (and a 101 that is no valid upgrade), the goodbye's close code (1001 on shutdown, 1000
+otherwise), backpressure when the router lags, reads paced by the read interval; and what
+websockets' protocol leaves to the socket: text checked as UTF-8 (1007 otherwise, also across
+fragments), frames that came with the 101, framing errors (1002), closes without a code (1005)
+or without a frame (1006)."""
 
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from proxy.core import protocol
 from proxy.net.beacon import Beacon
 from proxy.net.frames import text_frame
 from proxy.net.upstream import FrameBatch, UpstreamLink, UpstreamProtocolError
-from proxy.net.upstream_socket import UpstreamClosed, UpstreamSocket
+from proxy.net.upstream_socket import UpgradeRefused, UpstreamClosed, UpstreamSocket
 
 CONNECTED = protocol.status_frame("connected", "Connected Successfully")
 AUTHENTICATED = protocol.status_frame("auth_success", "authenticated")
@@ -289,3 +293,159 @@ async def test_reads_at_least_the_read_interval_apart_gather_a_trickle_into_one_
             first_read_at = batches[0][1]
             assert batches[-1][1] - first_read_at < 0.1  # counted from the start of the wait
         assert [json.loads(frame)[0]["s"] for batch, _ in batches for frame in batch] == list(range(10))
+
+
+async def test_frames_that_come_with_the_101_are_handed_out_first(nursery):
+    """The 101 and the first frames in one segment: the protocol parses them with the handshake."""
+    hosts: list[str] = []
+
+    async def script(upstream: Upstream) -> None:
+        while True:
+            upstream.ws.receive_data(await upstream.sock.recv(65536))
+            requests = [event for event in upstream.ws.events() if isinstance(event, Request)]
+            if requests:
+                hosts.append(requests[0].host)
+                break
+        await upstream.send_raw(upstream.ws.send(AcceptConnection()) + text_frame(trade(1)) + text_frame(trade(2)))
+        await trio.sleep_forever()
+
+    with trio.fail_after(5):
+        ws = await open_socket(nursery, script)
+        assert await ws.get_messages() == [trade(1).decode(), trade(2).decode()]
+    assert hosts and hosts[0].startswith("127.0.0.1:")  # the Host header as the link gave it
+    with trio.move_on_after(1):
+        await ws.aclose()
+
+
+async def test_text_split_inside_a_character_is_joined_and_binary_stays_bytes(nursery):
+    async def script(upstream: Upstream) -> None:
+        await upstream.accept()
+        text = '[{"ev":"status","message":"café ☕"}]'.encode()
+        cut = text.index("é".encode()) + 1  # the fragment boundary falls inside é's two bytes
+        await upstream.send_raw(bytes([0x01, cut]) + text[:cut] + bytes([0x80, len(text) - cut]) + text[cut:]
+                                + bytes([0x82, 3]) + b"\x00\xff\x01")
+        await trio.sleep_forever()
+
+    with trio.fail_after(5):
+        ws = await open_socket(nursery, script)
+        messages = await ws.get_messages()
+    assert messages == ['[{"ev":"status","message":"café ☕"}]', b"\x00\xff\x01"]
+    with trio.move_on_after(1):
+        await ws.aclose()
+
+
+@pytest.mark.parametrize("fragmented", [False, True], ids=["one frame", "fragments"])
+async def test_text_that_is_not_utf8_is_refused_with_1007(nursery, fragmented):
+    """websockets' protocol does not check text; the socket does, as wsproto did, before a frame
+    could reach clients."""
+    closes: list[object] = []
+
+    async def script(upstream: Upstream) -> None:
+        await upstream.accept()
+        bad = b'[{"ev":"T","sym":"\xff\xfe"}]'
+        if fragmented:
+            broken = bytes([0x01, 10]) + bad[:10] + bytes([0x80, len(bad) - 10]) + bad[10:]
+        else:
+            broken = text_frame(bad)
+        await upstream.send_raw(text_frame(trade(1)) + broken + text_frame(trade(2)))
+        closes.append(await upstream.next_event())
+        await trio.sleep_forever()
+
+    with trio.fail_after(5):
+        ws = await open_socket(nursery, script)
+        assert await ws.get_messages() == [trade(1).decode()]  # what came before it is handed on first
+        with pytest.raises(UpstreamProtocolError, match=r"upstream broke the WebSocket protocol \(1007: 'utf-8' codec"):
+            await ws.get_messages()
+        while not closes:
+            await trio.sleep(0.01)
+    assert isinstance(closes[0], CloseConnection) and closes[0].code == 1007
+    assert not ws.open_for_sending
+    with trio.move_on_after(1):
+        await ws.aclose()
+
+
+async def test_a_message_over_the_bound_in_fragments_is_refused_with_1009(nursery):
+    """The bound is on the whole message: fragments under it that add up to more are refused."""
+    closes: list[object] = []
+
+    async def script(upstream: Upstream) -> None:
+        await upstream.accept()
+        part = b" " * 100
+        await upstream.send_raw(bytes([0x01, 100]) + part + bytes([0x00, 100]) + part + bytes([0x80, 100]) + part)
+        closes.append(await upstream.next_event())
+        await trio.sleep_forever()
+
+    with trio.fail_after(5):
+        ws = await open_socket(nursery, script, max_message_bytes=250)
+        with pytest.raises(UpstreamProtocolError, match="upstream sent a message over 250 bytes"):
+            await ws.get_messages()
+        while not closes:
+            await trio.sleep(0.01)
+    assert isinstance(closes[0], CloseConnection) and closes[0].code == 1009
+    with trio.move_on_after(1):
+        await ws.aclose()
+
+
+async def test_a_framing_error_is_named_and_closed_with_1002(nursery):
+    closes: list[object] = []
+
+    async def script(upstream: Upstream) -> None:
+        await upstream.accept()
+        # a continuation frame with no message begun
+        await upstream.send_raw(text_frame(trade(1)) + bytes([0x80, 2]) + b"[]")
+        closes.append(await upstream.next_event())
+        await trio.sleep_forever()
+
+    with trio.fail_after(5):
+        ws = await open_socket(nursery, script)
+        assert await ws.get_messages() == [trade(1).decode()]
+        with pytest.raises(UpstreamProtocolError, match=r"upstream broke the WebSocket protocol \(1002: "
+                                                         r"unexpected continuation frame\)"):
+            await ws.get_messages()
+        while not closes:
+            await trio.sleep(0.01)
+    assert isinstance(closes[0], CloseConnection) and closes[0].code == 1002
+    with trio.move_on_after(1):
+        await ws.aclose()
+
+
+async def test_an_empty_close_frame_is_1005_and_an_end_without_one_1006(nursery):
+    async def script(upstream: Upstream) -> None:
+        await upstream.accept()
+        await upstream.send_raw(bytes([0x88, 0]))
+        await upstream.next_event()  # our answer
+        await trio.sleep_forever()
+
+    async def vanishing(upstream: Upstream) -> None:
+        await upstream.accept()
+        await upstream.send_raw(text_frame(trade(1)))
+
+    with trio.fail_after(5):
+        ws = await open_socket(nursery, script)
+        with pytest.raises(UpstreamClosed, match=r"connection closed \(1005 NO_STATUS_RCVD\)$"):
+            await ws.get_messages()
+        await ws.aclose()
+        ws = await open_socket(nursery, vanishing)
+        assert await ws.get_messages() == [trade(1).decode()]
+        with pytest.raises(UpstreamClosed, match=r"\(1006 ABNORMAL_CLOSURE\): connection lost without a close frame"):
+            await ws.get_messages()
+        await ws.aclose()
+
+
+async def test_an_answer_that_is_no_valid_upgrade_is_named(nursery):
+    """A 101 whose Sec-WebSocket-Accept is wrong; a refusal whose body runs to the stream's end."""
+    async def wrong_accept(upstream: Upstream) -> None:
+        await upstream.sock.recv(65536)
+        await upstream.send_raw(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                                b"Sec-WebSocket-Accept: bm90IHRoZSByaWdodCBrZXk=\r\n\r\n")
+        await trio.sleep_forever()
+
+    async def refusal_to_eof(upstream: Upstream) -> None:
+        await upstream.sock.recv(65536)
+        await upstream.send_raw(b"HTTP/1.1 503 Service Unavailable\r\n\r\nback soon")
+
+    with trio.fail_after(5):
+        with pytest.raises(UpstreamProtocolError, match="answer to the WebSocket upgrade is not valid: .*Sec-WebSocket-Accept"):
+            await open_socket(nursery, wrong_accept)
+        with pytest.raises(UpgradeRefused, match="HTTP 503 Service Unavailable: back soon"):
+            await open_socket(nursery, refusal_to_eof)

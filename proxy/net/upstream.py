@@ -9,8 +9,8 @@ paced under the budget of the tier above and bursts of changes are merged
 demand, and one client churning channels must not get it refused or closed.
 Upstream's answers are matched with what was sent; a refusal is handed to the
 tier (``on_refused``), which tells the clients holding those channels.
-The link reads its WebSocket itself (:mod:`proxy.net.upstream_socket`, wsproto
-on the Trio stream): each wake-up is one read, and every frame it completed goes
+The link reads its WebSocket itself (:mod:`proxy.net.upstream_socket`, websockets'
+sans-I/O protocol on the Trio stream): each wake-up is one read, and every frame it completed goes
 to the router as one batch, one channel operation however many frames a read
 holds. The channel is bounded: when the router lags, reading stops and TCP
 pushes back. Any failure reconnects with exponential backoff and jitter; a refusal (``auth_failed``, ``max_connections``, also when
@@ -35,7 +35,6 @@ from urllib.parse import urlsplit
 import attrs
 import msgspec
 import trio
-from wsproto.utilities import ProtocolError as WsprotoProtocolError
 
 from ..core import protocol
 from ..core.backoff import Backoff
@@ -455,7 +454,7 @@ class UpstreamLink:
                 )
 
 
-_HANDLED = (OSError, UpgradeRefused, UpstreamClosed, WsprotoProtocolError, trio.TooSlowError, UpstreamRefused,
+_HANDLED = (OSError, UpgradeRefused, UpstreamClosed, trio.TooSlowError, UpstreamRefused,
             UpstreamProtocolError, msgspec.DecodeError, trio.BrokenResourceError)
 
 

@@ -1,36 +1,33 @@
-"""The upstream link's WebSocket: wsproto's client driven straight on a Trio stream, a read at a time.
+"""The upstream link's WebSocket: websockets' sans-I/O client driven straight on a Trio stream, a read at a time.
 
-The link used to read through trio-websocket: a reader task of its own, a queue, and a
-``get_message`` with its task switch per frame, about 66 µs of CPU a frame when frames pile
-up (docs/performance.md, "The upstream read"). Here the link's own task reads: each wake-up
-is one ``receive_some`` of up to ``receive_bytes``, wsproto parses all of it, and every whole
-message it held comes back as one list (:meth:`UpstreamSocket.get_messages`), which the link
-hands to the router as one batch. The protocol is wsproto's (the opening handshake and its
-checks, masking, UTF-8 checks of text, fragments, control frames); ours are the read loop,
-answering pings, pongs waking :meth:`UpstreamSocket.ping`, the bound on a message's size and
-the close handshake. Writes come from several tasks (subscribes, pings, pongs, the close),
-so they take turns through one lock and whole frames never interleave.
+The link's own task reads: each wake-up is one ``receive_some`` of up to ``receive_bytes``, the
+protocol parses all of it, and every whole message it held comes back as one list
+(:meth:`UpstreamSocket.get_messages`), which the link hands to the router as one batch. The
+protocol is websockets' ``ClientProtocol`` (the opening handshake and its checks, masking,
+fragments' order, control frames, answering pings and upstream's close, the bound on a message's
+size, checked from a frame's header before its payload is read), not wsproto's: its frame parser
+costs about a third of wsproto's per frame (docs/performance.md, "The upstream read"), and at one
+event a frame wsproto's parser was half of the firehose's CPU. websockets' protocol does not check
+that text is UTF-8 (its connection classes do when they decode), so this module decodes each text
+message (in C): an invalid one closes the link with 1007, as wsproto did. Ours are the read loop,
+pongs waking :meth:`UpstreamSocket.ping`, joining fragments and the close handshake's bound.
+Writes come from several tasks (subscribes, pings, pongs, the close), so they take turns through
+one lock and whole frames never interleave.
 """
 
 from __future__ import annotations
 
+import logging
 from http import HTTPStatus
+from typing import Sequence, cast
 
 import trio
-from wsproto import ConnectionType, WSConnection
-from wsproto.connection import Connection, ConnectionState
-from wsproto.events import (
-    AcceptConnection,
-    BytesMessage,
-    CloseConnection,
-    Event,
-    Ping,
-    Pong,
-    RejectConnection,
-    RejectData,
-    Request,
-    TextMessage,
-)
+from websockets.client import ClientProtocol
+from websockets.exceptions import PayloadTooBig
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Response
+from websockets.protocol import State
+from websockets.uri import WebSocketURI
 
 from ..core.errors import CloseReason, ProxyError, UpstreamProtocolError
 from .transport import describe_error
@@ -81,6 +78,16 @@ class UpgradeRefused(ProxyError):
         self.body = body
 
 
+#: The protocol's logger. websockets logs every frame at debug, the auth message with our key among
+#: them (and at one event a frame the lines would cost more than the parsing): pinned at info, so
+#: that neither LOG_LEVEL nor LOG_LEVEL_LIBRARIES at debug brings those lines.
+_protocol_log = logging.getLogger(__name__ + ".protocol")
+_protocol_log.setLevel(logging.INFO)
+#: A close frame's reason is at most 123 bytes (its payload, with the code, at most 125).
+_CLOSE_REASON_BYTES = 120
+_TEXT, _BINARY, _CONT, _PONG, _CLOSE = Opcode.TEXT, Opcode.BINARY, Opcode.CONT, Opcode.PONG, Opcode.CLOSE
+
+
 class UpstreamSocket:
     """A client WebSocket on ``stream`` (a TCP stream, or a :class:`trio.SSLStream` whose TLS
     handshake is done): :meth:`open` it, then one task reads with :meth:`get_messages` (or
@@ -92,14 +99,14 @@ class UpstreamSocket:
         self.stream = stream
         self.max_message_bytes = max_message_bytes
         self.receive_bytes = receive_bytes
-        self._handshake = WSConnection(ConnectionType.CLIENT)
-        self._ws: Connection | None = None  # wsproto's frame-level connection, once upgraded
+        #: websockets' protocol; its URI only makes the request line (open() sets the Host header).
+        self._protocol: ClientProtocol | None = None
         self._send_lock = trio.Lock()
         #: Set while a write is under way: a write cut off (cancelled) leaves part of a frame on the
         #: wire, after which nothing more may be written, not even a close frame.
         self._writing = False
-        self._parts: list[str | bytes] = []  # the fragments of the message being received
-        self._message_size = 0
+        self._parts: list[bytes | bytearray | memoryview] = []  # the fragments of the message being received
+        self._text = False  # whether that message is text
         self._ready: list[str | bytes] = []  # whole messages read but not yet handed out
         #: Why reading is over (upstream's close, its framing error, a message too big), raised
         #: once the messages read before it have been handed out.
@@ -109,31 +116,40 @@ class UpstreamSocket:
     # --- opening handshake ------------------------------------------------------------
 
     async def open(self, host: str, resource: str) -> None:
-        """The opening handshake: our request, upstream's 101 (checked by wsproto). Raises
-        :class:`UpgradeRefused` for any other answer, :class:`UpstreamClosed` if upstream leaves."""
-        await self._write(self._handshake.send(Request(host=host, target=resource)))
-        refused: RejectConnection | None = None
-        body = b""
+        """The opening handshake: our request, upstream's 101 (checked by websockets). Raises
+        :class:`UpgradeRefused` for any other status, :class:`UpstreamClosed` if upstream leaves,
+        :class:`UpstreamProtocolError` for an answer that is not a valid upgrade."""
+        protocol = self._protocol = ClientProtocol(
+            WebSocketURI(secure=False, host=host, port=80, path=resource, query=""),
+            max_size=self.max_message_bytes, logger=_protocol_log)
+        request = protocol.connect()
+        del request.headers["Host"]
+        request.headers["Host"] = host  # as given ("name" or "name:port"), whatever the scheme's port
+        protocol.send_request(request)
+        await self._write(b"".join(protocol.data_to_send()))
         while True:
             data = await self._receive()
-            self._handshake.receive_data(data)  # empty: the end of the stream
-            for event in self._handshake.events():
-                if isinstance(event, AcceptConnection):
-                    # Frames that came with the 101 wait in wsproto; the first read parses them.
-                    self._ws = self._handshake.connection
+            if data:
+                protocol.receive_data(data)
+            else:
+                protocol.receive_eof()  # a refusal's body may run to the end of the stream
+            events = protocol.events_received()
+            for index, event in enumerate(events):
+                if isinstance(event, Response):
+                    if event.status_code != 101:
+                        raise UpgradeRefused(event.status_code, bytes(event.body or b""))  # (None in websockets 13 for a 204)
+                    if protocol.handshake_exc is not None:  # a 101 without the right headers
+                        raise UpstreamProtocolError(
+                            f"upstream's answer to the WebSocket upgrade is not valid: {protocol.handshake_exc}")
+                    # Frames that came with the 101 were parsed with it: the first read hands them out.
+                    await self._parse(self._ready, events[index + 1:])
                     return
-                if isinstance(event, RejectConnection):
-                    refused = event
-                    if not event.has_body:
-                        raise UpgradeRefused(event.status_code, b"")
-                elif isinstance(event, RejectData) and refused is not None:
-                    body = (body + event.data)[:_BODY_QUOTED]
-                    if event.body_finished:
-                        raise UpgradeRefused(refused.status_code, body)
             if not data:
-                if refused is not None:
-                    raise UpgradeRefused(refused.status_code, body)
                 raise UpstreamClosed(CloseReason.ABNORMAL_CLOSURE, "connection closed during the opening handshake")
+            if protocol.handshake_exc is not None:  # not HTTP, or a body over websockets' bound
+                error = protocol.handshake_exc
+                cause = f" ({error.__cause__})" if error.__cause__ is not None else ""
+                raise UpstreamProtocolError(f"upstream's answer to the WebSocket upgrade is not valid: {error}{cause}")
 
     # --- receiving ----------------------------------------------------------------
 
@@ -142,11 +158,10 @@ class UpstreamSocket:
         in order; reads again only when none is complete. Answers pings on the way. Raises
         :class:`UpstreamClosed` or :class:`UpstreamProtocolError` once the messages before the end
         have been handed out."""
-        assert self._ws is not None, "open() first"
+        protocol = self._protocol
+        assert protocol is not None and protocol.state is not State.CONNECTING, "open() first"
         messages, self._ready = self._ready, []
         while True:
-            if not messages and self._ended is None:
-                await self._parse(messages)
             if messages:
                 return messages
             if self._ended is not None:
@@ -155,7 +170,8 @@ class UpstreamSocket:
             if not data:
                 self._ended = UpstreamClosed(CloseReason.ABNORMAL_CLOSURE, "connection lost without a close frame")
                 raise self._ended
-            self._ws.receive_data(data)
+            protocol.receive_data(data)
+            await self._parse(messages, protocol.events_received())
 
     async def get_message(self) -> str | bytes:
         """The next whole message; those read with it wait for the next call of either getter."""
@@ -163,57 +179,77 @@ class UpstreamSocket:
         self._ready = messages[1:]
         return messages[0]
 
-    async def _parse(self, messages: list[str | bytes]) -> None:
-        """Append every whole message wsproto holds to ``messages``; answer the latest ping (RFC
-        6455 §5.5.3 lets one pong answer the pings before it); note where reading ends."""
-        assert self._ws is not None
-        pong: Pong | None = None
+    async def _parse(self, messages: list[str | bytes], events: Sequence[object]) -> None:
+        """Append the whole messages among ``events`` (the protocol's frames) to ``messages``; note
+        where reading ends; write what the protocol queued (its answers to pings and to a close)."""
+        protocol = self._protocol
+        assert protocol is not None
         parts = self._parts
-        for event in self._ws.events():
-            if isinstance(event, (TextMessage, BytesMessage)):
-                data = event.data if isinstance(event, TextMessage) else bytes(event.data)
-                if event.message_finished and not parts:  # the usual case: a whole message in one frame
-                    if len(data) > self.max_message_bytes:
-                        await self._fail(CloseReason.MESSAGE_TOO_BIG, self._too_big())
-                        return
-                    messages.append(data)
+        for frame in cast("Sequence[Frame]", events):  # once open, the protocol yields only frames
+            opcode = frame.opcode
+            if opcode is _TEXT or opcode is _BINARY or opcode is _CONT:
+                if frame.fin and not parts:  # the usual case: a whole message in one frame
+                    if opcode is _BINARY:
+                        messages.append(bytes(frame.data))
+                        continue
+                    try:
+                        # websockets' protocol leaves UTF-8 to us; its frames hold a bytearray, and
+                        # its decode() (0.14 µs for 106 bytes) is quicker than str(data, "utf-8")
+                        messages.append(frame.data.decode())  # type: ignore[union-attr]
+                    except UnicodeDecodeError as error:
+                        self._fail_invalid_text(error)
+                        break
                     continue
-                self._message_size += len(data)
-                if self._message_size > self.max_message_bytes:
-                    await self._fail(CloseReason.MESSAGE_TOO_BIG, self._too_big())
-                    return
-                parts.append(data)
-                if event.message_finished:
-                    messages.append("".join(parts) if isinstance(event, TextMessage) else b"".join(parts))  # type: ignore[arg-type]
+                # fragments: the protocol checks their order and their total against max_size
+                if opcode is not _CONT:
+                    self._text = opcode is _TEXT
+                parts.append(frame.data)
+                if frame.fin:
+                    whole = b"".join(parts)
                     parts.clear()
-                    self._message_size = 0
-            elif isinstance(event, Ping):
-                pong = event.response()
-            elif isinstance(event, Pong):
+                    if not self._text:
+                        messages.append(whole)
+                        continue
+                    try:
+                        messages.append(str(whole, "utf-8"))
+                    except UnicodeDecodeError as error:
+                        self._fail_invalid_text(error)
+                        break
+            elif opcode is _PONG:
                 pings, self._pings = self._pings, []
                 for answered in pings:
                     answered.set()
-            elif isinstance(event, CloseConnection):
-                if self._ws.state is ConnectionState.OPEN:
-                    # Not a close frame (that moves the state on) but upstream's framing error, as
-                    # wsproto reports it; its parser is dead from here.
-                    await self._fail(event.code, UpstreamProtocolError(
-                        f"upstream broke the WebSocket protocol ({event.code}: {event.reason})"))
-                    return
-                if self._ws.state is ConnectionState.REMOTE_CLOSING:
-                    await self._send_event(event.response())
-                self._ended = UpstreamClosed(event.code, event.reason or "")
-                return
-        if pong is not None:
-            await self._send_event(pong)
+            elif opcode is _CLOSE:  # the protocol queued its answer; nothing is parsed after it
+                close = protocol.close_rcvd
+                assert close is not None
+                self._ended = UpstreamClosed(close.code, close.reason)
+                break
+            # a ping: the protocol queued its pong
+        if self._ended is None and protocol.parser_exc is not None:
+            # upstream's framing error or a message too big: the protocol queued its close frame
+            # (1002, 1007 for a close reason not UTF-8, 1009) and parses nothing more
+            failure = protocol.parser_exc
+            self._parts.clear()
+            if isinstance(failure, PayloadTooBig):
+                self._ended = self._too_big()
+            else:
+                code = protocol.close_sent.code if protocol.close_sent is not None else CloseReason.PROTOCOL_ERROR
+                self._ended = UpstreamProtocolError(f"upstream broke the WebSocket protocol ({int(code)}: {failure})")
+        queued = protocol.data_to_send()
+        if queued:
+            async with self._send_lock:
+                await self._write_all(queued)
 
     def _too_big(self) -> UpstreamProtocolError:
         return UpstreamProtocolError(f"upstream sent a message over {self.max_message_bytes} bytes")
 
-    async def _fail(self, code: int, error: BaseException) -> None:
-        self._ended = error
+    def _fail_invalid_text(self, error: UnicodeDecodeError) -> None:
+        """A text message that is not UTF-8: the link ends with 1007, as RFC 6455 §8.1 says."""
+        assert self._protocol is not None
+        code = CloseReason.INVALID_FRAME_PAYLOAD_DATA
+        self._ended = UpstreamProtocolError(f"upstream broke the WebSocket protocol ({int(code)}: {error})")
         self._parts.clear()
-        await self._send_event(CloseConnection(code=code, reason=str(error)[:120]))
+        self._protocol.fail(code, _close_reason(str(self._ended)))
 
     async def _receive(self) -> bytes:
         """The next bytes (empty at the end); a broken connection is an :class:`UpstreamClosed` 1006."""
@@ -228,28 +264,34 @@ class UpstreamSocket:
     @property
     def open_for_sending(self) -> bool:
         """True while messages may go out: upgraded, no close frame sent or answered, no write cut off."""
-        return self._ws is not None and self._ws.state is ConnectionState.OPEN and not self._writing
+        return self._protocol is not None and self._protocol.state is State.OPEN and not self._writing
 
     async def send_message(self, text: str) -> None:
         """One text message. Once the WebSocket is closing nothing is sent: the reader raises why."""
-        await self._send_event(TextMessage(data=text))
+        async with self._send_lock:
+            if self.open_for_sending:
+                assert self._protocol is not None
+                self._protocol.send_text(text.encode())
+                await self._write_all(self._protocol.data_to_send())
 
     async def ping(self, payload: bytes) -> None:
         """Send a ping; return when a pong comes (any pong: one may answer several pings)."""
         answered = trio.Event()
         self._pings.append(answered)
-        await self._send_event(Ping(payload=payload))
+        async with self._send_lock:
+            if self.open_for_sending:
+                assert self._protocol is not None
+                self._protocol.send_ping(payload)
+                await self._write_all(self._protocol.data_to_send())
         await answered.wait()
 
-    async def _send_event(self, event: Event) -> None:
-        async with self._send_lock:  # frames are made in the order they go out
-            if not self.open_for_sending:
-                if not isinstance(event, CloseConnection) or self._ws is None or self._writing:
-                    return
-                if self._ws.state is not ConnectionState.REMOTE_CLOSING:
-                    return
-            assert self._ws is not None
-            await self._write(self._ws.send(event))
+    async def _write_all(self, queued: list[bytes]) -> None:
+        """Write frames the protocol queued, in order; the caller holds the lock. After a write
+        cut off nothing more may go out, so they are dropped then."""
+        # (an empty bytes is websockets' sign to half-close the stream: the link closes it whole)
+        data = b"".join(queued)
+        if data and not self._writing:
+            await self._write(data)
 
     async def _write(self, data: bytes) -> None:
         self._writing = True  # stays set if the write is cut off: the stream holds part of a frame
@@ -263,21 +305,29 @@ class UpstreamSocket:
         once no other task reads, under a timeout: it waits as long as upstream takes to answer. What
         upstream sends meanwhile is dropped. Never raises for a connection already gone."""
         try:
+            protocol = self._protocol
             if self.open_for_sending:
                 async with self._send_lock:
-                    assert self._ws is not None
-                    await self._write(self._ws.send(CloseConnection(code=code, reason=reason or None)))
-            ws, answered = self._ws, False
-            while ws is not None and ws.state is ConnectionState.LOCAL_CLOSING and self._ended is None and not answered:
+                    assert protocol is not None
+                    if self.open_for_sending:
+                        protocol.send_close(code, _close_reason(reason))
+                        await self._write_all(protocol.data_to_send())
+            # its answer, or its framing error (the protocol then parses nothing more): nothing more
+            # to read either way; data frames are dropped as they are parsed, so nothing piles up
+            while (protocol is not None and protocol.close_sent is not None and protocol.close_rcvd is None
+                   and protocol.parser_exc is None and self._ended is None):
                 data = await self.stream.receive_some(self.receive_bytes)
                 if not data:
                     break
-                ws.receive_data(bytes(data))
-                # its answer, or its framing error (wsproto's parser is dead then): nothing more to read
-                # either way; data frames come out as they are parsed, so nothing piles up
-                answered = any(isinstance(event, CloseConnection) for event in ws.events())
+                protocol.receive_data(data)
+                protocol.events_received()
             await self.stream.aclose()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
         finally:
             await trio.aclose_forcefully(self.stream)  # at once if cancelled; a no-op if closed above
+
+
+def _close_reason(text: str) -> str:
+    """``text`` cut to what a close frame holds, on a character's boundary."""
+    return text.encode()[:_CLOSE_REASON_BYTES].decode("utf-8", "ignore")
