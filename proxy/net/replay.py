@@ -24,7 +24,7 @@ from ..core.errors import SeqEvicted
 from ..core.journal import Journal, Record
 from ..core.replay import Stitch, resume_start
 from ..core.stats import JournalFigures
-from .journal_store import list_segments, read_blocks
+from .journal_store import SegmentFile, list_segments, read_blocks
 from .journal_writer import JournalWriter
 
 __all__ = ["RING_CHUNK_RECORDS", "WRITER_WAIT_SECONDS", "JournalSource", "Send"]
@@ -82,27 +82,27 @@ class JournalSource:
         disk, or this run's start while the memory ring evicted nothing, or the ring's oldest."""
         ring = self.journal.ring
         reach = self.started_ns if ring.evicted == 0 or ring.oldest_ns is None else ring.oldest_ns
-        if self.writer is not None:
-            try:
-                segments = list_segments(self.writer.directory)
-            except OSError:
-                segments = []
-            if segments:
-                reach = min(reach, segments[0].start_ns)
-        return reach
+        first = self._first_segment()
+        return reach if first is None else min(reach, first.start_ns)
+
+    def _first_segment(self) -> SegmentFile | None:
+        """The oldest segment on disk, if the journal has a disk and it holds one."""
+        if self.writer is None:
+            return None
+        try:
+            segments = list_segments(self.writer.directory)
+        except OSError:
+            return None
+        return segments[0] if segments else None
 
     def reach_seq(self) -> tuple[int, int | None]:
         """The oldest seq the journal still holds everything from, and its receive time if known:
         the first segment on disk, else the memory ring's oldest (this run's first seq while the
         ring evicted nothing), else the next seq (nothing held yet)."""
         ring = self.journal.ring
-        if self.writer is not None:
-            try:
-                segments = list_segments(self.writer.directory)
-            except OSError:
-                segments = []
-            if segments:
-                return segments[0].first_seq, segments[0].start_ns
+        first = self._first_segment()
+        if first is not None:
+            return first.first_seq, first.start_ns
         if ring.first_seq is not None:
             return ring.first_seq, ring.oldest_ns
         return self.journal.next_seq, None
