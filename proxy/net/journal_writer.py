@@ -497,9 +497,14 @@ class JournalWriter:
         disk = self._disk
         if disk is None:
             return
-        self._drain()
-        batch, self._pending = self._pending, []
-        if batch:
+        # Until nothing more comes: the router may journal a batch it was already handed while
+        # this writes (it stops at its next checkpoint), and a record still in the queue is not
+        # a dropped one (it used to be written as a gap).
+        while True:
+            self._drain()
+            batch, self._pending = self._pending, []
+            if not batch:
+                break
             await self._write(batch)
         if self._trailing_drop():
             await self._write_records([self._trailing_gap()])
