@@ -49,7 +49,7 @@ import zstandard
 
 from .errors import JournalFormatError, SeqEvicted
 from .protocol import EVERYTHING_CHANNEL, Channel, EventKey, event_symbol
-from .routing import FrameError
+from .routing import FrameError, may_hold_status
 from .subscriptions import SubscriptionRegistry
 
 __all__ = [
@@ -942,13 +942,6 @@ class _AnyObject(msgspec.Struct):
 _check_objects = msgspec.json.Decoder(list[_AnyObject]).decode
 
 
-def _may_hold_status(frame: str | bytes) -> bool:
-    """False only if no event of ``frame`` can be a status (as routing decides it: no
-    ``"status"`` in it, nor a ``\\u`` escape that could spell it)."""
-    if isinstance(frame, str):
-        return '"status"' in frame or "\\u" in frame
-    return b'"status"' in frame or b"\\u" in frame
-
 
 class EventSelector:
     """The data events of a frame that a subscriber holding ``channels`` receives live.
@@ -977,7 +970,7 @@ class EventSelector:
         """
         everything = self.everything
         self.saw_status = False
-        if everything and not _may_hold_status(frame):
+        if everything and not may_hold_status(frame):
             # Every event is data and selected: routing's own fast path (it relays such a
             # frame whole to `*` holders after checking it is an array of objects).
             try:

@@ -105,7 +105,12 @@ def route_frame(frame: str | bytes, registry: SubscriptionRegistry[S]) -> Routed
 
 def may_hold_status(frame: str | bytes) -> bool:
     """False only if no event of ``frame`` can be a status: no ``"status"`` in it, nor any
-    ``\\u`` escape that could spell it."""
+    backslash (a ``\\u`` escape could spell it).
+
+    A backslash, not ``\\u``: a one-character search runs on ``memchr`` (0.4 µs through a
+    21,808-byte frame of 200 events) where the two-character one took 26 µs, and market data
+    has no backslashes, so the check stays exact in practice and safe always (it may only say
+    True more often). Run on every frame by the link and by the router's `*` path."""
     if isinstance(frame, str):
-        return '"status"' in frame or "\\u" in frame
-    return b'"status"' in frame or b"\\u" in frame
+        return '"status"' in frame or "\\" in frame
+    return b'"status"' in frame or b"\\" in frame
