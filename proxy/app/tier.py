@@ -51,7 +51,7 @@ from ..net.replay import JournalSource
 from ..net.server import ClientSession, Hub, serve_clients
 from ..net.upstream import NOT_CONNECTED_YET, FrameBatch, LinkState, UpstreamLink
 from .admin import make_handler
-from .config import bind_error, check_market_url, read_key_file
+from .config import bind_error, check_market_url, connections_variable, read_key_file
 from .exposition import TierCollector
 
 __all__ = [
@@ -180,9 +180,8 @@ def _upstream_label(config: TierConfig, route: Route) -> str:
 def _within_market_rules(config: TierConfig) -> TierConfig:
     """``config`` without the static channels (FIREHOSE_SUBSCRIPTIONS, held in every market) that
     Polygon refuses in this market (options ``Q.*``); each one left out is logged once."""
-    caps = markets.market(config.market).caps(config.upstream_caps.get(config.market))
-    caps = {code: cap * config.connections_for(config.market) for code, cap in caps.items()}
-    screened = markets.screen(markets.market(config.market), frozenset(), config.static_channels, caps=caps)
+    screened = markets.screen(markets.market(config.market), frozenset(), config.static_channels,
+                              caps=config.market_caps(config.market))
     for channel, reason in screened.refused:
         log.warning("%s: FIREHOSE_SUBSCRIPTIONS' %s is not held in this market: %s", config.market, channel.text, reason)
     return config if not screened.refused else attrs.evolve(config, static_channels=screened.allowed)
@@ -192,7 +191,7 @@ def _spread_over_links(tier: Tier, connections: int) -> None:
     """Give the market ``connections`` upstream links, its channels spread over them within each
     connection's caps (:class:`~proxy.core.shards.ChannelShards`): more links like the first."""
     config, registry, link = tier.config, tier.registry, tier.link
-    caps = markets.market(config.market).caps(config.upstream_caps.get(config.market))
+    caps = config.connection_caps(config.market)
     shards = ChannelShards(connections, caps, take_changes=registry.take_upstream_changes,
                            held=registry.held_upstream)
 
@@ -205,8 +204,8 @@ def _spread_over_links(tier: Tier, connections: int) -> None:
 
     links = [share(index) for index in range(connections)]
     tier.link, tier.more_links = links[0], links[1:]
-    log.info("%s: channels spread over %d upstream connections (POLYGON_CONNECTIONS_%s); caps per "
-             "connection: %s", config.market, connections, config.market.upper(),
+    log.info("%s: channels spread over %d upstream connections (%s); caps per "
+             "connection: %s", config.market, connections, connections_variable(config.market),
              ", ".join(f"{code} {cap:,}" for code, cap in caps.items()) or "none known")
 
 
@@ -320,6 +319,13 @@ async def _run_route(
     #: says whether the outage cost the clients anything (:func:`resumed`).
     resuming: list[float] = []
 
+    def end_outage() -> float:
+        """The outage going on is over: counted, kept in the history; returns its length."""
+        seconds = trio.current_time() - outage_started.pop()
+        stats.outage_seconds += seconds
+        history.outage_ended(seconds)
+        return seconds
+
     def connected() -> None:
         connections.append(trio.current_time())
         if len(connections) == 1:
@@ -332,9 +338,7 @@ async def _run_route(
             resuming.append(trio.current_time())
             return
         if outage_started:
-            seconds = trio.current_time() - outage_started.pop()
-            stats.outage_seconds += seconds
-            history.outage_ended(seconds)
+            seconds = end_outage()
             log.warning("%s connection restored after a %.1fs outage; events sent upstream in that "
                         "window are lost (Polygon has no replay)", label, seconds)
             message = f"{label} connection restored after {seconds:.1f}s; events of that window are lost"
@@ -370,9 +374,7 @@ async def _run_route(
         if not resuming or not outage_started:
             return
         resuming.clear()
-        seconds = trio.current_time() - outage_started.pop()
-        stats.outage_seconds += seconds
-        history.outage_ended(seconds)
+        seconds = end_outage()
         if outcome.complete:
             log.warning("%s connection restored after a %.1fs outage; resumed from seq %d of the firehose's "
                         "journal %s: no events were lost", label, seconds, outcome.asked.from_seq,
@@ -460,6 +462,8 @@ async def _run_route(
         nursery.start_soon(_log_summary, tier)
         nursery.start_soon(_sample_rates, tier)
         task_status.started(tier)
+
+
 def _replay_reach(config: TierConfig) -> float:
     """How far back a replay may ask: REPLAY_MAX_SECONDS, capped by what the journal keeps
     (its memory's seconds, or its disk's retention when that is longer)."""

@@ -223,10 +223,11 @@ class SharedRun(Generic[K]):
         """The run as frames to write to every member, as :meth:`Outbox.take_frames` would make them
         (consecutive frames joined, up to about :data:`MAX_JOINED_BYTES` each); the run is empty after."""
         frames = _frames_of(self._entries)
-        self._entries = []
-        self.events = 0
-        self.oldest_received_at = None
+        self._empty()
         return frames
+
+    def _empty(self) -> None:
+        self._entries, self.events, self.oldest_received_at = [], 0, None
 
     def release(self, key: K) -> None:
         """``key`` goes on alone: the run's entries are queued in its outbox (it is listed by
@@ -239,7 +240,7 @@ class SharedRun(Generic[K]):
             outbox._adopt(list(self._entries), self.events, self.oldest_received_at)
             self._released[key] = None
         if not self._members:
-            self._entries, self.events, self.oldest_received_at = [], 0, None
+            self._empty()
 
     def leave(self, key: K) -> None:
         """``key`` is gone: it is no longer a member, nor listed as released."""
@@ -248,7 +249,7 @@ class SharedRun(Generic[K]):
             outbox._shared = None
         self._released.pop(key, None)
         if not self._members:
-            self._entries, self.events, self.oldest_received_at = [], 0, None
+            self._empty()
 
     def take_released(self) -> list[K]:
         """The members released with frames of the run queued in their outbox since the last call:

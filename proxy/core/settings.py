@@ -18,7 +18,7 @@ import attrs
 from . import setting_text as parse
 from .backoff import Backoff
 from .entitlements import KeyBook
-from .markets import MARKET_NAMES
+from .markets import MARKET_NAMES, market as market_named
 from .outbox import SlowClientPolicy
 from .protocol import Channel
 from .routes import Route, replace_market_path, routes_for
@@ -300,6 +300,17 @@ class TierConfig:
     def connections_for(self, market: str) -> int:
         """How many upstream connections the account has for ``market`` (POLYGON_CONNECTIONS_<MARKET>)."""
         return self.upstream_connections.get(market, 1)
+
+    def connection_caps(self, market: str) -> dict[str, int]:
+        """Per event type, the most symbols one upstream connection of ``market`` may hold:
+        Polygon's documented caps (:mod:`proxy.core.markets`), then POLYGON_CAPS over them."""
+        return market_named(market).caps(self.upstream_caps.get(market))
+
+    def market_caps(self, market: str) -> dict[str, int]:
+        """Per event type, the most symbols ``market``'s upstream may hold in all: each
+        connection's cap (:meth:`connection_caps`) times the market's connections."""
+        connections = self.connections_for(market)
+        return {code: cap * connections for code, cap in self.connection_caps(market).items()}
 
     def connections_for_route(self, route: Route) -> int:
         """How many of the market's connections ``route`` uses: the delayed feed one, the real-time

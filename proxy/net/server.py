@@ -169,20 +169,12 @@ class Hub:
     #: hold yet: counted against the caps, so that subscribes applied at once cannot pass a cap together.
     _reserved: collections.Counter[Channel] = attrs.field(factory=collections.Counter)
 
-    @property
-    def upstream_caps(self) -> dict[str, int]:
-        """Per event type, the most symbols this market's upstream may hold in all: Polygon's
-        per-connection caps (or POLYGON_CAPS) times the connections the firehose has for it."""
-        connections = self.config.connections_for(self.config.market)
-        caps = markets.market(self.config.market).caps(self.config.upstream_caps.get(self.config.market))
-        return {code: cap * connections for code, cap in caps.items()}
-
     def screen_subscribe(self, channels: Sequence[Channel]) -> str | None:
         """Whether a subscribe's new ``channels`` keep this market's upstream within Polygon's rules
         (no ``TYPE.*`` it refuses, no cap passed); None lets them in and reserves their room
         until :meth:`react` applies them, else the sentence naming the limit."""
         market = markets.market(self.config.market)
-        caps = self.upstream_caps
+        caps = self.config.market_caps(self.config.market)
         codes = {channel.ev_type for channel in channels}
         capped = codes & caps.keys()
         if not capped and all(market.wildcard_allowed(code) for code in codes):

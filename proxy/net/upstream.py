@@ -303,10 +303,9 @@ class UpstreamLink:
             asked = trio.current_time()
             messages = await ws.get_messages()
             self._carried_data = True
-            now = trio.current_time()
-            # A read after the wait that returned at once found frames that arrived during it.
-            piled = waited_from is not None and now - asked <= READ_AT_ONCE_SECONDS
-            received = waited_from if piled and waited_from is not None else now
+            now = received = trio.current_time()
+            if waited_from is not None and now - asked <= READ_AT_ONCE_SECONDS:
+                received = waited_from  # a read after the wait that returned at once: frames of the wait
             self.last_received_at = self.last_heard_at = now
             kept: list[str | bytes] = []
             for message in messages:

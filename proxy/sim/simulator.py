@@ -39,7 +39,7 @@ import trio
 from ..core.errors import ClientMessageError, WebSocketClosed
 from ..core import protocol
 from ..core.markets import MARKET_TABLE, screen
-from ..core.routes import DELAYED_PREFIX
+from ..core.routes import DELAYED_PREFIX, Route
 from ..app.config import bind_error, load_simulator_config, setup_logging
 from ..core.keys import redact
 from ..core.settings import FRAME_ADAPTIVE, SimulatorConfig
@@ -524,9 +524,8 @@ async def _serve_connection(
             return
     if handshake.cancelled_caught:
         return
-    path = urlsplit(request.target).path
-    market = _market_at(path, markets)
-    if market is None:
+    route = _route_at(urlsplit(request.target).path, markets)
+    if route is None:
         log.info("refused %s: path %r is not served here", address, request.target)
         connection.reject(404, (f"not found: this simulator serves "
                                 f"{', '.join('/' + name for name in markets)} (and each under /delayed/)\n").encode())
@@ -536,8 +535,9 @@ async def _serve_connection(
     connection.accept()
     peer = FaultyConnection(connection, faults)
     simulator.connections_total += 1
+    market = route.market
     sim_connection = SimConnection(id=simulator.connections_total, market=market, opened_at=trio.current_time(),
-                                   delayed=path.strip("/").startswith(f"{DELAYED_PREFIX}/"))
+                                   delayed=route.delayed)
     close: tuple[int, str] | None = (1000, "")  # None: drop the TCP stream without a close frame
     try:
         await peer.send_text(protocol.CONNECTED)
@@ -571,17 +571,17 @@ async def _serve_connection(
                 await peer.close(*close, timeout=CLOSE_SECONDS)
 
 
-def _market_at(path: str, served: tuple[str, ...]) -> str | None:
-    """The market a request's path names, if served: ``/stocks``, ...; ``/`` is stocks (as before
-    there were markets); ``/delayed/stocks`` is the delayed feed's stocks (Polygon's other host,
-    here a path: the same synthetic events, not delayed, and the same per-market connection
-    limit, which Polygon counts across both feeds)."""
+def _route_at(path: str, served: tuple[str, ...]) -> Route | None:
+    """The market (and feed) a request's path names, if served: ``/stocks``, ...; ``/`` is stocks
+    (as before there were markets); ``/delayed/stocks`` is the delayed feed's stocks (Polygon's
+    other host, here a path: the same synthetic events, not delayed, and the same per-market
+    connection limit, which Polygon counts across both feeds)."""
     wanted = path.strip("/")
     if wanted.startswith(f"{DELAYED_PREFIX}/"):
         wanted = wanted.removeprefix(f"{DELAYED_PREFIX}/")
-        return wanted if wanted in served else None
+        return Route(wanted, delayed=True) if wanted in served else None
     name = wanted or "stocks"
-    return name if name in served and path in ("/", f"/{name}") else None
+    return Route(name) if name in served and path in ("/", f"/{name}") else None
 
 
 def _limit_unsent(sock: socket.socket) -> None:
