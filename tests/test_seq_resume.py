@@ -209,6 +209,18 @@ async def test_a_link_cut_while_events_flow_loses_nothing_and_repeats_nothing(nu
     assert_no_resume_chatter(client)
 
 
+def stoppable_tier(scopes: list[trio.CancelScope]):
+    """A tier runner for ``nursery.start`` whose every run gets a cancel scope of its own, appended
+    to ``scopes``: ``scopes[-1].cancel()`` stops the last one started (a firehose to restart)."""
+
+    async def run(config, task_status=trio.TASK_STATUS_IGNORED):
+        with trio.CancelScope() as scope:
+            scopes.append(scope)
+            await run_tier(config, task_status=task_status)
+
+    return run
+
+
 async def test_a_full_filtered_link_outage_with_a_disk_journal_loses_nothing(nursery, tmp_path) -> None:
     """The firehose (JOURNAL_DIR, memory journal of 0.3 s) stops and starts again on the same port and
     directory while the filtered tier waits: its client gets every event the firehose journaled
@@ -217,11 +229,7 @@ async def test_a_full_filtered_link_outage_with_a_disk_journal_loses_nothing(nur
     not running)."""
     sim = await start_simulator(nursery, events_per_second=2000)
     scopes: list[trio.CancelScope] = []
-
-    async def run_firehose(config, task_status=trio.TASK_STATUS_IGNORED):
-        with trio.CancelScope() as scope:
-            scopes.append(scope)
-            await run_tier(config, task_status=task_status)
+    run_firehose = stoppable_tier(scopes)
 
     overrides = dict(static_channels=ALL_STREAM, journal_dir=str(tmp_path), journal_memory_seconds=0.3)
     firehose = await nursery.start(run_firehose, firehose_config(sim, **overrides))
@@ -265,11 +273,7 @@ async def test_a_firehose_restarted_without_a_journal_dir_is_a_reported_loss(nur
     resume chatter), then live events again."""
     sim = await start_simulator(nursery, events_per_second=2000)
     scopes: list[trio.CancelScope] = []
-
-    async def run_firehose(config, task_status=trio.TASK_STATUS_IGNORED):
-        with trio.CancelScope() as scope:
-            scopes.append(scope)
-            await run_tier(config, task_status=task_status)
+    run_firehose = stoppable_tier(scopes)
 
     firehose = await nursery.start(run_firehose, firehose_config(sim, static_channels=ALL_STREAM))
     filtered = await start_tier(nursery, filtered_config(firehose))
