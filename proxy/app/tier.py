@@ -521,29 +521,24 @@ async def _route_frames(tier: Tier, frames: trio.MemoryReceiveChannel[FrameBatch
     A frame's receive time in ns since the epoch (the journal's) is its trio receive time
     moved onto the wall clock, with one clock reading per pass, not per frame.
     """
-    journal, notices = tier.journal, tier.notices
+    journal = tier.journal
     async for batch, received_at in frames:
         offset_ns = time.time_ns() - int(trio.current_time() * 1e9) if journal is not None else 0
-        for frame in batch:
-            _route_one(tier, frame, received_at, offset_ns)
-        tier.batches_routed += 1
-        if notices:
-            _tell_due(tier)
+        _route_batch(tier, batch, received_at, offset_ns)
         while True:
             try:
                 batch, received_at = frames.receive_nowait()
             except trio.WouldBlock:
                 break
-            for frame in batch:
-                _route_one(tier, frame, received_at, offset_ns)
-            tier.batches_routed += 1
-            if notices:
-                _tell_due(tier)
+            _route_batch(tier, batch, received_at, offset_ns)
         tier.hub.flush()
 
 
-def _tell_due(tier: Tier) -> None:
-    """Tell the clients what waited for the frames routed so far (outage statuses, in order)."""
+def _route_batch(tier: Tier, batch: list[str | bytes], received_at: float, offset_ns: int) -> None:
+    """Route one read's frames, then tell the clients what waited for them (outage statuses, in order)."""
+    for frame in batch:
+        _route_one(tier, frame, received_at, offset_ns)
+    tier.batches_routed += 1
     notices = tier.notices
     while notices and notices[0][0] <= tier.batches_routed:
         notices.popleft()[1]()
