@@ -8,12 +8,14 @@ from collections import Counter
 
 import msgspec
 import pytest
+import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.core.journal import (
     BLOCK_HEADER_SIZE,
     SEGMENT_HEADER_SIZE,
+    ZSTD_WINDOW_LOG,
     BlockCodec,
     EventSelector,
     Journal,
@@ -38,7 +40,7 @@ from proxy.core.journal import (
 from proxy.core.protocol import parse_channel_list
 from proxy.core.routing import FrameError, route_frame
 from proxy.core.subscriptions import SubscriptionRegistry
-from proxy.sim.market import MarketModel, frame_of, synthetic_symbols
+from proxy.sim.market import MarketModel, frame_of, prebuild, synthetic_symbols
 
 CODEC = BlockCodec()
 T0 = 1_764_000_000_000_000_000  # ns, late 2025
@@ -125,6 +127,21 @@ def test_records_round_trip_through_blocks_and_segments(specs, first_seq, data):
         header = span.header
         assert (header.first_seq, header.last_seq, header.count) == (block[0].seq, block[-1].end_seq, len(block))
         assert (header.first_ns, header.last_ns) == (block[0].received_ns, block[-1].received_ns)
+
+
+def test_a_block_is_compressed_with_tables_sized_for_a_block():
+    # The writer's zstd settings (ZSTD_WINDOW_LOG, ZSTD_HASH_LOG): a window of one block, not
+    # level 1's 512 KiB; the block still reads back with a plain decompressor, byte for byte.
+    frames = [frame_of(events) for events in prebuild(MarketModel(synthetic_symbols(50), seed=3), 8_000, 200)]
+    records = [frame_record(seq, T0 + seq, frame) for seq, frame in enumerate(frames, start=1)]
+    block = CODEC.encode(records)
+    header = parse_block_header(block, 0)
+    payload = block[BLOCK_HEADER_SIZE:]
+    assert header.raw_size > 2 << ZSTD_WINDOW_LOG  # past both windows
+    assert zstandard.get_frame_parameters(payload).window_size == 1 << ZSTD_WINDOW_LOG
+    raw = zstandard.ZstdDecompressor().decompress(payload, max_output_size=header.raw_size)
+    assert len(raw) == header.raw_size
+    assert CODEC.decode(header, payload) == [as_stored(record) for record in records]
 
 
 def test_the_encoder_refuses_records_out_of_order():

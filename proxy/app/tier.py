@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import ctypes
 import functools
 import itertools
 import logging
@@ -43,6 +42,7 @@ from ..core.replay import RELAYED_STATUSES, UPSTREAM_CONNECTED, UPSTREAM_DISCONN
 from ..core.resume import LinkResume, ResumeOutcome
 from ..core.stats import JournalFigures, TierHistory, TierSnapshot, TierStats
 from ..core.subscriptions import SubscriptionRegistry
+from ..net.allocator import return_free_memory
 from ..net.http import serve_http
 from ..net.journal_store import journal_lineage
 from ..net.accepting import PendingConnections
@@ -603,25 +603,8 @@ async def _expire_grace(tier: Tier) -> None:
 
 
 def _trim_allocator() -> None:
-    """Ask glibc to return the free memory inside its heap to the system (about 8 ms).
-
-    After 100 clients with 10,000 channels each left, the registry had freed its objects and
-    rebuilt its tables, yet the process stayed at 158 MB resident (366 MB at the peak, 34
-    before): glibc keeps freed blocks inside its heap for reuse. malloc_trim brought it to
-    50 MB (bench/subscribe_cost.py --rss). Without malloc_trim (not glibc), nothing is done.
-    """
-    if _malloc_trim is not None:
-        _malloc_trim(0)
-
-
-def _find_malloc_trim() -> Callable[[int], int] | None:
-    try:
-        return ctypes.CDLL(None).malloc_trim
-    except (AttributeError, OSError):
-        return None
-
-
-_malloc_trim = _find_malloc_trim()
+    """Hand the memory freed by the expired channels back to the system (a seam for tests)."""
+    return_free_memory()
 
 
 #: How often the key file's modification time is checked (SIGHUP reloads at once).

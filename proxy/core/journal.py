@@ -65,7 +65,9 @@ __all__ = [
     "BLOCK_MAGIC",
     "BLOCK_HEADER_SIZE",
     "CODEC_ZSTD",
+    "ZSTD_HASH_LOG",
     "ZSTD_LEVEL",
+    "ZSTD_WINDOW_LOG",
     "MAX_BLOCK_RAW_BYTES",
     "RECORD_OVERHEAD_BYTES",
     "JournalFormatError",
@@ -174,6 +176,11 @@ _BLOCK_VERSION = 1
 CODEC_ZSTD = 1
 #: zstd level 1: on simulator frames, a ratio of 5.6 at the cost of level -5's 3.1 (docs/journal.md).
 ZSTD_LEVEL = 1
+#: Level 1's tables made to fit a block: a 256 KiB window (a block is about that) and a 4,096-entry
+#: hash table (16 KiB: it stays in cache between blocks written a tenth of a second apart).
+#: On frames of 181 events, 0.290 -> 0.266 us an event, ratio 5.71 -> 5.79 (docs/performance.md).
+ZSTD_WINDOW_LOG = 18
+ZSTD_HASH_LOG = 12
 #: A block never holds more than this, uncompressed: a decoder refuses larger claims
 #: (a damaged size must not make it allocate gigabytes).
 MAX_BLOCK_RAW_BYTES = 64 * 1024 * 1024
@@ -310,7 +317,8 @@ class BlockCodec:
     """
 
     def __init__(self, level: int = ZSTD_LEVEL) -> None:
-        self._compressor = zstandard.ZstdCompressor(level=level)
+        self._compressor = zstandard.ZstdCompressor(compression_params=zstandard.ZstdCompressionParameters.from_level(
+            level, window_log=ZSTD_WINDOW_LOG, hash_log=ZSTD_HASH_LOG))
         self._decompressor = zstandard.ZstdDecompressor()
 
     def encode(self, records: Sequence[Record]) -> bytes:

@@ -44,6 +44,7 @@ import trio
 
 from ..core.errors import ConfigError
 from ..core.journal import ZSTD_LEVEL, BlockCodec, Record, RecordKind, SegmentInfo, gap_record, retention_victims
+from .allocator import hold_block_memory
 from .journal_store import (
     JournalLocked,
     Recovered,
@@ -314,6 +315,7 @@ class JournalWriter:
                 raise ConfigError(self.setting, f"cannot recover the journal in {self.directory}: "
                                                 f"{error.strerror or error}") from None
             self._report_recovery(recovered)
+            hold_block_memory()
             self._expected = recovered.next_seq
             self._last_written_ns = recovered.last_ns
             self._disk = _Disk(self, [segment.info for segment in recovered.segments])
