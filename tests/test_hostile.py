@@ -448,3 +448,28 @@ async def test_slow_client_policies_fire_under_load_and_the_neighbour_loses_noth
         missing = (received[-1] - received[0] + 1) - len(received)
         assert missing == session.outbox.dropped_events  # every loss counted, and only losses
     neighbour.assert_no_gap()
+
+
+async def test_an_accept_episode_ends_only_after_a_settled_quiet_moment(autojump_clock, caplog):
+    # Between the connections of a crowd still arriving, the kernel's queue is empty for moments:
+    # that must not end the episode (each new failure would log a new ERROR). It ends once no
+    # accept has failed for SETTLE_SECONDS, with one line counting the whole episode.
+    from proxy.net.accepting import SETTLE_SECONDS, AcceptTrouble
+
+    trouble = AcceptTrouble("client listener test", logging.getLogger("test.accepting"))
+    full = OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+    assert trouble.unsettled_for() == 0  # no episode
+    with caplog.at_level(logging.INFO, "test.accepting"):
+        trouble.failed(full)
+        assert trouble.unsettled_for() == SETTLE_SECONDS
+        await trio.sleep(SETTLE_SECONDS / 2)
+        assert trouble.unsettled_for() == pytest.approx(SETTLE_SECONDS / 2)
+        trouble.failed(full)  # the crowd goes on: the wait starts again
+        assert trouble.unsettled_for() == SETTLE_SECONDS
+        await trio.sleep(SETTLE_SECONDS)
+        assert trouble.unsettled_for() == 0
+        trouble.recovered()
+    lines = [record.getMessage() for record in caplog.records]
+    assert len(lines) == 2 and "accept failed (EMFILE" in lines[0], lines
+    assert "accepting again after 1.5s: 2 accepts failed" in lines[1]
+    assert trouble.unsettled_for() == 0 and trouble.failures == 0

@@ -23,7 +23,7 @@ from typing import Any, Callable, NoReturn
 import attrs
 import trio
 
-__all__ = ["AcceptTrouble", "PendingConnections", "open_socket_listeners", "reserve_shared_port", "accept_forever", "after_resource_error", "RESOURCE_ERRORS", "TRANSIENT_ERRORS", "RETRY_SECONDS", "REMIND_SECONDS"]
+__all__ = ["AcceptTrouble", "PendingConnections", "open_socket_listeners", "reserve_shared_port", "accept_forever", "after_resource_error", "RESOURCE_ERRORS", "TRANSIENT_ERRORS", "RETRY_SECONDS", "REMIND_SECONDS", "SETTLE_SECONDS"]
 
 #: accept() errors that mean "out of a resource now": retry shortly (trio's serve_listeners does the same).
 RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
@@ -41,6 +41,9 @@ TRANSIENT_ERRORS = frozenset(
 RETRY_SECONDS = 0.1
 #: While an episode lasts, a reminder this often (so a server stuck without descriptors is not silent).
 REMIND_SECONDS = 60.0
+#: An episode ends when no accept has failed for this long and none is waiting: while a crowd is still
+#: connecting, the kernel's queue empties for moments between its connections, and that is one episode.
+SETTLE_SECONDS = 1.0
 
 
 @attrs.define
@@ -54,11 +57,19 @@ class AcceptTrouble:
     _started: float = 0.0  # trio time of the episode's first failure
     _started_wall: float = 0.0
     _reminded: float = 0.0
+    _last_failure: float = 0.0  # trio time
+
+    def unsettled_for(self) -> float:
+        """How long until an episode may end (seconds; 0 when none is on or it may end now)."""
+        if not self.failures:
+            return 0.0
+        return max(0.0, self._last_failure + SETTLE_SECONDS - trio.current_time())
 
     def failed(self, error: OSError) -> None:
         """Count one failed accept; logs only at the start of an episode and once a minute while it lasts."""
         now = trio.current_time()
         self.failures += 1
+        self._last_failure = now
         if self.failures == 1:
             self._started, self._started_wall, self._reminded = now, time.time(), now
             name = errno.errorcode.get(error.errno or 0, str(error.errno))
@@ -73,11 +84,13 @@ class AcceptTrouble:
             self.log.error("%s: still failing: %s", self.what, self._tally())
 
     def recovered(self) -> None:
-        """Call when accept() would block (every waiting connection is in): ends an episode, if one is on.
+        """Call when accept() would block (every waiting connection is in) and
+        :meth:`unsettled_for` is 0: ends an episode, if one is on.
 
         Not after each successful accept: while a crowd waits, accepts that
         succeed (into descriptors just freed by shedding) alternate with ones
-        that fail, and that is one episode.
+        that fail, and that is one episode; nor as soon as the queue is empty, which
+        it is for moments between the connections of a crowd still arriving.
         """
         if self.failures:
             self.log.warning("%s: accepting again after %.1fs: %s", self.what,
@@ -201,6 +214,11 @@ async def accept_forever(
         try:
             sock, address = listener.accept()
         except BlockingIOError:
+            unsettled = trouble.unsettled_for()
+            if unsettled:
+                with trio.move_on_after(unsettled):
+                    await trio.lowlevel.wait_readable(listener)
+                    continue  # more of the crowd: the same episode
             trouble.recovered()
             await trio.lowlevel.wait_readable(listener)
             continue
