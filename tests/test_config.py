@@ -337,3 +337,23 @@ def test_the_defaults_read_from_the_environment_are_the_fields_defaults(monkeypa
                  "max_connections_per_ip", "control_messages_per_second", "client_ping_seconds",
                  "unsubscribe_grace_seconds", "journal_memory_seconds"):
         assert getattr(config, name) == attrs.fields_dict(TierConfig)[name].default, name
+
+
+@pytest.mark.parametrize("value", ["", "/dev/null"])
+def test_proxy_env_file_empty_or_dev_null_reads_the_environment_only(monkeypatch, value):
+    # a .env in the working directory that must not be read
+    Path(".env").write_text("POLYGON_API_KEY=from_dotenv\nFIREHOSE_PORT=9999\n")
+    monkeypatch.setenv("PROXY_ENV_FILE", value)
+    monkeypatch.setenv("POLYGON_API_KEY", "from_environment")
+    config = load_firehose_config()
+    assert config.upstream_api_key == "from_environment" and config.port != 9999
+
+
+def test_proxy_env_file_missing_or_a_directory_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("POLYGON_API_KEY", "k")
+    monkeypatch.setenv("PROXY_ENV_FILE", str(tmp_path / "missing.env"))
+    with pytest.raises(ConfigError, match="PROXY_ENV_FILE.*no such file"):
+        load_firehose_config()
+    monkeypatch.setenv("PROXY_ENV_FILE", str(tmp_path))
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_firehose_config()

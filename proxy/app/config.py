@@ -65,11 +65,20 @@ T = TypeVar("T")
 
 
 def settings_source() -> decouple.Config:
-    """Where settings are read: the environment, then `.env` (or the file PROXY_ENV_FILE names)."""
-    path = Path(os.environ.get("PROXY_ENV_FILE", ".env"))
-    if "PROXY_ENV_FILE" in os.environ and not path.is_file():
-        raise ConfigError("PROXY_ENV_FILE", f"no such file: {path}")
-    repository = decouple.RepositoryEnv(str(path)) if path.is_file() else decouple.RepositoryEmpty()
+    """Where settings are read: the environment, then `.env` (or the file PROXY_ENV_FILE names;
+    empty or ``/dev/null``: no file, the environment only)."""
+    named = os.environ.get("PROXY_ENV_FILE")
+    if named is not None and not named.strip():
+        return decouple.Config(decouple.RepositoryEmpty())
+    path = Path(".env" if named is None else named)
+    if named is not None:
+        if not path.exists():
+            raise ConfigError("PROXY_ENV_FILE", f"no such file: {path}")
+        if path.is_dir():
+            raise ConfigError("PROXY_ENV_FILE", f"{path} is a directory, not a file of settings")
+    # a named file is read whatever it is (/dev/null: nothing); `.env` only when there is one
+    repository = (decouple.RepositoryEnv(str(path)) if named is not None or path.is_file()
+                  else decouple.RepositoryEmpty())
     return decouple.Config(repository)
 
 
