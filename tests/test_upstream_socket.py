@@ -125,6 +125,27 @@ async def open_socket(nursery: trio.Nursery, script: Callable[[Upstream], Awaita
     return ws
 
 
+async def open_on_raw(nursery: trio.Nursery, raw: bytes, **kwargs: int) -> tuple[UpstreamSocket, list[object]]:
+    """A socket to an upstream that sends ``raw`` after the upgrade, then records the next event
+    it reads (our close frame, as the socket answers what ``raw`` did) and waits."""
+    closes: list[object] = []
+
+    async def script(upstream: Upstream) -> None:
+        await upstream.accept()
+        await upstream.send_raw(raw)
+        closes.append(await upstream.next_event())
+        await trio.sleep_forever()
+
+    return await open_socket(nursery, script, **kwargs), closes
+
+
+async def close_sent(closes: list[object]) -> object:
+    """What the upstream of :func:`open_on_raw` read after ``raw``, once it has read it."""
+    while not closes:
+        await trio.sleep(0.01)
+    return closes[0]
+
+
 async def test_fragments_are_joined_and_pings_answered(nursery):
     answered = trio.Event()
     events: list[object] = []
@@ -150,23 +171,15 @@ async def test_fragments_are_joined_and_pings_answered(nursery):
 
 
 async def test_a_message_over_the_bound_is_refused_with_1009(nursery):
-    closes: list[object] = []
-
-    async def script(upstream: Upstream) -> None:
-        await upstream.accept()
-        await upstream.send_raw(text_frame(trade(1)) + text_frame(b"[" + b" " * 2000 + b"]"))
-        closes.append(await upstream.next_event())
-        await trio.sleep_forever()
-
     with trio.fail_after(5):
-        ws = await open_socket(nursery, script, max_message_bytes=1000)
+        ws, closes = await open_on_raw(nursery, text_frame(trade(1)) + text_frame(b"[" + b" " * 2000 + b"]"),
+                                       max_message_bytes=1000)
     assert await ws.get_messages() == [trade(1).decode()]  # what came before it is handed on first
     with pytest.raises(UpstreamProtocolError, match="upstream sent a message over 1000 bytes"):
         await ws.get_messages()
     with trio.fail_after(5):
-        while not closes:
-            await trio.sleep(0.01)
-    assert isinstance(closes[0], CloseConnection) and closes[0].code == 1009
+        close = await close_sent(closes)
+    assert isinstance(close, CloseConnection) and close.code == 1009
     with trio.move_on_after(1):  # the scripted upstream does not answer our close
         await ws.aclose()
 
@@ -338,27 +351,18 @@ async def test_text_split_inside_a_character_is_joined_and_binary_stays_bytes(nu
 async def test_text_that_is_not_utf8_is_refused_with_1007(nursery, fragmented):
     """websockets' protocol does not check text; the socket does, as wsproto did, before a frame
     could reach clients."""
-    closes: list[object] = []
-
-    async def script(upstream: Upstream) -> None:
-        await upstream.accept()
-        bad = b'[{"ev":"T","sym":"\xff\xfe"}]'
-        if fragmented:
-            broken = bytes([0x01, 10]) + bad[:10] + bytes([0x80, len(bad) - 10]) + bad[10:]
-        else:
-            broken = text_frame(bad)
-        await upstream.send_raw(text_frame(trade(1)) + broken + text_frame(trade(2)))
-        closes.append(await upstream.next_event())
-        await trio.sleep_forever()
-
+    bad = b'[{"ev":"T","sym":"\xff\xfe"}]'
+    if fragmented:
+        broken = bytes([0x01, 10]) + bad[:10] + bytes([0x80, len(bad) - 10]) + bad[10:]
+    else:
+        broken = text_frame(bad)
     with trio.fail_after(5):
-        ws = await open_socket(nursery, script)
+        ws, closes = await open_on_raw(nursery, text_frame(trade(1)) + broken + text_frame(trade(2)))
         assert await ws.get_messages() == [trade(1).decode()]  # what came before it is handed on first
         with pytest.raises(UpstreamProtocolError, match=r"upstream broke the WebSocket protocol \(1007: 'utf-8' codec"):
             await ws.get_messages()
-        while not closes:
-            await trio.sleep(0.01)
-    assert isinstance(closes[0], CloseConnection) and closes[0].code == 1007
+        close = await close_sent(closes)
+    assert isinstance(close, CloseConnection) and close.code == 1007
     assert not ws.open_for_sending
     with trio.move_on_after(1):
         await ws.aclose()
@@ -366,45 +370,29 @@ async def test_text_that_is_not_utf8_is_refused_with_1007(nursery, fragmented):
 
 async def test_a_message_over_the_bound_in_fragments_is_refused_with_1009(nursery):
     """The bound is on the whole message: fragments under it that add up to more are refused."""
-    closes: list[object] = []
-
-    async def script(upstream: Upstream) -> None:
-        await upstream.accept()
-        part = b" " * 100
-        await upstream.send_raw(bytes([0x01, 100]) + part + bytes([0x00, 100]) + part + bytes([0x80, 100]) + part)
-        closes.append(await upstream.next_event())
-        await trio.sleep_forever()
-
+    part = b" " * 100
     with trio.fail_after(5):
-        ws = await open_socket(nursery, script, max_message_bytes=250)
+        ws, closes = await open_on_raw(
+            nursery, bytes([0x01, 100]) + part + bytes([0x00, 100]) + part + bytes([0x80, 100]) + part,
+            max_message_bytes=250)
         with pytest.raises(UpstreamProtocolError, match="upstream sent a message over 250 bytes"):
             await ws.get_messages()
-        while not closes:
-            await trio.sleep(0.01)
-    assert isinstance(closes[0], CloseConnection) and closes[0].code == 1009
+        close = await close_sent(closes)
+    assert isinstance(close, CloseConnection) and close.code == 1009
     with trio.move_on_after(1):
         await ws.aclose()
 
 
 async def test_a_framing_error_is_named_and_closed_with_1002(nursery):
-    closes: list[object] = []
-
-    async def script(upstream: Upstream) -> None:
-        await upstream.accept()
-        # a continuation frame with no message begun
-        await upstream.send_raw(text_frame(trade(1)) + bytes([0x80, 2]) + b"[]")
-        closes.append(await upstream.next_event())
-        await trio.sleep_forever()
-
     with trio.fail_after(5):
-        ws = await open_socket(nursery, script)
+        # a continuation frame with no message begun
+        ws, closes = await open_on_raw(nursery, text_frame(trade(1)) + bytes([0x80, 2]) + b"[]")
         assert await ws.get_messages() == [trade(1).decode()]
         with pytest.raises(UpstreamProtocolError, match=r"upstream broke the WebSocket protocol \(1002: "
                                                          r"unexpected continuation frame\)"):
             await ws.get_messages()
-        while not closes:
-            await trio.sleep(0.01)
-    assert isinstance(closes[0], CloseConnection) and closes[0].code == 1002
+        close = await close_sent(closes)
+    assert isinstance(close, CloseConnection) and close.code == 1002
     with trio.move_on_after(1):
         await ws.aclose()
 
