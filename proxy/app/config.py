@@ -36,6 +36,7 @@ from ..core.settings import (
     TierConfig,
     TierKind,
     Variable,
+    connections_variable,
     parse_frame_events,
     variable_of,
 )
@@ -147,11 +148,6 @@ def _required(source: decouple.Config, name: str) -> str:
     return value
 
 
-def connections_variable(market: str) -> str:
-    """The variable that says how many upstream connections the account has for ``market``."""
-    return f"POLYGON_CONNECTIONS_{market.upper()}"
-
-
 def _connections(source: decouple.Config) -> dict[str, int]:
     """``POLYGON_CONNECTIONS_<MARKET>`` for every market that has one set."""
     counts: dict[str, int] = {}
@@ -209,8 +205,7 @@ def load_firehose_config() -> TierConfig:
     )
     shortfall = config.connection_shortfall()
     if shortfall is not None:
-        market = next(route.market for route in config.routes if config.connections_for_route(route) < 1)
-        raise ConfigError(connections_variable(market), shortfall)
+        raise ConfigError(*shortfall)
     return config
 
 

@@ -25,8 +25,13 @@ from .routes import Route, replace_market_path, routes_for
 
 __all__ = ["ABOVE_ZERO", "AT_LEAST_ONE", "FLUSH_MS", "FRAME_ADAPTIVE", "FRAME_TICK", "LOG_LEVELS", "MARKETS", "MARKET_NAMES_ONLY",
            "MAX_FRAME_EVENTS", "SOME_MARKETS", "NOT_NEGATIVE", "PORT", "POSITIVE_SECONDS", "PathCheck", "ReplayConfig",
-           "SECONDS", "SimulatorConfig", "TierConfig", "TierKind", "Variable", "parse_frame_events", "parse_speed",
-           "setting", "variable_of"]
+           "SECONDS", "SimulatorConfig", "TierConfig", "TierKind", "Variable", "connections_variable",
+           "parse_frame_events", "parse_speed", "setting", "variable_of"]
+
+
+def connections_variable(market: str) -> str:
+    """The variable that says how many upstream connections the account has for ``market``."""
+    return f"POLYGON_CONNECTIONS_{market.upper()}"
 
 
 def _within(check: "Callable[[Any], bool]", expected: str) -> "Callable[[Any, attrs.Attribute, Any], None]":
@@ -321,15 +326,16 @@ class TierConfig:
         delayed = 1 if route.market in self.delayed_markets else 0
         return max(0, self.connections_for(route.market) - delayed)
 
-    def connection_shortfall(self) -> str | None:
-        """Why the markets served need more connections than the account has, or None."""
+    def connection_shortfall(self) -> tuple[str, str] | None:
+        """When the markets served need more connections than the account has: the variable to
+        raise, and why; else None."""
         for route in self.routes:
             if not route.delayed and self.connections_for_route(route) < 1:
-                have = self.connections_for(route.market)
-                return (f"{route.market} is served real-time and delayed (POLYGON_DELAYED_MARKETS), which takes "
-                        f"2 connections, and Polygon counts them together; the account has {have} "
-                        f"(POLYGON_CONNECTIONS_{route.market.upper()}): set it to 2 if your plan has them, or "
-                        f"drop {route.market} from one feed")
+                have, variable = self.connections_for(route.market), connections_variable(route.market)
+                return variable, (f"{route.market} is served real-time and delayed (POLYGON_DELAYED_MARKETS), "
+                                  f"which takes 2 connections, and Polygon counts them together; the account has "
+                                  f"{have} ({variable}): set it to 2 if your plan has them, or drop {route.market} "
+                                  "from one feed")
         return None
 
     def upstream_url_for(self, route: Route) -> str:
