@@ -315,18 +315,21 @@ async def _run_route(
         else:
             tell()
 
-    #: An outage's end, while the link resumes by the firehose's journal: told once the resume
-    #: says whether the outage cost the clients anything (:func:`resumed`).
-    resuming: list[float] = []
+    #: True while an outage's end waits for the link's resume by the firehose's journal: told
+    #: once the resume says whether the outage cost the clients anything (:func:`resumed`).
+    resuming = False
 
-    def end_outage() -> float:
-        """The outage going on is over: counted, kept in the history; returns its length."""
+    def end_outage(logged: str, told: str) -> None:
+        """The outage going on is over: counted, kept in the history, logged and told to the
+        clients with its length and what it cost (``logged``, ``told``)."""
         seconds = trio.current_time() - outage_started.pop()
         stats.outage_seconds += seconds
         history.outage_ended(seconds)
-        return seconds
+        log.warning("%s connection restored after a %.1fs outage; %s", label, seconds, logged)
+        tell_clients(UPSTREAM_CONNECTED, f"{label} connection restored after {seconds:.1f}s; {told}")
 
     def connected() -> None:
+        nonlocal resuming
         connections.append(trio.current_time())
         if len(connections) == 1:
             # Not a recovery; but any client already here was told the upstream was down.
@@ -335,16 +338,13 @@ async def _run_route(
         if outage_started and link.resume is not None and link.resume.position is not None:
             # This connection asks the firehose for what the link missed: the clients hear of the
             # end of the outage when it says whether that worked (resumed).
-            resuming.append(trio.current_time())
+            resuming = True
             return
         if outage_started:
-            seconds = end_outage()
-            log.warning("%s connection restored after a %.1fs outage; events sent upstream in that "
-                        "window are lost (Polygon has no replay)", label, seconds)
-            message = f"{label} connection restored after {seconds:.1f}s; events of that window are lost"
+            end_outage("events sent upstream in that window are lost (Polygon has no replay)",
+                       "events of that window are lost")
         else:
-            message = f"{label} connection restored"
-        tell_clients(UPSTREAM_CONNECTED, message)
+            tell_clients(UPSTREAM_CONNECTED, f"{label} connection restored")
 
     def upstream_notice() -> str | None:
         """What a client that authenticates now is told, when the upstream is not connected (or
@@ -371,30 +371,26 @@ async def _run_route(
 
     def resumed(outcome: ResumeOutcome) -> None:
         """The link's resume ended: the outage is over, and cost the clients nothing, or not."""
+        nonlocal resuming
         if not resuming or not outage_started:
             return
-        resuming.clear()
-        seconds = end_outage()
+        resuming = False
         if outcome.complete:
-            log.warning("%s connection restored after a %.1fs outage; resumed from seq %d of the firehose's "
-                        "journal %s: no events were lost", label, seconds, outcome.asked.from_seq,
-                        outcome.asked.journal)
-            message = (f"{label} connection restored after {seconds:.1f}s; resumed from the firehose's journal: "
-                       "no events were lost")
+            end_outage(f"resumed from seq {outcome.asked.from_seq} of the firehose's journal "
+                       f"{outcome.asked.journal}: no events were lost",
+                       "resumed from the firehose's journal: no events were lost")
         else:
             why = "; ".join(outcome.lost)
-            log.warning("%s connection restored after a %.1fs outage; the firehose's journal could not resume "
-                        "all of it (%s): events of that window are lost", label, seconds, why)
-            message = (f"{label} connection restored after {seconds:.1f}s; the firehose's journal could not "
-                       f"resume all of it ({why}): events of that window are lost")
-        tell_clients(UPSTREAM_CONNECTED, message)
+            lost = f"the firehose's journal could not resume all of it ({why}): events of that window are lost"
+            end_outage(lost, lost)
 
     def disconnected(reason: str) -> None:
+        nonlocal resuming
         tier.upstream_reports = None  # the upstream tier says again at the next auth, if it still holds
         if resuming:
             # Lost again before the resume ended: the clients have not heard the outage was over,
             # so it goes on (the next connection resumes from the last mark read).
-            resuming.clear()
+            resuming = False
             log.warning("lost the %s connection again while resuming (%s)", label, reason)
             return
         stats.outages += 1
