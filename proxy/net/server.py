@@ -590,19 +590,12 @@ class Hub:
             return
         events, received_at = outbox.queued_events, outbox.oldest_received_at
         frames = outbox.take_frames()
-        self.pacer.written(session, now)
-        stats = self.stats
-        stats.frames_out += len(frames)
+        data_frames = len(frames)
         if session.state.downstream_proxy and mark:
             journal_mark = self.journal_mark(session)
             if journal_mark is not None:
                 frames.append(journal_mark)
-        stats.bytes_out += connection.send_texts(frames)
-        outbox.unsent_events = events if connection.backlogged else 0  # the writer clears it once drained
-        stats.events_out += events
-        session.events_sent += events
-        if received_at is not None:
-            stats.routing_latency.observe(now - received_at)
+        self._send_written(session, frames, data_frames, events, received_at, now)
         if not connection.backlogged and mark and self.registry.holds_everything(session):
             self._join_run(session)
 
@@ -626,7 +619,6 @@ class Hub:
             frames = run.take_frames()
             self.pacer.written(run, now)
             marked: list[str | bytes] | None = None
-            stats, pacer = self.stats, self.pacer
             behind: list[ClientSession] = []
             for session in members:
                 texts = frames
@@ -635,17 +627,9 @@ class Hub:
                         journal_mark = self.journal_mark(session)
                         marked = frames if journal_mark is None else [*frames, journal_mark]
                     texts = marked
-                connection = session.connection
-                stats.frames_out += len(frames)
-                stats.bytes_out += connection.send_texts(texts)
-                if connection.backlogged:
-                    session.outbox.unsent_events = events  # the writer clears it once drained
+                self._send_written(session, texts, len(frames), events, received_at, now)
+                if session.connection.backlogged:
                     behind.append(session)
-                stats.events_out += events
-                session.events_sent += events
-                pacer.written(session, now)
-                if received_at is not None:
-                    stats.routing_latency.observe(now - received_at)
             for session in behind:
                 run.release(session)  # nothing of the run left to copy: it goes on alone until drained
         holders = self.registry.everything_holders
@@ -653,6 +637,21 @@ class Hub:
             for session in holders:
                 if session not in members:
                     self._join_run(session)
+
+    def _send_written(self, session: ClientSession, texts: list[str | bytes], data_frames: int, events: int,
+                      received_at: float | None, now: float) -> None:
+        """Send ``texts`` (``data_frames`` of them data, then a journal mark, if any) to ``session``
+        and count the write: what the socket did not take waits in its backlog, and the events
+        stay counted as unsent until its writer drains it."""
+        stats, connection = self.stats, session.connection
+        stats.frames_out += data_frames
+        stats.bytes_out += connection.send_texts(texts)
+        session.outbox.unsent_events = events if connection.backlogged else 0  # the writer clears it once drained
+        stats.events_out += events
+        session.events_sent += events
+        self.pacer.written(session, now)
+        if received_at is not None:
+            stats.routing_latency.observe(now - received_at)
 
     def _join_run(self, session: ClientSession) -> None:
         """Make a ``*`` holder that is in step a member of the shared run, when the run allows it
