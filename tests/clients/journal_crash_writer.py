@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import random
 import sys
+import threading
 import time
 
 import trio
@@ -24,6 +25,17 @@ from proxy.net.journal_store import SegmentAppender
 from proxy.net.journal_writer import JournalWriter
 
 PIECE = 4096
+# Both the trio thread ("written") and the writer's worker thread ("mid-block") report on stdout;
+# print() writes a line and its newline in two calls, so unguarded lines could interleave
+# ("written 19550mid-block") and the test would misread them.
+REPORT_LOCK = threading.Lock()
+
+
+def report(line: str) -> None:
+    """Write one whole line to stdout and flush it, whichever thread calls."""
+    with REPORT_LOCK:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
 
 
 def expected(seq: int) -> tuple[RecordKind, bytes]:
@@ -40,7 +52,7 @@ async def main(directory: str) -> None:
                            segment_bytes=4 << 20)
     async with trio.open_nursery() as nursery:
         recovered = await nursery.start(writer.run)
-        print(f"start {recovered.next_seq}", flush=True)
+        report(f"start {recovered.next_seq}")
         journal = Journal(next_seq=recovered.next_seq, not_before_ns=recovered.last_ns, sink=writer.offer,
                           memory_seconds=1)
         reported = 0
@@ -56,7 +68,7 @@ async def main(directory: str) -> None:
                 await trio.sleep(0.001)  # stay within the writer's queue: a kill, not gaps, is tested
             if writer.stats.last_written_seq != reported:
                 reported = writer.stats.last_written_seq
-                print(f"written {reported}", flush=True)
+                report(f"written {reported}")
 
 
 def write_piecemeal() -> None:
@@ -66,8 +78,7 @@ def write_piecemeal() -> None:
         for start in range(0, len(data), PIECE):
             whole(self, data[start:start + PIECE])
             if start == 0 and len(data) > 16 * PIECE:  # at least 15 pieces, 15 ms, still to come
-                sys.stdout.write("mid-block\n")  # one write: this is the worker thread
-                sys.stdout.flush()
+                report("mid-block")  # from the worker thread
             time.sleep(0.001)
 
     SegmentAppender._write = piecemeal  # type: ignore[method-assign]
