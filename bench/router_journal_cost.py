@@ -2,7 +2,7 @@
 
 ``python -m bench.router_journal_cost [--frames 20000] [--rounds 3]``
 
-The tier's own router code (:func:`proxy.app.tier._route_one` and ``Hub.flush``) runs over a
+The tier's own router code (:func:`proxy.app.tier._route_batch` and ``Hub.flush``) runs over a
 pre-built feed (the simulator's market model over 3,000 symbols) for two scenarios: *filtered*
 (100 clients holding 5-50 symbols' T and Q, Zipf-weighted, 5 % holding ``T.*``, as
 ``scripts/bench``'s plan) and *firehose-star* (4 clients holding ``*``), each with frames of
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import collections
 import random
 import shutil
 import resource
@@ -42,6 +43,9 @@ from proxy.net.server import Hub
 from proxy.sim.market import MarketModel, frame_of, prebuild, synthetic_symbols
 
 SYMBOLS = 3000
+#: Frames a read brings, by frame size: what the tiers' reads held in scripts/bench at its rates
+#: (14 one-event frames on average at 10,000/s; frames of 200 events come 100 a second, one a read).
+READ_FRAMES = {200: 1, 1: 8}
 
 
 class NullConnection:
@@ -77,8 +81,9 @@ def plans(scenario: str, rng: random.Random, symbols: list[str]) -> list[str]:
     return out
 
 
-async def route(feed: list[bytes], scenario: str, mode: str, events: int) -> float:
-    """Route ``feed`` through a fresh tier's router with the journal in ``mode``; CPU µs per event."""
+async def route(feed: list[bytes], scenario: str, mode: str, events: int, read: int) -> float:
+    """Route ``feed``, ``read`` frames a read, through a fresh tier's router with the journal in
+    ``mode``; CPU µs per event."""
     from tests.helpers import filtered_config  # the test configuration: defaults, no ports opened
     config = filtered_config(1)
     registry: SubscriptionRegistry = SubscriptionRegistry(clock=trio.current_time)
@@ -87,7 +92,8 @@ async def route(feed: list[bytes], scenario: str, mode: str, events: int) -> flo
     for index, channels in enumerate(plans(scenario, random.Random(3), synthetic_symbols(SYMBOLS))):
         session = hub.open_session(f"127.0.0.1:{index}", NullConnection())  # type: ignore[arg-type]
         registry.subscribe(session, parse_channel_list(channels))
-    tier = types.SimpleNamespace(stats=stats, registry=registry, hub=hub, journal=None)
+    tier = types.SimpleNamespace(stats=stats, registry=registry, hub=hub, journal=None, batches_routed=0,
+                                 notices=collections.deque())
     async with trio.open_nursery() as nursery:
         writer = None
         if mode == "disk":
@@ -97,14 +103,13 @@ async def route(feed: list[bytes], scenario: str, mode: str, events: int) -> flo
             await nursery.start(writer.run)
         if mode != "off":
             tier.journal = Journal(sink=None if writer is None else writer.offer)
-        route_one, flush = tier_module._route_one, hub.flush
+        route_batch, flush = tier_module._route_batch, hub.flush
         cpu = cpu_now()
         offset_ns = time.time_ns() - int(trio.current_time() * 1e9)
-        for index, frame in enumerate(feed):
-            route_one(tier, frame, trio.current_time(), offset_ns)  # type: ignore[arg-type]
-            if index % 8 == 7:
-                flush()
-                await trio.sleep(0)  # the router's await for the next frame: the writer may run
+        for start in range(0, len(feed), read):
+            route_batch(tier, feed[start:start + read], trio.current_time(), offset_ns)  # type: ignore[arg-type]
+            flush()
+            await trio.sleep(0)  # the router's await for the next read: the writer may run
         flush()
         if writer is not None:
             while writer.stats.last_written_seq < tier.journal.next_seq - 1:  # type: ignore[union-attr]
@@ -128,7 +133,7 @@ def main() -> None:
             results: dict[str, list[float]] = {"off": [], "memory": [], "disk": []}
             for _ in range(args.rounds):
                 for mode in results:
-                    results[mode].append(trio.run(route, frames, scenario, mode, events))
+                    results[mode].append(trio.run(route, frames, scenario, mode, events, READ_FRAMES[frame_events]))
             off = statistics.median(results["off"])
             line = f"{scenario:14} frames of {frame_events:3} events: off {off:.3f}"
             for mode in ("memory", "disk"):

@@ -11,6 +11,7 @@ import pytest
 import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from proxy.core.journal import (
     BLOCK_HEADER_SIZE,
@@ -18,6 +19,8 @@ from proxy.core.journal import (
     ZSTD_WINDOW_LOG,
     BlockCodec,
     EventSelector,
+    FrameRun,
+    RECORD_OVERHEAD_BYTES,
     Journal,
     JournalFormatError,
     JournalRing,
@@ -153,6 +156,39 @@ def test_the_encoder_refuses_records_out_of_order():
         CODEC.encode([gap_record(2, 5, T0, "x"), frame_record(5, T0, b"[]")])  # inside the gap
     with pytest.raises(ValueError):
         CODEC.encode([])
+
+
+frame_data = st.one_of(st.binary(max_size=200), st.text(max_size=60))  # text includes lone surrogates
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.one_of(st.lists(frame_data, min_size=1, max_size=12), st.text(max_size=20)), min_size=1,
+                max_size=12), st.integers(1, 2**40), st.lists(st.integers(0, 10**6), min_size=12, max_size=12))
+def test_a_run_of_frames_is_encoded_byte_for_byte_as_its_records(entries, first_seq, steps):
+    """The writer's fast path for a read's frames (C loops) against the plain one, record by record:
+    the same bytes, text and binary frames mixed or not; decoding gives the records back."""
+    runs_and_records: list = []
+    seq, ns = first_seq, T0
+    for entry, step in zip(entries, steps):
+        ns += step
+        if isinstance(entry, list):
+            runs_and_records.append(FrameRun(seq, seq + len(entry) - 1, ns, entry))
+            seq += len(entry)
+        else:
+            runs_and_records.append(outage_record(RecordKind.UPSTREAM_LOST, seq, ns, entry))
+            seq += 1
+    expanded = [record for entry in runs_and_records
+                for record in (entry.records() if isinstance(entry, FrameRun) else [entry])]
+    block = CODEC.encode(runs_and_records)
+    assert block == CODEC.encode(expanded)
+    header = parse_block_header(block, 0)
+    assert header.count == len(expanded) and header.last_seq == seq - 1
+    assert CODEC.decode(header, block[BLOCK_HEADER_SIZE:]) == [as_stored(record) for record in expanded]
+
+
+def test_a_run_must_hold_one_frame_per_seq():
+    with pytest.raises(ValueError):
+        CODEC.encode([FrameRun(1, 3, T0, [b"[]", b"[]"])])
 
 
 @settings(max_examples=100, deadline=None)
@@ -389,6 +425,92 @@ def test_the_ring_refuses_holes_and_time_going_back():
         ring.append(frame_record(5, T0 + 10**10, b""))
     with pytest.raises(ValueError):
         ring.append(frame_record(4, T0, b""))
+
+
+class RingAgainstAModel(RuleBasedStateMachine):
+    """The ring, fed a read's frames at a time (and an outage now and then), holds exactly what
+    its definition says: the longest run of the newest records whose oldest is at most
+    ``max_seconds`` older than the newest and which count at most ``max_bytes`` together; every
+    lookup answers from that, kinds included."""
+
+    @initialize(seconds=st.integers(1, 50), max_bytes=st.integers(1, 5_000))
+    def start(self, seconds: int, max_bytes: int) -> None:
+        self.ring = JournalRing(max_seconds=seconds, max_bytes=max_bytes)
+        self.max_ns, self.max_bytes = seconds * 10**9, max_bytes
+        self.records: list[Record] = []  # everything ever appended
+
+    def held(self) -> list[Record]:
+        kept: list[Record] = []
+        total = 0
+        for record in reversed(self.records):
+            total += len(record.data) + RECORD_OVERHEAD_BYTES
+            if total > self.max_bytes or record.received_ns < self.records[-1].received_ns - self.max_ns:
+                break
+            kept.append(record)
+        return kept[::-1]
+
+    def next_seq_and_ns(self, step_s: float) -> tuple[int, int]:
+        if not self.records:
+            return 7, T0
+        return self.records[-1].seq + 1, self.records[-1].received_ns + int(step_s * 1e9)
+
+    @rule(frames=st.lists(st.binary(max_size=300), max_size=6), step_s=st.sampled_from([0, 0.5, 3, 20, 80]))
+    def a_read(self, frames: list[bytes], step_s: float) -> None:
+        seq, ns = self.next_seq_and_ns(step_s)
+        self.ring.extend(seq, ns, frames)
+        self.records += [frame_record(seq + i, ns, data) for i, data in enumerate(frames)]
+
+    @rule(reason=st.text(max_size=30), step_s=st.sampled_from([0, 1, 30]))
+    def an_outage(self, reason: str, step_s: float) -> None:
+        seq, ns = self.next_seq_and_ns(step_s)
+        record = outage_record(RecordKind.UPSTREAM_LOST, seq, ns, reason)
+        self.ring.append(record)
+        self.records.append(record)
+
+    @invariant()
+    def holds_what_the_bounds_allow(self) -> None:
+        if not hasattr(self, "ring"):
+            return
+        held, ring = self.held(), self.ring
+        assert len(ring) == len(held)
+        assert ring.records_from(held[0].seq if held else 1) == held
+        assert ring.size_bytes == sum(len(r.data) + RECORD_OVERHEAD_BYTES for r in held)
+        assert ring.evicted == len(self.records) - len(held)
+        # an evicted outage's kind goes with it (no lookup would show a stale one: only memory would)
+        assert all(ring.first_seq <= seq <= ring.last_seq for seq in ring._kinds)
+        if not held:
+            assert ring.first_seq is None and ring.last_seq is None
+            return
+        assert (ring.first_seq, ring.last_seq) == (held[0].seq, held[-1].seq)
+        assert (ring.oldest_ns, ring.newest_ns) == (held[0].received_ns, held[-1].received_ns)
+        middle = held[len(held) // 2]
+        assert ring.get(middle.seq) == middle
+        assert ring.seq_at_time(middle.received_ns) == next(r.seq for r in held if r.received_ns >= middle.received_ns)
+        assert ring.seq_at_time(held[-1].received_ns + 1) == held[-1].seq + 1
+        if len(self.records) > len(held):
+            with pytest.raises(SeqEvicted):
+                ring.get(held[0].seq - 1)
+            assert not ring.covers_time(held[0].received_ns - 1) or held[0].received_ns == \
+                self.records[-len(held) - 1].received_ns
+
+
+test_the_ring_holds_what_its_bounds_allow = RingAgainstAModel.TestCase
+test_the_ring_holds_what_its_bounds_allow.settings = settings(max_examples=100, stateful_step_count=40, deadline=None)
+
+
+def test_the_journal_numbers_a_read_and_hands_it_on_as_one_run():
+    sunk: list = []
+    journal = Journal(next_seq=10, not_before_ns=T0, memory_seconds=60, memory_bytes=10**6, sink=sunk.append)
+    frames = ["[1]", b"[2]", "[3]"]
+    assert journal.frames(frames, T0 - 7) == 10  # the wall clock stepped back: clamped
+    assert journal.frames([], T0 + 50) == 13 and journal.next_seq == 13  # nothing read: nothing journaled
+    lost = journal.upstream_lost("gone", T0 + 1)
+    assert journal.frames(["[4]"], T0 + 2) == 14
+    assert sunk == [FrameRun(10, 12, T0, frames), lost, FrameRun(14, 14, T0 + 2, ["[4]"])]
+    assert sunk[0].frames is frames  # taken as it is: not copied
+    assert [(r.seq, r.kind, r.received_ns, r.data) for r in journal.ring.records_from(10)] == [
+        (10, RecordKind.FRAME, T0, "[1]"), (11, RecordKind.FRAME, T0, b"[2]"), (12, RecordKind.FRAME, T0, "[3]"),
+        (13, RecordKind.UPSTREAM_LOST, T0 + 1, "gone"), (14, RecordKind.FRAME, T0 + 2, "[4]")]
 
 
 def test_the_journal_numbers_records_clamps_time_and_feeds_its_sink():

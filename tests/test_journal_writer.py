@@ -77,6 +77,76 @@ async def test_what_the_router_offers_reaches_the_disk_in_order(tmp_path):
     assert_clean(tmp_path)
 
 
+async def test_a_read_of_frames_reaches_the_disk_as_its_records(tmp_path):
+    """What the tiers hand the writer: one run of frames a read (text, binary, mixed), outages between."""
+    reads = []
+    async with trio.open_nursery() as nursery:
+        writer, journal = await start(nursery, tmp_path)
+        for index in range(300):
+            seq = journal.next_seq
+            frames = [frame_bytes(seq + i) if (index + i) % 3 else frame_bytes(seq + i).decode()
+                      for i in range(index % 17 + 1)]
+            reads.append((journal.frames(frames, T0 + index * 1000), frames))
+            if index % 50 == 49:
+                journal.upstream_lost(f"outage {index}", T0 + index * 1000)
+                await trio.sleep(0.002)
+        await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+    records = on_disk(tmp_path)
+    assert [r.seq for r in records] == list(range(1, journal.next_seq))
+    by_seq = {r.seq: r for r in records}
+    for index, (first, frames) in enumerate(reads):
+        assert [(by_seq[first + i].kind, by_seq[first + i].data, by_seq[first + i].received_ns) for i in
+                range(len(frames))] == [(RecordKind.FRAME, frame_bytes(first + i), T0 + index * 1000)
+                                        for i in range(len(frames))]
+    outages = [r for r in records if r.kind is RecordKind.UPSTREAM_LOST]
+    assert [r.reason for r in outages] == [f"outage {index}" for index in range(49, 300, 50)]
+    stats = writer.stats
+    assert stats.records_offered == stats.records_written == len(records) and stats.records_dropped == 0
+    assert stats.last_written_seq == journal.next_seq - 1
+    assert_clean(tmp_path)
+
+
+async def test_a_read_without_room_in_the_queue_is_dropped_whole_and_becomes_a_gap(tmp_path, monkeypatch):
+    """The queue is bounded in records, whatever the reads hold: a read that does not fit is
+    dropped as a whole (a gap record stands for exactly its seqs); a read larger than the whole
+    queue still goes in when the queue is empty."""
+    release = trio.Event()
+    original_append = SegmentAppender.append
+
+    def held_append(self, block: bytes) -> None:
+        while not release.is_set():
+            time.sleep(0.01)
+        original_append(self, block)
+
+    monkeypatch.setattr(SegmentAppender, "append", held_append)
+    async with trio.open_nursery() as nursery:
+        writer, journal = await start(nursery, tmp_path, queue_records=10)
+        try:
+            journal.frames([frame_bytes(1)], T0)
+            await trio.sleep(0.05)  # the writer took seq 1 and is held writing it: the queue is empty
+            journal.frames([frame_bytes(seq) for seq in range(2, 16)], T0 + 1)  # 14 > 10, into an empty queue
+            journal.frames([frame_bytes(16)], T0 + 2)  # no room: dropped
+            journal.frames([frame_bytes(17), frame_bytes(18)], T0 + 3)  # dropped
+            dropped_while_held = writer.stats.records_dropped
+        finally:
+            release.set()  # (a failed assertion must not leave the worker thread held)
+        await trio.sleep(0.05)  # the held write ends, seqs 2..15 are written; the queue is empty again
+        journal.frames([frame_bytes(seq) for seq in range(19, 29)], T0 + 4)  # 10: fits exactly
+        await trio.sleep(0.05)
+        journal.frames([frame_bytes(29)], T0 + 5)  # the queue counts from 0 again: both fit
+        journal.frames([frame_bytes(30)], T0 + 5)
+        await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+    assert dropped_while_held == 3
+    records = on_disk(tmp_path)
+    assert [(r.kind, r.seq, r.end_seq) for r in records if r.kind is not RecordKind.FRAME] == [(RecordKind.GAP, 16, 18)]
+    assert [r.seq for r in records if r.kind is RecordKind.FRAME] == [*range(1, 16), *range(19, 31)]
+    assert writer.stats.records_offered == 30 and writer.stats.records_dropped == 3
+    assert writer.stats.gaps == 1 and writer.stats.seqs_missing == 3
+    assert_clean(tmp_path)
+
+
 async def test_a_stop_writes_the_block_being_gathered(tmp_path):
     async with trio.open_nursery() as nursery:
         _, journal = await start(nursery, tmp_path, block_seconds=30)

@@ -3,9 +3,10 @@
 Every frame a tier receives from upstream becomes a :class:`Record` with a tier-local
 sequence number (``seq``) and its receive time in ns since the epoch; upstream outages
 are records of their own, so a replay shows the gap where it happened. The router
-appends through :class:`Journal`, which numbers the records, keeps the last minutes of
-them in a :class:`JournalRing` (bounded by seconds and bytes, whichever binds first)
-and hands each to a sink (the disk writer in :mod:`proxy.net.journal_writer`).
+appends through :class:`Journal`, a read's frames at a time, which numbers the records,
+keeps the last minutes of them in a :class:`JournalRing` (bounded by seconds and bytes,
+whichever binds first) and hands them to a sink (the disk writer in
+:mod:`proxy.net.journal_writer`) as one :class:`FrameRun` a read.
 
 On disk (docs/journal.md has the picture), a journal is a directory of append-only
 *segments*. A segment is a 32-byte header, then *blocks*: a 60-byte header with its
@@ -34,10 +35,12 @@ from __future__ import annotations
 import bisect
 import datetime
 import enum
+import operator
 import re
 import struct
 import zlib
 from collections import Counter
+from itertools import accumulate, repeat
 from typing import Callable, Iterable, Iterator, Protocol, Sequence, TYPE_CHECKING, TypeAlias
 
 if TYPE_CHECKING:
@@ -58,6 +61,10 @@ __all__ = [
     "frame_record",
     "outage_record",
     "gap_record",
+    "FrameRun",
+    "Entry",
+    "entry_records",
+    "entry_size",
     "Buffer",
     "SEGMENT_MAGIC",
     "SEGMENT_HEADER_SIZE",
@@ -151,6 +158,53 @@ def gap_record(first_seq: int, last_seq: int, received_ns: int, reason: str) -> 
     if last_seq < first_seq:
         raise ValueError(f"empty gap {first_seq}..{last_seq}")
     return Record(RecordKind.GAP, first_seq, received_ns, reason, last_seq)
+
+
+@attrs.define(slots=True)
+class FrameRun:
+    """The frames one read brought, journaled together: seqs ``seq``..``end_seq``, one frame each,
+    all received at ``received_ns``. Treat it as immutable.
+
+    The router hands the disk writer one of these per read rather than a :class:`Record` per
+    frame, and the writer encodes it in one pass (:meth:`BlockCodec.encode`): per frame, the
+    journal's cost is then a few list operations in C, not a Python object and a call. On disk
+    its frames are ordinary ``FRAME`` records; readers never see a run.
+    """
+
+    seq: int
+    end_seq: int
+    received_ns: int
+    #: the frames as received, in order; the run holds the list itself, which must not change
+    frames: Sequence[str | bytes]
+
+    #: What a run's records are (so that code asking an entry's kind needs no special case).
+    kind = RecordKind.FRAME
+
+    @property
+    def size(self) -> int:
+        """The frames' length in all (characters for ``str``, bytes for ``bytes``)."""
+        return sum(map(len, self.frames))
+
+    def records(self) -> list[Record]:
+        """The run as the records it stands for."""
+        received_ns = self.received_ns
+        return [Record(RecordKind.FRAME, seq, received_ns, data, seq)
+                for seq, data in zip(range(self.seq, self.end_seq + 1), self.frames)]
+
+
+#: What the router hands the disk writer: a record (an outage; a gap, from the writer itself) or
+#: a run of frames.
+Entry: TypeAlias = "Record | FrameRun"
+
+
+def entry_records(entry: Entry) -> int:
+    """How many records ``entry`` is on disk: a run's frame count, 1 for a record (a gap too)."""
+    return len(entry.frames) if type(entry) is FrameRun else 1
+
+
+def entry_size(entry: Entry) -> int:
+    """The length of ``entry``'s data: what the writer measures blocks by."""
+    return entry.size if type(entry) is FrameRun else len(entry.data)  # type: ignore[union-attr]
 
 
 # --- the on-disk format: segment header -----------------------------------------------------
@@ -321,13 +375,13 @@ class BlockCodec:
             level, window_log=ZSTD_WINDOW_LOG, hash_log=ZSTD_HASH_LOG))
         self._decompressor = zstandard.ZstdDecompressor()
 
-    def encode(self, records: Sequence[Record]) -> bytes:
-        """One block (header and payload) holding ``records``.
+    def encode(self, records: Sequence[Entry]) -> bytes:
+        """One block (header and payload) holding ``records`` (records, and runs of frames as
+        the records they stand for).
 
-        Takes records in seq order, each starting after the previous one's
-        ``end_seq``, with non-decreasing receive times; raises ValueError otherwise
-        or when there are none. Frames held as ``str`` are encoded to UTF-8 here
-        (off the router).
+        Takes entries in seq order, each starting after the previous one's ``end_seq``, with
+        non-decreasing receive times; raises ValueError otherwise or when there are none.
+        Frames held as ``str`` are encoded to UTF-8 here (off the router).
         """
         if not records:
             raise ValueError("a block holds at least one record")
@@ -335,22 +389,27 @@ class BlockCodec:
         pack = _RECORD.pack
         previous_end = records[0].seq - 1
         previous_ns = records[0].received_ns
+        count = 0
         for record in records:
             if record.seq <= previous_end or record.end_seq < record.seq or record.received_ns < previous_ns:
                 raise ValueError(f"records out of order at seq {record.seq}")
             previous_end, previous_ns = record.end_seq, record.received_ns
-            data = record.data
+            if type(record) is FrameRun:
+                count += _encode_run(record, parts)
+                continue
+            data = record.data  # type: ignore[union-attr]
             if isinstance(data, str):
                 data = data.encode("utf-8", "surrogatepass")
             if record.kind is RecordKind.GAP:
                 data = _GAP_END.pack(record.end_seq) + data
             parts.append(pack(record.kind, record.seq, record.received_ns, len(data)))
             parts.append(data)
+            count += 1
         raw = b"".join(parts)
         if len(raw) > MAX_BLOCK_RAW_BYTES:
             raise ValueError(f"{len(raw)} bytes do not fit one block (at most {MAX_BLOCK_RAW_BYTES})")
         payload = self._compressor.compress(raw)
-        head = _BLOCK.pack(BLOCK_MAGIC, _BLOCK_VERSION, CODEC_ZSTD, 0, len(payload), len(raw), len(records),
+        head = _BLOCK.pack(BLOCK_MAGIC, _BLOCK_VERSION, CODEC_ZSTD, 0, len(payload), len(raw), count,
                            records[0].seq, records[-1].end_seq, records[0].received_ns,
                            records[-1].received_ns, zlib.crc32(payload))
         return head + _CRC.pack(zlib.crc32(head)) + payload
@@ -378,6 +437,32 @@ class BlockCodec:
             raise JournalFormatError("bad_payload", offset, f"payload holds {len(raw)} bytes, header says "
                                      f"{header.raw_size}")
         return _parse_records(raw, header, offset)
+
+
+_encode_utf8 = operator.methodcaller("encode", "utf-8", "surrogatepass")
+
+
+def _encode_run(run: FrameRun, parts: list[bytes]) -> int:
+    """Append ``run``'s records to ``parts`` (a header, then the frame, for each); returns how many.
+
+    The same bytes as encoding each frame as a record, made with C's loops (map over the frames,
+    one header each from ``struct``, interleaved by slice assignment), because this runs for every
+    frame: with one-event frames it took the writer most of its time per frame in Python.
+    """
+    frames = run.frames
+    count = len(frames)
+    if run.end_seq - run.seq + 1 != count:
+        raise ValueError(f"a run of seqs {run.seq}..{run.end_seq} holds {count} frames")
+    try:
+        datas = list(map(_encode_utf8, frames))  # text frames, the usual case
+    except AttributeError:  # a binary frame among them
+        datas = [data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data for data in frames]
+    chunk: list[bytes] = [b""] * (2 * count)
+    chunk[0::2] = list(map(_RECORD.pack, repeat(RecordKind.FRAME, count), range(run.seq, run.end_seq + 1),
+                           repeat(run.received_ns, count), map(len, datas)))
+    chunk[1::2] = datas
+    parts += chunk
+    return count
 
 
 def _parse_records(raw: bytes, header: BlockHeader, offset: int) -> list[Record]:
@@ -703,23 +788,9 @@ def retention_victims(
 
 # --- the memory ring --------------------------------------------------------------------------
 
-#: What one record costs in memory beyond its data's length: the Record object, its
-#: slot in two lists, the str or bytes header (an estimate, not a measurement per record).
+#: What one record costs in memory beyond its data's length: its slots in the ring's lists, the
+#: str or bytes object's header (an estimate, not a measurement per record).
 RECORD_OVERHEAD_BYTES = 160
-
-
-#: A record as the ring keeps it: (kind's code, seq, receive ns, data, end seq). A plain tuple of
-#: ints and str/bytes, because Python's collector stops tracking such a tuple once it has seen it
-#: (it can hold no cycle), where every Record instance would stay tracked: with a million
-#: records in memory (a few minutes of one-event frames), each full collection walked them all
-#: (measured: 190 ms a collection, 28 % of the router's journaling time), pausing the router.
-_Kept = tuple[int, int, int, "str | bytes", int]
-_KIND_CODE = {kind: int(kind) for kind in RecordKind}
-_KIND_OF = {int(kind): kind for kind in RecordKind}
-
-
-def _as_record(kept: _Kept) -> Record:
-    return Record(_KIND_OF[kept[0]], kept[1], kept[2], kept[3], kept[4])
 
 
 class JournalRing:
@@ -727,34 +798,52 @@ class JournalRing:
     (measured between receive times, from the newest record back), at most
     ``max_bytes`` of them, whichever binds first.
 
-    Records are appended in seq order without holes, so a seq is found by
-    subtraction and a receive time by bisection. A bound of 0 turns the ring off
-    (appends are dropped). Memory is counted as each record's data length plus
-    :data:`RECORD_OVERHEAD_BYTES`.
+    Records are appended in seq order without holes, one seq each (a gap is the disk's
+    record, never the ring's), so a seq is found by subtraction and a receive time by
+    bisection. A bound of 0 turns the ring off (appends are dropped). Memory is counted as
+    each record's data length plus :data:`RECORD_OVERHEAD_BYTES`.
+
+    The records are kept column by column, in parallel lists (data, receive time, bytes
+    counted before each), and the few records that are not frames have their kind in a
+    dict: appending a read's frames (:meth:`extend`) is then a few list operations in C
+    whatever their number, and eviction two bisections. No object is made per record,
+    which also keeps Python's collector from walking millions of them (a tuple or
+    :class:`Record` per record made each full collection take 190 ms with a million
+    held). :class:`Record` values are made only when records are read.
     """
 
     def __init__(self, *, max_seconds: float, max_bytes: int) -> None:
         self.max_ns = int(max_seconds * 1_000_000_000)
         self.max_bytes = max_bytes
         self.enabled = max_seconds > 0 and max_bytes > 0
-        self.size_bytes = 0
         self.evicted = 0
-        self._records: list[_Kept] = []
+        # One entry per record; position i holds seq ``_base_seq + i``. The entries before
+        # ``_head`` are evicted (their data already dropped); the lists are compacted now and then.
+        self._data: list[str | bytes | None] = []
         self._times: list[int] = []
-        self._head = 0  # index of the oldest record kept; the lists are compacted now and then
+        self._bytes_before: list[int] = []  # bytes counted from position 0 up to each record...
+        self._bytes_total = 0  # ... and up to the end
+        self._kinds: dict[int, RecordKind] = {}  # seq -> kind of the records that are not frames
+        self._base_seq = 0
+        self._head = 0
 
     def __len__(self) -> int:
-        return len(self._records) - self._head
+        return len(self._data) - self._head
+
+    @property
+    def size_bytes(self) -> int:
+        """The memory the records held count for."""
+        return self._bytes_total - self._bytes_before[self._head] if len(self) else 0
 
     @property
     def first_seq(self) -> int | None:
         """The oldest seq held, or None when empty."""
-        return self._records[self._head][1] if len(self) else None
+        return self._base_seq + self._head if len(self) else None
 
     @property
     def last_seq(self) -> int | None:
         """The newest seq held, or None when empty."""
-        return self._records[-1][4] if len(self) else None
+        return self._base_seq + len(self._data) - 1 if len(self) else None
 
     @property
     def oldest_ns(self) -> int | None:
@@ -769,54 +858,88 @@ class JournalRing:
     def append(self, record: Record) -> None:
         """Keep ``record`` and evict what the bounds no longer allow.
 
-        Raises ValueError when its seq does not follow the newest record's or its
-        time is earlier (the :class:`Journal` guarantees both).
+        Raises ValueError when its seq does not follow the newest record's, its time is
+        earlier (the :class:`Journal` guarantees both) or it stands for more than one seq.
         """
         if not self.enabled:
             return
-        records, times = self._records, self._times
-        received_ns = record.received_ns
-        if len(records) > self._head:
-            if record.seq != records[-1][4] + 1:
-                raise ValueError(f"seq {record.seq} does not follow {records[-1][4]}")
-            if received_ns < times[-1]:
+        if record.end_seq != record.seq:
+            raise ValueError(f"a record of seqs {record.seq}..{record.end_seq}: the ring holds one seq a record")
+        self._check_follows(record.seq, record.received_ns)
+        if record.kind is not RecordKind.FRAME:
+            self._kinds[record.seq] = record.kind
+        self._keep(record.seq, record.received_ns, (record.data,))
+
+    def extend(self, first_seq: int, received_ns: int, frames: Sequence[str | bytes]) -> None:
+        """Keep ``frames``, received together at ``received_ns``, as the records of seqs
+        ``first_seq`` on; evict what the bounds no longer allow. Raises ValueError as
+        :meth:`append` does."""
+        if not self.enabled or not frames:
+            return
+        self._check_follows(first_seq, received_ns)
+        self._keep(first_seq, received_ns, frames)
+
+    def _check_follows(self, seq: int, received_ns: int) -> None:
+        if len(self):
+            newest = self._base_seq + len(self._data) - 1
+            if seq != newest + 1:
+                raise ValueError(f"seq {seq} does not follow {newest}")
+            if received_ns < self._times[-1]:
                 raise ValueError("receive time goes back")
-        records.append((_KIND_CODE[record.kind], record.seq, received_ns, record.data, record.end_seq))
-        times.append(received_ns)
-        self.size_bytes += len(record.data) + RECORD_OVERHEAD_BYTES
-        # The router calls this for every frame: look at the oldest record only, and
-        # evict in a loop only when a bound is passed.
-        if self.size_bytes > self.max_bytes or times[self._head] < received_ns - self.max_ns:
+
+    def _keep(self, first_seq: int, received_ns: int, datas: Sequence[str | bytes]) -> None:
+        data = self._data
+        if len(data) == self._head:  # empty: the first record held sets the numbering
+            self._base_seq = first_seq - len(data)
+        count = len(datas)
+        data.extend(datas)
+        self._times.extend(repeat(received_ns, count))
+        # the running byte count before each record, and after the last (C loops, not Python's)
+        counted = list(accumulate(map(operator.add, map(len, datas), repeat(RECORD_OVERHEAD_BYTES, count)),
+                                  initial=self._bytes_total))
+        self._bytes_total = counted.pop()
+        self._bytes_before.extend(counted)
+        head = self._head
+        if self._bytes_total - self._bytes_before[head] > self.max_bytes or \
+                self._times[head] < received_ns - self.max_ns:
             self._evict(received_ns)
 
     def _evict(self, newest_ns: int) -> None:
-        records, times = self._records, self._times
-        oldest_allowed = newest_ns - self.max_ns
-        head, end = self._head, len(records)
-        while head < end and (self.size_bytes > self.max_bytes or times[head] < oldest_allowed):
-            self.size_bytes -= len(records[head][3]) + RECORD_OVERHEAD_BYTES
-            records[head] = None  # type: ignore[call-overload]  # the data is freed now, not at compaction
-            head += 1
-        self.evicted += head - self._head
-        self._head = head
+        data, end = self._data, len(self._data)
+        head = self._head
+        # the first record young enough, and the first from which on the rest fit the bytes
+        cut = max(bisect.bisect_left(self._times, newest_ns - self.max_ns, head, end),
+                  bisect.bisect_left(self._bytes_before, self._bytes_total - self.max_bytes, head, end))
+        data[head:cut] = repeat(None, cut - head)  # the data is freed now, not at compaction
+        if self._kinds:
+            first_kept = self._base_seq + cut
+            for seq in [seq for seq in self._kinds if seq < first_kept]:
+                del self._kinds[seq]
+        self.evicted += cut - head
+        self._head = head = cut
         if head > 1024 and head * 2 > end:
-            del records[:head]
-            del times[:head]
+            for column in (data, self._times, self._bytes_before):
+                del column[:head]
+            self._base_seq += head
             self._head = 0
+
+    def _record_at(self, index: int) -> Record:
+        seq = self._base_seq + index
+        kind = self._kinds.get(seq, RecordKind.FRAME) if self._kinds else RecordKind.FRAME
+        return Record(kind, seq, self._times[index], self._data[index], seq)  # type: ignore[arg-type]
 
     def get(self, seq: int) -> Record:
         """The record with ``seq``; raises :class:`SeqEvicted` when it is not held."""
         index = self._index_of(seq)
         if index is None:
             raise SeqEvicted(seq)
-        return _as_record(self._records[index])
+        return self._record_at(index)
 
     def _index_of(self, seq: int) -> int | None:
-        first = self.first_seq
-        if first is None or seq < first:
+        if not len(self):
             return None
-        index = self._head + (seq - first)
-        return index if index < len(self._records) else None
+        index = seq - self._base_seq
+        return index if self._head <= index < len(self._data) else None
 
     def covers_time(self, received_ns: int) -> bool:
         """Whether every record received at or after ``received_ns`` is still held."""
@@ -829,23 +952,20 @@ class JournalRing:
         seq to come when none is (the ring empty, or every record older)."""
         if not len(self):
             raise SeqEvicted("the ring is empty: the next seq is the journal's to say")
-        index = bisect.bisect_left(self._times, received_ns, lo=self._head)
-        if index == len(self._records):
-            return self._records[-1][4] + 1
-        return self._records[index][1]
+        return self._base_seq + bisect.bisect_left(self._times, received_ns, lo=self._head)
 
     def records_from(self, seq: int, limit: int | None = None) -> list[Record]:
         """Up to ``limit`` records from ``seq`` on (all of them without a limit); empty when
         ``seq`` is past the newest. Raises :class:`SeqEvicted` when ``seq`` is older than
         the oldest held."""
         first = self.first_seq
-        if first is None or seq > self._records[-1][4]:
+        if first is None or seq > self._base_seq + len(self._data) - 1:
             return []
         if seq < first:
             raise SeqEvicted(seq)
-        start = self._head + (seq - first)
-        stop = len(self._records) if limit is None else min(len(self._records), start + limit)
-        return [_as_record(kept) for kept in self._records[start:stop]]
+        start = seq - self._base_seq
+        stop = len(self._data) if limit is None else min(len(self._data), start + limit)
+        return [self._record_at(index) for index in range(start, stop)]
 
     def iter_from(self, seq: int) -> Iterator[Record]:
         """Records from ``seq`` on, including those appended while iterating; stops at the
@@ -856,7 +976,7 @@ class JournalRing:
                 if self.first_seq is not None and seq < self.first_seq:
                     raise SeqEvicted(seq)
                 return
-            record = _as_record(self._records[index])
+            record = self._record_at(index)
             yield record
             seq = record.end_seq + 1
 
@@ -867,7 +987,8 @@ class Journal:
     ``next_seq`` and ``not_before_ns`` continue a journal on disk (what recovery of
     the journal directory returns); receive times are clamped so they never go back,
     even when the wall clock does, because lookups by time bisect. ``sink`` is called
-    with every record (the disk writer's non-blocking ``offer``); it must not block.
+    with every entry: each outage's record and each read's :class:`FrameRun` (the disk
+    writer's non-blocking ``offer``); it must not block.
     """
 
     def __init__(
@@ -877,16 +998,36 @@ class Journal:
         not_before_ns: int = 0,
         memory_seconds: float = 300.0,
         memory_bytes: int = 256_000_000,
-        sink: Callable[[Record], object] | None = None,
+        sink: Callable[[Entry], object] | None = None,
     ) -> None:
         self.next_seq = next_seq
         self.last_ns = not_before_ns
         self.ring = JournalRing(max_seconds=memory_seconds, max_bytes=memory_bytes)
-        self._ring_append = self.ring.append  # bound once: this runs for every frame
+        self._ring_extend = self.ring.extend  # bound once: this runs for every read
         self._sink = sink
 
+    def frames(self, frames: Sequence[str | bytes], received_ns: int) -> int:
+        """Journal the frames one read from upstream brought, received at ``received_ns`` (ns
+        since the epoch); returns the first one's seq (the others follow it, one each).
+
+        Takes the frames as received (not copied, not encoded here) and keeps the sequence
+        itself: it must not change afterwards. The sink gets them as one :class:`FrameRun`.
+        """
+        if received_ns < self.last_ns:
+            received_ns = self.last_ns  # the wall clock stepped back: keep the order
+        first = self.next_seq
+        count = len(frames)
+        if not count:
+            return first
+        self.last_ns = received_ns
+        self.next_seq = first + count
+        self._ring_extend(first, received_ns, frames)
+        if self._sink is not None:
+            self._sink(FrameRun(first, first + count - 1, received_ns, frames))
+        return first
+
     def frame(self, data: str | bytes, received_ns: int) -> Record:
-        """Journal a frame received from upstream at ``received_ns`` (ns since the epoch).
+        """Journal one frame received from upstream at ``received_ns`` (ns since the epoch).
 
         Takes the frame as received (not copied, not encoded here); returns its record.
         """
@@ -907,18 +1048,18 @@ class Journal:
         seq = self.next_seq
         self.next_seq = seq + 1
         record = Record(kind, seq, received_ns, data, seq)
-        self._ring_append(record)
+        self.ring.append(record)
         if self._sink is not None:
             self._sink(record)
         return record
 
     @property
-    def sink(self) -> Callable[[Record], object] | None:
+    def sink(self) -> Callable[[Entry], object] | None:
         """Where every record goes after the ring (None: nowhere)."""
         return self._sink
 
     @sink.setter
-    def sink(self, sink: Callable[[Record], object] | None) -> None:
+    def sink(self, sink: Callable[[Entry], object] | None) -> None:
         """Send the records from now on to ``sink`` (None: nowhere)."""
         self._sink = sink
 

@@ -1,9 +1,10 @@
 """The journal's disk writer: records in from the router without waiting, blocks out to disk
 from a worker thread.
 
-The router never waits for the disk. It hands each record to :meth:`JournalWriter.offer`,
-which appends it to a bounded list (:data:`WRITE_QUEUE_RECORDS`); when the list is full the
-record is counted as dropped, and that is all the router pays. The writer task
+The router never waits for the disk. It hands each read's frames (one
+:class:`~proxy.core.journal.FrameRun`) and each outage's record to :meth:`JournalWriter.offer`,
+which appends it to a list bounded by records (:data:`WRITE_QUEUE_RECORDS`); what does not fit is
+counted as dropped, and that is all the router pays. The writer task
 wakes for a record, lets :data:`BLOCK_SECONDS` of them gather (unless :data:`BLOCK_BYTES`
 are already queued), takes them all and has a worker thread (``trio.to_thread.run_sync``)
 compress and write them as blocks of at most :data:`BLOCK_BYTES`, sync and expire segments,
@@ -43,7 +44,19 @@ import attrs
 import trio
 
 from ..core.errors import ConfigError
-from ..core.journal import ZSTD_LEVEL, BlockCodec, Record, RecordKind, SegmentInfo, gap_record, retention_victims
+from ..core.journal import (
+    ZSTD_LEVEL,
+    BlockCodec,
+    Entry,
+    FrameRun,
+    Record,
+    RecordKind,
+    SegmentInfo,
+    entry_records,
+    entry_size,
+    gap_record,
+    retention_victims,
+)
 from .allocator import hold_block_memory
 from .journal_store import (
     JournalLocked,
@@ -133,7 +146,7 @@ class _Disk:
         self.last_sync = time.monotonic()
         self.last_retention = -math.inf
 
-    def write(self, blocks: list[list[Record]]) -> _WriteResult:
+    def write(self, blocks: list[list[Entry]]) -> _WriteResult:
         """Encode and append each block, stopping at the first I/O error; then sync when it is
         time and expire old segments. Errors are returned, never raised."""
         result = _WriteResult()
@@ -259,11 +272,12 @@ class JournalWriter:
         self.clock_ns = clock_ns
         self.setting = setting
         self.stats = JournalWriterStats()
-        # The records between the router and the writer task: a list the router appends to and
+        # The entries between the router and the writer task: a list the router appends to and
         # the writer takes whole. A Trio memory channel did the same at 0.8 us a record
         # (send_nowait) plus 0.1 (receive_nowait): a third of the journal's cost per one-event
         # frame in a hot loop; the list costs 0.4-0.6 in all.
-        self._queue: list[Record] = []
+        self._queue: list[Entry] = []
+        self._queued_records = 0  # what the queue's entries stand for, in records
         self._queue_records = queue_records
         # an Event while the writer waits for a first record: the next offer sets and clears it
         self._queued: trio.Event | None = None
@@ -275,24 +289,28 @@ class JournalWriter:
         self._expected: int | None = None  # the seq the next record on disk must have
         self._failed_until = -math.inf
         self._disk: _Disk | None = None
-        self._pending: list[Record] = []  # the block being gathered
+        self._pending: list[Entry] = []  # the block being gathered
 
     # --- the router's side -------------------------------------------------------------------
 
-    def offer(self, record: Record) -> bool:
-        """Queue ``record`` for the disk without ever waiting; False when the queue was full
-        (the record is counted as dropped, and a gap record will stand in its place)."""
+    def offer(self, entry: Entry) -> bool:
+        """Queue ``entry`` (a record, or a run of frames) for the disk without ever waiting;
+        False when the queue had no room for it (its records are counted as dropped, and a gap
+        record will stand in their place). An entry larger than the whole queue is taken when
+        the queue is empty."""
         stats = self.stats
-        stats.records_offered += 1
-        self._last_offered = record.end_seq
+        count = len(entry.frames) if type(entry) is FrameRun else 1
+        stats.records_offered += count
+        self._last_offered = entry.end_seq
         queue = self._queue
-        if len(queue) >= self._queue_records:
-            stats.records_dropped += 1
+        if queue and self._queued_records + count > self._queue_records:
+            stats.records_dropped += count
             if not self._dropping:
                 self._dropping = True
-                self._gap_causes.setdefault(record.seq, (record.received_ns, DISK_BEHIND))
+                self._gap_causes.setdefault(entry.seq, (entry.received_ns, DISK_BEHIND))
             return False
-        queue.append(record)
+        queue.append(entry)
+        self._queued_records += count
         if self._queued is not None:
             self._queued.set()
             self._queued = None
@@ -368,15 +386,16 @@ class JournalWriter:
             await self._write(batch)
 
     def _drain(self) -> int:
-        """Move every queued record to the pending batch; returns the batch's size in bytes."""
+        """Move every queued entry to the pending batch; returns the batch's size in bytes."""
         pending, queued = self._pending, self._queue
         if queued:
             self._queue = []
+            self._queued_records = 0
             if pending:
                 pending.extend(queued)
             else:
                 self._pending = pending = queued
-        return sum(len(record.data) for record in pending)
+        return sum(map(entry_size, pending))
 
     async def _wait_for_records(self) -> None:
         while not self._queue:
@@ -416,24 +435,25 @@ class JournalWriter:
         received_ns = max(received_ns, self._last_written_ns)
         return gap_record(first, last, received_ns, f"{reason}: seqs {first}..{last} not on disk")
 
-    async def _write(self, batch: list[Record]) -> None:
+    async def _write(self, batch: list[Entry]) -> None:
         if trio.current_time() < self._failed_until:
             # still backing off after a failed write: these records become part of the gap
             self._note_gap(self._expected_seq(), batch[0].received_ns, "disk writes were failing")
             return
         await self._write_records(self._with_gaps(batch))
 
-    async def _write_records(self, records: list[Record]) -> None:
-        """Write ``records`` (already checked to follow what is on disk) as blocks of at most
-        ``block_bytes`` each, in one trip to a worker thread."""
-        blocks: list[list[Record]] = []
+    async def _write_records(self, records: list[Entry]) -> None:
+        """Write ``records`` (already checked to follow what is on disk) as blocks of about
+        ``block_bytes`` each (a block ends once it holds that much: a run of frames is never
+        split), in one trip to a worker thread."""
+        blocks: list[list[Entry]] = []
         size = self.block_bytes
         for record in records:
             if size >= self.block_bytes:
                 blocks.append([])
                 size = 0
             blocks[-1].append(record)
-            size += len(record.data)
+            size += entry_size(record)
         disk = self._disk
         assert disk is not None
         # A thread cannot be cancelled: a stop arriving now would only lose the result, and
@@ -446,9 +466,9 @@ class JournalWriter:
         assert self._expected is not None
         return self._expected
 
-    def _with_gaps(self, batch: list[Record]) -> list[Record]:
+    def _with_gaps(self, batch: list[Entry]) -> list[Entry]:
         """``batch`` with a gap record wherever its seqs do not follow what is on disk."""
-        records: list[Record] = []
+        records: list[Entry] = []
         expected = self._expected_seq()
         causes = self._gap_causes
         for record in batch:
@@ -464,7 +484,7 @@ class JournalWriter:
             expected = record.end_seq + 1
         return records
 
-    def _account(self, blocks: list[list[Record]], result: _WriteResult) -> None:
+    def _account(self, blocks: list[list[Entry]], result: _WriteResult) -> None:
         stats = self.stats
         for records in blocks[:result.blocks]:
             for record in records:
@@ -473,9 +493,9 @@ class JournalWriter:
                     stats.gaps += 1
                     stats.seqs_missing += missing
                     self._gap_causes.pop(record.seq, None)
-                    log.warning("journal: %s (%d records)", record.reason, missing)
-                stats.raw_bytes_written += len(record.data)
-            stats.records_written += len(records)
+                    log.warning("journal: %s (%d records)", record.reason, missing)  # type: ignore[union-attr]
+            stats.raw_bytes_written += sum(map(entry_size, records))
+            stats.records_written += sum(map(entry_records, records))
             self._expected = records[-1].end_seq + 1
             self._last_written_ns = records[-1].received_ns
             stats.last_written_seq = records[-1].end_seq
@@ -499,7 +519,7 @@ class JournalWriter:
         self._note_gap(self._expected_seq(), lost[0][0].received_ns, f"a write failed ({error.strerror or error})")
         log.error("journal: writing to %s failed (%s); %d records lost, retrying in %.1fs while the "
                   "tier carries on", self.directory, error.strerror or error,
-                  sum(len(records) for records in lost), self.retry_seconds)
+                  sum(entry_records(record) for records in lost for record in records), self.retry_seconds)
 
     def _note_gap(self, first_seq: int, received_ns: int, reason: str) -> None:
         known = self._gap_causes.get(first_seq)
