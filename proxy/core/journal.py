@@ -439,9 +439,6 @@ class BlockCodec:
         return _parse_records(raw, header, offset)
 
 
-_encode_utf8 = operator.methodcaller("encode", "utf-8", "surrogatepass")
-
-
 def _encode_run(run: FrameRun, parts: list[bytes]) -> int:
     """Append ``run``'s records to ``parts`` (a header, then the frame, for each); returns how many.
 
@@ -454,8 +451,10 @@ def _encode_run(run: FrameRun, parts: list[bytes]) -> int:
     if run.end_seq - run.seq + 1 != count:
         raise ValueError(f"a run of seqs {run.seq}..{run.end_seq} holds {count} frames")
     try:
-        datas = list(map(_encode_utf8, frames))  # text frames, the usual case
-    except AttributeError:  # a binary frame among them
+        # text frames, the usual case; strict UTF-8 is 3 times as fast as with an error handler
+        # (0.04 against 0.12 us a frame) and the same bytes for every text but a lone surrogate's
+        datas = list(map(str.encode, frames))  # type: ignore[arg-type]
+    except (TypeError, UnicodeEncodeError):  # a binary frame among them, or a lone surrogate
         datas = [data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data for data in frames]
     chunk: list[bytes] = [b""] * (2 * count)
     chunk[0::2] = list(map(_RECORD.pack, repeat(RecordKind.FRAME, count), range(run.seq, run.end_seq + 1),
