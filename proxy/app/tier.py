@@ -42,7 +42,7 @@ from ..core.replay import RELAYED_STATUSES, UPSTREAM_CONNECTED, UPSTREAM_DISCONN
 from ..core.resume import LinkResume, ResumeOutcome
 from ..core.stats import JournalFigures, TierHistory, TierSnapshot, TierStats
 from ..core.subscriptions import SubscriptionRegistry
-from ..net.allocator import return_free_memory
+from ..net.allocator import hold_freed_memory, return_free_memory
 from ..net.http import serve_http
 from ..net.journal_store import journal_lineage
 from ..net.accepting import PendingConnections
@@ -239,6 +239,7 @@ async def run_tier(
     Reports the running :class:`Tier` of the first market (the one also served at ``/``)
     through ``task_status`` once it listens; every part is in its ``markets``.
     Raises ConfigError when a port cannot be opened (named by its variable)."""
+    hold_freed_memory()  # reads, frames and blocks reuse their pages instead of faulting new ones in
     routes = config.routes
     metrics = CollectorRegistry()
     pending = PendingConnections()

@@ -2,14 +2,16 @@
 
 Two needs pull opposite ways. After a crowd of clients leaves, the memory their channels held
 should go back to the system, which glibc does not do by itself for blocks freed inside its
-heap (:func:`return_free_memory`). The journal's disk writer, on the other hand, builds and
-compresses a block of about 256 KB ten times a second in its worker thread; with glibc's
-defaults (a 128 KB trim threshold, raised only after a large mmapped block happens to be
-freed), the worker's arena gave those pages back after every block and took them again on the
-next, which is a page fault and a zeroed page every 4 KB: about 1,000 faults a second, a
-quarter of the writer's CPU (``docs/performance.md``). :func:`hold_block_memory` fixes both
-thresholds so that those buffers stay. Elsewhere than glibc (no ``mallopt``/``malloc_trim``)
-both are no-ops.
+heap (:func:`return_free_memory`). In the steady flow, on the other hand, a tier allocates and
+frees the same large buffers over and over (a read of 256 KB, frames of tens of KB, the journal
+writer's ~256 KB blocks ten times a second); with glibc's defaults (a 128 KB trim threshold,
+raised only after a large mmapped block happens to be freed) it gave those pages back and took
+them again, a page fault and a zeroed page every 4 KB: the journal writer's thread faulted
+about 1,000 times a second (a quarter of its CPU), and a filtered tier serving 100 clients from
+6,000 to 18,000 times a second, or 33, depending on what the process had freed before
+(``docs/performance.md``). :func:`hold_freed_memory` fixes both thresholds, for every tier at its
+start, so that such buffers stay. Elsewhere than glibc (no ``mallopt``/``malloc_trim``) both are
+no-ops.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import ctypes
 import logging
 from typing import Any
 
-__all__ = ["BLOCK_MMAP_THRESHOLD", "BLOCK_TRIM_THRESHOLD", "hold_block_memory", "return_free_memory"]
+__all__ = ["BLOCK_MMAP_THRESHOLD", "BLOCK_TRIM_THRESHOLD", "hold_freed_memory", "return_free_memory"]
 
 log = logging.getLogger("proxy.allocator")
 
@@ -43,18 +45,18 @@ def _libc() -> Any | None:
 _LIBC = _libc()
 
 
-def hold_block_memory(libc: Any | None = _LIBC) -> bool:
-    """Keep the journal writer's block buffers allocated between blocks (see the module's
-    docstring); whether glibc took the settings. Process-wide and idempotent: the cost is up to
-    :data:`BLOCK_TRIM_THRESHOLD` of free memory kept per arena."""
+def hold_freed_memory(libc: Any | None = _LIBC) -> bool:
+    """Keep large buffers allocated between uses (reads, frames, the journal writer's blocks: see
+    the module's docstring); whether glibc took the settings. Process-wide and idempotent: the
+    cost is up to :data:`BLOCK_TRIM_THRESHOLD` of free memory kept per arena."""
     mallopt = getattr(libc, "mallopt", None)
     if mallopt is None:
         return False
     # mallopt returns 1 on success, 0 on error
     held = bool(mallopt(_M_MMAP_THRESHOLD, BLOCK_MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, BLOCK_TRIM_THRESHOLD))
     if not held:
-        log.warning("the allocator refused the journal's buffer settings; the disk writer will "
-                    "take and return its block memory each time (more CPU, nothing lost)")
+        log.warning("the allocator refused the buffer settings; large buffers will be taken from "
+                    "and returned to the system each time (more CPU, nothing lost)")
     return held
 
 

@@ -57,7 +57,7 @@ from ..core.journal import (
     gap_record,
     retention_victims,
 )
-from .allocator import hold_block_memory
+from .allocator import hold_freed_memory
 from .journal_store import (
     JournalLocked,
     Recovered,
@@ -342,7 +342,7 @@ class JournalWriter:
                 raise ConfigError(self.setting, f"cannot recover the journal in {self.directory}: "
                                                 f"{error.strerror or error}") from None
             self._report_recovery(recovered)
-            hold_block_memory()
+            hold_freed_memory()
             self._expected = recovered.next_seq
             self._last_written_ns = recovered.last_ns
             self._disk = _Disk(self, [segment.info for segment in recovered.segments])
