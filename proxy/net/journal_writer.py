@@ -48,7 +48,6 @@ from ..core.journal import (
     ZSTD_LEVEL,
     BlockCodec,
     Entry,
-    FrameRun,
     Record,
     RecordKind,
     SegmentInfo,
@@ -299,7 +298,7 @@ class JournalWriter:
         record will stand in their place). An entry larger than the whole queue is taken when
         the queue is empty."""
         stats = self.stats
-        count = len(entry.frames) if type(entry) is FrameRun else 1
+        count = entry_records(entry)
         stats.records_offered += count
         self._last_offered = entry.end_seq
         queue = self._queue
