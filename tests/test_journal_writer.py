@@ -56,6 +56,21 @@ async def start(nursery: trio.Nursery, directory: Path, **options) -> tuple[Jour
     return writer, journal
 
 
+def hold_appends(monkeypatch: pytest.MonkeyPatch) -> trio.Event:
+    """Make every block's append wait (in the worker thread, as a stalled disk would) until the
+    returned event is set."""
+    release = trio.Event()
+    original_append = SegmentAppender.append
+
+    def held_append(self, block: bytes) -> None:
+        while not release.is_set():
+            time.sleep(0.01)
+        original_append(self, block)
+
+    monkeypatch.setattr(SegmentAppender, "append", held_append)
+    return release
+
+
 async def test_what_the_router_offers_reaches_the_disk_in_order(tmp_path):
     async with trio.open_nursery() as nursery:
         writer, journal = await start(nursery, tmp_path)
@@ -111,15 +126,7 @@ async def test_a_read_without_room_in_the_queue_is_dropped_whole_and_becomes_a_g
     """The queue is bounded in records, whatever the reads hold: a read that does not fit is
     dropped as a whole (a gap record stands for exactly its seqs); a read larger than the whole
     queue still goes in when the queue is empty."""
-    release = trio.Event()
-    original_append = SegmentAppender.append
-
-    def held_append(self, block: bytes) -> None:
-        while not release.is_set():
-            time.sleep(0.01)
-        original_append(self, block)
-
-    monkeypatch.setattr(SegmentAppender, "append", held_append)
+    release = hold_appends(monkeypatch)
     async with trio.open_nursery() as nursery:
         writer, journal = await start(nursery, tmp_path, queue_records=10)
         try:
@@ -276,15 +283,7 @@ async def test_a_slow_disk_costs_a_gap_never_a_wait(tmp_path, monkeypatch, caplo
 async def test_records_dropped_after_the_last_queued_still_get_their_gap(tmp_path, monkeypatch, how):
     """No record follows them to reveal the hole: the writer writes their gap when the feed
     pauses (a second without records) or at the stop."""
-    release = trio.Event()
-    original_append = SegmentAppender.append
-
-    def held_append(self, block: bytes) -> None:
-        while not release.is_set():
-            time.sleep(0.01)
-        original_append(self, block)
-
-    monkeypatch.setattr(SegmentAppender, "append", held_append)
+    release = hold_appends(monkeypatch)
     async with trio.open_nursery() as nursery:
         writer, journal = await start(nursery, tmp_path, queue_records=4, fsync_seconds=0.2)
         for _ in range(20):  # the first batch is held in the write, 4 wait, the rest are dropped
