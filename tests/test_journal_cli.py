@@ -117,6 +117,20 @@ def test_verify_finds_the_recording_clean(recording):
     assert b"\r" not in result.stderr  # no progress bar on a pipe
 
 
+def test_cat_into_a_reader_that_stops_ends_quietly_and_fine(recording):
+    """`cat DIR | head -1`: the reader closing its end is its choice, not the journal's failure, so
+    no traceback, and exit 0 (a script with pipefail goes on)."""
+    process = subprocess.Popen([sys.executable, "-m", "proxy.journal", "cat", str(recording["directory"])],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                               env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert process.stdout is not None and process.stderr is not None
+    first = json.loads(process.stdout.readline())
+    assert first["seq"] == 1
+    process.stdout.close()  # as head does after its line; cat has far more than a pipe holds to write
+    assert process.wait(timeout=60) == 0
+    assert process.stderr.read() == b""
+
+
 def test_ls_counts_frames_events_per_type_outages_and_gaps(recording):
     result = run_cli("ls", str(recording["directory"]))
     assert result.returncode == 0, result.stderr.decode()
