@@ -70,6 +70,10 @@ def test_demo_runs_the_chain_and_prints_the_filtered_stream():
     out = result.stdout
     assert "==> installing" not in out and "==> creating" not in out  # the venv under the test is left alone
     assert '"message":"subscribed to: T.AAPL"' in out
+    # every status on a line of its own, as the events are: the first two too, not as arrays
+    assert re.search(r'^\{"ev":"status","status":"connected",', out, flags=re.MULTILINE), out[:2000]
+    assert re.search(r'^\{"ev":"status","status":"auth_success",', out, flags=re.MULTILINE), out[:2000]
+    assert not re.search(r"^\[\{", out, flags=re.MULTILINE), out[:2000]
     trades = re.findall(r'^\{"ev":"(\w+)","sym":"(\w+)"', out, flags=re.MULTILINE)
     assert trades and set(trades) == {("T", "AAPL")}  # only what it subscribed to
     summaries = re.findall(r"^-- last second: (\d+) events out .* proxy events in so far: (\d+)$", out,

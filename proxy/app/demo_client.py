@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import trio
 from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
-__all__ = ["proxy_events_in", "run", "main"]
+__all__ = ["proxy_events_in", "print_events", "run", "main"]
 
 
 def proxy_events_in(metrics_url: str | None, market: str = "stocks") -> str:
@@ -36,25 +36,32 @@ def proxy_events_in(metrics_url: str | None, market: str = "stocks") -> str:
     return "n/a"
 
 
+def print_events(message: str | bytes, label: str) -> int:
+    """Print each event of a Polygon message on a line of its own (statuses too, so that every
+    line of the stream looks alike); returns how many were data events."""
+    data = 0
+    for event in json.loads(message):
+        print(label + json.dumps(event, separators=(",", ":")), flush=True)
+        data += event.get("ev") != "status"
+    return data
+
+
 async def run(args: argparse.Namespace) -> int:
     """Connect, authenticate, subscribe and print the stream; the exit code."""
     try:
         async with open_websocket_url(args.url) as ws:
             label = f"[{args.label}] " if args.label else ""
             market = urlsplit(args.url).path.strip("/") or "stocks"
-            print(f"{label}{await ws.get_message()!s}", flush=True)
+            print_events(await ws.get_message(), label)
             await ws.send_message(json.dumps({"action": "auth", "params": args.key}))
-            print(f"{label}{await ws.get_message()!s}", flush=True)
+            print_events(await ws.get_message(), label)
             await ws.send_message(json.dumps({"action": "subscribe", "params": args.channels}))
             received = total = 0
             with trio.move_on_after(args.seconds if args.seconds > 0 else float("inf")):
                 next_summary = trio.current_time() + 1
                 while True:
                     with trio.move_on_at(next_summary):
-                        for event in json.loads(await ws.get_message()):
-                            print(label + json.dumps(event, separators=(",", ":")), flush=True)
-                            if event.get("ev") != "status":
-                                received += 1
+                        received += print_events(await ws.get_message(), label)
                         continue
                     total += received
                     in_count = await trio.to_thread.run_sync(proxy_events_in, args.metrics_url, market)
