@@ -179,8 +179,12 @@ def test_a_run_of_frames_is_encoded_byte_for_byte_as_its_records(entries, first_
         else:
             runs_and_records.append(outage_record(RecordKind.UPSTREAM_LOST, seq, ns, entry))
             seq += 1
-    expanded = [record for entry in runs_and_records
-                for record in (entry.records() if isinstance(entry, FrameRun) else [entry])]
+    expanded: list[Record] = []
+    for entry in runs_and_records:
+        if isinstance(entry, FrameRun):  # the records a run stands for, one a frame
+            expanded += [frame_record(entry.seq + i, entry.received_ns, data) for i, data in enumerate(entry.frames)]
+        else:
+            expanded.append(entry)
     block = CODEC.encode(runs_and_records)
     assert block == CODEC.encode(expanded)
     header = parse_block_header(block, 0)

@@ -185,12 +185,6 @@ class FrameRun:
         """The frames' length in all (characters for ``str``, bytes for ``bytes``)."""
         return sum(map(len, self.frames))
 
-    def records(self) -> list[Record]:
-        """The run as the records it stands for."""
-        received_ns = self.received_ns
-        return [Record(RecordKind.FRAME, seq, received_ns, data, seq)
-                for seq, data in zip(range(self.seq, self.end_seq + 1), self.frames)]
-
 
 #: What the router hands the disk writer: a record (an outage; a gap, from the writer itself) or
 #: a run of frames.
@@ -397,9 +391,7 @@ class BlockCodec:
             if type(record) is FrameRun:
                 count += _encode_run(record, parts)
                 continue
-            data = record.data  # type: ignore[union-attr]
-            if isinstance(data, str):
-                data = data.encode("utf-8", "surrogatepass")
+            data = _as_bytes(record.data)  # type: ignore[union-attr]
             if record.kind is RecordKind.GAP:
                 data = _GAP_END.pack(record.end_seq) + data
             parts.append(pack(record.kind, record.seq, record.received_ns, len(data)))
@@ -439,6 +431,11 @@ class BlockCodec:
         return _parse_records(raw, header, offset)
 
 
+def _as_bytes(data: str | bytes) -> bytes:
+    """A record's data as stored: text in UTF-8 (lone surrogates kept, as ``surrogatepass`` does)."""
+    return data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
+
+
 def _encode_run(run: FrameRun, parts: list[bytes]) -> int:
     """Append ``run``'s records to ``parts`` (a header, then the frame, for each); returns how many.
 
@@ -455,7 +452,7 @@ def _encode_run(run: FrameRun, parts: list[bytes]) -> int:
         # (0.04 against 0.12 us a frame) and the same bytes for every text but a lone surrogate's
         datas = list(map(str.encode, frames))  # type: ignore[arg-type]
     except (TypeError, UnicodeEncodeError):  # a binary frame among them, or a lone surrogate
-        datas = [data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data for data in frames]
+        datas = list(map(_as_bytes, frames))
     chunk: list[bytes] = [b""] * (2 * count)
     chunk[0::2] = list(map(_RECORD.pack, repeat(RecordKind.FRAME, count), range(run.seq, run.end_seq + 1),
                            repeat(run.received_ns, count), map(len, datas)))
@@ -879,8 +876,8 @@ class JournalRing:
         self._keep(first_seq, received_ns, frames)
 
     def _check_follows(self, seq: int, received_ns: int) -> None:
-        if len(self):
-            newest = self._base_seq + len(self._data) - 1
+        newest = self.last_seq
+        if newest is not None:
             if seq != newest + 1:
                 raise ValueError(f"seq {seq} does not follow {newest}")
             if received_ns < self._times[-1]:
@@ -935,8 +932,6 @@ class JournalRing:
         return self._record_at(index)
 
     def _index_of(self, seq: int) -> int | None:
-        if not len(self):
-            return None
         index = seq - self._base_seq
         return index if self._head <= index < len(self._data) else None
 
@@ -957,8 +952,8 @@ class JournalRing:
         """Up to ``limit`` records from ``seq`` on (all of them without a limit); empty when
         ``seq`` is past the newest. Raises :class:`SeqEvicted` when ``seq`` is older than
         the oldest held."""
-        first = self.first_seq
-        if first is None or seq > self._base_seq + len(self._data) - 1:
+        first, last = self.first_seq, self.last_seq
+        if first is None or last is None or seq > last:
             return []
         if seq < first:
             raise SeqEvicted(seq)
@@ -1012,13 +1007,11 @@ class Journal:
         Takes the frames as received (not copied, not encoded here) and keeps the sequence
         itself: it must not change afterwards. The sink gets them as one :class:`FrameRun`.
         """
-        if received_ns < self.last_ns:
-            received_ns = self.last_ns  # the wall clock stepped back: keep the order
         first = self.next_seq
         count = len(frames)
         if not count:
             return first
-        self.last_ns = received_ns
+        received_ns = self._stamp(received_ns)
         self.next_seq = first + count
         self._ring_extend(first, received_ns, frames)
         if self._sink is not None:
@@ -1040,10 +1033,16 @@ class Journal:
         """Journal that the upstream connection is back, with what it was (e.g. the outage's length)."""
         return self._append(RecordKind.UPSTREAM_RESTORED, reason, received_ns)
 
-    def _append(self, kind: RecordKind, data: str | bytes, received_ns: int) -> Record:
+    def _stamp(self, received_ns: int) -> int:
+        """The receive time to journal under: never earlier than the last one, even when the wall
+        clock stepped back (lookups by time bisect)."""
         if received_ns < self.last_ns:
-            received_ns = self.last_ns  # the wall clock stepped back: keep the order
+            received_ns = self.last_ns
         self.last_ns = received_ns
+        return received_ns
+
+    def _append(self, kind: RecordKind, data: str | bytes, received_ns: int) -> Record:
+        received_ns = self._stamp(received_ns)
         seq = self.next_seq
         self.next_seq = seq + 1
         record = Record(kind, seq, received_ns, data, seq)
