@@ -142,9 +142,10 @@ async def test_a_named_symbol_brings_only_that_symbol(nursery):
 
 
 async def test_root_path_is_stocks_and_an_unserved_market_is_not_found(nursery):
-    sim = await start_simulator(nursery, markets=("stocks", "options"))
-    client = await connect(nursery, sim.port, "/")
-    assert (await client.auth(POLYGON_KEY))[0]["status"] == "auth_success"
+    sim = await start_simulator(nursery, markets=("stocks", "options"), max_connections=3)
+    for path in ("/", "/stocks/", "/delayed/stocks/"):  # a trailing slash too, as the proxy takes it
+        client = await connect(nursery, sim.port, path)
+        assert (await client.auth(POLYGON_KEY))[0]["status"] == "auth_success", path
     for port, path in ((sim.port, "/crypto"), (sim.port, "/stocks/extra"), (sim.port, "/bonds")):
         assert await rejection(port, path) == (404, b"not found: this simulator serves /stocks, /options (and each under /delayed/)\n")
     without_stocks = await start_simulator(nursery, markets=("crypto",))

@@ -575,13 +575,14 @@ def _route_at(path: str, served: tuple[str, ...]) -> Route | None:
     """The market (and feed) a request's path names, if served: ``/stocks``, ...; ``/`` is stocks
     (as before there were markets); ``/delayed/stocks`` is the delayed feed's stocks (Polygon's
     other host, here a path: the same synthetic events, not delayed, and the same per-market
-    connection limit, which Polygon counts across both feeds)."""
+    connection limit, which Polygon counts across both feeds). A trailing slash is accepted
+    (``/stocks/``), as the proxy accepts it: the official client's URL building may add one."""
     wanted = path.strip("/")
     if wanted.startswith(f"{DELAYED_PREFIX}/"):
         wanted = wanted.removeprefix(f"{DELAYED_PREFIX}/")
         return Route(wanted, delayed=True) if wanted in served else None
     name = wanted or "stocks"
-    return Route(name) if name in served and path in ("/", f"/{name}") else None
+    return Route(name) if name in served else None
 
 
 def _limit_unsent(sock: socket.socket) -> None:
