@@ -377,8 +377,8 @@ class JournalWriter:
             # The batch lives on the writer, so that a stop in the middle of gathering it
             # still writes it (_flush_and_close).
             if self._drain() < self.block_bytes:
-                # One wake-up per block, not one per record: a task switch costs more than
-                # journaling a frame does, and the router sends a record per frame.
+                # One wake-up per block, not one per entry: a task switch costs more than
+                # journaling a read does, and the router hands over an entry per read.
                 await trio.sleep(self.block_seconds)
                 self._drain()
             batch, self._pending = self._pending, []
